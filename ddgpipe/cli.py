@@ -1,0 +1,265 @@
+"""``ddgpipe train | demo | plot``: the command line, built on the Python API.
+
+Every problem a user can fix ends as one line on stderr and exit code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from ddgpipe.errors import UsageError
+
+__all__ = ["main", "build_parser"]
+
+DESCRIPTION = """\
+Train deep networks with Decoupled Parallel Backpropagation (DDG; Huo et al., ICML 2018):
+the network is cut into K modules and every module but the last learns from a delayed
+gradient, so the modules need not wait for each other. Compare it with backprop (bp) and
+synthetic gradients (dni, Jaderberg et al. 2017)."""
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def add_train_arguments(p: argparse.ArgumentParser, defaults_for_demo: bool = False) -> None:
+    from ddgpipe.data import DATASET_NAMES
+    from ddgpipe.models import MODEL_NAMES
+    from ddgpipe.optim import LR_SCHEDULES, OPTIMIZERS
+    from ddgpipe.stash import STASH_MODES
+
+    g = p.add_argument_group("model and data")
+    g.add_argument("--model", default="resnet20", metavar="NAME",
+                   help=f"network: {', '.join(MODEL_NAMES)} (CIFAR ResNets of He et al. 2016 "
+                        "with option-A shortcuts, or an MLP) (default: %(default)s)")
+    g.add_argument("--data", default="digits", metavar="NAME",
+                   help=f"data set: {', '.join(DATASET_NAMES)}; digits is scikit-learn's 1797 "
+                        "handwritten 8x8 digits, embedded; cifar10/cifar100 need --data-dir; "
+                        "synthetic is random data for throughput only (default: %(default)s)")
+    g.add_argument("--data-dir", metavar="DIR",
+                   help="folder holding cifar-10-batches-py/ or cifar-100-python/ (the "
+                        "extracted official python archives)")
+    if defaults_for_demo:
+        return
+    g = p.add_argument_group("method")
+    g.add_argument("--method", default="bp", metavar="NAME",
+                   help="bp: backpropagation; ddg: decoupled parallel backprop (Huo et al. "
+                        "2018); dni: synthetic gradients (Jaderberg et al. 2017) "
+                        "(default: %(default)s)")
+    g.add_argument("--stages", type=int, default=None, metavar="K",
+                   help="number of modules K the network is cut into (default: 1 for bp, "
+                        "2 otherwise)")
+    g.add_argument("--stash", default="graph", metavar="MODE",
+                   help=f"ddg weight stashing: {', '.join(STASH_MODES)}; graph keeps the "
+                        "autograd graph (exact, most memory), recompute keeps the input and "
+                        "weight version and reruns the forward (exact), none replays with "
+                        "current weights (approximate) (default: %(default)s)")
+    g.add_argument("--split", type=_int_list, metavar="I,J",
+                   help="cut points by block index, e.g. 4,8 makes blocks [0,4) [4,8) [8,end); "
+                        "default: balance by --balance")
+    g.add_argument("--balance", default="params", choices=("params", "time"),
+                   help="how to balance stages when --split is not given: parameter count, "
+                        "or profiled forward+backward time (default: %(default)s)")
+    g.add_argument("--grad-shrink", type=float, default=1.0, metavar="BETA",
+                   help="scale stage k's delayed gradient by BETA**delay (gradient shrinking, "
+                        "as in the authors' follow-up FDG); 1 is DDG (default: %(default)s)")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--epochs", type=int, default=15, help="passes over the training set "
+                   "(default: %(default)s)")
+    g.add_argument("--batch-size", type=int, default=64, help="minibatch size (default: "
+                   "%(default)s)")
+    g.add_argument("--optimizer", default="sgd", choices=OPTIMIZERS,
+                   help="sgd (with --momentum, --nesterov) or adam (default: %(default)s)")
+    g.add_argument("--lr", type=float, default=0.1, help="base learning rate (default: "
+                   "%(default)s)")
+    g.add_argument("--momentum", type=float, default=0.9, help="SGD momentum; 0 is plain SGD "
+                   "as in the paper's analysis (default: %(default)s)")
+    g.add_argument("--nesterov", action="store_true", help="Nesterov momentum for SGD")
+    g.add_argument("--weight-decay", type=float, default=5e-4, help="L2 weight decay "
+                   "(default: %(default)s)")
+    g.add_argument("--lr-schedule", default="cosine", choices=LR_SCHEDULES,
+                   help="constant; multistep (x --lr-gamma at --milestones epochs); sqrt: "
+                        "lr/sqrt(1+t) and inverse: lr/(1+t), the diminishing step sizes, t in "
+                        "epochs; cosine (default: %(default)s)")
+    g.add_argument("--milestones", type=_int_list, default=[], metavar="E1,E2",
+                   help="epochs at which multistep multiplies the lr by --lr-gamma")
+    g.add_argument("--lr-gamma", type=float, default=0.1, help="multistep factor (default: "
+                   "%(default)s)")
+    g = p.add_argument_group("run")
+    g.add_argument("--seed", type=int, default=0, help="seeds weights, data order and "
+                   "augmentation; same seed, same numbers (default: %(default)s)")
+    g.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
+    g.add_argument("--out", metavar="RUN_DIR", help="write config.json and metrics.jsonl here "
+                   "(default: runs/<method>-k<K>-s<seed>)")
+    g.add_argument("--log-every", type=int, default=0, metavar="N",
+                   help="also log the training loss every N iterations (default: epochs only)")
+    g.add_argument("--timeline", action="store_true",
+                   help="record every op's start/end to RUN_DIR/timeline.jsonl for "
+                        "`ddgpipe plot --timeline`")
+    g.add_argument("--label", help="name shown in tables and plots (default: e.g. 'DDG K=4')")
+    g.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    g = p.add_argument_group("parallel runtime")
+    g.add_argument("--launcher", default="none", choices=("none", "local"),
+                   help="none: all stages in this process (the reference executor), or one "
+                        "stage per process when started by torchrun; local: spawn one process "
+                        "per stage here (gloo on 127.0.0.1) (default: %(default)s)")
+    g.add_argument("--timeout", type=float, default=300.0, metavar="SECONDS",
+                   help="how long a stage waits for a peer before the run stops with an "
+                        "error (default: %(default)s)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ddgpipe", description=DESCRIPTION,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("train", help="train one model with bp, ddg or dni",
+                       description="Train one model and write metrics to RUN_DIR.")
+    add_train_arguments(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("demo", help="DDG against backprop on the embedded digits, with a plot",
+                       description="Train backprop, DDG K=2 and DDG K=4 on the same data and "
+                       "seed, print their test accuracy side by side and plot the curves.")
+    add_train_arguments(p, defaults_for_demo=True)
+    p.add_argument("--epochs", type=int, default=15, help="epochs per run (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="seed shared by all runs (default: "
+                   "%(default)s)")
+    p.add_argument("--stages", type=_int_list, default=[2, 4], metavar="K1,K2",
+                   help="DDG stage counts to compare with backprop (default: 2,4)")
+    p.add_argument("--out", default="runs/demo", metavar="DIR",
+                   help="parent folder of the runs and the plot (default: %(default)s)")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("plot", help="learning curves (or a pipeline timeline) from run dirs",
+                       description="Draw PNG plots from the metrics files of finished runs.")
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories to plot")
+    p.add_argument("--out", metavar="PNG", help="output file (default: RUN_DIR/curves.png or "
+                   "RUN_DIR/timeline.png)")
+    p.add_argument("--timeline", action="store_true",
+                   help="draw the pipeline timeline recorded with `train --timeline`")
+    p.set_defaults(func=cmd_plot)
+    return parser
+
+
+def config_from_args(args: argparse.Namespace):
+    from ddgpipe.train import TrainConfig
+
+    stages = args.stages if args.stages is not None else (1 if args.method == "bp" else 2)
+    out = args.out or f"runs/{args.method}-k{stages}-s{args.seed}"
+    return TrainConfig(
+        model=args.model, data=args.data, data_dir=args.data_dir, method=args.method,
+        stages=stages, stash=args.stash, split=args.split, balance=args.balance,
+        grad_shrink=args.grad_shrink, epochs=args.epochs, batch_size=args.batch_size,
+        optimizer=args.optimizer, lr=args.lr, momentum=args.momentum, nesterov=args.nesterov,
+        weight_decay=args.weight_decay, lr_schedule=args.lr_schedule,
+        milestones=args.milestones, lr_gamma=args.lr_gamma, seed=args.seed,
+        threads=args.threads, log_every=args.log_every, timeline=args.timeline,
+        label=args.label, out=out, progress=not args.no_progress, launcher=args.launcher,
+        timeout_s=args.timeout,
+    )
+
+
+def format_results(results) -> str:
+    """A small table a person can read: method, test accuracy, loss, time, throughput."""
+    rows = [("method", "test acc", "test loss", "train loss", "train time", "images/s")]
+    for r in results:
+        rows.append((r.label, f"{100 * r.test_acc:.2f}%", f"{r.test_loss:.4f}",
+                     f"{r.train_loss:.4f}", f"{r.train_time_s:.1f}s", f"{r.images_per_s:.0f}"))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in
+                       enumerate(zip(row, widths))) for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from ddgpipe.launch import init_from_env, run_workers
+    from ddgpipe.plots import plot_learning_curves
+    from ddgpipe.train import prepare_out_dir, train, train_worker
+
+    config = config_from_args(args)
+    config.validate()
+    if config.launcher == "local":
+        if config.method == "bp" or config.stages < 2:
+            raise UsageError("--launcher local runs one process per stage: use it with "
+                             "--method ddg or dni and --stages 2 or more")
+        prepare_out_dir(config.out)  # fail here, before spawning, if it is not writable
+        result = run_workers(train_worker, config.stages, (config,),
+                             peer_timeout_s=config.timeout_s, threads=config.threads)[-1]
+    elif init_from_env(config.timeout_s):
+        try:
+            result = train(config)
+        finally:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+        if result is None:
+            return 0  # only the last stage's rank reports
+    else:
+        result = train(config)
+    print(format_results([result]))
+    png = plot_learning_curves([result.run_dir], Path(result.run_dir) / "curves.png")
+    print(f"metrics: {Path(result.run_dir) / 'metrics.jsonl'}\nplot:    {png}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from ddgpipe.plots import plot_learning_curves
+    from ddgpipe.train import TrainConfig, train
+
+    if any(k < 2 for k in args.stages):
+        raise UsageError(f"--stages for the demo must be >= 2 (got {args.stages}); "
+                         "K=1 is backprop, which the demo always runs")
+    out = Path(args.out)
+    runs = [("bp", 1)] + [("ddg", k) for k in args.stages]
+    results = []
+    for method, k in runs:
+        config = TrainConfig(model=args.model, data=args.data, data_dir=args.data_dir,
+                             method=method, stages=k, epochs=args.epochs, seed=args.seed,
+                             out=str(out / f"{method}-k{k}"), progress=not args.no_progress)
+        print(f"training {config.display_label()} ({args.model} on {args.data}, "
+              f"{args.epochs} epochs) ...", flush=True)
+        results.append(train(config))
+    print()
+    print(format_results(results))
+    png = plot_learning_curves([r.run_dir for r in results], out / "curves.png",
+                               title=f"{args.model} on {args.data}: backprop vs DDG")
+    print(f"\nlearning curves: {png}")
+    return 0
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    from ddgpipe.plots import plot_learning_curves, plot_timeline
+
+    if args.timeline:
+        for run in args.run_dirs:
+            print(plot_timeline(run, args.out if len(args.run_dirs) == 1 else None))
+        return 0
+    out = args.out or Path(args.run_dirs[0]) / "curves.png"
+    print(plot_learning_curves(args.run_dirs, out))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except UsageError as e:
+        print(f"ddgpipe: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("ddgpipe: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

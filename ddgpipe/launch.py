@@ -1,0 +1,178 @@
+"""Start one process per stage: spawned here (``--launcher local``) or by torchrun.
+
+The local launcher owns its children: it reports the first real failure (a worker that
+raised, or died from a signal) with the rank, stops every other worker within seconds, and
+always reaps them, so a failed run never leaves orphans or hangs.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import queue
+import signal
+import socket
+import time
+import traceback
+from collections.abc import Callable
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from ddgpipe.errors import UsageError
+
+__all__ = ["WorkerError", "free_port", "run_workers", "init_from_env", "threads_per_worker"]
+
+
+class WorkerError(RuntimeError):
+    """A worker failed; ``rank`` names it and the message says why."""
+
+    def __init__(self, rank: int, message: str):
+        super().__init__(f"rank {rank}: {message}")
+        self.rank = rank
+        self.cause = message
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def threads_per_worker(world_size: int) -> int:
+    """Each worker's share of the cores, so K workers do not fight over the same ones."""
+    return max(1, (os.cpu_count() or 1) // world_size)
+
+
+def init_from_env(timeout_s: float = 300.0) -> bool:
+    """Join the process group torchrun describes in the environment; False when not under it."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    if not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
+    return True
+
+
+def _child(rank, world_size, port, threads, timeout_s, fn, args, results):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size))
+    torch.set_num_threads(threads)
+    try:
+        dist.init_process_group("gloo", rank=rank, world_size=world_size,
+                                timeout=timedelta(seconds=timeout_s))
+        results.put((rank, "ok", fn(rank, world_size, *args)))
+    except UsageError as e:
+        results.put((rank, "usage", str(e)))
+    except BaseException as e:  # report anything, the parent decides what to show
+        from ddgpipe.distributed import PeerError
+
+        kind = "peer" if isinstance(e, PeerError) or _looks_like_peer_loss(e) else "error"
+        summary = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        results.put((rank, kind, summary + "\n" + traceback.format_exc(limit=6)))
+    finally:
+        if dist.is_initialized():
+            try:
+                dist.destroy_process_group()
+            except Exception:
+                pass
+
+
+def _looks_like_peer_loss(e: BaseException) -> bool:
+    text = str(e).lower()
+    return any(s in text for s in ("connection closed", "connection reset", "broken pipe",
+                                   "timed out", "timeout"))
+
+
+def _describe_exit(code: int | None) -> str:
+    if code is not None and code < 0:
+        return f"was killed by {signal.Signals(-code).name}"
+    return f"exited with code {code} without reporting"
+
+
+def run_workers(
+    fn: Callable,
+    world_size: int,
+    args: tuple = (),
+    *,
+    timeout_s: float | None = None,
+    peer_timeout_s: float = 300.0,
+    threads: int | None = None,
+    grace_s: float = 2.0,
+) -> list:
+    """Run ``fn(rank, world_size, *args)`` in ``world_size`` spawned processes over gloo.
+
+    ``timeout_s`` bounds the whole run (None: no bound); ``peer_timeout_s`` bounds every wait
+    for a peer inside the process group. Returns the results in rank order. Raises :class:`UsageError` if a worker raised one,
+    :class:`WorkerError` for any other failure (naming the rank that failed first, not the
+    peers that lost it), always after stopping and reaping every worker.
+    """
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    port = free_port()
+    threads = threads or threads_per_worker(world_size)
+    procs = [ctx.Process(target=_child, daemon=True,
+                         args=(r, world_size, port, threads, peer_timeout_s, fn, args, results))
+             for r in range(world_size)]
+    outcome: dict[int, tuple[str, object]] = {}
+    deadline = time.monotonic() + timeout_s if timeout_s is not None else float("inf")
+    first_failure: float | None = None
+    try:
+        for p in procs:
+            p.start()
+        while len(outcome) < world_size:
+            try:
+                rank, kind, value = results.get(timeout=0.1)
+                outcome[rank] = (kind, value)
+            except queue.Empty:
+                pass
+            for rank, p in enumerate(procs):
+                if rank not in outcome and p.exitcode is not None:
+                    try:  # it may have reported just before exiting
+                        rank2, kind, value = results.get(timeout=0.5)
+                        outcome[rank2] = (kind, value)
+                    except queue.Empty:
+                        outcome[rank] = ("died", _describe_exit(p.exitcode))
+            failed = [r for r, (kind, _) in outcome.items() if kind != "ok"]
+            if failed and first_failure is None:
+                first_failure = time.monotonic()
+            if first_failure is not None and time.monotonic() - first_failure > grace_s:
+                break
+            if time.monotonic() > deadline:
+                raise WorkerError(min(set(range(world_size)) - set(outcome), default=0),
+                                  f"no result within {timeout_s:.0f} s; all workers stopped")
+    finally:
+        _stop(procs)
+    return _collect(outcome, world_size)
+
+
+def _collect(outcome: dict, world_size: int) -> list:
+    for wanted in ("usage", "error", "died", "peer"):
+        for rank in sorted(outcome):
+            kind, value = outcome[rank]
+            if kind != wanted:
+                continue
+            if kind == "usage":
+                raise UsageError(value)
+            raise WorkerError(rank, value.splitlines()[0] + _others_note(outcome, rank))
+    return [outcome[r][1] for r in range(world_size)]
+
+
+def _others_note(outcome: dict, rank: int) -> str:
+    others = [r for r, (kind, _) in outcome.items() if r != rank and kind != "ok"]
+    return f" (ranks {others} stopped after it)" if others else "; the other workers were stopped"
+
+
+def _stop(procs: list) -> None:
+    procs = [p for p in procs if p.pid is not None]  # started ones only
+    for p in procs:
+        if p.is_alive():
+            p.terminate()
+    deadline = time.monotonic() + 5.0
+    for p in procs:
+        p.join(max(0.0, deadline - time.monotonic()))
+        if p.is_alive():
+            p.kill()
+            p.join()

@@ -1,0 +1,89 @@
+"""The reference executor: every stage in one process, clock by clock, walking the schedule.
+
+It is the definition the parallel runtime is tested against (bitwise), so it stays simple:
+activations of a clock flow forward through a dict, gradients wait one clock in another.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+from torch import Tensor
+
+from ddgpipe.schedule import Action, ddg_actions, dni_actions, num_clocks
+from ddgpipe.stage import LossFn, Stage
+from ddgpipe.timeline import Timeline
+
+__all__ = ["LocalExecutor"]
+
+ACTIONS: dict[str, Callable[..., list[Action]]] = {"ddg": ddg_actions, "dni": dni_actions}
+
+
+class LocalExecutor:
+    """Runs ``stages`` in one process following the schedule of ``method`` (ddg or dni)."""
+
+    def __init__(
+        self,
+        stages: list[Stage],
+        method: str = "ddg",
+        timeline: Timeline | None = None,
+    ):
+        self.stages = stages
+        self.method = method
+        self.actions_at = ACTIONS[method]
+        self.timeline = timeline
+        self.clock = 0  # the next clock to run
+        self.fed = 0  # minibatches fed so far
+        self._grads: dict[tuple[int, int], Tensor] = {}  # (stage, minibatch) -> grad of output
+
+    @property
+    def num_stages(self) -> int:
+        return len(self.stages)
+
+    def step(self, x: Tensor, y: Tensor, loss_fn: LossFn) -> Tensor:
+        """One clock with a new minibatch; returns its loss (computed by the last stage)."""
+        if self.clock != self.fed:
+            raise RuntimeError(
+                "this pipeline was drained; drain() ends training, so build a new DDG to go on "
+                "(evaluation needs no drain: use pipe.eval() and pipe.model)"
+            )
+        loss = self._run_clock(None, x, y, loss_fn)
+        self.fed += 1
+        return loss
+
+    def drain(self) -> None:
+        """Run the pending backwards and steps; no new forwards."""
+        while self.clock < num_clocks(self.num_stages, self.fed, self.method):
+            self._run_clock(self.fed, None, None, None)
+
+    def _run_clock(self, total: int | None, x, y, loss_fn) -> Tensor | None:
+        activation, loss = x, None
+        for stage in self.stages:
+            for action in self.actions_at(stage.index, self.num_stages, self.clock, total):
+                start = time.perf_counter()
+                if action.op == "F":
+                    if stage.is_last:
+                        loss = stage.forward_loss(action.minibatch, activation, y, loss_fn)
+                    else:
+                        activation = stage.forward(action.minibatch, activation)
+                elif action.op == "B":
+                    grad = None
+                    if stage.gradient_op == "B" and not stage.is_last:
+                        grad = self._grads.pop((stage.index, action.minibatch))
+                    grad_in = stage.backward(action.minibatch, grad)
+                    if not stage.is_first:
+                        self._grads[(stage.index - 1, action.minibatch)] = grad_in
+                elif action.op == "S":
+                    stage.step(action.minibatch)
+                elif action.op == "G":
+                    grad = self._grads.pop((stage.index, action.minibatch))
+                    stage.learn(action.minibatch, grad)
+                else:
+                    raise RuntimeError(f"no executor for op {action.op!r} ({action})")
+                if self.timeline is not None:
+                    self.timeline.record(action, start, time.perf_counter())
+        for stage in self.stages:
+            stage.end_clock()
+        self.clock += 1
+        return loss

@@ -1,0 +1,11 @@
+"""Training methods with one interface: ``step(x, y, loss_fn) -> loss``, ``drain()``, ``model``.
+
+* :class:`Backprop` — plain backpropagation, the reference every method is compared with.
+* :class:`DDG` — Decoupled Parallel Backpropagation (Huo et al., ICML 2018).
+* :class:`DNI` — decoupled neural interfaces with synthetic gradients (Jaderberg et al. 2017).
+"""
+
+from ddgpipe.methods.bp import Backprop
+from ddgpipe.methods.ddg import DDG
+
+__all__ = ["Backprop", "DDG"]

@@ -1,0 +1,90 @@
+"""Decoupled Parallel Backpropagation (Huo, Gu, Yang, Huang; ICML 2018) — the user's view.
+
+Module k of K learns from the gradient of minibatch t - d_k (d_k = K-1-k), backpropagated
+through the weights that minibatch's forward used::
+
+    w_k^{t+1} = w_k^t - lr_t * grad_{w_k} loss(x_{t-d_k}; w_0^{t-d_0}, ..., w_{K-1}^{t-d_{K-1}})
+
+so no module waits for the error of the current minibatch to travel back from the output.
+
+Example:
+    >>> import torch, torch.nn.functional as F
+    >>> from torch import nn
+    >>> import ddgpipe
+    >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
+    <torch._C.Generator object at ...>
+    >>> model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+    >>> pipe = ddgpipe.DDG(model, stages=2, optimizer=lambda ps: torch.optim.SGD(ps, lr=0.1))
+    >>> x, y = torch.randn(16, 4), torch.randint(0, 3, (16,))
+    >>> losses = [pipe.step(x, y, F.cross_entropy) for _ in range(5)]
+    >>> pipe.drain()
+    >>> [s.steps for s in pipe.stages]  # every minibatch learned from once by every stage
+    [5, 5]
+    >>> pipe.model(x).shape
+    torch.Size([16, 3])
+"""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from ddgpipe.errors import UsageError
+from ddgpipe.methods.build import build_stages
+from ddgpipe.methods.pipeline import PipelineMethod
+from ddgpipe.stage import OptimizerFactory, SchedulerFactory, Stage
+from ddgpipe.stash import STASH_MODES
+from ddgpipe.timeline import Timeline
+
+__all__ = ["DDG"]
+
+
+class DDG(PipelineMethod):
+    """Train an ``nn.Sequential`` cut into ``stages`` modules with delayed gradients.
+
+    Args:
+        model: the network, an ``nn.Sequential`` of blocks; it is cut at block boundaries
+            and keeps the trained weights (the stages share its modules).
+        stages: K, the number of modules/workers. K = 1 is plain backpropagation.
+        optimizer: ``params -> torch.optim.Optimizer``; one optimizer per stage.
+        lr_scheduler: ``optimizer -> scheduler``, stepped once per *clock* on every stage so
+            all stages share lr_t (count clocks, i.e. minibatches, not epochs).
+        stash: ``graph`` (default, exact), ``recompute`` (exact, less memory, one more
+            forward) or ``none`` (replay with current weights: approximate).
+        split: cut points, e.g. ``[4, 8]``; default balances stages by ``balance``.
+        balance: ``params`` or ``time`` (profiled on ``sample_input``).
+        grad_shrink: beta; delayed gradients of stage k are scaled by beta**d_k (FDG).
+        timeline: a :class:`Timeline` to record every op's start and end.
+        check_finite: stop with :class:`NonFiniteLossError` when the loss is NaN or inf.
+        peer_timeout_s: under the parallel runtime, how long to wait for a peer stage.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        stages: int,
+        optimizer: OptimizerFactory,
+        *,
+        lr_scheduler: SchedulerFactory | None = None,
+        stash: str = "graph",
+        split: list[int] | None = None,
+        balance: str = "params",
+        sample_input: Tensor | None = None,
+        grad_shrink: float = 1.0,
+        timeline: Timeline | None = None,
+        check_finite: bool = True,
+        peer_timeout_s: float = 300.0,
+    ):
+        if stash not in STASH_MODES:
+            raise UsageError(f"unknown stash mode {stash!r}; choose one of {', '.join(STASH_MODES)}")
+        if not 0.0 < grad_shrink <= 1.0:
+            raise UsageError(f"grad_shrink must be in (0, 1] (got {grad_shrink}); 1 is plain DDG")
+        self.stash_mode = stash
+
+        def make_stage(k: int, num_stages: int, module: nn.Module) -> Stage:
+            return Stage(k, num_stages, module, optimizer, lr_scheduler, stash, grad_shrink)
+
+        stage_list, executor = build_stages(
+            model, stages, make_stage, "ddg", split=split, balance=balance,
+            sample_input=sample_input, timeline=timeline, peer_timeout_s=peer_timeout_s,
+        )
+        super().__init__(model, stage_list, executor, check_finite)

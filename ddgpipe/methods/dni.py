@@ -1,0 +1,109 @@
+"""Decoupled Neural Interfaces with synthetic gradients (Jaderberg et al. 2017): the baseline.
+
+Stage k < K-1 does not wait for any gradient at all: right after its forward it backpropagates
+a *synthetic* gradient ``M_k(h)`` predicted from its own output h and steps. One clock later
+the true gradient of that output arrives from stage k+1 (itself computed from stage k+1's
+synthetic gradient — DNI's bootstrapping) and ``M_k`` regresses onto it with a squared loss.
+This is the lock-breaking method DDG's paper compares with; it degrades as K grows because
+the error of each gradient model compounds.
+
+Gradient models: for image features two 3x3 convolutions with BatchNorm and ReLU between, for
+flat features two linear layers; the last layer starts at zero so the first synthetic
+gradients are zero (Jaderberg et al.'s initialisation). They are unconditioned (no label
+input) and trained with Adam at ``sg_lr``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ddgpipe.methods.build import build_stages
+from ddgpipe.methods.pipeline import PipelineMethod
+from ddgpipe.stage import OptimizerFactory, SchedulerFactory, Stage
+from ddgpipe.timeline import Timeline
+
+__all__ = ["DNI", "DNIStage", "synthetic_gradient_model"]
+
+
+def synthetic_gradient_model(sample_output: Tensor, hidden: int = 64) -> nn.Module:
+    """A small network mapping an activation to a same-shaped gradient estimate."""
+    if sample_output.dim() == 4:
+        channels = sample_output.shape[1]
+        last = nn.Conv2d(hidden, channels, 3, padding=1)
+        net = nn.Sequential(nn.Conv2d(channels, hidden, 3, padding=1), nn.BatchNorm2d(hidden),
+                            nn.ReLU(), last)
+    else:
+        features = sample_output[0].numel()
+        last = nn.Linear(hidden * 4, features)
+        net = nn.Sequential(nn.Flatten(), nn.Linear(features, hidden * 4), nn.ReLU(), last,
+                            nn.Unflatten(1, tuple(sample_output.shape[1:])))
+    nn.init.zeros_(last.weight)
+    nn.init.zeros_(last.bias)
+    return net
+
+
+class DNIStage(Stage):
+    """A stage that updates from a synthetic gradient and learns it one clock later."""
+
+    gradient_op = "G"
+
+    def __init__(self, *args, sg_lr: float = 1e-3, **kwargs):
+        super().__init__(*args, delay=0, **kwargs)
+        self.sg_lr = sg_lr
+        self.sg_model: nn.Module | None = None
+        self.sg_optimizer: torch.optim.Optimizer | None = None
+        self._outputs: dict[int, Tensor] = {}  # minibatch -> output, until its true gradient
+
+    def forward(self, minibatch: int, x: Tensor) -> Tensor:
+        out = super().forward(minibatch, x)
+        if self.sg_model is None:
+            self.sg_model = synthetic_gradient_model(out)
+            self.sg_optimizer = torch.optim.Adam(self.sg_model.parameters(), lr=self.sg_lr)
+        self._outputs[minibatch] = out
+        return out
+
+    def backward(self, minibatch: int, grad_output: Tensor | None = None) -> Tensor | None:
+        if not self.is_last:
+            with torch.no_grad():
+                grad_output = self.sg_model(self._outputs[minibatch])
+        return super().backward(minibatch, grad_output)
+
+    def learn(self, minibatch: int, true_grad: Tensor) -> None:
+        """G: regress the gradient model onto the gradient stage k+1 sent back."""
+        predicted = self.sg_model(self._outputs.pop(minibatch))
+        loss = F.mse_loss(predicted, true_grad)
+        self.sg_optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.sg_optimizer.step()
+        self.last_sg_loss = loss.item()
+
+
+class DNI(PipelineMethod):
+    """Train an ``nn.Sequential`` cut into ``stages`` modules with synthetic gradients."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        stages: int,
+        optimizer: OptimizerFactory,
+        *,
+        lr_scheduler: SchedulerFactory | None = None,
+        split: list[int] | None = None,
+        balance: str = "params",
+        sample_input: Tensor | None = None,
+        sg_lr: float = 1e-3,
+        timeline: Timeline | None = None,
+        check_finite: bool = True,
+        peer_timeout_s: float = 300.0,
+    ):
+
+        def make_stage(k: int, num_stages: int, module: nn.Module) -> DNIStage:
+            return DNIStage(k, num_stages, module, optimizer, lr_scheduler, sg_lr=sg_lr)
+
+        stage_list, executor = build_stages(
+            model, stages, make_stage, "dni", split=split, balance=balance,
+            sample_input=sample_input, timeline=timeline, peer_timeout_s=peer_timeout_s,
+        )
+        super().__init__(model, stage_list, executor, check_finite)

@@ -1,0 +1,73 @@
+"""What every pipelined method shares: stages, an executor, and the ``step``/``drain`` API."""
+
+from __future__ import annotations
+
+import math
+
+from torch import Tensor, nn
+
+from ddgpipe.errors import NonFiniteLossError, UsageError
+from ddgpipe.stage import LossFn, Stage
+
+__all__ = ["PipelineMethod"]
+
+
+class PipelineMethod:
+    """A model cut into stages, run clock by clock by an executor."""
+
+    def __init__(self, model: nn.Module, stages: list[Stage], executor,
+                 check_finite: bool = True):
+        self.model = model
+        self.stages = stages
+        self.executor = executor
+        self.check_finite = check_finite
+
+    @property
+    def num_stages(self) -> int:
+        return len(self.stages)
+
+    @property
+    def fed(self) -> int:
+        """Minibatches fed so far."""
+        return self.executor.fed
+
+    @property
+    def lr(self) -> float:
+        """The learning rate the next clock uses (shared by all stages)."""
+        return self.stages[-1].lr
+
+    def step(self, x: Tensor | None, y: Tensor | None, loss_fn: LossFn | None) -> Tensor | None:
+        """One clock: feed minibatch (x, y); return its loss (from the last stage's forward).
+
+        Under the parallel runtime the first rank needs ``x``, the last ``y`` and ``loss_fn``
+        (the others may pass None), and only the last rank gets the loss back.
+        """
+        loss = self.executor.step(x, y, loss_fn)
+        if loss is not None and self.check_finite and not math.isfinite(loss.item()):
+            raise NonFiniteLossError(loss.item(), self.executor.fed - 1)
+        return loss
+
+    def drain(self) -> None:
+        """Run the pending work so every minibatch is learned from exactly once."""
+        self.executor.drain()
+
+    def train(self):
+        self.model.train()
+        return self
+
+    def eval(self):
+        """Evaluation mode for inference through ``.model`` (in-flight work is kept)."""
+        self.model.eval()
+        return self
+
+    def state_dict(self) -> dict:
+        return {"stages": [s.state_dict() for s in self.stages], "fed": self.fed}
+
+    def load_state_dict(self, state: dict) -> None:
+        if len(state["stages"]) != self.num_stages:
+            raise UsageError(
+                f"state has {len(state['stages'])} stages but this pipeline has "
+                f"{self.num_stages}; build it with stages={len(state['stages'])}"
+            )
+        for stage, s in zip(self.stages, state["stages"]):
+            stage.load_state_dict(s)

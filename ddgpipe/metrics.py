@@ -1,0 +1,70 @@
+"""Metrics as data: one JSON object per line, flushed as written, so a killed run keeps them.
+
+Plots and reports read these files, never values held in memory (``ddgpipe plot RUN_DIR``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+__all__ = ["MetricsWriter", "RunningStats"]
+
+
+class MetricsWriter:
+    """Appends records to ``RUN_DIR/metrics.jsonl``."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self._file = self.path.open("a")
+
+    def write(self, kind: str, **fields) -> dict:
+        record = {"kind": kind, **{k: _plain(v) for k, v in fields.items()}}
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+        return record
+
+    def close(self) -> None:
+        self._file.close()
+
+    def __enter__(self) -> MetricsWriter:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _plain(value):
+    if hasattr(value, "item"):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)  # JSON has no NaN; keep it readable and parseable
+    return value
+
+
+class RunningStats:
+    """Sums of loss and correct predictions over an epoch, fed from inside the loss function."""
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self) -> None:
+        self.loss_sum = 0.0
+        self.correct = 0
+        self.seen = 0
+
+    def add(self, loss: float, logits, targets) -> None:
+        n = targets.shape[0]
+        self.loss_sum += loss * n
+        self.seen += n
+        if logits.dim() == 2 and targets.dim() == 1:
+            self.correct += int((logits.argmax(dim=1) == targets).sum())
+
+    @property
+    def loss(self) -> float:
+        return self.loss_sum / max(self.seen, 1)
+
+    @property
+    def accuracy(self) -> float:
+        return self.correct / max(self.seen, 1)

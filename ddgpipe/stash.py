@@ -1,0 +1,120 @@
+"""Weight stashing: what a stage keeps of a minibatch between its forward and its backward.
+
+DDG's update for module k at clock t (Huo et al. 2018, eq. 8-9)::
+
+    w_k^{t+1} = w_k^t - lr_t * g_k^t,
+    g_k^t     = d loss(x_{t-d_k}) / d w_k, backpropagated through w_k^{t-d_k}
+
+needs the gradient *through the weights the forward used*, d_k optimizer steps ago. The
+optimizer has changed the live parameters in place since, so each in-flight minibatch keeps
+its own weight version (PipeDream's "weight stashing"). Three ways to keep it:
+
+=============  ===========================================  ===============  ==========
+mode           kept per in-flight minibatch                 extra compute    gradient
+=============  ===========================================  ===============  ==========
+``graph``      autograd graph over a weight snapshot        none             exact
+``recompute``  input + weight snapshot (+ RNG state)        one forward      exact
+``none``       input only; replayed with *current* weights  one forward      approximate
+=============  ===========================================  ===============  ==========
+
+``none`` is what Features Replay (Huo et al. 2018b) does: the backward sees w_k^t instead of
+w_k^{t-d_k}, so it is *not* the DDG update; it trades exactness for memory.
+
+Replays (``recompute``/``none``) run the forward on throwaway copies of the buffers so that
+BatchNorm's running statistics are updated once per minibatch, at its forward, as in
+backprop; they restore the RNG state of the original forward so random layers replay alike.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+
+__all__ = ["STASH_MODES", "Pending", "Stash"]
+
+STASH_MODES = ("graph", "recompute", "none")
+
+
+@dataclass
+class Pending:
+    """One in-flight minibatch at one stage: enough to run its backward later."""
+
+    minibatch: int
+    inputs: Tensor | None
+    output: Tensor | None = None  # graph-carrying output (graph mode, or no delay)
+    weights: dict[str, Tensor] | None = None  # snapshot leaves the graph or replay uses
+    rng_state: Tensor | None = None
+    extras: dict = field(default_factory=dict)
+
+
+class Stash:
+    """Runs a stage's forward so that its backward can come ``delay`` optimizer steps later."""
+
+    def __init__(self, module: nn.Module, mode: str, delay: int, needs_input_grad: bool):
+        if mode not in STASH_MODES:
+            raise ValueError(f"stash mode {mode!r} is not one of {', '.join(STASH_MODES)}")
+        self.module = module
+        # With no delay the backward runs before any step: the live weights are the right
+        # version, and plain autograd is both exact and cheapest whatever the mode.
+        self.mode = mode if delay > 0 else "live"
+        self.needs_input_grad = needs_input_grad
+        self.params = {n: p for n, p in module.named_parameters() if p.requires_grad}
+
+    def _leaf_input(self, x: Tensor) -> Tensor:
+        return x.detach().requires_grad_(self.needs_input_grad)
+
+    def _snapshot(self, requires_grad: bool) -> dict[str, Tensor]:
+        return {n: p.detach().clone().requires_grad_(requires_grad) for n, p in self.params.items()}
+
+    def forward(self, minibatch: int, x: Tensor) -> tuple[Tensor, Pending]:
+        """Forward of one minibatch with the current weights; returns (output, pending)."""
+        if self.mode == "live":
+            xin = self._leaf_input(x)
+            out = self.module(xin)
+            return out, Pending(minibatch, xin, output=out)
+        if self.mode == "graph":
+            xin = self._leaf_input(x)
+            weights = self._snapshot(requires_grad=True)
+            out = functional_call(self.module, weights, (xin,), strict=False)
+            return out, Pending(minibatch, xin, output=out, weights=weights)
+        rng = torch.get_rng_state()
+        with torch.no_grad():
+            out = self.module(x)
+        weights = self._snapshot(requires_grad=False) if self.mode == "recompute" else None
+        return out, Pending(minibatch, x.detach(), weights=weights, rng_state=rng)
+
+    def replay(self, pending: Pending) -> Tensor:
+        """Recompute the forward of ``pending`` with grad enabled (``recompute``/``none``)."""
+        xin = self._leaf_input(pending.inputs)
+        if pending.weights is not None:  # recompute: the stashed version, as leaves
+            weights = {n: w.requires_grad_(True) for n, w in pending.weights.items()}
+        else:  # none: today's weights
+            weights = dict(self.params)
+        scratch_buffers = {n: b.clone() for n, b in self.module.named_buffers()}
+        with torch.random.fork_rng(devices=[]), torch.enable_grad():
+            torch.set_rng_state(pending.rng_state)
+            out = functional_call(self.module, {**weights, **scratch_buffers}, (xin,), strict=False)
+        pending.inputs = xin
+        if pending.weights is None:  # `none` backpropagates straight into the live weights
+            return out
+        pending.weights = weights
+        return out
+
+    def backward(self, pending: Pending, output: Tensor, grad_output: Tensor | None) -> Tensor | None:
+        """Backpropagate into the live parameters' ``.grad``; return the input gradient."""
+        for p in self.params.values():
+            p.grad = None
+        torch.autograd.backward(output, grad_output)
+        if pending.weights is not None:
+            for name, p in self.params.items():
+                p.grad = pending.weights[name].grad
+        return pending.inputs.grad if self.needs_input_grad else None
+
+    def output_for_backward(self, pending: Pending) -> Tensor:
+        """The graph-carrying output of ``pending``, replaying the forward if it was not kept."""
+        if pending.output is not None:
+            return pending.output
+        return self.replay(pending)
