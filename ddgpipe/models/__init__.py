@@ -1,0 +1,7 @@
+"""Models as flat ``nn.Sequential`` stacks of blocks, so DDG can cut them at any block boundary."""
+
+from ddgpipe.models.mlp import mlp
+from ddgpipe.models.registry import MODEL_NAMES, build_model
+from ddgpipe.models.resnet import BasicBlock, ShortcutA, cifar_resnet
+
+__all__ = ["MODEL_NAMES", "build_model", "cifar_resnet", "mlp", "BasicBlock", "ShortcutA"]

@@ -1,0 +1,98 @@
+"""CIFAR ResNets of He et al. (2016), section 4.2, with the parameter-free shortcut "option A".
+
+The network is 6n+2 layers: a 3x3 stem with 16 filters, three groups of n basic blocks with
+16, 32 and 64 filters (the first block of groups two and three halves the feature map), then
+global average pooling and a linear classifier. Where the shape changes, the shortcut takes
+every second pixel and pads the new channels with zeros (option A), so it adds no parameters;
+this is the variant the DDG paper trains (ResNet-20 has 0.27M parameters, ResNet-110 1.7M).
+
+The result is one flat ``nn.Sequential``: ``[stem, block_1, ..., block_3n, head]``. A cut
+between any two entries is a valid DDG module boundary.
+"""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["cifar_resnet", "BasicBlock", "ShortcutA", "Stem", "Head"]
+
+
+class ShortcutA(nn.Module):
+    """Identity shortcut that subsamples by ``stride`` and zero-pads the extra channels."""
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int):
+        super().__init__()
+        self.stride = stride
+        extra = out_channels - in_channels
+        self.pad = (extra // 2, extra - extra // 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.stride > 1:
+            x = x[:, :, :: self.stride, :: self.stride]
+        if self.pad != (0, 0):
+            x = F.pad(x, (0, 0, 0, 0, *self.pad))
+        return x
+
+
+class BasicBlock(nn.Module):
+    """Two 3x3 conv-BN layers with a residual connection, ReLU after the sum."""
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int = 1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(out_channels)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(out_channels)
+        self.shortcut = ShortcutA(in_channels, out_channels, stride)
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return F.relu(out + self.shortcut(x))
+
+
+class Stem(nn.Sequential):
+    """3x3 convolution to 16 channels, BatchNorm, ReLU."""
+
+    def __init__(self, in_channels: int, width: int = 16):
+        super().__init__(
+            nn.Conv2d(in_channels, width, 3, 1, 1, bias=False),
+            nn.BatchNorm2d(width),
+            nn.ReLU(inplace=True),
+        )
+
+
+class Head(nn.Sequential):
+    """Global average pooling and the linear classifier."""
+
+    def __init__(self, in_features: int, num_classes: int):
+        super().__init__(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(in_features, num_classes))
+
+
+def cifar_resnet(depth: int, in_channels: int = 3, num_classes: int = 10) -> nn.Sequential:
+    """ResNet-``depth`` for small images; ``depth`` must be 6n+2 (20, 32, 44, 56, 110, ...)."""
+    if depth < 8 or (depth - 2) % 6:
+        raise ValueError(f"CIFAR ResNet depth must be 6n+2 (20, 32, 44, 56, 110), got {depth}")
+    n = (depth - 2) // 6
+    blocks: list[nn.Module] = [Stem(in_channels)]
+    width = 16
+    for group, out_width in enumerate((16, 32, 64)):
+        for i in range(n):
+            stride = 2 if group > 0 and i == 0 else 1
+            blocks.append(BasicBlock(width, out_width, stride))
+            width = out_width
+    blocks.append(Head(width, num_classes))
+    model = nn.Sequential(*blocks)
+    _init_weights(model)
+    return model
+
+
+def _init_weights(model: nn.Module) -> None:
+    """He initialisation for convolutions (He et al. 2015), as the ResNet paper uses."""
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
