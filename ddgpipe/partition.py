@@ -12,14 +12,12 @@ runtime wants, because activations, not parameters, dominate a conv net's comput
 
 from __future__ import annotations
 
-import statistics
-import time
 from collections.abc import Sequence
 
-import torch
 from torch import Tensor, nn
 
 from ddgpipe.errors import UsageError
+from ddgpipe.profiling import profile_blocks
 
 __all__ = [
     "BALANCE_MODES",
@@ -149,30 +147,8 @@ def profile_costs(
 ) -> list[float]:
     """Median forward+backward seconds of each block on ``sample_input``.
 
-    Each block is timed on the real activation the previous block produces, with its own
-    backward on a ones gradient. Weights and BatchNorm statistics are left untouched:
-    gradients are cleared and running stats restored afterwards.
+    Each block is timed on the real activation the previous block produces; weights,
+    BatchNorm statistics, gradients and the RNG are left as they were.
     """
-    saved = {k: v.clone() for k, v in model.state_dict().items()}
-    rng = torch.get_rng_state()  # dropout in a profiled block must not shift the run's RNG
-    was_training = model.training
-    model.train()
-    times: list[list[float]] = [[] for _ in model]
-    try:
-        for rep in range(warmup + repeats):
-            x = sample_input
-            for i, block in enumerate(model):
-                inp = x.detach().requires_grad_(True)
-                start = time.perf_counter()
-                out = block(inp)
-                out.backward(torch.ones_like(out))
-                elapsed = time.perf_counter() - start
-                if rep >= warmup:
-                    times[i].append(elapsed)
-                x = out.detach()
-    finally:
-        model.load_state_dict(saved)
-        torch.set_rng_state(rng)
-        model.zero_grad(set_to_none=True)
-        model.train(was_training)
-    return [statistics.median(t) for t in times]
+    blocks = profile_blocks(model, sample_input, repeats=repeats, warmup=warmup)
+    return [b.forward_s + b.backward_s for b in blocks]

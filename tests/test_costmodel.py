@@ -1,0 +1,56 @@
+"""The cost model against cases with known answers."""
+
+import math
+
+import pytest
+import torch
+
+from ddgpipe.costmodel import StageTimes, predict_ddg, simulate_ddg
+from ddgpipe.models import build_model
+from ddgpipe.profiling import BlockProfile, profile_blocks
+
+
+def test_one_stage_is_backprop():
+    assert simulate_ddg([StageTimes(1.0, 2.0)]) == pytest.approx(3.0)
+
+
+@pytest.mark.parametrize("stages", [2, 3, 4, 8])
+def test_balanced_stages_without_communication_give_k_times_backprop(stages):
+    times = [StageTimes(1.0, 2.0)] * stages
+    assert simulate_ddg(times) == pytest.approx(3.0)
+
+
+def test_the_slowest_stage_sets_the_clock():
+    assert simulate_ddg([StageTimes(1.0, 2.0), StageTimes(2.0, 4.0)]) == pytest.approx(6.0)
+
+
+def test_recompute_pays_one_more_forward():
+    times = [StageTimes(1.0, 2.0)] * 2
+    assert simulate_ddg(times, stash="recompute") == pytest.approx(4.0)
+
+
+def test_slow_links_bound_the_clock():
+    # 1 MB per message at 1 MB/s: each clock the stage waits a full second for its input.
+    times = [StageTimes(0.1, 0.2, output_bytes=10**6)] * 2
+    clock = simulate_ddg(times, bandwidth_bytes_per_s=1e6)
+    assert clock > 0.3
+    assert simulate_ddg(times, bandwidth_bytes_per_s=math.inf) == pytest.approx(0.3)
+
+
+def test_prediction_from_blocks_balances_and_scales():
+    blocks = [BlockProfile(1.0, 2.0, 100)] * 8
+    pred = predict_ddg(blocks, 4, batch_size=64)
+    assert pred.split == [2, 4, 6]
+    assert pred.clock_s == pytest.approx(6.0)
+    assert pred.speedup_vs_backprop == pytest.approx(4.0)
+    assert pred.images_per_s == pytest.approx(64 / 6.0)
+
+
+def test_profile_blocks_measures_every_block():
+    torch.manual_seed(0)
+    model = build_model("resnet20", 1, 8)
+    blocks = profile_blocks(model, torch.randn(16, 1, 8, 8), repeats=1, warmup=0)
+    assert len(blocks) == len(model)
+    assert all(b.forward_s > 0 and b.backward_s > 0 for b in blocks)
+    assert blocks[-1].output_bytes == 16 * 10 * 4
+    assert blocks[0].output_bytes == 16 * 16 * 8 * 8 * 4
