@@ -135,7 +135,8 @@ class DistributedExecutor:
 
     def _recv_grad(self, minibatch: int) -> Tensor:
         work, grad = self._grad_recvs.pop(minibatch)
-        self._wait(work, f"receiving the gradient of minibatch {minibatch} from rank {self.rank + 1}")
+        self._wait(work, f"receiving the gradient of minibatch {minibatch} from rank "
+                         f"{self.rank + 1}")
         return grad
 
     def _end_stream(self) -> None:

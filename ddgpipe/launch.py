@@ -105,7 +105,8 @@ def run_workers(
     """Run ``fn(rank, world_size, *args)`` in ``world_size`` spawned processes over gloo.
 
     ``timeout_s`` bounds the whole run (None: no bound); ``peer_timeout_s`` bounds every wait
-    for a peer inside the process group. Returns the results in rank order. Raises :class:`UsageError` if a worker raised one,
+    for a peer inside the process group. Returns the results in rank order. Raises
+    :class:`UsageError` if a worker raised one,
     :class:`WorkerError` for any other failure (naming the rank that failed first, not the
     peers that lost it), always after stopping and reaping every worker.
     """

@@ -85,7 +85,9 @@ def make_lr_scheduler(
 ) -> Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LambdaLR]:
     """An ``optimizer -> LambdaLR`` factory stepped once per iteration/clock."""
     if schedule not in LR_SCHEDULES:
-        raise UsageError(f"unknown LR schedule {schedule!r}; choose one of {', '.join(LR_SCHEDULES)}")
+        raise UsageError(
+            f"unknown LR schedule {schedule!r}; choose one of {', '.join(LR_SCHEDULES)}"
+        )
     bad = [m for m in milestones if not 0 < m <= epochs]
     if bad:
         raise UsageError(f"LR milestones must be epochs in 1..{epochs} (got {bad})")

@@ -73,7 +73,9 @@ def delay(stage: int, stages: int) -> int:
     return stages - 1 - stage
 
 
-def ddg_actions(stage: int, stages: int, clock: int, minibatches: int | None = None) -> list[Action]:
+def ddg_actions(
+    stage: int, stages: int, clock: int, minibatches: int | None = None
+) -> list[Action]:
     """Ordered actions of ``stage`` at ``clock``.
 
     ``minibatches`` is the total number fed to the pipeline once it is known (the drain);
@@ -89,7 +91,9 @@ def ddg_actions(stage: int, stages: int, clock: int, minibatches: int | None = N
     return actions
 
 
-def dni_actions(stage: int, stages: int, clock: int, minibatches: int | None = None) -> list[Action]:
+def dni_actions(
+    stage: int, stages: int, clock: int, minibatches: int | None = None
+) -> list[Action]:
     """Ordered actions of a DNI stage: update now from a synthetic gradient, learn it later."""
     if not 0 <= stage < stages:
         raise ValueError(f"stage {stage} is outside 0..{stages - 1}")

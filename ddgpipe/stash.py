@@ -103,7 +103,9 @@ class Stash:
         pending.weights = weights
         return out
 
-    def backward(self, pending: Pending, output: Tensor, grad_output: Tensor | None) -> Tensor | None:
+    def backward(
+        self, pending: Pending, output: Tensor, grad_output: Tensor | None
+    ) -> Tensor | None:
         """Backpropagate into the live parameters' ``.grad``; return the input gradient."""
         for p in self.params.values():
             p.grad = None

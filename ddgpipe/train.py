@@ -225,7 +225,8 @@ def train(config: TrainConfig, dataset: Dataset | None = None) -> TrainResult | 
         torch.set_num_threads(config.threads)
     elif world > 1:  # one stage per process: each takes its share of this node's cores
         torch.set_num_threads(threads_per_worker(int(os.environ.get("LOCAL_WORLD_SIZE", world))))
-    reporter = rank == world - 1  # the last stage has the loss: it writes metrics and shows progress
+    # The last stage has the loss: it writes the metrics and shows progress.
+    reporter = rank == world - 1
     data = dataset or load_dataset(config.data, config.data_dir)
     run_dir = prepare_out_dir(config.out) if reporter else None
 

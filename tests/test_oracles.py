@@ -66,7 +66,8 @@ def tanh_net(widths, seed):
 
 def numpy_params(model):
     linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
-    return [(lin.weight.detach().numpy().copy(), lin.bias.detach().numpy().copy()) for lin in linears]
+    return [(lin.weight.detach().numpy().copy(), lin.bias.detach().numpy().copy())
+            for lin in linears]
 
 
 def numpy_gradients(params, x, y):

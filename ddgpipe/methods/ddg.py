@@ -75,7 +75,9 @@ class DDG(PipelineMethod):
         peer_timeout_s: float = 300.0,
     ):
         if stash not in STASH_MODES:
-            raise UsageError(f"unknown stash mode {stash!r}; choose one of {', '.join(STASH_MODES)}")
+            raise UsageError(
+                f"unknown stash mode {stash!r}; choose one of {', '.join(STASH_MODES)}"
+            )
         if not 0.0 < grad_shrink <= 1.0:
             raise UsageError(f"grad_shrink must be in (0, 1] (got {grad_shrink}); 1 is plain DDG")
         self.stash_mode = stash

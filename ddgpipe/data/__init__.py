@@ -1,0 +1,6 @@
+"""Data sets as tensors in memory, and the loader that batches and augments them."""
+
+from ddgpipe.data.datasets import DATASET_NAMES, Dataset, load_dataset
+from ddgpipe.data.loader import BatchLoader, random_crop_flip
+
+__all__ = ["DATASET_NAMES", "Dataset", "load_dataset", "BatchLoader", "random_crop_flip"]

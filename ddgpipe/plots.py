@@ -1,0 +1,133 @@
+"""PNG plots drawn from the files runs write, never from values held in memory.
+
+Because every plot reads ``metrics.jsonl``, ``timeline.jsonl`` or ``bench.json``, any run
+directory — including one from a run that was killed halfway — can be plotted later, and
+what the plot shows is exactly what the files record.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # no screen needed
+import matplotlib.pyplot as plt  # noqa: E402
+
+from ddgpipe.errors import UsageError  # noqa: E402
+
+__all__ = ["read_jsonl", "plot_learning_curves", "plot_timeline", "plot_bench"]
+
+OP_COLOURS = {"F": "tab:blue", "B": "tab:orange", "S": "tab:green", "G": "tab:purple"}
+OP_LABELS = {"F": "forward", "B": "backward", "S": "step", "G": "synthetic-gradient update"}
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    """Records of a JSON-lines file; a torn last line (killed writer) is skipped."""
+    records = []
+    for line in Path(path).read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records
+
+
+def _epochs(run_dir: Path) -> tuple[str, list[dict]]:
+    path = run_dir / "metrics.jsonl"
+    records = [r for r in read_jsonl(path) if r.get("kind") == "epoch"] if path.exists() else []
+    if not records:
+        raise UsageError(f"{run_dir} has no metrics.jsonl with epoch records; is it a ddgpipe "
+                         "run directory?")
+    label = run_dir.name
+    config = run_dir / "config.json"
+    if config.exists():
+        label = json.loads(config.read_text()).get("label") or label
+    return label, records
+
+
+def plot_learning_curves(run_dirs, out_png: str | Path, title: str | None = None) -> Path:
+    """Training loss and test accuracy against epochs and against wall-clock time."""
+    runs = [_epochs(Path(d)) for d in run_dirs]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    for i, (label, records) in enumerate(runs):
+        colour = f"C{i % 10}"
+        epoch = [r["epoch"] for r in records]
+        acc = [100 * float(r["test_acc"]) for r in records]
+        axes[0].plot(epoch, [float(r["train_loss"]) for r in records], color=colour, label=label)
+        axes[1].plot(epoch, acc, color=colour, marker="o", markersize=3, label=label)
+        axes[2].plot([float(r["wall_time"]) for r in records], acc, color=colour, label=label)
+    axes[0].set(xlabel="epoch", ylabel="training loss", yscale="log", title="training loss")
+    axes[1].set(xlabel="epoch", ylabel="test accuracy (%)", title="test accuracy")
+    axes[2].set(xlabel="training time (s)", ylabel="test accuracy (%)",
+                title="test accuracy vs time")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    axes[1].legend()
+    if title:
+        fig.suptitle(title)
+    return _save(fig, out_png)
+
+
+def plot_timeline(run_dir: str | Path, out_png: str | Path | None = None) -> Path:
+    """One row per stage, a bar per op: the picture from pipeline papers, measured."""
+    run_dir = Path(run_dir)
+    path = run_dir / "timeline.jsonl"
+    if not path.exists():
+        raise UsageError(f"{run_dir} has no timeline.jsonl; train with --timeline to record one")
+    records = read_jsonl(path)
+    if not records:
+        raise UsageError(f"{path} is empty; train with --timeline to record one")
+    origin: dict = {}
+    for r in records:  # clocks of different processes are not comparable: align each rank
+        key = r.get("rank")
+        origin[key] = min(origin.get(key, r["start"]), r["start"])
+    stages = max(r["stage"] for r in records) + 1
+    fig, ax = plt.subplots(figsize=(12, 1.0 + 0.6 * stages))
+    for r in records:
+        start = 1000 * (r["start"] - origin[r.get("rank")])
+        width = 1000 * (r["end"] - r["start"])
+        y = stages - 1 - r["stage"]
+        ax.broken_barh([(start, width)], (y - 0.4, 0.8), facecolors=OP_COLOURS.get(r["op"], "grey"),
+                       edgecolor="white", linewidth=0.3)
+        if r["op"] in ("F", "B") and r["minibatch"] < 24:
+            ax.text(start + width / 2, y, str(r["minibatch"]), ha="center", va="center",
+                    fontsize=6, color="white", clip_on=True)
+    ax.set_yticks(range(stages), [f"stage {stages - 1 - k}" for k in range(stages)])
+    ax.set_xlabel("time (ms)")
+    ops = sorted({r["op"] for r in records}, key="FBSG".index)
+    handles = [plt.Rectangle((0, 0), 1, 1, color=OP_COLOURS[o]) for o in ops]
+    ax.legend(handles, [OP_LABELS[o] for o in ops], loc="upper right", fontsize=8)
+    ax.set_title(f"pipeline timeline: {run_dir.name}")
+    return _save(fig, out_png or run_dir / "timeline.png")
+
+
+def plot_bench(rows: list[dict], out_png: str | Path, title: str | None = None) -> Path:
+    """Median speedup per configuration, with the min-max over rounds as error bars."""
+    rows = [r for r in rows if r.get("ratio_median") is not None]
+    names = [r["name"] for r in rows]
+    med = [r["ratio_median"] for r in rows]
+    err = [[m - r["ratio_min"] for m, r in zip(med, rows, strict=True)],
+           [r["ratio_max"] - m for m, r in zip(med, rows, strict=True)]]
+    fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(rows)), 4.5))
+    bars = ax.bar(names, med, yerr=err, capsize=4, color="tab:blue")
+    for bar, m in zip(bars, med, strict=True):
+        ax.text(bar.get_x() + bar.get_width() / 2, m, f"{m:.2f}x", ha="center", va="bottom",
+                fontsize=8)
+    ax.axhline(1.0, ls="--", color="grey", label="baseline")
+    ax.set_ylabel("throughput relative to the baseline")
+    ax.tick_params(axis="x", rotation=30)
+    ax.legend()
+    if title:
+        ax.set_title(title)
+    return _save(fig, out_png)
+
+
+def _save(fig, out_png: str | Path) -> Path:
+    out = Path(out_png)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
