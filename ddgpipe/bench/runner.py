@@ -1,0 +1,191 @@
+"""Run every configuration for several interleaved rounds and summarise the throughputs.
+
+Each round runs every configuration once, in the same order, and divides each one's
+images/s by the baseline's (``bp-1t``) *of the same round*; a noisy machine then shifts the
+numbers of a whole round together and the ratios stay comparable. The summary keeps the
+median, min and max of those per-round ratios.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from ddgpipe.bench.config import BASELINE, BenchConfig, ConfigSpec, resolve
+from ddgpipe.bench.workers import LR, MOMENTUM, profile_split_worker, run_config_worker
+from ddgpipe.errors import UsageError
+from ddgpipe.launch import WorkerError, run_workers
+
+__all__ = ["run_bench", "summarise", "machine_info"]
+
+_PROFILE_KEYS = ("f_ms", "b_ms", "s_ms", "wait_ms", "busy_s", "wall_s", "utilisation")
+
+
+def summarise(rounds: list[dict[str, float | None]], baseline: str = BASELINE,
+              reference: str | None = None) -> dict[str, dict]:
+    """Per configuration: median images/s and the per-round ratios' median, min and max.
+
+    ``rounds[r][name]`` is the images/s of configuration ``name`` in round r (None or absent:
+    it failed). Ratios divide by ``baseline`` of the same round; ``ratio_vs_bp_Kt_median`` is
+    the median per-round ratio to ``reference`` (None without one). Rounds where either side
+    is missing do not count.
+    """
+    names = list(dict.fromkeys(n for r in rounds for n in r))
+    out: dict[str, dict] = {}
+    for name in names:
+        values = [r[name] for r in rounds if r.get(name)]
+        ratios = [r[name] / r[baseline] for r in rounds if r.get(name) and r.get(baseline)]
+        vs_ref = [r[name] / r[reference] for r in rounds
+                  if reference and r.get(name) and r.get(reference)]
+        out[name] = {
+            "images_per_s": statistics.median(values) if values else None,
+            "images_per_s_rounds": [r.get(name) for r in rounds],
+            "ratio_median": statistics.median(ratios) if ratios else None,
+            "ratio_min": min(ratios) if ratios else None,
+            "ratio_max": max(ratios) if ratios else None,
+            "ratio_vs_bp_Kt_median": statistics.median(vs_ref) if vs_ref else None,
+        }
+    return out
+
+
+def machine_info() -> dict:
+    """What the numbers were measured on (no host name)."""
+    return {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def _log(progress: bool, message: str) -> None:
+    if progress:
+        print(message, file=sys.stderr, flush=True)
+
+
+def _median_profile(per_round: list[list[dict]]) -> list[dict]:
+    """Stage by stage, the median of each profile number over the rounds."""
+    stages = []
+    for k in range(len(per_round[0])):
+        entries = [r[k] for r in per_round]
+        merged = {"stage": k, "waits_logged": all(e.get("waits_logged") for e in entries)}
+        for key in _PROFILE_KEYS:
+            merged[key] = statistics.median(e[key] for e in entries)
+        stages.append(merged)
+    return stages
+
+
+def _run_one(config: BenchConfig, spec: ConfigSpec, split: list[int]) -> list[dict]:
+    return run_workers(run_config_worker, spec.processes, (config, spec, split),
+                       threads=spec.threads, timeout_s=config.timeout_s,
+                       peer_timeout_s=min(300.0, config.timeout_s))
+
+
+def run_bench(config: BenchConfig, out_dir: str | Path | None = None,
+              progress: bool = True) -> dict:
+    """Run the bench (minutes for the defaults) and return the result dict.
+
+    With ``out_dir``, also writes ``bench.json`` and ``bench.png`` there. Progress goes to
+    stderr, one line per finished configuration run. Raises :class:`UsageError` for bad
+    settings; a configuration whose workers fail is reported with an ``error`` field.
+    """
+    from ddgpipe.models import build_model
+
+    specs = resolve(config)
+    blocks = len(build_model(config.model, in_channels=config.in_channels,
+                             image_size=config.image_size, num_classes=config.num_classes))
+    if config.stages > blocks:
+        raise UsageError(f"{config.model} has {blocks} blocks, too few for {config.stages} "
+                         f"stages; pass stages={blocks} or fewer")
+    split = run_workers(profile_split_worker, 1, (config,), threads=1,
+                        timeout_s=config.timeout_s)[0]
+    _log(progress, f"bench: {config.model}, batch {config.batch_size}, {config.stages} stages "
+                   f"cut at blocks {split} of {blocks} (balanced by profiled time), "
+                   f"{len(specs)} configs x {config.rounds} rounds")
+
+    reference = f"bp-{config.stages}t"
+    rounds: list[dict[str, float | None]] = []
+    peak: dict[str, list[float]] = {}
+    profiles: dict[str, list[list[dict]]] = {}
+    errors: dict[str, str] = {}
+    width = max(len(s.name) for s in specs)
+    for r in range(config.rounds):
+        this_round: dict[str, float | None] = {}
+        for spec in specs:
+            try:
+                results = _run_one(config, spec, split)
+            except WorkerError as e:
+                errors.setdefault(spec.name, str(e).splitlines()[0])
+                this_round[spec.name] = None
+                _log(progress, f"round {r + 1}/{config.rounds}  {spec.name:<{width}}  "
+                               f"failed: {str(e).splitlines()[0]}")
+                continue
+            elapsed = max(res["elapsed_s"] for res in results)
+            ips = config.steps * config.batch_size / elapsed
+            this_round[spec.name] = ips
+            mem = [res["peak_mem_mb"] for res in results]
+            old = peak.get(spec.name)
+            peak[spec.name] = mem if old is None else [max(a, b) for a, b in zip(old, mem)]
+            if spec.kind == "ddg":
+                profiles.setdefault(spec.name, []).append([res["stage_profile"]
+                                                           for res in results])
+            _log(progress, f"round {r + 1}/{config.rounds}  {spec.name:<{width}}  "
+                           f"{ips:8.1f} img/s")
+        rounds.append(this_round)
+
+    summary = summarise(rounds, BASELINE, reference)
+    rows = []
+    for spec in specs:
+        row = {"name": spec.name, "kind": spec.kind, "processes": spec.processes,
+               "threads": spec.threads, "microbatches": spec.microbatches,
+               "stash": spec.stash, **summary[spec.name],
+               "peak_mem_mb": peak.get(spec.name, [])}
+        if spec.name in profiles:
+            row["stage_profile"] = _median_profile(profiles[spec.name])
+        if spec.name in errors:
+            row["error"] = errors[spec.name]
+        rows.append(row)
+
+    sync = [row for row in rows if row["kind"] in ("gpipe", "1f1b")
+            and row["ratio_median"] is not None]
+    best = max(sync, key=lambda row: row["ratio_median"], default=None)
+    result = {
+        "config": asdict(config),
+        "machine": machine_info(),
+        "optimizer": {"name": "SGD", "lr": LR, "momentum": MOMENTUM},
+        "blocks": blocks,
+        "split": split,
+        "rows": rows,
+        "best_sync_pipeline": ({"name": best["name"], "ratio_median": best["ratio_median"]}
+                               if best else None),
+        "rounds": rounds,
+    }
+    if out_dir is not None:
+        _write(result, Path(out_dir), progress)
+    return result
+
+
+def _write(result: dict, out_dir: Path, progress: bool) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "bench.json").write_text(json.dumps(result, indent=2) + "\n")
+    plotted = [row for row in result["rows"] if row["ratio_median"] is not None]
+    cfg = result["config"]
+    title = (f"{cfg['model']}, batch {cfg['batch_size']}, {cfg['stages']} workers: "
+             f"images/s relative to 1-thread backprop")
+    try:
+        from ddgpipe.plots import plot_bench
+
+        plot_bench(plotted, str(out_dir / "bench.png"), title=title)
+    except Exception as e:  # the measurements are saved already; do not lose them to a plot
+        result["plot_error"] = f"{type(e).__name__}: {e}"
+        (out_dir / "bench.json").write_text(json.dumps(result, indent=2) + "\n")
+        _log(True, f"bench: could not draw bench.png ({result['plot_error']}); "
+                   f"the numbers are in {out_dir / 'bench.json'}")

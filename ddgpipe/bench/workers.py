@@ -1,0 +1,215 @@
+"""The worker functions: one per kind of configuration, each run in fresh spawned processes.
+
+Every worker builds the same model (same seed, so the same weights) and the same synthetic
+batch, runs ``warmup`` untimed steps, then times ``steps`` steps between two barriers and
+returns ``{"elapsed_s", "peak_mem_mb", ...}``. Peak memory is the process's maximum resident
+set size, which is why every configuration gets processes of its own.
+"""
+
+from __future__ import annotations
+
+import resource
+import time
+from collections.abc import Callable
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from ddgpipe.bench.config import BenchConfig, ConfigSpec
+
+__all__ = ["LR", "MOMENTUM", "profile_split_worker", "run_config_worker"]
+
+LR = 0.05
+MOMENTUM = 0.9
+
+
+def _optimizer(params) -> torch.optim.Optimizer:
+    return torch.optim.SGD(params, lr=LR, momentum=MOMENTUM)
+
+
+def _model(cfg: BenchConfig) -> nn.Sequential:
+    from ddgpipe.models import build_model
+
+    torch.manual_seed(cfg.seed)
+    return build_model(cfg.model, in_channels=cfg.in_channels, image_size=cfg.image_size,
+                       num_classes=cfg.num_classes)
+
+
+def _batch(cfg: BenchConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """One synthetic batch from a seeded generator, reused at every step."""
+    gen = torch.Generator().manual_seed(cfg.seed + 1)
+    x = torch.randn(cfg.batch_size, cfg.in_channels, cfg.image_size, cfg.image_size,
+                    generator=gen)
+    y = torch.randint(0, cfg.num_classes, (cfg.batch_size,), generator=gen)
+    return x, y
+
+
+def _peak_mem_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _barrier(world_size: int) -> None:
+    if world_size > 1:
+        dist.barrier()
+
+
+def _timed(step: Callable[[], None], cfg: BenchConfig, world_size: int) -> tuple[float, float]:
+    for _ in range(cfg.warmup):
+        step()
+    _barrier(world_size)
+    t0 = time.perf_counter()
+    for _ in range(cfg.steps):
+        step()
+    _barrier(world_size)
+    return t0, time.perf_counter()
+
+
+def profile_split_worker(rank: int, world_size: int, cfg: BenchConfig) -> list[int]:
+    """The cut points DDG's runtime would choose: blocks balanced by profiled time."""
+    from ddgpipe.partition import partition
+
+    x, _ = _batch(cfg)
+    modules = partition(_model(cfg), cfg.stages, balance="time", sample_input=x)
+    sizes = [len(m) for m in modules]
+    return [sum(sizes[:i]) for i in range(1, len(sizes))]
+
+
+def run_config_worker(rank: int, world_size: int, cfg: BenchConfig, spec: ConfigSpec,
+                      split: list[int]) -> dict:
+    """Run one configuration on this rank; see the module docstring for what comes back."""
+    runner = {"bp": _run_bp, "ddp": _run_ddp, "gpipe": _run_sync_pipe, "1f1b": _run_sync_pipe,
+              "ddg": _run_ddg}[spec.kind]
+    out = runner(rank, world_size, cfg, spec, split)
+    out["peak_mem_mb"] = _peak_mem_mb()
+    out["rank"] = rank
+    out["threads"] = torch.get_num_threads()
+    return out
+
+
+def _run_bp(rank, world_size, cfg, spec, split) -> dict:
+    from ddgpipe.methods import Backprop
+
+    x, y = _batch(cfg)
+    method = Backprop(_model(cfg), _optimizer)
+    t0, t1 = _timed(lambda: method.step(x, y, F.cross_entropy), cfg, world_size)
+    return {"elapsed_s": t1 - t0}
+
+
+def _run_ddp(rank, world_size, cfg, spec, split) -> dict:
+    from torch.nn.parallel import DistributedDataParallel
+
+    x, y = _batch(cfg)
+    share = cfg.batch_size // world_size
+    x, y = x[rank * share:(rank + 1) * share], y[rank * share:(rank + 1) * share]
+    model = DistributedDataParallel(_model(cfg))
+    opt = _optimizer(model.parameters())
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+
+    t0, t1 = _timed(step, cfg, world_size)
+    return {"elapsed_s": t1 - t0}
+
+
+def _run_sync_pipe(rank, world_size, cfg, spec, split) -> dict:
+    """GPipe or 1F1B from torch.distributed.pipelining, one stage per rank, on gloo/CPU."""
+    from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
+
+    from ddgpipe.partition import partition
+
+    x, y = _batch(cfg)
+    module = partition(_model(cfg), world_size, split=split)[rank]
+    stage = PipelineStage(module, rank, world_size, torch.device("cpu"))
+    schedule_cls = ScheduleGPipe if spec.kind == "gpipe" else Schedule1F1B
+    # scale_grads (the default) divides each microbatch's mean loss gradient by M, so the
+    # accumulated gradient is that of the whole batch's mean loss, as in the other configs.
+    schedule = schedule_cls(stage, n_microbatches=spec.microbatches, loss_fn=F.cross_entropy)
+    opt = _optimizer(module.parameters())
+    first, last = rank == 0, rank == world_size - 1
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        if first:
+            schedule.step(x)
+        elif last:
+            schedule.step(target=y, losses=[])
+        else:
+            schedule.step()
+        opt.step()
+
+    t0, t1 = _timed(step, cfg, world_size)
+    return {"elapsed_s": t1 - t0}
+
+
+def _run_ddg(rank, world_size, cfg, spec, split) -> dict:
+    from ddgpipe.methods import DDG
+    from ddgpipe.timeline import Timeline
+
+    x, y = _batch(cfg)
+    timeline = Timeline(max_minibatches=None)
+    pipe = DDG(_model(cfg), stages=world_size, optimizer=_optimizer, stash=spec.stash,
+               split=list(split), timeline=timeline)
+    waits = _record_waits(pipe.executor)
+    first, last = rank == 0, rank == world_size - 1
+    xs, ys, loss_fn = (x if first else None), (y if last else None), F.cross_entropy
+
+    t0, t1 = _timed(lambda: pipe.step(xs, ys, loss_fn if last else None), cfg, world_size)
+    pipe.drain()  # after the timed window: only so every process exits cleanly
+    return {"elapsed_s": t1 - t0,
+            "stage_profile": stage_profile(timeline.records, waits, t0, t1, cfg.steps, rank)}
+
+
+def _record_waits(executor) -> list[tuple[float, float]] | None:
+    """Wrap the executor's blocking waits on peers to log when this rank sat idle.
+
+    The timeline times whole ops, and an op that receives (a later stage's forward, an
+    earlier stage's backward) includes the wait for the peer; subtracting the logged waits
+    leaves the compute. Returns None when the executor has no such hook.
+    """
+    wait = getattr(executor, "_wait", None)
+    if wait is None:
+        return None
+    intervals: list[tuple[float, float]] = []
+
+    def timed_wait(*args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return wait(*args, **kwargs)
+        finally:
+            intervals.append((start, time.perf_counter()))
+
+    executor._wait = timed_wait
+    return intervals
+
+
+def _overlap(a0: float, a1: float, intervals: list[tuple[float, float]]) -> float:
+    return sum(max(0.0, min(a1, b1) - max(a0, b0)) for b0, b1 in intervals)
+
+
+def stage_profile(records: list[dict], waits: list[tuple[float, float]] | None, t0: float,
+                  t1: float, clocks: int, rank: int) -> dict:
+    """Per-clock op times and utilisation of one DDG stage over the timed window [t0, t1].
+
+    ``f_ms``/``b_ms``/``s_ms`` are mean compute milliseconds per clock (waits for peers
+    excluded when they were logged), ``wait_ms`` the mean time per clock blocked on a peer,
+    ``busy_s`` the total compute time and ``utilisation`` = busy_s / wall_s.
+    """
+    wall = t1 - t0
+    logged = waits is not None
+    waits = waits or []
+    window = [r for r in records if r["start"] >= t0 and r["end"] <= t1]
+    totals = {"F": 0.0, "B": 0.0, "S": 0.0}
+    for r in window:
+        dur = r["end"] - r["start"] - _overlap(r["start"], r["end"], waits)
+        totals[r["op"]] = totals.get(r["op"], 0.0) + max(0.0, dur)
+    busy = sum(totals.values())
+    waited = _overlap(t0, t1, waits)
+    profile = {f"{op.lower()}_ms": 1000.0 * t / clocks for op, t in totals.items()}
+    profile.update(stage=rank, wait_ms=1000.0 * waited / clocks, busy_s=busy, wall_s=wall,
+                   utilisation=busy / wall if wall > 0 else 0.0,
+                   waits_logged=logged)
+    return profile
