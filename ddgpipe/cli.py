@@ -1,4 +1,4 @@
-"""``ddgpipe train | demo | plot``: the command line, built on the Python API.
+"""``ddgpipe train | demo | bench | plot``: the command line, built on the Python API.
 
 Every problem a user can fix ends as one line on stderr and exit code 2, never a traceback.
 """
@@ -116,6 +116,36 @@ def add_train_arguments(p: argparse.ArgumentParser, defaults_for_demo: bool = Fa
                         "error (default: %(default)s)")
 
 
+def add_bench_arguments(p: argparse.ArgumentParser) -> None:
+    from ddgpipe.models import MODEL_NAMES
+
+    p.add_argument("--model", default="resnet20", metavar="NAME",
+                   help=f"network: {', '.join(MODEL_NAMES)} (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=128, help="global minibatch size, the "
+                   "same for every configuration (default: %(default)s)")
+    p.add_argument("--stages", type=int, default=2, metavar="K",
+                   help="workers: DDG/pipeline stages, DDP ranks, backprop threads "
+                        "(default: %(default)s)")
+    p.add_argument("--steps", type=int, default=30, help="timed steps per configuration and "
+                   "round (default: %(default)s)")
+    p.add_argument("--warmup", type=int, default=5, help="untimed steps before the timed ones "
+                   "(default: %(default)s)")
+    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds; ratios are "
+                   "medians over rounds (default: %(default)s)")
+    p.add_argument("--microbatches", type=_int_list, default=[2, 4, 8], metavar="M1,M2",
+                   help="microbatch counts tried for GPipe and 1F1B (default: 2,4,8)")
+    p.add_argument("--configs", type=lambda t: [c for c in t.split(",") if c], metavar="A,B",
+                   help="run only these configurations, e.g. bp-1t,ddg-graph (default: all)")
+    p.add_argument("--image-size", type=int, default=32, help="synthetic input height and "
+                   "width (default: %(default)s)")
+    p.add_argument("--link-gbps", type=float, default=None, metavar="GBIT_S",
+                   help="link bandwidth for the cost model's predictions (default: "
+                        "communication is free and overlapped)")
+    p.add_argument("--out", default="runs/bench", metavar="DIR", help="where bench.json and "
+                   "bench.png go (default: %(default)s)")
+    p.add_argument("--no-progress", action="store_true", help="hide the per-run progress lines")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ddgpipe", description=DESCRIPTION,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -139,6 +169,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="parent folder of the runs and the plot (default: %(default)s)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("bench", help="throughput of DDG against backprop, DDP and GPipe/1F1B",
+                       description="Measure images/s of every configuration on the same model, "
+                       "batch and step count, interleaved in rounds (A B C ... A B C ...) so a "
+                       "noisy machine affects them alike; report per-round ratios to backprop "
+                       "with one thread, a table, bench.json, bench.png and the cost model's "
+                       "prediction.")
+    add_bench_arguments(p)
+    p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("plot", help="learning curves (or a pipeline timeline) from run dirs",
                        description="Draw PNG plots from the metrics files of finished runs.")
@@ -235,6 +274,46 @@ def cmd_demo(args: argparse.Namespace) -> int:
     png = plot_learning_curves([r.run_dir for r in results], out / "curves.png",
                                title=f"{args.model} on {args.data}: backprop vs DDG")
     print(f"\nlearning curves: {png}")
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    import json
+    import math
+
+    from ddgpipe.bench import BenchConfig, format_bench_table, run_bench
+    from ddgpipe.bench.predict import predict_measured, predict_scaling
+    from ddgpipe.train import prepare_out_dir
+
+    out = prepare_out_dir(args.out)
+    config = BenchConfig(model=args.model, batch_size=args.batch_size, stages=args.stages,
+                         steps=args.steps, warmup=args.warmup, rounds=args.rounds,
+                         microbatches=tuple(args.microbatches),
+                         configs=tuple(args.configs) if args.configs else None,
+                         image_size=args.image_size)
+    if args.link_gbps is not None and not args.link_gbps > 0:
+        raise UsageError(f"--link-gbps must be > 0 (got {args.link_gbps})")
+    bandwidth = math.inf if args.link_gbps is None else args.link_gbps * 1e9 / 8
+    result = run_bench(config, out_dir=out, progress=not args.no_progress)
+    scaling = predict_scaling(config.model, config.batch_size, config.image_size,
+                              config.in_channels, config.num_classes,
+                              bandwidth_bytes_per_s=bandwidth, seed=config.seed)
+    cuts = [0, *result["split"], scaling["blocks"]]
+    sent = [scaling["activation_bytes"][c - 1] for c in cuts[1:]]
+    measured = [p for row in result["rows"] if row.get("kind") == "ddg" and not row.get("error")
+                if (p := predict_measured(row, config.batch_size, sent, bandwidth))]
+    result["cost_model"] = {"measured": measured, "scaling": scaling}
+    (out / "bench.json").write_text(json.dumps(result, indent=2) + "\n")
+    print(format_bench_table(result))
+    print("\ncost model (schedule simulation):")
+    for m in measured:
+        print(f"  {m['name']:<14} predicted {m['predicted_images_per_s']:7.0f} img/s from its "
+              f"stage times, measured {m['measured_images_per_s']:7.0f} "
+              f"({100 * m['measured_over_predicted']:.0f}%)")
+    for row in scaling["rows"]:
+        print(f"  K={row['stages']:<3} predicted {row['speedup_vs_bp_1t']:.2f}x bp-1t "
+              f"({row['images_per_s']:.0f} img/s, cut {row['split']}) with K free cores")
+    print(f"\nresults: {out / 'bench.json'}\nplot:    {out / 'bench.png'}")
     return 0
 
 

@@ -1,0 +1,64 @@
+"""The cost model applied to a bench: predicted against measured DDG throughput, and K beyond
+the cores at hand.
+
+Two predictions, both from :func:`ddgpipe.costmodel.simulate_ddg`:
+
+* per measured DDG row, from the F/B/step milliseconds each stage spent per clock in that
+  very run (waits for peers excluded) — does the schedule explain the throughput, or is time
+  lost somewhere the model does not see?
+* for K = 2, 4, 8, 16, from a one-thread profile of every block, cut as the runtime cuts —
+  what a machine with K free cores (or K devices) and the given link would reach.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ddgpipe.costmodel import StageTimes, predict_ddg, simulate_ddg
+from ddgpipe.models import build_model
+from ddgpipe.profiling import profile_blocks
+
+__all__ = ["predict_measured", "predict_scaling"]
+
+
+def predict_measured(row: dict, batch_size: int, activation_bytes: list[int],
+                     bandwidth_bytes_per_s: float = math.inf) -> dict | None:
+    """Prediction for one measured DDG row from its own per-stage profile."""
+    profile = row.get("stage_profile")
+    if not profile:
+        return None
+    times = [StageTimes(p["f_ms"] / 1000, (p["b_ms"] + p.get("s_ms", 0.0)) / 1000, nbytes)
+             for p, nbytes in zip(profile, activation_bytes, strict=True)]
+    clock = simulate_ddg(times, bandwidth_bytes_per_s=bandwidth_bytes_per_s, stash="graph")
+    predicted = batch_size / clock
+    return {"name": row["name"], "predicted_images_per_s": predicted,
+            "measured_images_per_s": row["images_per_s"],
+            "measured_over_predicted": row["images_per_s"] / predicted}
+
+
+def predict_scaling(model_name: str, batch_size: int, image_size: int, in_channels: int,
+                    num_classes: int, stage_counts=(2, 4, 8, 16),
+                    bandwidth_bytes_per_s: float = math.inf, seed: int = 0) -> dict:
+    """Predicted DDG speedup over one-thread backprop for several K, from a block profile."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        torch.manual_seed(seed)
+        model = build_model(model_name, in_channels, image_size, num_classes)
+        x = torch.randn(batch_size, in_channels, image_size, image_size)
+        blocks = profile_blocks(model, x, repeats=3, warmup=1)
+    finally:
+        torch.set_num_threads(threads)
+    rows = []
+    for k in stage_counts:
+        if k > len(blocks):
+            continue
+        pred = predict_ddg(blocks, k, batch_size, bandwidth_bytes_per_s=bandwidth_bytes_per_s)
+        rows.append({"stages": k, "split": pred.split, "clock_ms": 1000 * pred.clock_s,
+                     "images_per_s": pred.images_per_s,
+                     "speedup_vs_bp_1t": pred.speedup_vs_backprop})
+    return {"blocks": len(blocks), "activation_bytes": [b.output_bytes for b in blocks],
+            "bandwidth_bytes_per_s": None if math.isinf(bandwidth_bytes_per_s)
+            else bandwidth_bytes_per_s, "rows": rows}
