@@ -65,9 +65,12 @@ def add_train_arguments(p: argparse.ArgumentParser, defaults_for_demo: bool = Fa
     g.add_argument("--split", type=_int_list, metavar="I,J",
                    help="cut points by block index, e.g. 4,8 makes blocks [0,4) [4,8) [8,end); "
                         "default: balance by --balance")
-    g.add_argument("--balance", default="params", choices=("params", "time"),
+    g.add_argument("--balance", default=None, choices=("params", "time"),
                    help="how to balance stages when --split is not given: parameter count, "
-                        "or profiled forward+backward time (default: %(default)s)")
+                        "or profiled forward+backward time; default: time under the parallel "
+                        "runtime (--launcher local, torchrun), where the slowest stage sets the "
+                        "speed, params otherwise (deterministic). The cut used is saved in "
+                        "RUN_DIR/config.json as split")
     g.add_argument("--grad-shrink", type=float, default=1.0, metavar="BETA",
                    help="scale stage k's delayed gradient by BETA**delay (gradient shrinking, "
                         "as in the authors' follow-up FDG); 1 is DDG (default: %(default)s)")

@@ -47,7 +47,7 @@ class TrainConfig:
     stages: int = 1
     stash: str = "graph"
     split: list[int] | None = None
-    balance: str = "params"
+    balance: str | None = None
     grad_shrink: float = 1.0
     epochs: int = 15
     batch_size: int = 64
@@ -241,8 +241,9 @@ def train(config: TrainConfig, dataset: Dataset | None = None) -> TrainResult | 
     executor = method.executor if world > 1 else None
 
     if run_dir is not None:
+        used_split = getattr(getattr(method, "executor", None), "split", None)
         saved = dataclasses.asdict(config) | {"label": config.display_label(),
-                                              "num_blocks": len(model)}
+                                              "num_blocks": len(model), "split": used_split}
         (run_dir / "config.json").write_text(json.dumps(saved, indent=2) + "\n")
     metrics = MetricsWriter(run_dir / "metrics.jsonl") if run_dir is not None else None
 

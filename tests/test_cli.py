@@ -131,6 +131,7 @@ def test_train_writes_metrics_plot_and_timeline(capsys, tmp_path):
     iters = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["iteration"] for r in iters if r["kind"] == "iter"] == [5, 10, 15, 20]
     assert (run / "curves.png").read_bytes()[:4] == b"\x89PNG"
+    assert json.loads((run / "config.json").read_text())["split"] == [8]  # params-balanced
     code, out, _ = run_cli(["plot", "--timeline", str(run)], capsys)
     assert code == 0 and (run / "timeline.png").exists()
 
@@ -138,7 +139,8 @@ def test_train_writes_metrics_plot_and_timeline(capsys, tmp_path):
 @pytest.mark.parametrize("method", ["ddg", "dni"])
 def test_local_launcher_matches_the_reference_executor(method, capsys, tmp_path):
     """One process per stage gives the same numbers as all stages in one process."""
-    common = [*FAST, "--method", method, "--stages", "2", "--epochs", "2"]
+    common = [*FAST, "--method", method, "--stages", "2", "--epochs", "2",
+              "--balance", "params"]
     assert main(["train", *common, "--out", str(tmp_path / "ref")]) == 0
     assert main(["train", *common, "--launcher", "local", "--timeout", "60",
                  "--out", str(tmp_path / "par")]) == 0

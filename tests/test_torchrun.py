@@ -14,7 +14,8 @@ from ddgpipe.cli import main
 from ddgpipe.launch import free_port
 
 ARGS = ["--model", "resnet20", "--data", "digits", "--epochs", "1", "--batch-size", "128",
-        "--method", "ddg", "--stages", "2", "--no-progress", "--threads", "1"]
+        "--method", "ddg", "--stages", "2", "--no-progress", "--threads", "1",
+        "--balance", "params"]
 
 
 def epochs(run: Path) -> list[dict]:

@@ -33,17 +33,22 @@ def build_stages(
     method: str,
     *,
     split: list[int] | None,
-    balance: str,
+    balance: str | None,
     sample_input: Tensor | None,
     timeline: Timeline | None,
     peer_timeout_s: float = 300.0,
 ):
     """Return ``(stage_list, executor)`` for this process."""
     world = world_size()
+    if balance is None:  # the runtime's speed is its slowest stage's time; a simulation's is not
+        balance = "time" if world > 1 and sample_input is not None else "params"
     if world == 1:
         modules = partition(model, stages, split=split, balance=balance, sample_input=sample_input)
         stage_list = [make_stage(k, len(modules), m) for k, m in enumerate(modules)]
-        return stage_list, LocalExecutor(stage_list, method=method, timeline=timeline)
+        executor = LocalExecutor(stage_list, method=method, timeline=timeline)
+        sizes = [len(m) for m in modules]
+        executor.split = [sum(sizes[:i]) for i in range(1, len(sizes))]
+        return stage_list, executor
 
     from ddgpipe.distributed import DistributedExecutor
 
@@ -65,4 +70,6 @@ def build_stages(
     stage = make_stage(rank, stages, modules[rank])
     executor = DistributedExecutor(stage, method=method, timeline=timeline,
                                    timeout_s=peer_timeout_s)
+    sizes = [len(m) for m in modules]
+    executor.split = [sum(sizes[:i]) for i in range(1, len(sizes))]
     return [stage], executor

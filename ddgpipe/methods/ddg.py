@@ -51,7 +51,8 @@ class DDG(PipelineMethod):
         stash: ``graph`` (default, exact), ``recompute`` (exact, less memory, one more
             forward) or ``none`` (replay with current weights: approximate).
         split: cut points, e.g. ``[4, 8]``; default balances stages by ``balance``.
-        balance: ``params`` or ``time`` (profiled on ``sample_input``).
+        balance: ``params`` or ``time`` (profiled on ``sample_input``); default ``time``
+            under the parallel runtime (when ``sample_input`` is given), ``params`` otherwise.
         grad_shrink: beta; delayed gradients of stage k are scaled by beta**d_k (FDG).
         timeline: a :class:`Timeline` to record every op's start and end.
         check_finite: stop with :class:`NonFiniteLossError` when the loss is NaN or inf.
@@ -67,7 +68,7 @@ class DDG(PipelineMethod):
         lr_scheduler: SchedulerFactory | None = None,
         stash: str = "graph",
         split: list[int] | None = None,
-        balance: str = "params",
+        balance: str | None = None,
         sample_input: Tensor | None = None,
         grad_shrink: float = 1.0,
         timeline: Timeline | None = None,

@@ -10,7 +10,10 @@ the error of each gradient model compounds.
 Gradient models: for image features two 3x3 convolutions with BatchNorm and ReLU between, for
 flat features two linear layers; the last layer starts at zero so the first synthetic
 gradients are zero (Jaderberg et al.'s initialisation). They are unconditioned (no label
-input) and trained with Adam at ``sg_lr``.
+input) and trained with Adam at ``sg_lr``. They predict the gradient of the *summed* loss
+(the true gradient times the batch size) and the stage divides by the batch size: a mean
+loss gives gradients of order 1/B, too small a target for Adam's normalised steps, which then
+overshoot it by orders of magnitude.
 """
 
 from __future__ import annotations
@@ -66,14 +69,15 @@ class DNIStage(Stage):
 
     def backward(self, minibatch: int, grad_output: Tensor | None = None) -> Tensor | None:
         if not self.is_last:
+            out = self._outputs[minibatch]
             with torch.no_grad():
-                grad_output = self.sg_model(self._outputs[minibatch])
+                grad_output = self.sg_model(out) / out.shape[0]
         return super().backward(minibatch, grad_output)
 
     def learn(self, minibatch: int, true_grad: Tensor) -> None:
         """G: regress the gradient model onto the gradient stage k+1 sent back."""
-        predicted = self.sg_model(self._outputs.pop(minibatch))
-        loss = F.mse_loss(predicted, true_grad)
+        out = self._outputs.pop(minibatch)
+        loss = F.mse_loss(self.sg_model(out), true_grad * out.shape[0])
         self.sg_optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.sg_optimizer.step()
@@ -91,7 +95,7 @@ class DNI(PipelineMethod):
         *,
         lr_scheduler: SchedulerFactory | None = None,
         split: list[int] | None = None,
-        balance: str = "params",
+        balance: str | None = None,
         sample_input: Tensor | None = None,
         sg_lr: float = 1e-3,
         timeline: Timeline | None = None,
