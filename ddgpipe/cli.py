@@ -160,8 +160,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("demo", help="DDG against backprop on the embedded digits, with a plot",
-                       description="Train backprop, DDG K=2 and DDG K=4 on the same data and "
-                       "seed, print their test accuracy side by side and plot the curves.")
+                       description="Train backprop, DDG K=2, DDG K=4 and DNI K=4 on the same "
+                       "data and seed, print their test accuracy side by side and plot the "
+                       "curves.")
     add_train_arguments(p, defaults_for_demo=True)
     p.add_argument("--epochs", type=int, default=15, help="epochs per run (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="seed shared by all runs (default: "
@@ -170,6 +171,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="DDG stage counts to compare with backprop (default: 2,4)")
     p.add_argument("--out", default="runs/demo", metavar="DIR",
                    help="parent folder of the runs and the plot (default: %(default)s)")
+    p.add_argument("--no-dni", action="store_true", help="skip the synthetic-gradient (DNI) run "
+                   "at the largest K")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     p.set_defaults(func=cmd_demo)
 
@@ -264,6 +267,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
                          "K=1 is backprop, which the demo always runs")
     out = Path(args.out)
     runs = [("bp", 1)] + [("ddg", k) for k in args.stages]
+    if not args.no_dni:
+        runs.append(("dni", max(args.stages)))
     results = []
     for method, k in runs:
         config = TrainConfig(model=args.model, data=args.data, data_dir=args.data_dir,
@@ -275,7 +280,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print()
     print(format_results(results))
     png = plot_learning_curves([r.run_dir for r in results], out / "curves.png",
-                               title=f"{args.model} on {args.data}: backprop vs DDG")
+                               title=f"{args.model} on {args.data}: backprop, DDG and DNI")
     print(f"\nlearning curves: {png}")
     return 0
 
