@@ -1,4 +1,4 @@
-"""``ddgpipe train | demo | bench | plot``: the command line, built on the Python API.
+"""``ddgpipe train | demo | bench | experiment | plot``: the command line, built on the Python API.
 
 Every problem a user can fix ends as one line on stderr and exit code 2, never a traceback.
 """
@@ -185,6 +185,31 @@ def build_parser() -> argparse.ArgumentParser:
     add_bench_arguments(p)
     p.set_defaults(func=cmd_bench)
 
+    p = sub.add_parser("experiment", help="reproduce the paper's claims: BP vs DDG vs DNI",
+                       description="Train backprop, DDG and DNI at K = 2, 3, 4 with several "
+                       "seeds under the paper's two stochastic methods (constant and "
+                       "diminishing step size) and momentum SGD, then write results.md, "
+                       "summary.json and figures. About 20 minutes on 2 cores; --quick takes "
+                       "about one.")
+    p.add_argument("name", choices=("paper",), help="the experiment to run: paper")
+    p.add_argument("--quick", action="store_true", help="a small smoke version (ResNet-20, "
+                   "2 epochs, one seed, K = 2 and 4, constant step size)")
+    p.add_argument("--model", help="override the network (default: resnet56; quick: resnet20)")
+    p.add_argument("--epochs", type=int, help="override the epochs per run (default: 15)")
+    p.add_argument("--seeds", type=_int_list, metavar="S1,S2", help="override the seeds "
+                   "(default: 0,1,2)")
+    p.add_argument("--stages", type=_int_list, metavar="K1,K2", help="override the K values "
+                   "(default: 2,3,4)")
+    p.add_argument("--grad-shrink", type=float, default=1.0, metavar="BETA",
+                   help="gradient shrinking for the DDG runs (FDG, Huo et al.): scale stage "
+                        "k's delayed gradient by BETA**delay (default: 1, plain DDG)")
+    p.add_argument("--workers", type=int, default=2, help="runs trained at once, one thread "
+                   "each (default: %(default)s)")
+    p.add_argument("--out", default="runs/paper", metavar="DIR", help="where runs, "
+                   "results.md and figures go (default: %(default)s)")
+    p.add_argument("--no-progress", action="store_true", help="hide the per-run lines")
+    p.set_defaults(func=cmd_experiment)
+
     p = sub.add_parser("plot", help="learning curves (or a pipeline timeline) from run dirs",
                        description="Draw PNG plots from the metrics files of finished runs.")
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories to plot")
@@ -322,6 +347,36 @@ def cmd_bench(args: argparse.Namespace) -> int:
         print(f"  K={row['stages']:<3} predicted {row['speedup_vs_bp_1t']:.2f}x bp-1t "
               f"({row['images_per_s']:.0f} img/s, cut {row['split']}) with K free cores")
     print(f"\nresults: {out / 'bench.json'}\nplot:    {out / 'bench.png'}")
+    return 0
+
+
+def cmd_experiment(args: argparse.Namespace) -> int:
+    from ddgpipe.experiment import paper_plan, run_experiment
+
+    plan = paper_plan(quick=args.quick)
+    for field, value in (("model", args.model), ("epochs", args.epochs)):
+        if value is not None:
+            setattr(plan, field, value)
+    if args.seeds:
+        plan.seeds = tuple(args.seeds)
+    if args.stages:
+        if any(k < 2 for k in args.stages):
+            raise UsageError(f"--stages must all be >= 2 (got {args.stages}); backprop is "
+                             "always run")
+        plan.stage_counts = tuple(args.stages)
+    if plan.epochs < 1:
+        raise UsageError(f"--epochs must be >= 1 (got {plan.epochs})")
+    if not 0.0 < args.grad_shrink <= 1.0:
+        raise UsageError(f"--grad-shrink must be in (0, 1] (got {args.grad_shrink})")
+    plan.grad_shrink = args.grad_shrink
+    plan.workers = args.workers
+    from ddgpipe.models import build_model
+
+    build_model(plan.model)  # an unknown model fails here, not in every worker
+    run_experiment(plan, args.out, progress=not args.no_progress)
+    out = Path(args.out)
+    print((out / "results.md").read_text())
+    print(f"report:  {out / 'results.md'}\nsummary: {out / 'summary.json'}")
     return 0
 
 

@@ -17,7 +17,10 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from ddgpipe.errors import UsageError  # noqa: E402
 
-__all__ = ["read_jsonl", "plot_learning_curves", "plot_timeline", "plot_bench"]
+__all__ = [
+    "read_jsonl", "plot_learning_curves", "plot_timeline", "plot_bench", "plot_loss_by_k",
+    "plot_accuracy_vs_k",
+]
 
 OP_COLOURS = {"F": "tab:blue", "B": "tab:orange", "S": "tab:green", "G": "tab:purple"}
 OP_LABELS = {"F": "forward", "B": "backward", "S": "step", "G": "synthetic-gradient update"}
@@ -121,6 +124,61 @@ def plot_bench(rows: list[dict], out_png: str | Path, title: str | None = None) 
     ax.legend()
     if title:
         ax.set_title(title)
+    return _save(fig, out_png)
+
+
+def _mean_curve(run_dirs: list[Path], key: str) -> tuple[list[int], list[float]]:
+    curves = [_epochs(d)[1] for d in run_dirs]
+    length = min(len(c) for c in curves)
+    epochs = [c["epoch"] for c in curves[0][:length]]
+    mean = [sum(float(c[i][key]) for c in curves) / len(curves) for i in range(length)]
+    return epochs, mean
+
+
+def plot_loss_by_k(setting_dir: str | Path, stage_counts, out_png: str | Path,
+                   title: str | None = None) -> Path:
+    """One panel per K: training loss of BP, DDG and DNI (mean over seeds) against epochs."""
+    setting_dir = Path(setting_dir)
+    fig, axes = plt.subplots(1, len(stage_counts), figsize=(5 * len(stage_counts), 4),
+                             squeeze=False, sharey=True)
+    for ax, k in zip(axes[0], stage_counts, strict=True):
+        for method, colour in (("bp", "C0"), ("ddg", "C1"), ("dni", "C3")):
+            stages = 1 if method == "bp" else k
+            runs = sorted(setting_dir.glob(f"{method}-k{stages}-s*"))
+            if not runs:
+                continue
+            epochs, loss = _mean_curve(runs, "train_loss")
+            label = "BP" if method == "bp" else f"{method.upper()} K={k}"
+            ax.plot(epochs, loss, color=colour, label=f"{label} ({len(runs)} seeds)")
+        ax.set(xlabel="epoch", yscale="log", title=f"K = {k}")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    axes[0][0].set_ylabel("training loss (mean over seeds)")
+    if title:
+        fig.suptitle(title)
+    return _save(fig, out_png)
+
+
+def plot_accuracy_vs_k(summary: dict, out_png: str | Path) -> Path:
+    """Final test accuracy against K per setting: DDG and DNI, backprop as the reference."""
+    rows = summary["rows"]
+    settings = sorted({r["setting"] for r in rows})
+    fig, axes = plt.subplots(1, len(settings), figsize=(5 * len(settings), 4), squeeze=False)
+    for ax, setting in zip(axes[0], settings, strict=True):
+        mine = [r for r in rows if r["setting"] == setting]
+        for r in mine:
+            if r["method"] == "bp":
+                ax.axhline(r["test_acc_mean"], color="C0", ls="--", label="BP")
+        for method, colour in (("ddg", "C1"), ("dni", "C3")):
+            pts = sorted((r["stages"], r["test_acc_mean"], r["test_acc_std"]) for r in mine
+                         if r["method"] == method)
+            if pts:
+                ks, acc, std = zip(*pts, strict=True)
+                ax.errorbar(ks, acc, yerr=std, color=colour, marker="o", capsize=3,
+                            label=method.upper())
+        ax.set(xlabel="K (modules)", ylabel="test accuracy (%)", title=setting)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
     return _save(fig, out_png)
 
 
