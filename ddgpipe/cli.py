@@ -10,7 +10,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from ddgpipe.errors import UsageError
+from ddgpipe.errors import UsageError, WorkerError
 
 __all__ = ["main", "build_parser"]
 
@@ -19,6 +19,13 @@ Train deep networks with Decoupled Parallel Backpropagation (DDG; Huo et al., IC
 the network is cut into K modules and every module but the last learns from a delayed
 gradient, so the modules need not wait for each other. Compare it with backprop (bp) and
 synthetic gradients (dni, Jaderberg et al. 2017)."""
+
+
+PRESETS = {
+    "paper-cifar": dict(data="cifar10", batch_size=128, optimizer="sgd", momentum=0.9,
+                        weight_decay=5e-4, lr=0.1, lr_schedule="multistep",
+                        milestones=[150, 225], lr_gamma=0.1, epochs=300),
+}
 
 
 def _int_list(text: str) -> list[int]:
@@ -51,9 +58,11 @@ def add_train_arguments(p: argparse.ArgumentParser, defaults_for_demo: bool = Fa
         return
     g = p.add_argument_group("method")
     g.add_argument("--method", default="bp", metavar="NAME",
-                   help="bp: backpropagation; ddg: decoupled parallel backprop (Huo et al. "
-                        "2018); dni: synthetic gradients (Jaderberg et al. 2017) "
-                        "(default: %(default)s)")
+                   help="bp: backpropagation; ddg: decoupled parallel backprop (Huo, Gu, Yang, "
+                        "Huang, ICML 2018); fr: Features Replay (Huo, Gu, Huang, NeurIPS 2018), "
+                        "DDG's schedule replaying each delayed forward with current weights "
+                        "(= ddg --stash none); dni: synthetic gradients (Jaderberg et al., ICML "
+                        "2017) (default: %(default)s)")
     g.add_argument("--stages", type=int, default=None, metavar="K",
                    help="number of modules K the network is cut into (default: 1 for bp, "
                         "2 otherwise)")
@@ -73,7 +82,9 @@ def add_train_arguments(p: argparse.ArgumentParser, defaults_for_demo: bool = Fa
                         "RUN_DIR/config.json as split")
     g.add_argument("--grad-shrink", type=float, default=1.0, metavar="BETA",
                    help="scale stage k's delayed gradient by BETA**delay (gradient shrinking, "
-                        "as in the authors' follow-up FDG); 1 is DDG (default: %(default)s)")
+                        "from the authors' follow-up, Fully Decoupled Neural Network Learning "
+                        "Using Delayed Gradients, Zhuang et al. 2019); 1 is DDG "
+                        "(default: %(default)s)")
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=int, default=15, help="passes over the training set "
                    "(default: %(default)s)")
@@ -96,6 +107,16 @@ def add_train_arguments(p: argparse.ArgumentParser, defaults_for_demo: bool = Fa
                    help="epochs at which multistep multiplies the lr by --lr-gamma")
     g.add_argument("--lr-gamma", type=float, default=0.1, help="multistep factor (default: "
                    "%(default)s)")
+    g.add_argument("--warmup-epochs", type=int, default=0, metavar="N",
+                   help="multiply the lr by --warmup-factor for the first N epochs (He et al.'s "
+                        "ResNet-110 recipe) (default: %(default)s)")
+    g.add_argument("--warmup-factor", type=float, default=0.1, help="lr multiplier during the "
+                   "warm-up epochs (default: %(default)s)")
+    g.add_argument("--preset", choices=tuple(PRESETS), help="a documented recipe; flags given "
+                   "explicitly override it. paper-cifar: the DDG paper's CIFAR schedule (data "
+                   "cifar10, batch 128, SGD momentum 0.9, weight decay 5e-4, lr 0.1 x0.1 at "
+                   "epochs 150 and 225, 300 epochs, crop+flip; lr 0.01 for the first epoch of "
+                   "resnet110)")
     g = p.add_argument_group("run")
     g.add_argument("--seed", type=int, default=0, help="seeds weights, data order and "
                    "augmentation; same seed, same numbers (default: %(default)s)")
@@ -109,6 +130,20 @@ def add_train_arguments(p: argparse.ArgumentParser, defaults_for_demo: bool = Fa
                         "`ddgpipe plot --timeline`")
     g.add_argument("--label", help="name shown in tables and plots (default: e.g. 'DDG K=4')")
     g.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    g = p.add_argument_group("checkpoints")
+    g.add_argument("--checkpoint-every", type=int, default=0, metavar="N",
+                   help="save a checkpoint every N iterations into RUN_DIR/checkpoints: "
+                        "weights, optimizer, LR schedule, RNG, data position and the "
+                        "in-flight pipeline, written atomically (default: 0, never)")
+    g.add_argument("--checkpoint-every-epochs", type=int, default=0, metavar="N",
+                   help="save a checkpoint after every N epochs (default: 0, never)")
+    g.add_argument("--stop-after", type=int, metavar="N",
+                   help="save a checkpoint and stop cleanly after N iterations in all (for "
+                        "time-limited jobs); continue with --resume")
+    g.add_argument("--resume", metavar="RUN_DIR",
+                   help="continue the run in RUN_DIR from its newest complete checkpoint; give "
+                        "the same settings as the run that wrote it (checked). The resumed run "
+                        "ends with bitwise the weights of an uninterrupted one")
     g = p.add_argument_group("parallel runtime")
     g.add_argument("--launcher", default="none", choices=("none", "local"),
                    help="none: all stages in this process (the reference executor), or one "
@@ -225,7 +260,10 @@ def config_from_args(args: argparse.Namespace):
     from ddgpipe.train import TrainConfig
 
     stages = args.stages if args.stages is not None else (1 if args.method == "bp" else 2)
-    out = args.out or f"runs/{args.method}-k{stages}-s{args.seed}"
+    if args.resume and args.out and Path(args.out).resolve() != Path(args.resume).resolve():
+        raise UsageError(f"--resume {args.resume} continues in that directory; drop --out or "
+                         "make it the same")
+    out = args.resume or args.out or f"runs/{args.method}-k{stages}-s{args.seed}"
     return TrainConfig(
         model=args.model, data=args.data, data_dir=args.data_dir, method=args.method,
         stages=stages, stash=args.stash, split=args.split, balance=args.balance,
@@ -233,9 +271,12 @@ def config_from_args(args: argparse.Namespace):
         optimizer=args.optimizer, lr=args.lr, momentum=args.momentum, nesterov=args.nesterov,
         weight_decay=args.weight_decay, lr_schedule=args.lr_schedule,
         milestones=args.milestones, lr_gamma=args.lr_gamma, seed=args.seed,
+        warmup_epochs=args.warmup_epochs, warmup_factor=args.warmup_factor,
         threads=args.threads, log_every=args.log_every, timeline=args.timeline,
         label=args.label, out=out, progress=not args.no_progress, launcher=args.launcher,
-        timeout_s=args.timeout,
+        timeout_s=args.timeout, checkpoint_every=args.checkpoint_every,
+        checkpoint_every_epochs=args.checkpoint_every_epochs, stop_after=args.stop_after,
+        resume=args.resume,
     )
 
 
@@ -263,7 +304,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         if config.method == "bp" or config.stages < 2:
             raise UsageError("--launcher local runs one process per stage: use it with "
                              "--method ddg or dni and --stages 2 or more")
-        prepare_out_dir(config.out)  # fail here, before spawning, if it is not writable
+        # Fail here, before spawning, if it is not writable.
+        prepare_out_dir(config.out, keep=config.resume is not None)
         result = run_workers(train_worker, config.stages, (config,),
                              peer_timeout_s=config.timeout_s, threads=config.threads)[-1]
     elif init_from_env(config.timeout_s):
@@ -277,6 +319,8 @@ def cmd_train(args: argparse.Namespace) -> int:
             return 0  # only the last stage's rank reports
     else:
         result = train(config)
+    if result.stopped:
+        return 0
     print(format_results([result]))
     png = plot_learning_curves([result.run_dir], Path(result.run_dir) / "curves.png")
     print(f"metrics: {Path(result.run_dir) / 'metrics.jsonl'}\nplot:    {png}")
@@ -392,14 +436,34 @@ def cmd_plot(args: argparse.Namespace) -> int:
     return 0
 
 
+def _apply_preset(parser, argv, args):
+    """Reparse with the preset as defaults, so flags the user typed still win."""
+    values = dict(PRESETS[args.preset])
+    model = args.model
+    if args.preset == "paper-cifar" and model == "resnet110":
+        values["warmup_epochs"] = 1
+    train_parser = next(a for a in parser._actions if a.dest == "command").choices["train"]
+    saved = {k: train_parser.get_default(k) for k in values}
+    train_parser.set_defaults(**values)
+    try:
+        return parser.parse_args(argv)
+    finally:
+        train_parser.set_defaults(**saved)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if getattr(args, "preset", None):
+        args = _apply_preset(parser, argv, args)
     try:
         return args.func(args)
     except UsageError as e:
         print(f"ddgpipe: error: {e}", file=sys.stderr)
         return 2
+    except WorkerError as e:
+        print(f"ddgpipe: error: worker {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("ddgpipe: interrupted", file=sys.stderr)
         return 130

@@ -39,6 +39,16 @@ class PeerError(RuntimeError):
     """A neighbour stage failed, died or timed out."""
 
 
+class _Done:
+    """A receive that already completed (restored from a checkpoint)."""
+
+    def wait(self, timeout=None) -> bool:
+        return True
+
+    def is_completed(self) -> bool:
+        return True
+
+
 class DistributedExecutor:
     """Runs this rank's ``stage`` (rank k = stage k) clock by clock, like ``LocalExecutor``."""
 
@@ -151,6 +161,50 @@ class DistributedExecutor:
             self._header = None
         if not self.stage.is_last:
             self._isend(self._make_header(None), self.rank + 1, TAGS["act_header"])
+
+    # --- checkpoints ----------------------------------------------------------------------------
+
+    def checkpoint_state(self) -> dict:
+        """This rank's share of a consistent cut between clock ``clock - 1`` and ``clock``.
+
+        Only gradients cross a clock boundary (an activation is consumed in the clock it is
+        sent): the one this stage needs at the next clock was sent by stage k+1 during the
+        clock just finished, so it is awaited and saved; later ones do not exist yet.
+        """
+        if self.method != "ddg":
+            raise NotImplementedError("checkpoints support ddg and bp, not dni")
+        grads = []
+        nxt = self.clock - self.stage.delay  # the minibatch the next clock's backward takes
+        if not self.stage.is_last and nxt in self._grad_recvs:
+            work, grad = self._grad_recvs[nxt]
+            self._wait(work, f"receiving the gradient of minibatch {nxt} for a checkpoint")
+            self._grad_recvs[nxt] = (_Done(), grad)  # gloo must not be waited on twice
+            grads.append([nxt, grad.clone()])
+        return {"clock": self.clock, "fed": self.fed, "grads": grads,
+                "stage": self.stage.pipeline_state()}
+
+    def load_checkpoint_state(self, state: dict) -> None:
+        self.stage.load_pipeline_state(state["stage"])
+        self.clock, self.fed = state["clock"], state["fed"]
+        saved = {m: g for m, g in state["grads"]}
+        if self.stage.is_last:
+            return
+        for pending in self.stage.inflight:
+            m = pending.minibatch
+            if m in saved:
+                self._grad_recvs[m] = (_Done(), saved[m])
+            else:
+                grad = torch.empty_like(self._output_like(pending))
+                self._grad_recvs[m] = (dist.irecv(grad, self.rank + 1, tag=TAGS["grad"]), grad)
+
+    def _output_like(self, pending) -> Tensor:
+        """The shape of a pending minibatch's output, by a forward that changes nothing."""
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+            module = self.stage.module
+            buffers = {n: b.clone() for n, b in module.named_buffers()}
+            from torch.func import functional_call
+
+            return functional_call(module, buffers, (pending.inputs,), strict=False)
 
     # --- clocks -------------------------------------------------------------------------------
 

@@ -1,10 +1,10 @@
-"""The one exception type for problems a user can fix.
+"""Errors a user can act on: bad input (exit code 2) and a failed worker (exit code 1).
 
 The CLI turns a :class:`UsageError` into a single line on stderr and exit code 2, so every
 message must say what was given, what was expected, and how to fix it.
 """
 
-__all__ = ["UsageError", "NonFiniteLossError"]
+__all__ = ["UsageError", "NonFiniteLossError", "WorkerError"]
 
 
 class UsageError(ValueError):
@@ -20,3 +20,12 @@ class NonFiniteLossError(UsageError):
             "rate (--lr), add warm-up, or check the input data for NaN/inf"
         )
         self.minibatch = minibatch
+
+
+class WorkerError(RuntimeError):
+    """A worker process failed; ``rank`` names it and the message says why."""
+
+    def __init__(self, rank: int, message: str):
+        super().__init__(f"rank {rank}: {message}")
+        self.rank = rank
+        self.cause = message

@@ -20,18 +20,9 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from ddgpipe.errors import UsageError
+from ddgpipe.errors import UsageError, WorkerError
 
 __all__ = ["WorkerError", "free_port", "run_workers", "init_from_env", "threads_per_worker"]
-
-
-class WorkerError(RuntimeError):
-    """A worker failed; ``rank`` names it and the message says why."""
-
-    def __init__(self, rank: int, message: str):
-        super().__init__(f"rank {rank}: {message}")
-        self.rank = rank
-        self.cause = message
 
 
 def free_port() -> int:
@@ -52,7 +43,14 @@ def init_from_env(timeout_s: float = 300.0) -> bool:
         return False
     if not dist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
+        try:
+            dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
+        except (RuntimeError, ValueError) as e:  # DistNetworkError/DistStoreError included
+            where = f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}"
+            raise UsageError(
+                f"cannot join the process group at {where} ({str(e).splitlines()[0]}); check "
+                "that the port is free (another run may hold it) and the host reachable"
+            ) from None
     return True
 
 

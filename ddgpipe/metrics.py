@@ -17,12 +17,14 @@ class MetricsWriter:
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
+        self.lines = len(self.path.read_text().splitlines()) if self.path.exists() else 0
         self._file = self.path.open("a")
 
     def write(self, kind: str, **fields) -> dict:
         record = {"kind": kind, **{k: _plain(v) for k, v in fields.items()}}
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
+        self.lines += 1
         return record
 
     def close(self) -> None:

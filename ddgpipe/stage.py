@@ -14,6 +14,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
+from ddgpipe.errors import UsageError
 from ddgpipe.stash import Pending, Stash
 
 __all__ = ["Stage", "OptimizerFactory", "SchedulerFactory"]
@@ -64,15 +65,27 @@ class Stage:
     def is_last(self) -> bool:
         return self.index == self.num_stages - 1
 
+    def _forward(self, minibatch: int, x: Tensor) -> tuple[Tensor, Pending]:
+        try:
+            return self.stash.forward(minibatch, x)
+        except RuntimeError as e:  # shape/dtype mismatches surface as RuntimeError in torch
+            if self.is_first or "shape" in str(e) or "size" in str(e):
+                raise UsageError(
+                    f"stage {self.index} cannot take an input of shape {tuple(x.shape)} "
+                    f"({str(e).splitlines()[0]}); check the data against the model's "
+                    "expected input"
+                ) from None
+            raise
+
     def forward(self, minibatch: int, x: Tensor) -> Tensor:
         """F: run minibatch ``minibatch`` with the current weights; return the activation."""
-        out, pending = self.stash.forward(minibatch, x)
+        out, pending = self._forward(minibatch, x)
         self.inflight.append(pending)
         return out.detach()
 
     def forward_loss(self, minibatch: int, x: Tensor, y: Tensor, loss_fn: LossFn) -> Tensor:
         """F of the last stage: the forward and the loss, kept for this clock's backward."""
-        out, pending = self.stash.forward(minibatch, x)
+        out, pending = self._forward(minibatch, x)
         loss = loss_fn(out, y)
         if loss.dim() != 0:
             raise ValueError(
@@ -129,6 +142,14 @@ class Stage:
             "lr_scheduler": self.lr_scheduler.state_dict() if self.lr_scheduler else None,
             "steps": self.steps,
         }
+
+    def pipeline_state(self) -> dict:
+        """``state_dict`` plus the in-flight minibatches: everything to resume mid-pipeline."""
+        return self.state_dict() | {"inflight": [self.stash.export(p) for p in self.inflight]}
+
+    def load_pipeline_state(self, state: dict) -> None:
+        self.load_state_dict(state)
+        self.inflight = deque(self.stash.restore(r) for r in state["inflight"])
 
     def load_state_dict(self, state: dict) -> None:
         self.module.load_state_dict(state["module"])

@@ -78,8 +78,9 @@ class Stash:
         if self.mode == "graph":
             xin = self._leaf_input(x)
             weights = self._snapshot(requires_grad=True)
+            rng = torch.get_rng_state()  # kept so a checkpoint can rebuild this graph exactly
             out = functional_call(self.module, weights, (xin,), strict=False)
-            return out, Pending(minibatch, xin, output=out, weights=weights)
+            return out, Pending(minibatch, xin, output=out, weights=weights, rng_state=rng)
         rng = torch.get_rng_state()
         with torch.no_grad():
             out = self.module(x)
@@ -114,6 +115,26 @@ class Stash:
             for name, p in self.params.items():
                 p.grad = pending.weights[name].grad
         return pending.inputs.grad if self.needs_input_grad else None
+
+    def export(self, pending: Pending) -> dict:
+        """A pending minibatch as plain tensors, for a checkpoint.
+
+        A graph cannot be saved, but its input, weight version and RNG state can: restored,
+        the backward replays the forward from them (as ``recompute`` does), which gives
+        bitwise the gradients the kept graph would have given.
+        """
+        if pending.output is not None and self.mode == "live":
+            raise RuntimeError("a stage without delay has nothing in flight between clocks")
+        weights = None
+        if pending.weights is not None:
+            weights = {n: w.detach().clone() for n, w in pending.weights.items()}
+        return {"minibatch": pending.minibatch, "inputs": pending.inputs.detach().clone(),
+                "weights": weights, "rng_state": pending.rng_state}
+
+    def restore(self, record: dict) -> Pending:
+        """The inverse of :meth:`export`: a pending minibatch whose backward will replay."""
+        return Pending(record["minibatch"], record["inputs"], weights=record["weights"],
+                       rng_state=record["rng_state"])
 
     def output_for_backward(self, pending: Pending) -> Tensor:
         """The graph-carrying output of ``pending``, replaying the forward if it was not kept."""

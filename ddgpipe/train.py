@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -21,6 +22,16 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from ddgpipe.checkpoint import (
+    COMPAT_FIELDS,
+    atomic_torch_save,
+    atomic_write_bytes,
+    check_compatible,
+    load_manifest,
+    load_rank_file,
+    publish,
+    write_rank_file,
+)
 from ddgpipe.data import BatchLoader, Dataset, load_dataset
 from ddgpipe.errors import UsageError
 from ddgpipe.launch import threads_per_worker
@@ -33,7 +44,7 @@ from ddgpipe.timeline import Timeline
 
 __all__ = ["TrainConfig", "TrainResult", "train", "train_worker", "evaluate", "METHODS"]
 
-METHODS = ("bp", "ddg", "dni")
+METHODS = ("bp", "ddg", "fr", "dni")
 
 
 @dataclass
@@ -60,6 +71,8 @@ class TrainConfig:
     lr_schedule: str = "cosine"
     milestones: list[int] = field(default_factory=list)
     lr_gamma: float = 0.1
+    warmup_epochs: int = 0
+    warmup_factor: float = 0.1
     seed: int = 0
     threads: int | None = None
     log_every: int = 0
@@ -69,6 +82,10 @@ class TrainConfig:
     progress: bool = True
     launcher: str = "none"
     timeout_s: float = 300.0
+    checkpoint_every: int = 0
+    checkpoint_every_epochs: int = 0
+    stop_after: int | None = None
+    resume: str | None = None
 
     def display_label(self) -> str:
         if self.label:
@@ -97,6 +114,21 @@ class TrainConfig:
             raise UsageError(f"unknown launcher {self.launcher!r}; choose none or local")
         if not self.timeout_s > 0:
             raise UsageError(f"--timeout must be > 0 seconds (got {self.timeout_s})")
+        if self.method == "fr" and self.stash != "graph":
+            raise UsageError("--method fr always replays with current weights (stash none); "
+                             "drop --stash, or use --method ddg --stash ...")
+        if self.warmup_epochs < 0 or not 0 < self.warmup_factor <= 1:
+            raise UsageError(f"--warmup-epochs must be >= 0 and --warmup-factor in (0, 1] "
+                             f"(got {self.warmup_epochs}, {self.warmup_factor})")
+        if self.checkpoint_every < 0 or self.checkpoint_every_epochs < 0:
+            raise UsageError("--checkpoint-every and --checkpoint-every-epochs must be >= 0")
+        if self.stop_after is not None and self.stop_after < 1:
+            raise UsageError(f"--stop-after must be >= 1 (got {self.stop_after})")
+        checkpoints = self.checkpoint_every or self.checkpoint_every_epochs or self.stop_after
+        if (checkpoints or self.resume) and self.method == "dni":
+            raise UsageError("checkpoints support --method bp, ddg and fr; not dni yet")
+        if (checkpoints or self.resume) and not self.out:
+            raise UsageError("checkpoints need an output directory; pass --out")
         if self.log_every < 0:
             raise UsageError(f"--log-every must be >= 0 (got {self.log_every})")
 
@@ -112,6 +144,7 @@ class TrainResult:
     train_time_s: float
     images_per_s: float
     run_dir: str | None
+    stopped: bool = False
 
 
 def evaluate(model: nn.Module, x: Tensor, y: Tensor, batch_size: int,
@@ -145,14 +178,19 @@ def build_method(config: TrainConfig, model: nn.Module, steps_per_epoch: int, ti
         config.optimizer, config.lr, config.momentum, config.nesterov, config.weight_decay
     )
     scheduler = make_lr_scheduler(
-        config.lr_schedule, steps_per_epoch, config.epochs, config.milestones, config.lr_gamma
+        config.lr_schedule, steps_per_epoch, config.epochs, config.milestones, config.lr_gamma,
+        warmup_epochs=config.warmup_epochs, warmup_factor=config.warmup_factor,
     )
     if config.method == "bp":
         return Backprop(model, optimizer, lr_scheduler=scheduler)
     kwargs = dict(lr_scheduler=scheduler, split=config.split, balance=config.balance,
                   sample_input=sample_input, timeline=timeline, peer_timeout_s=config.timeout_s)
-    if config.method == "ddg":
-        return DDG(model, config.stages, optimizer, stash=config.stash,
+    if config.method in ("ddg", "fr"):
+        # Features Replay (Huo et al., NeurIPS 2018) is DDG's schedule with the forward of
+        # each delayed minibatch replayed from its stashed input with the *current* weights:
+        # exactly stash mode "none".
+        stash = "none" if config.method == "fr" else config.stash
+        return DDG(model, config.stages, optimizer, stash=stash,
                    grad_shrink=config.grad_shrink, **kwargs)
     from ddgpipe.methods.dni import DNI
 
@@ -182,7 +220,7 @@ def check_model_accepts(model: nn.Module, data: Dataset, config: TrainConfig) ->
         )
 
 
-def prepare_out_dir(out: str | None) -> Path | None:
+def prepare_out_dir(out: str | None, keep: bool = False) -> Path | None:
     if out is None:
         return None
     path = Path(out)
@@ -195,8 +233,10 @@ def prepare_out_dir(out: str | None) -> Path | None:
         raise UsageError(
             f"cannot write to output directory {path} ({e.strerror}); pass --out a writable path"
         ) from None
-    for stale in ("metrics.jsonl", "timeline.jsonl"):
-        (path / stale).unlink(missing_ok=True)
+    if not keep:  # a new run in an old directory must not inherit its files
+        for stale in ("metrics.jsonl", "timeline.jsonl", "model.pt"):
+            (path / stale).unlink(missing_ok=True)
+        shutil.rmtree(path / "checkpoints", ignore_errors=True)
     return path
 
 
@@ -227,8 +267,9 @@ def train(config: TrainConfig, dataset: Dataset | None = None) -> TrainResult | 
         torch.set_num_threads(threads_per_worker(int(os.environ.get("LOCAL_WORLD_SIZE", world))))
     # The last stage has the loss: it writes the metrics and shows progress.
     reporter = rank == world - 1
+    resume = load_resume(config, world) if config.resume else None
     data = dataset or load_dataset(config.data, config.data_dir)
-    run_dir = prepare_out_dir(config.out) if reporter else None
+    run_dir = prepare_out_dir(config.out, keep=resume is not None) if reporter else None
 
     torch.manual_seed(config.seed)
     model = build_model(config.model, data.in_channels, data.image_size, data.num_classes)
@@ -239,9 +280,18 @@ def train(config: TrainConfig, dataset: Dataset | None = None) -> TrainResult | 
     method = build_method(config, model, len(loader), timeline,
                           sample_input=data.train_x[: config.batch_size])
     executor = method.executor if world > 1 else None
+    used_split = getattr(getattr(method, "executor", None), "split", None)
 
-    if run_dir is not None:
-        used_split = getattr(getattr(method, "executor", None), "split", None)
+    loop = LoopState()
+    if resume is not None:
+        manifest, folder = resume
+        state = load_rank_file(folder, manifest, rank)
+        method.load_checkpoint_state(state["method"])
+        torch.set_rng_state(state["rng"])
+        loop = LoopState(**state["loop"])
+        if run_dir is not None:
+            truncate_metrics(run_dir / "metrics.jsonl", loop.metrics_lines)
+    elif run_dir is not None:
         saved = dataclasses.asdict(config) | {"label": config.display_label(),
                                               "num_blocks": len(model), "split": used_split}
         (run_dir / "config.json").write_text(json.dumps(saved, indent=2) + "\n")
@@ -254,15 +304,27 @@ def train(config: TrainConfig, dataset: Dataset | None = None) -> TrainResult | 
         stats.add(loss.item(), logits.detach(), target)
         return loss
 
-    iteration, seen, train_time, test_loss, test_acc = 0, 0, 0.0, float("nan"), 0.0
+    def checkpoint(epoch: int, batch: int, elapsed: float) -> None:
+        loop_state = LoopState(
+            iteration=iteration, epoch=epoch, batch=batch, seen=seen, train_time=train_time,
+            epoch_elapsed=elapsed, stats=[stats.loss_sum, stats.correct, stats.seen],
+            metrics_lines=metrics.lines if metrics else 0)
+        save_checkpoint(config, method, loop_state, rank, world, used_split)
+
+    test_loss, test_acc = float("nan"), 0.0
+    iteration, seen, train_time = loop.iteration, loop.seen, loop.train_time
     show = reporter and config.progress and sys.stderr.isatty() and not os.environ.get("CI")
-    for epoch in range(config.epochs):
+    for epoch in range(loop.epoch, config.epochs):
+        first_batch = loop.batch if epoch == loop.epoch else 0
         stats.reset()
+        if epoch == loop.epoch:
+            stats.loss_sum, stats.correct, stats.seen = loop.stats
         method.train()
-        start = time.perf_counter()
-        bar = tqdm(loader.epoch(epoch), total=len(loader), disable=not show, leave=False,
+        start = time.perf_counter() - (loop.epoch_elapsed if epoch == loop.epoch else 0.0)
+        bar = tqdm(loader.epoch(epoch, start=first_batch), total=len(loader),
+                   initial=first_batch, disable=not show, leave=False,
                    desc=f"{config.display_label()} epoch {epoch + 1}/{config.epochs}")
-        for x, y in bar:
+        for batch, (x, y) in enumerate(bar, start=first_batch + 1):
             lr = method.lr
             loss = method.step(x, y, loss_fn)
             iteration += 1
@@ -271,6 +333,13 @@ def train(config: TrainConfig, dataset: Dataset | None = None) -> TrainResult | 
             if show and iteration % 5 == 0:
                 seconds = time.perf_counter() - start
                 bar.set_postfix(loss=f"{stats.loss:.3f}", img_s=f"{stats.seen / seconds:.0f}")
+            stop = config.stop_after is not None and iteration >= config.stop_after
+            if stop or (config.checkpoint_every and iteration % config.checkpoint_every == 0):
+                checkpoint(epoch, batch, time.perf_counter() - start)
+            if stop:
+                if metrics:
+                    metrics.close()
+                return stopped_result(config, iteration, run_dir) if reporter else None
         if epoch == config.epochs - 1:
             method.drain()  # the last delayed gradients are learned before the final test
         seconds = time.perf_counter() - start
@@ -284,6 +353,10 @@ def train(config: TrainConfig, dataset: Dataset | None = None) -> TrainResult | 
                 train_acc=stats.accuracy, test_loss=test_loss, test_acc=test_acc, lr=method.lr,
                 images_per_s=stats.seen / seconds, wall_time=train_time,
             )
+        every = config.checkpoint_every_epochs
+        if every and (epoch + 1) % every == 0 and epoch + 1 < config.epochs:
+            stats.reset()
+            checkpoint(epoch + 1, 0, 0.0)
     if metrics:
         metrics.close()
     if timeline is not None:
@@ -291,11 +364,87 @@ def train(config: TrainConfig, dataset: Dataset | None = None) -> TrainResult | 
         if run_dir is not None:
             timeline.records = [r for part in records for r in part]
             timeline.write(run_dir / "timeline.jsonl")
+    save_final_model(model, method, run_dir, world)
     if not reporter:
         return None
     return TrainResult(
         label=config.display_label(), method=config.method, stages=config.stages,
         test_acc=test_acc, test_loss=test_loss, train_loss=stats.loss,
-        train_time_s=train_time, images_per_s=seen / train_time,
+        train_time_s=train_time, images_per_s=seen / max(train_time, 1e-9),
         run_dir=str(run_dir) if run_dir else None,
     )
+
+
+@dataclass
+class LoopState:
+    """Where the training loop stands, saved with every checkpoint."""
+
+    iteration: int = 0
+    epoch: int = 0
+    batch: int = 0  # batches of ``epoch`` already done
+    seen: int = 0
+    train_time: float = 0.0
+    epoch_elapsed: float = 0.0
+    stats: list = field(default_factory=lambda: [0.0, 0, 0])
+    metrics_lines: int = 0
+
+
+def load_resume(config: TrainConfig, world: int) -> tuple[dict, Path]:
+    """The checkpoint set to resume from, after checking it fits this run."""
+    manifest, folder = load_manifest(config.resume)
+    check_compatible(manifest["config"], dataclasses.asdict(config), config.resume)
+    if manifest["world"] != world:
+        raise UsageError(f"the checkpoint in {config.resume} was written by {manifest['world']} "
+                         f"processes but this run has {world}; resume with the same launcher "
+                         "and process count")
+    config.split = manifest["split"]  # the cut is part of the state, even a profiled one
+    return manifest, folder
+
+
+def save_checkpoint(config: TrainConfig, method, loop: LoopState, rank: int, world: int,
+                    split: list[int] | None) -> None:
+    state = {"method": method.checkpoint_state(), "rng": torch.get_rng_state(),
+             "loop": dataclasses.asdict(loop)}
+    entry = write_rank_file(Path(config.out), loop.iteration, rank, state)
+    entries = gather_to_last(entry) if world > 1 else [entry]
+    if rank == world - 1:
+        publish(Path(config.out), loop.iteration, entries, {
+            "world": world, "split": split, "epoch": loop.epoch, "batch": loop.batch,
+            "config": {k: v for k, v in dataclasses.asdict(config).items()
+                       if k in COMPAT_FIELDS},
+        })
+    if world > 1:
+        dist.barrier()  # nobody runs ahead of a set that is not yet published
+
+
+def truncate_metrics(path: Path, lines: int) -> None:
+    """Drop the records a crashed run wrote after its last checkpoint."""
+    if not path.exists():
+        return
+    kept = path.read_text().splitlines(keepends=True)[:lines]
+    atomic_write_bytes(path, "".join(kept).encode())
+
+
+def stopped_result(config: TrainConfig, iteration: int, run_dir: Path | None) -> TrainResult:
+    print(f"stopped after iteration {iteration} (--stop-after); resume with "
+          f"--resume {config.out}", file=sys.stderr)
+    return TrainResult(label=config.display_label(), method=config.method,
+                       stages=config.stages, test_acc=float("nan"), test_loss=float("nan"),
+                       train_loss=float("nan"), train_time_s=0.0, images_per_s=0.0,
+                       run_dir=str(run_dir) if run_dir else None, stopped=True)
+
+
+def save_final_model(model: nn.Module, method, run_dir: Path | None, world: int) -> None:
+    """The trained network as one ``state_dict`` in ``RUN_DIR/model.pt`` (atomic).
+
+    Under the runtime each rank trained only its slice; the slices keep the whole model's
+    key names, so the last rank merges them.
+    """
+    if world > 1:
+        own = {k: v for k, v in method.stages[0].module.state_dict().items()}
+        parts = gather_to_last(own)
+        merged = {k: v for part in parts for k, v in part.items()}
+    else:
+        merged = model.state_dict()
+    if run_dir is not None:
+        atomic_torch_save(merged, run_dir / "model.pt")

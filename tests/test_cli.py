@@ -42,54 +42,6 @@ def test_every_flag_has_help():
             assert action.help, f"ddgpipe {name} {action.option_strings} has no help text"
 
 
-@pytest.mark.parametrize(
-    "extra, message",
-    [
-        (["--model", "resnet21"], "unknown model 'resnet21'; choose one of"),
-        (["--data", "mnist"], "unknown data set 'mnist'"),
-        (["--method", "sync"], "unknown method 'sync'; choose one of bp, ddg, dni"),
-        (["--lr", "0"], "lr"),
-        (["--lr", "-1"], "lr"),
-        (["--batch-size", "0"], "--batch-size must be >= 1 (got 0)"),
-        (["--batch-size", "100000"], "larger than the"),
-        (["--epochs", "0"], "--epochs must be >= 1 (got 0)"),
-        (["--method", "ddg", "--stages", "0"], "--stages must be >= 1 (got 0)"),
-        (["--method", "ddg", "--stages", "12"], "cannot cut a model of 11 blocks into 12"),
-        (["--method", "ddg", "--stages", "3", "--split", "4,4"], "leaves stage 1 empty"),
-        (["--method", "ddg", "--stash", "all"], "unknown stash mode 'all'"),
-        (["--method", "bp", "--stages", "2"], "--method bp runs the whole network"),
-        (["--data", "cifar10"], "--data-dir is required for cifar10"),
-        (["--method", "ddg", "--grad-shrink", "0"], "grad_shrink must be in (0, 1]"),
-    ],
-)
-def test_bad_input_is_one_line_and_exit_code_2(extra, message, capsys, tmp_path):
-    code, _, err = run_cli(["train", *FAST, "--out", str(tmp_path / "run"), *extra], capsys)
-    assert code == 2
-    assert err.startswith("ddgpipe: error: ") and err.count("\n") == 1, err
-    assert message in err
-
-
-def test_missing_and_corrupt_cifar_dirs(capsys, tmp_path):
-    code, _, err = run_cli(["train", *FAST, "--data", "cifar10", "--data-dir",
-                            str(tmp_path / "nowhere"), "--out", str(tmp_path / "r")], capsys)
-    assert code == 2 and "nowhere" in err and err.count("\n") == 1
-    batches = tmp_path / "cifar-10-batches-py"
-    batches.mkdir()
-    for name in ["data_batch_1", "data_batch_2", "data_batch_3", "data_batch_4",
-                 "data_batch_5", "test_batch"]:
-        (batches / name).write_bytes(b"\x80\x02}q\x00(")  # a truncated pickle
-    code, _, err = run_cli(["train", *FAST, "--data", "cifar10", "--data-dir", str(tmp_path),
-                            "--out", str(tmp_path / "r")], capsys)
-    assert code == 2 and "data_batch_1" in err and err.count("\n") == 1
-
-
-def test_unwritable_output_dir(capsys, tmp_path):
-    blocker = tmp_path / "file"
-    blocker.write_text("not a directory")
-    code, _, err = run_cli(["train", *FAST, "--out", str(blocker / "run")], capsys)
-    assert code == 2 and "cannot write to output directory" in err
-
-
 def test_errors_reach_the_shell_without_a_traceback(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "ddgpipe", "train", "--model", "resnet21", "--out",
@@ -162,3 +114,43 @@ def test_bench_command_reports_ratios_and_the_cost_model(capsys, tmp_path):
     assert measured[0]["predicted_images_per_s"] > 0
     assert [r["stages"] for r in result["cost_model"]["scaling"]["rows"]] == [2, 4, 8]
     assert "cost model" in out and (tmp_path / "bench.png").exists()
+
+
+def test_paper_cifar_preset_on_tiny_cifar_files(capsys, tmp_path):
+    from tests.cifar_files import write_cifar10
+
+    data_dir = write_cifar10(tmp_path / "data", n_per_batch=60)
+    run = tmp_path / "run"
+    code, out, _ = run_cli(["train", "--preset", "paper-cifar", "--data-dir", str(data_dir),
+                            "--model", "resnet20", "--method", "ddg", "--stages", "2",
+                            "--epochs", "1", "--threads", "1", "--no-progress", "--out",
+                            str(run)], capsys)
+    assert code == 0, out
+    config = json.loads((run / "config.json").read_text())
+    assert (config["data"], config["batch_size"], config["momentum"], config["weight_decay"],
+            config["lr"], config["lr_schedule"], config["milestones"]) == (
+        "cifar10", 128, 0.9, 5e-4, 0.1, "multistep", [150, 225])
+    assert config["epochs"] == 1  # an explicit flag overrides the preset
+    assert [r["iteration"] for r in epoch_records(run)] == [2]  # 300 images, batch 128
+
+
+def test_paper_cifar_preset_warms_up_resnet110():
+    parser = build_parser()
+    from ddgpipe.cli import _apply_preset
+
+    argv = ["train", "--preset", "paper-cifar", "--model", "resnet110"]
+    args = _apply_preset(parser, argv, parser.parse_args(argv))
+    assert (args.warmup_epochs, args.warmup_factor, args.epochs) == (1, 0.1, 300)
+    argv = ["train", "--preset", "paper-cifar", "--model", "resnet56"]
+    assert _apply_preset(parser, argv, parser.parse_args(argv)).warmup_epochs == 0
+    assert parser.parse_args(["train"]).batch_size == 64  # the preset does not leak
+
+
+def test_features_replay_is_ddg_with_stash_none(capsys, tmp_path):
+    common = [*FAST, "--stages", "2", "--balance", "params"]
+    assert main(["train", *common, "--method", "fr", "--out", str(tmp_path / "fr")]) == 0
+    assert main(["train", *common, "--method", "ddg", "--stash", "none", "--out",
+                 str(tmp_path / "none")]) == 0
+    capsys.readouterr()
+    assert without_timing(epoch_records(tmp_path / "fr")) == without_timing(
+        epoch_records(tmp_path / "none"))

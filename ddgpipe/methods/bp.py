@@ -66,6 +66,12 @@ class Backprop:
             "fed": self.fed,
         }
 
+    def checkpoint_state(self) -> dict:
+        return self.state_dict()
+
+    def load_checkpoint_state(self, state: dict) -> None:
+        self.load_state_dict(state)
+
     def load_state_dict(self, state: dict) -> None:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])

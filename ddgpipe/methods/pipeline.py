@@ -60,6 +60,13 @@ class PipelineMethod:
         self.model.eval()
         return self
 
+    def checkpoint_state(self) -> dict:
+        """This process's whole training state between two clocks, in-flight work included."""
+        return self.executor.checkpoint_state()
+
+    def load_checkpoint_state(self, state: dict) -> None:
+        self.executor.load_checkpoint_state(state)
+
     def state_dict(self) -> dict:
         return {"stages": [s.state_dict() for s in self.stages], "fed": self.fed}
 
