@@ -359,7 +359,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     import math
 
     from ddgpipe.bench import BenchConfig, format_bench_table, run_bench
-    from ddgpipe.bench.predict import predict_measured, predict_scaling
+    from ddgpipe.bench.predict import predict_measured, predict_scaling, predicted_stage_ms
     from ddgpipe.train import prepare_out_dir
 
     out = prepare_out_dir(args.out)
@@ -379,10 +379,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
     sent = [scaling["activation_bytes"][c - 1] for c in cuts[1:]]
     measured = [p for row in result["rows"] if row.get("kind") == "ddg" and not row.get("error")
                 if (p := predict_measured(row, config.batch_size, sent, bandwidth))]
-    result["cost_model"] = {"measured": measured, "scaling": scaling}
+    per_stage = predicted_stage_ms(scaling["block_ms"], result["split"])
+    result["cost_model"] = {"measured": measured, "scaling": scaling,
+                            "predicted_stage_ms": per_stage}
     (out / "bench.json").write_text(json.dumps(result, indent=2) + "\n")
     print(format_bench_table(result))
     print("\ncost model (schedule simulation):")
+    for k, (f, b) in enumerate(per_stage):
+        print(f"  stage {k}: predicted F {f:.1f} ms  B {b:.1f} ms per clock (one-thread block "
+              "profile; measured above)")
     for m in measured:
         print(f"  {m['name']:<14} predicted {m['predicted_images_per_s']:7.0f} img/s from its "
               f"stage times, measured {m['measured_images_per_s']:7.0f} "

@@ -23,7 +23,10 @@ __all__ = [
 ]
 
 OP_COLOURS = {"F": "tab:blue", "B": "tab:orange", "S": "tab:green", "G": "tab:purple"}
-OP_LABELS = {"F": "forward", "B": "backward", "S": "step", "G": "synthetic-gradient update"}
+# the names schedule.OP_NAMES gives (not imported: plotting needs no torch)
+OP_LABELS = {"F": "forward", "B": "backward", "S": "optimizer step",
+             "G": "gradient-model update (DNI)"}
+LABELLED_MINIBATCHES = 24  # minibatch numbers written inside bars: the first ones only
 
 
 def read_jsonl(path: str | Path) -> list[dict]:
@@ -43,14 +46,21 @@ def _epochs(run_dir: Path) -> tuple[str, list[dict]]:
     if not records:
         raise UsageError(f"{run_dir} has no metrics.jsonl with epoch records; is it a ddgpipe "
                          "run directory?")
-    label = run_dir.name
-    config = run_dir / "config.json"
-    if config.exists():
-        label = json.loads(config.read_text()).get("label") or label
-    return label, records
+    return _label(run_dir), records
 
 
-def plot_learning_curves(run_dirs, out_png: str | Path, title: str | None = None) -> Path:
+def _label(run_dir: Path) -> str:
+    """The run's ``label`` from config.json; the directory name when there is none."""
+    try:
+        config = json.loads((run_dir / "config.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return run_dir.name
+    label = config.get("label") if isinstance(config, dict) else None
+    return str(label) if label else run_dir.name
+
+
+def plot_learning_curves(run_dirs: list[str | Path], out_png: str | Path,
+                         title: str | None = None) -> Path:
     """Training loss and test accuracy against epochs and against wall-clock time."""
     runs = [_epochs(Path(d)) for d in run_dirs]
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
@@ -87,37 +97,43 @@ def plot_timeline(run_dir: str | Path, out_png: str | Path | None = None) -> Pat
         key = r.get("rank")
         origin[key] = min(origin.get(key, r["start"]), r["start"])
     stages = max(r["stage"] for r in records) + 1
+    span = 1000 * max(r["end"] - origin[r.get("rank")] for r in records) or 1.0
     fig, ax = plt.subplots(figsize=(12, 1.0 + 0.6 * stages))
     for r in records:
         start = 1000 * (r["start"] - origin[r.get("rank")])
         width = 1000 * (r["end"] - r["start"])
-        y = stages - 1 - r["stage"]
+        y = stages - 1 - r["stage"]  # stage 0 on top
         ax.broken_barh([(start, width)], (y - 0.4, 0.8), facecolors=OP_COLOURS.get(r["op"], "grey"),
                        edgecolor="white", linewidth=0.3)
-        if r["op"] in ("F", "B") and r["minibatch"] < 24:
+        if r["minibatch"] < LABELLED_MINIBATCHES and width > span / 150:  # room for the digits
             ax.text(start + width / 2, y, str(r["minibatch"]), ha="center", va="center",
                     fontsize=6, color="white", clip_on=True)
     ax.set_yticks(range(stages), [f"stage {stages - 1 - k}" for k in range(stages)])
     ax.set_xlabel("time (ms)")
-    ops = sorted({r["op"] for r in records}, key="FBSG".index)
-    handles = [plt.Rectangle((0, 0), 1, 1, color=OP_COLOURS[o]) for o in ops]
-    ax.legend(handles, [OP_LABELS[o] for o in ops], loc="upper right", fontsize=8)
+    ops = sorted({r["op"] for r in records}, key=lambda o: (o not in OP_COLOURS, "FBSG".find(o), o))
+    handles = [plt.Rectangle((0, 0), 1, 1, color=OP_COLOURS.get(o, "grey")) for o in ops]
+    ax.legend(handles, [OP_LABELS.get(o, o) for o in ops], loc="upper left", fontsize=8,
+              bbox_to_anchor=(1.0, 1.0))  # outside the axes: never over a bar
     ax.set_title(f"pipeline timeline: {run_dir.name}")
     return _save(fig, out_png or run_dir / "timeline.png")
 
 
 def plot_bench(rows: list[dict], out_png: str | Path, title: str | None = None) -> Path:
     """Median speedup per configuration, with the min-max over rounds as error bars."""
-    rows = [r for r in rows if r.get("ratio_median") is not None]
-    names = [r["name"] for r in rows]
-    med = [r["ratio_median"] for r in rows]
-    err = [[m - r["ratio_min"] for m, r in zip(med, rows, strict=True)],
-           [r["ratio_max"] - m for m, r in zip(med, rows, strict=True)]]
+    rows = [r for r in rows if r.get("ratio_median") is not None]  # failed configurations
+    names = [str(r["name"]) for r in rows]
+    med = [float(r["ratio_median"]) for r in rows]
+    low = [float(r.get("ratio_min") if r.get("ratio_min") is not None else m)
+           for m, r in zip(med, rows, strict=True)]
+    high = [float(r.get("ratio_max") if r.get("ratio_max") is not None else m)
+            for m, r in zip(med, rows, strict=True)]
+    err = [[m - lo for m, lo in zip(med, low, strict=True)],
+           [hi - m for m, hi in zip(med, high, strict=True)]]
     fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(rows)), 4.5))
     bars = ax.bar(names, med, yerr=err, capsize=4, color="tab:blue")
-    for bar, m in zip(bars, med, strict=True):
-        ax.text(bar.get_x() + bar.get_width() / 2, m, f"{m:.2f}x", ha="center", va="bottom",
-                fontsize=8)
+    for bar, m, hi in zip(bars, med, high, strict=True):  # above the error bar
+        ax.text(bar.get_x() + bar.get_width() / 2, hi + 0.02, f"{m:.2f}x",
+                ha="center", va="bottom", fontsize=8)
     ax.axhline(1.0, ls="--", color="grey", label="baseline")
     ax.set_ylabel("throughput relative to the baseline")
     ax.tick_params(axis="x", rotation=30)

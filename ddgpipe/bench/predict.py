@@ -20,7 +20,14 @@ from ddgpipe.costmodel import StageTimes, predict_ddg, simulate_ddg
 from ddgpipe.models import build_model
 from ddgpipe.profiling import profile_blocks
 
-__all__ = ["predict_measured", "predict_scaling"]
+__all__ = ["predict_measured", "predict_scaling", "predicted_stage_ms"]
+
+
+def predicted_stage_ms(block_ms: list[list[float]], split: list[int]) -> list[list[float]]:
+    """Forward and backward milliseconds per stage that the block profile predicts."""
+    bounds = [0, *split, len(block_ms)]
+    return [[sum(f for f, _ in block_ms[a:b]), sum(b_ for _, b_ in block_ms[a:b])]
+            for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
 
 
 def predict_measured(row: dict, batch_size: int, activation_bytes: list[int],
@@ -52,6 +59,7 @@ def predict_scaling(model_name: str, batch_size: int, image_size: int, in_channe
     finally:
         torch.set_num_threads(threads)
     rows = []
+    stage_counts = tuple(stage_counts)
     for k in stage_counts:
         if k > len(blocks):
             continue
@@ -60,5 +68,6 @@ def predict_scaling(model_name: str, batch_size: int, image_size: int, in_channe
                      "images_per_s": pred.images_per_s,
                      "speedup_vs_bp_1t": pred.speedup_vs_backprop})
     return {"blocks": len(blocks), "activation_bytes": [b.output_bytes for b in blocks],
+            "block_ms": [[1000 * b.forward_s, 1000 * b.backward_s] for b in blocks],
             "bandwidth_bytes_per_s": None if math.isinf(bandwidth_bytes_per_s)
             else bandwidth_bytes_per_s, "rows": rows}
