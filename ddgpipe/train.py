@@ -275,7 +275,7 @@ def train(config: TrainConfig, dataset: Dataset | None = None) -> TrainResult | 
     model = build_model(config.model, data.in_channels, data.image_size, data.num_classes)
     check_model_accepts(model, data, config)
     loader = BatchLoader(data.train_x, data.train_y, config.batch_size, shuffle=True,
-                         seed=config.seed, augment=data.augment)
+                         seed=config.seed, augment=data.augment, name=data.name)
     timeline = Timeline(rank=rank if world > 1 else None) if config.timeline else None
     method = build_method(config, model, len(loader), timeline,
                           sample_input=data.train_x[: config.batch_size])

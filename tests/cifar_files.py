@@ -26,6 +26,7 @@ def write_cifar10(root: Path, n_per_batch: int = 20, seed: int = 0) -> Path:
 
 
 def write_cifar100(root: Path, n_train: int = 40, n_test: int = 20, seed: int = 0) -> Path:
+    """One training file and one test file of 100-class images; returns the --data-dir."""
     rng = np.random.default_rng(seed)
     folder = root / "cifar-100-python"
     folder.mkdir(parents=True, exist_ok=True)

@@ -43,6 +43,16 @@ def test_cifar10_round_trip(tmp_path):
 def test_cifar100_round_trip(tmp_path):
     data = load_dataset("cifar100", str(write_cifar100(tmp_path)))
     assert data.train_x.shape == (40, 3, 32, 32) and data.num_classes == 100
+    assert data.test_x.shape == (20, 3, 32, 32) and data.in_channels == 3 and data.augment
+    assert data.train_y.dtype == torch.int64 and int(data.train_y.max()) < 100
+    assert torch.allclose(data.train_x.std(dim=(0, 2, 3)), torch.ones(3), atol=1e-3)
+
+
+def test_synthetic():
+    data = load_dataset("synthetic")
+    assert data.train_x.shape == (2048, 3, 32, 32) and data.test_x.shape == (512, 3, 32, 32)
+    assert data.num_classes == 10 and not data.augment
+    assert torch.equal(data.train_y, load_dataset("synthetic").train_y)
 
 
 @pytest.mark.parametrize(
@@ -58,6 +68,11 @@ def test_cifar100_round_trip(tmp_path):
         (lambda d: (d / "data_batch_1").write_bytes(pickle.dumps(
             {b"data": np.zeros((2, 3072), np.uint8), b"labels": [0, 10]}, protocol=2)),
          "labels outside 0..9"),
+        (lambda d: (d / "data_batch_4").write_bytes(pickle.dumps(
+            {b"data": np.zeros((2, 3072), np.uint8), b"labels": ["a", "b"]}, protocol=2)),
+         "data_batch_4 holds data or labels that are not arrays"),
+        (lambda d: (d / "data_batch_5").write_bytes(pickle.dumps([1, 2], protocol=2)),
+         "data_batch_5 holds a list"),
     ],
 )
 def test_damaged_cifar_files_are_named(tmp_path, damage, message):
@@ -91,6 +106,9 @@ def test_missing_data_dirs(tmp_path):
         load_dataset("cifar100")
     with pytest.raises(UsageError, match="does not exist"):
         load_dataset("cifar10", str(tmp_path / "nowhere"))
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(UsageError, match="is a file, not a folder"):
+        load_dataset("cifar10", str(tmp_path / "afile"))
     with pytest.raises(UsageError, match="has no cifar-10-batches-py/ folder"):
         load_dataset("cifar10", str(tmp_path))
     with pytest.raises(UsageError, match="unknown data set 'svhn'"):
@@ -132,6 +150,20 @@ def test_loader_is_deterministic_and_resumable():
     assert not torch.equal(first[0][1], other[0][1])
     seen = torch.cat([b[1] for b in first])
     assert len(set(seen.tolist())) == 96  # no sample twice in an epoch
+    # A fresh loader (a resumed run) gives the same batches: nothing depends on history.
+    fresh = list(BatchLoader(x, y, 16, seed=3, augment=True).epoch(2, start=5))
+    assert torch.equal(fresh[0][0], first[5][0]) and torch.equal(fresh[0][1], first[5][1])
+    # Augmentation changed the images it batched.
+    assert not torch.equal(first[0][0], x[first[0][1]])
+    assert not torch.equal(list(BatchLoader(x, y, 16, seed=4).epoch(2))[0][1], first[0][1])
+
+
+def test_loader_without_shuffle_or_drop_last_covers_everything():
+    x, y = torch.randn(10, 2), torch.arange(10)
+    loader = BatchLoader(x, y, 4, shuffle=False, drop_last=False)
+    batches = list(loader.epoch(0))
+    assert len(loader) == 3 and [len(b[1]) for b in batches] == [4, 4, 2]
+    assert torch.equal(torch.cat([b[0] for b in batches]), x)
 
 
 def test_loader_batch_size_errors():
@@ -140,3 +172,7 @@ def test_loader_batch_size_errors():
         BatchLoader(x, y, 11)
     with pytest.raises(UsageError, match="batch size must be >= 1"):
         BatchLoader(x, y, 0)
+    with pytest.raises(UsageError, match="10 training samples of digits; pass a smaller"):
+        BatchLoader(x, y, 11, name="digits")
+    with pytest.raises(UsageError, match="10 inputs but 9 labels"):
+        BatchLoader(x, y[:9], 2)

@@ -33,11 +33,15 @@ _ALLOWED = {
     ("numpy._core.multiarray", "scalar"),
     ("numpy", "ndarray"),
     ("numpy", "dtype"),
+    # Python 3 writes bytes in protocol 2 as _codecs.encode(text, "latin1"); the official
+    # Python 2 files do not need it, but re-saved copies (and the test fixtures) do.
     ("_codecs", "encode"),
 }
 
 
 class UnsafePickleError(Exception):
+    """Raised by :class:`SafeUnpickler` for a name outside the allow-list; never escapes."""
+
     def __init__(self, module: str, name: str):
         super().__init__(f"{module}.{name}")
 
@@ -75,8 +79,12 @@ def _arrays(path: Path, label_key: str, classes: int) -> tuple[np.ndarray, np.nd
     if "data" not in batch or label_key not in batch:
         raise UsageError(f"{path} lacks 'data' or '{label_key}'; is it a {classes}-class CIFAR "
                          "file? re-download the data set")
-    data = np.asarray(batch["data"])
-    labels = np.asarray(batch[label_key], dtype=np.int64)
+    try:
+        data = np.asarray(batch["data"])
+        labels = np.asarray(batch[label_key], dtype=np.int64)
+    except (TypeError, ValueError) as e:
+        raise UsageError(f"{path} holds data or labels that are not arrays of numbers ({e}); "
+                         "re-download the data set") from None
     if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
         raise UsageError(f"{path} has images of shape {data.shape} ({data.dtype}), expected "
                          "N x 3072 uint8; re-download the data set")
@@ -88,14 +96,18 @@ def _arrays(path: Path, label_key: str, classes: int) -> tuple[np.ndarray, np.nd
 
 
 def load_cifar(name: str, data_dir: str | Path | None) -> Dataset:
+    """CIFAR-10 or -100 from ``data_dir`` (holding the archive's folder, or that folder)."""
     folder, train_files, test_files, label_key, classes = LAYOUTS[name]
     if data_dir is None:
         raise UsageError(f"--data-dir is required for {name}: point it at the folder holding "
                          f"{folder}/ (the official python archive, extracted)")
     root = Path(data_dir)
-    if not root.is_dir():
+    if not root.exists():
         raise UsageError(f"--data-dir {root} does not exist; point it at the folder holding "
                          f"{folder}/")
+    if not root.is_dir():
+        raise UsageError(f"--data-dir {root} is a file, not a folder; point it at the folder "
+                         f"holding {folder}/")
     base = root if root.name == folder else root / folder
     if not base.is_dir():
         raise UsageError(f"{root} has no {folder}/ folder; extract the official {name} python "
@@ -104,13 +116,18 @@ def load_cifar(name: str, data_dir: str | Path | None) -> Dataset:
     test = [_arrays(base / f, label_key, classes) for f in test_files]
     train_x = np.concatenate([x for x, _ in train]).astype(np.float32) / 255.0
     test_x = np.concatenate([x for x, _ in test]).astype(np.float32) / 255.0
-    mean = train_x.mean(axis=(0, 2, 3), keepdims=True)
-    std = train_x.std(axis=(0, 2, 3), keepdims=True) + 1e-8
+    # Per-channel statistics of the training images; normalised in place to spare memory.
+    mean = train_x.mean(axis=(0, 2, 3), keepdims=True, dtype=np.float64).astype(np.float32)
+    std = train_x.std(axis=(0, 2, 3), keepdims=True, dtype=np.float64).astype(np.float32)
+    std += 1e-8
+    for x in (train_x, test_x):
+        x -= mean
+        x /= std
     return Dataset(
         name,
-        torch.from_numpy((train_x - mean) / std),
+        torch.from_numpy(train_x),
         torch.from_numpy(np.concatenate([y for _, y in train])),
-        torch.from_numpy((test_x - mean) / std),
+        torch.from_numpy(test_x),
         torch.from_numpy(np.concatenate([y for _, y in test])),
         num_classes=classes, in_channels=3, image_size=32, augment=True,
     )
