@@ -224,7 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Train backprop, DDG and DNI at K = 2, 3, 4 with several "
                        "seeds under the paper's two stochastic methods (constant and "
                        "diminishing step size) and momentum SGD, then write results.md, "
-                       "summary.json and figures. About 20 minutes on 2 cores; --quick takes "
+                       "summary.json and figures. About 8 minutes on 2 cores; --quick takes "
                        "about one.")
     p.add_argument("name", choices=("paper",), help="the experiment to run: paper")
     p.add_argument("--quick", action="store_true", help="a small smoke version (ResNet-20, "
