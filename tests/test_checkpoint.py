@@ -86,10 +86,11 @@ def _workers_of(pid: int) -> list[int]:
     return sorted(found)
 
 
-def test_a_killed_worker_resumes_bitwise(tmp_path):
+@pytest.mark.parametrize("stash", ["graph", "recompute"])
+def test_a_killed_worker_resumes_bitwise(stash, tmp_path):
     """One stage process is SIGKILLed mid-run; resuming from the last complete set gives the
     uninterrupted run's weights."""
-    args = [*BASE[1:], "--method", "ddg", "--stages", "2", "--batch-size", "32",
+    args = [*BASE[1:], "--method", "ddg", "--stages", "2", "--stash", stash, "--batch-size", "32",
             "--checkpoint-every", "10", "--launcher", "local", "--timeout", "60"]
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     cut = tmp_path / "cut"
@@ -113,8 +114,8 @@ def test_a_killed_worker_resumes_bitwise(tmp_path):
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
-    if killed:
-        assert proc.returncode != 0 and "rank" in err, err
+    assert killed, "the run ended before a worker could be killed"
+    assert proc.returncode != 0 and "rank" in err, err
     assert not _workers_of(proc.pid)
     assert main(["train", *args, "--resume", str(cut)]) == 0
     assert main(["train", *args, "--out", str(tmp_path / "full")]) == 0
