@@ -27,7 +27,7 @@ __all__ = [
     "param_costs",
     "profile_costs",
     "stage_costs",
-    "stage_sizes",
+    "cut_points",
 ]
 
 BALANCE_MODES = ("params", "time")
@@ -126,8 +126,10 @@ def balanced_split(costs: Sequence[float], stages: int) -> list[int]:
     return cuts[::-1]
 
 
-def stage_sizes(modules: Sequence[nn.Sequential]) -> list[int]:
-    return [len(m) for m in modules]
+def cut_points(modules: Sequence[nn.Sequential]) -> list[int]:
+    """The ``split`` that reproduces these contiguous stages: the inverse of ``partition``."""
+    sizes = [len(m) for m in modules]
+    return [sum(sizes[:i]) for i in range(1, len(sizes))]
 
 
 def stage_costs(costs: Sequence[float], cuts: Sequence[int]) -> list[float]:

@@ -80,6 +80,7 @@ class Stage:
     def forward(self, minibatch: int, x: Tensor) -> Tensor:
         """F: run minibatch ``minibatch`` with the current weights; return the activation."""
         out, pending = self._forward(minibatch, x)
+        pending.output_shape = tuple(out.shape)
         self.inflight.append(pending)
         return out.detach()
 

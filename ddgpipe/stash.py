@@ -27,7 +27,7 @@ backprop; they restore the RNG state of the original forward so random layers re
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
@@ -47,7 +47,7 @@ class Pending:
     output: Tensor | None = None  # graph-carrying output (graph mode, or no delay)
     weights: dict[str, Tensor] | None = None  # snapshot leaves the graph or replay uses
     rng_state: Tensor | None = None
-    extras: dict = field(default_factory=dict)
+    output_shape: tuple[int, ...] | None = None  # what the gradient coming back will look like
 
 
 class Stash:
@@ -129,12 +129,14 @@ class Stash:
         if pending.weights is not None:
             weights = {n: w.detach().clone() for n, w in pending.weights.items()}
         return {"minibatch": pending.minibatch, "inputs": pending.inputs.detach().clone(),
-                "weights": weights, "rng_state": pending.rng_state}
+                "weights": weights, "rng_state": pending.rng_state,
+                "output_shape": list(pending.output_shape or [])}
 
     def restore(self, record: dict) -> Pending:
         """The inverse of :meth:`export`: a pending minibatch whose backward will replay."""
         return Pending(record["minibatch"], record["inputs"], weights=record["weights"],
-                       rng_state=record["rng_state"])
+                       rng_state=record["rng_state"],
+                       output_shape=tuple(record["output_shape"]) or None)
 
     def output_for_backward(self, pending: Pending) -> Tensor:
         """The graph-carrying output of ``pending``, replaying the forward if it was not kept."""

@@ -441,8 +441,7 @@ def save_final_model(model: nn.Module, method, run_dir: Path | None, world: int)
     key names, so the last rank merges them.
     """
     if world > 1:
-        own = {k: v for k, v in method.stages[0].module.state_dict().items()}
-        parts = gather_to_last(own)
+        parts = gather_to_last(method.stages[0].module.state_dict())
         merged = {k: v for part in parts for k, v in part.items()}
     else:
         merged = model.state_dict()

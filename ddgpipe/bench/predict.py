@@ -16,18 +16,18 @@ import math
 
 import torch
 
-from ddgpipe.costmodel import StageTimes, predict_ddg, simulate_ddg
+from ddgpipe.costmodel import StageTimes, predict_ddg, simulate_ddg, stage_times_from_blocks
 from ddgpipe.models import build_model
-from ddgpipe.profiling import profile_blocks
+from ddgpipe.profiling import BlockProfile, profile_blocks
 
 __all__ = ["predict_measured", "predict_scaling", "predicted_stage_ms"]
 
 
 def predicted_stage_ms(block_ms: list[list[float]], split: list[int]) -> list[list[float]]:
     """Forward and backward milliseconds per stage that the block profile predicts."""
-    bounds = [0, *split, len(block_ms)]
-    return [[sum(f for f, _ in block_ms[a:b]), sum(b_ for _, b_ in block_ms[a:b])]
-            for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+    blocks = [BlockProfile(f / 1000, b / 1000, 0) for f, b in block_ms]
+    return [[1000 * s.forward_s, 1000 * s.backward_s]
+            for s in stage_times_from_blocks(blocks, split)]
 
 
 def predict_measured(row: dict, batch_size: int, activation_bytes: list[int],

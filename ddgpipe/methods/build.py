@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from ddgpipe.errors import UsageError
 from ddgpipe.local import LocalExecutor
-from ddgpipe.partition import partition
+from ddgpipe.partition import cut_points, partition
 from ddgpipe.stage import Stage
 from ddgpipe.timeline import Timeline
 
@@ -46,8 +46,7 @@ def build_stages(
         modules = partition(model, stages, split=split, balance=balance, sample_input=sample_input)
         stage_list = [make_stage(k, len(modules), m) for k, m in enumerate(modules)]
         executor = LocalExecutor(stage_list, method=method, timeline=timeline)
-        sizes = [len(m) for m in modules]
-        executor.split = [sum(sizes[:i]) for i in range(1, len(sizes))]
+        executor.split = cut_points(modules)
         return stage_list, executor
 
     from ddgpipe.distributed import DistributedExecutor
@@ -62,14 +61,12 @@ def build_stages(
     # Every rank must cut at the same places; a profiled split is measured on rank 0 only.
     boundaries = [split]
     if rank == 0 and split is None:
-        modules = partition(model, stages, balance=balance, sample_input=sample_input)
-        sizes = [len(m) for m in modules]
-        boundaries = [[sum(sizes[:i]) for i in range(1, len(sizes))]]
+        boundaries = [cut_points(partition(model, stages, balance=balance,
+                                           sample_input=sample_input))]
     dist.broadcast_object_list(boundaries, src=0)
     modules = partition(model, stages, split=boundaries[0] or None, balance="params")
     stage = make_stage(rank, stages, modules[rank])
     executor = DistributedExecutor(stage, method=method, timeline=timeline,
                                    timeout_s=peer_timeout_s)
-    sizes = [len(m) for m in modules]
-    executor.split = [sum(sizes[:i]) for i in range(1, len(sizes))]
+    executor.split = cut_points(modules)
     return [stage], executor
