@@ -20,6 +20,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from ddgpipe.allocator import tune_allocator
 from ddgpipe.errors import UsageError, WorkerError
 
 __all__ = ["WorkerError", "free_port", "run_workers", "init_from_env", "threads_per_worker"]
@@ -57,6 +58,7 @@ def init_from_env(timeout_s: float = 300.0) -> bool:
 def _child(rank, world_size, port, threads, timeout_s, fn, args, results):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size))
+    tune_allocator()
     torch.set_num_threads(threads)
     try:
         dist.init_process_group("gloo", rank=rank, world_size=world_size,

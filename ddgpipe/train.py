@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from ddgpipe.allocator import tune_allocator
 from ddgpipe.checkpoint import (
     COMPAT_FIELDS,
     atomic_torch_save,
@@ -260,6 +261,7 @@ def train(config: TrainConfig, dataset: Dataset | None = None) -> TrainResult | 
     writes the metrics and returns the result, the others return None.
     """
     config.validate()
+    tune_allocator()  # why: ddgpipe/allocator.py
     rank, world = (dist.get_rank(), dist.get_world_size()) if world_size() > 1 else (0, 1)
     if config.threads:
         torch.set_num_threads(config.threads)
