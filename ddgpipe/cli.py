@@ -74,12 +74,15 @@ def add_train_arguments(p: argparse.ArgumentParser, defaults_for_demo: bool = Fa
     g.add_argument("--split", type=_int_list, metavar="I,J",
                    help="cut points by block index, e.g. 4,8 makes blocks [0,4) [4,8) [8,end); "
                         "default: balance by --balance")
-    g.add_argument("--balance", default=None, choices=("params", "time"),
-                   help="how to balance stages when --split is not given: parameter count, "
-                        "or profiled forward+backward time; default: time under the parallel "
-                        "runtime (--launcher local, torchrun), where the slowest stage sets the "
-                        "speed, params otherwise (deterministic). The cut used is saved in "
-                        "RUN_DIR/config.json as split")
+    g.add_argument("--balance", default=None, choices=("params", "time", "pipeline"),
+                   help="how to balance stages when --split is not given: parameter count; "
+                        "forward+backward time of each block, profiled on every worker at "
+                        "once; or pipeline: that profiled cut and each cut one block away are "
+                        "run for a few clocks on copies of the model and the fastest is kept "
+                        "(a few seconds to a minute at start-up). Default: pipeline under the "
+                        "parallel runtime (--launcher local, torchrun), where the slowest stage "
+                        "sets the speed, params otherwise (deterministic). The cut used is "
+                        "saved in RUN_DIR/config.json as split")
     g.add_argument("--grad-shrink", type=float, default=1.0, metavar="BETA",
                    help="scale stage k's delayed gradient by BETA**delay (gradient shrinking, "
                         "from the authors' follow-up, Fully Decoupled Neural Network Learning "

@@ -23,6 +23,8 @@ __all__ = [
     "BALANCE_MODES",
     "partition",
     "balanced_split",
+    "block_costs",
+    "check_model",
     "check_split",
     "param_costs",
     "profile_costs",
@@ -47,6 +49,17 @@ def partition(
     without it the cut balances ``balance`` costs ("params", or "time" profiled on
     ``sample_input``).
     """
+    blocks = check_model(model, stages)
+    if split is not None:
+        cuts = check_split(split, stages, blocks)
+    else:
+        cuts = balanced_split(block_costs(model, balance, sample_input), stages)
+    bounds = [0, *cuts, blocks]
+    return [model[bounds[i]: bounds[i + 1]] for i in range(stages)]
+
+
+def check_model(model: nn.Module, stages: int) -> int:
+    """Refuse a model that cannot be cut into ``stages``; return its number of blocks."""
     if not isinstance(model, nn.Sequential):
         raise UsageError(
             f"DDG cuts an nn.Sequential of blocks, but got {type(model).__name__}; wrap the "
@@ -60,22 +73,18 @@ def partition(
             f"cannot cut a model of {blocks} blocks into {stages} stages; pass --stages "
             f"{blocks} or fewer"
         )
-    if split is not None:
-        cuts = check_split(split, stages, blocks)
-    else:
-        if balance not in BALANCE_MODES:
-            raise UsageError(
-                f"unknown balance {balance!r}; choose one of {', '.join(BALANCE_MODES)}"
-            )
-        if balance == "time":
-            if sample_input is None:
-                raise UsageError("balance='time' profiles the blocks and needs a sample_input")
-            costs = profile_costs(model, sample_input)
-        else:
-            costs = param_costs(model)
-        cuts = balanced_split(costs, stages)
-    bounds = [0, *cuts, blocks]
-    return [model[bounds[i]: bounds[i + 1]] for i in range(stages)]
+    return blocks
+
+
+def block_costs(model: nn.Sequential, balance: str, sample_input: Tensor | None) -> list[float]:
+    """Each block's cost under ``balance``: its parameters, or its profiled seconds."""
+    if balance not in BALANCE_MODES:
+        raise UsageError(f"unknown balance {balance!r}; choose one of {', '.join(BALANCE_MODES)}")
+    if balance == "params":
+        return param_costs(model)
+    if sample_input is None:
+        raise UsageError("balance='time' profiles the blocks and needs a sample_input")
+    return profile_costs(model, sample_input)
 
 
 def check_split(split: Sequence[int], stages: int, blocks: int) -> list[int]:

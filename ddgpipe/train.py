@@ -295,7 +295,9 @@ def train(config: TrainConfig, dataset: Dataset | None = None) -> TrainResult | 
             truncate_metrics(run_dir / "metrics.jsonl", loop.metrics_lines)
     elif run_dir is not None:
         saved = dataclasses.asdict(config) | {"label": config.display_label(),
-                                              "num_blocks": len(model), "split": used_split}
+                                              "num_blocks": len(model), "split": used_split,
+                                              "split_tuning": getattr(executor, "split_tuning",
+                                                                      None)}
         (run_dir / "config.json").write_text(json.dumps(saved, indent=2) + "\n")
     metrics = MetricsWriter(run_dir / "metrics.jsonl") if run_dir is not None else None
 

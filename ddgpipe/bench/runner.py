@@ -21,7 +21,7 @@ import torch
 from ddgpipe.bench.config import BASELINE, BenchConfig, ConfigSpec, resolve
 from ddgpipe.bench.workers import LR, MOMENTUM, profile_split_worker, run_config_worker
 from ddgpipe.errors import UsageError
-from ddgpipe.launch import WorkerError, run_workers
+from ddgpipe.launch import WorkerError, run_workers, threads_per_worker
 
 __all__ = ["run_bench", "summarise", "machine_info"]
 
@@ -105,10 +105,13 @@ def run_bench(config: BenchConfig, out_dir: str | Path | None = None,
     if config.stages > blocks:
         raise UsageError(f"{config.model} has {blocks} blocks, too few for {config.stages} "
                          f"stages; pass stages={blocks} or fewer")
-    split = run_workers(profile_split_worker, 1, (config,), threads=1,
-                        timeout_s=config.timeout_s)[0]
+    cut = run_workers(profile_split_worker, config.stages, (config,),
+                      threads=threads_per_worker(config.stages), timeout_s=config.timeout_s)[0]
+    split = cut["split"]
+    timed = ", ".join(f"[{k}] {v:.0f}" for k, v in cut["clock_ms"].items())
     _log(progress, f"bench: {config.model}, batch {config.batch_size}, {config.stages} stages "
-                   f"cut at blocks {split} of {blocks} (balanced by profiled time), "
+                   f"cut at blocks {split} of {blocks} (profiling proposed "
+                   f"{cut['profiled_split']}; timed ms per clock: {timed}), "
                    f"{len(specs)} configs x {config.rounds} rounds")
 
     reference = f"bp-{config.stages}t"
@@ -163,6 +166,8 @@ def run_bench(config: BenchConfig, out_dir: str | Path | None = None,
         "optimizer": {"name": "SGD", "lr": LR, "momentum": MOMENTUM},
         "blocks": blocks,
         "split": split,
+        "split_choice": {k: v for k, v in cut.items() if k != "allocator"},
+        "allocator": cut["allocator"],  # as the workers ran (the launcher tunes every one)
         "rows": rows,
         "best_sync_pipeline": ({"name": best["name"], "ratio_median": best["ratio_median"]}
                                if best else None),

@@ -66,14 +66,21 @@ def _timed(step: Callable[[], None], cfg: BenchConfig, world_size: int) -> tuple
     return t0, time.perf_counter()
 
 
-def profile_split_worker(rank: int, world_size: int, cfg: BenchConfig) -> list[int]:
-    """The cut points DDG's runtime would choose: blocks balanced by profiled time."""
-    from ddgpipe.partition import partition
+def profile_split_worker(rank: int, world_size: int, cfg: BenchConfig) -> dict:
+    """The cut DDG's runtime chooses by default (``balance="pipeline"``), run on K workers.
+
+    Returns ``{"split", "profiled_split", "clock_ms"}``: the cut every configuration uses, the
+    one balanced block profiling proposed, and the timed clock of each candidate.
+    """
+    from ddgpipe.allocator import allocator_setting
+    from ddgpipe.methods import DDG
 
     x, _ = _batch(cfg)
-    modules = partition(_model(cfg), cfg.stages, balance="time", sample_input=x)
-    sizes = [len(m) for m in modules]
-    return [sum(sizes[:i]) for i in range(1, len(sizes))]
+    pipe = DDG(_model(cfg), stages=world_size, optimizer=_optimizer, stash="graph",
+               balance="pipeline", sample_input=x)
+    tuning = pipe.executor.split_tuning or {}
+    return {"split": pipe.executor.split, "profiled_split": tuning.get("profiled_split"),
+            "clock_ms": tuning.get("clock_ms", {}), "allocator": allocator_setting()}
 
 
 def run_config_worker(rank: int, world_size: int, cfg: BenchConfig, spec: ConfigSpec,

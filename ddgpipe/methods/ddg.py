@@ -51,8 +51,10 @@ class DDG(PipelineMethod):
         stash: ``graph`` (default, exact), ``recompute`` (exact, less memory, one more
             forward) or ``none`` (replay with current weights: approximate).
         split: cut points, e.g. ``[4, 8]``; default balances stages by ``balance``.
-        balance: ``params`` or ``time`` (profiled on ``sample_input``); default ``time``
-            under the parallel runtime (when ``sample_input`` is given), ``params`` otherwise.
+        balance: ``params``, ``time`` (blocks profiled on ``sample_input``) or ``pipeline``
+            (the profiled cut and its one-block neighbours timed as real pipelines, the
+            fastest kept; see ``ddgpipe.tuning``); default ``pipeline`` under the parallel
+            runtime (when ``sample_input`` is given), ``params`` otherwise.
         grad_shrink: beta; delayed gradients of stage k are scaled by beta**d_k (FDG).
         timeline: a :class:`Timeline` to record every op's start and end.
         check_finite: stop with :class:`NonFiniteLossError` when the loss is NaN or inf.

@@ -1,0 +1,125 @@
+"""Choose the runtime's cut by timing the pipeline: the block profile proposes, the clock decides.
+
+Balancing profiled block times assumes a stage costs the sum of its blocks timed alone. Under
+the runtime that is only roughly true: all stages compute at once and share memory bandwidth
+and caches, the early stages keep graphs alive across clocks, and the schedule couples
+neighbours, so with two stages near balance every op's jitter turns into a wait on the other
+side. On the 2-core machine of ``benchmarks/`` the profile cut ResNet-56 (batch 128, K = 2)
+at block 10, and the pipeline ran 4-10% faster cut at block 11.
+
+So, with ``balance="pipeline"`` (the runtime's default), every rank runs a few clocks of the
+real pipeline on throwaway copies of the model for the profiled cut and for each cut moved by
+one block, in interleaved rounds, and all keep the cut with the shortest median clock. The
+weights, BatchNorm statistics and RNG the training starts from are left untouched.
+"""
+
+from __future__ import annotations
+
+import copy
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from ddgpipe.partition import partition
+from ddgpipe.stage import Stage
+
+__all__ = ["candidate_splits", "pipeline_clock_s", "fastest_split"]
+
+
+def candidate_splits(proposed: list[int], blocks: int) -> list[list[int]]:
+    """``proposed`` first, then every valid cut that moves one of its points by one block."""
+    candidates = [list(proposed)]
+    for i in range(len(proposed)):
+        for step in (-1, 1):
+            cut = list(proposed)
+            cut[i] += step
+            bounds = [0, *cut, blocks]
+            if all(a < b for a, b in zip(bounds, bounds[1:])) and cut not in candidates:
+                candidates.append(cut)
+    return candidates
+
+
+def _proxy_loss(out: Tensor, _target: Tensor | None) -> Tensor:
+    """Stands in for the real loss: the last stage's backward costs the same whatever it is."""
+    return out.float().square().mean()
+
+
+def pipeline_clock_s(
+    model: nn.Sequential,
+    split: list[int],
+    make_stage: Callable[[int, int, nn.Module], Stage],
+    method: str,
+    sample_input: Tensor,
+    *,
+    clocks: int = 4,
+    warmup: int = 2,
+    timeout_s: float = 300.0,
+) -> float:
+    """Seconds per clock of the whole pipeline cut at ``split`` (the same on every rank).
+
+    Runs ``warmup`` + ``clocks`` clocks of this rank's stage, built on a deep copy of
+    ``model``; the slowest rank's time counts, since the pipeline goes at its pace.
+    """
+    from ddgpipe.distributed import DistributedExecutor
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    module = partition(copy.deepcopy(model), world, split=split)[rank]
+    stage = make_stage(rank, world, module)
+    executor = DistributedExecutor(stage, method=method, timeout_s=timeout_s)
+    x = sample_input if stage.is_first else None
+    target, loss_fn = (torch.empty(0), _proxy_loss) if stage.is_last else (None, None)
+    for _ in range(warmup):
+        executor.step(x, target, loss_fn)
+    dist.barrier()
+    start = time.perf_counter()
+    for _ in range(clocks):
+        executor.step(x, target, loss_fn)
+    elapsed = time.perf_counter() - start
+    executor.drain()
+    everyone: list[float | None] = [None] * world
+    dist.all_gather_object(everyone, elapsed)
+    return max(everyone) / clocks
+
+
+def fastest_split(
+    model: nn.Sequential,
+    make_stage: Callable[[int, int, nn.Module], Stage],
+    method: str,
+    sample_input: Tensor,
+    proposed: list[int],
+    *,
+    rounds: int = 2,
+    clocks: int = 4,
+    warmup: int = 2,
+    timeout_s: float = 300.0,
+) -> tuple[list[int], dict[str, float]]:
+    """The candidate cut (see :func:`candidate_splits`) whose pipeline clock is shortest.
+
+    Returns ``(split, {cut as "i,j": median milliseconds per clock})``. Candidates are timed
+    in ``rounds`` interleaved rounds so a slow minute does not single one out; a tie keeps
+    ``proposed``. Every rank gets the same answer (the times are gathered).
+    """
+    candidates = candidate_splits(proposed, len(model))
+    if len(candidates) == 1:
+        return list(proposed), {}
+    times: dict[str, list[float]] = {_key(c): [] for c in candidates}
+    rng = torch.get_rng_state()
+    try:
+        for _ in range(rounds):
+            for cut in candidates:
+                times[_key(cut)].append(pipeline_clock_s(
+                    model, cut, make_stage, method, sample_input,
+                    clocks=clocks, warmup=warmup, timeout_s=timeout_s))
+    finally:
+        torch.set_rng_state(rng)
+    medians = {k: 1000.0 * statistics.median(v) for k, v in times.items()}
+    best = min(candidates, key=lambda c: (medians[_key(c)], c != proposed))
+    return best, medians
+
+
+def _key(cut: list[int]) -> str:
+    return ",".join(map(str, cut))
