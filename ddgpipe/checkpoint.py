@@ -37,7 +37,7 @@ __all__ = [
     "COMPAT_FIELDS",
 ]
 
-FORMAT = 1
+FORMAT = 2  # 2: the reference executor saves each stage's RNG stream
 KEEP = 2  # complete sets kept on disk
 
 # Settings a resumed run must share with the checkpoint, or its numbers would change.

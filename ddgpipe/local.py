@@ -2,6 +2,9 @@
 
 It is the definition the parallel runtime is tested against (bitwise), so it stays simple:
 activations of a clock flow forward through a dict, gradients wait one clock in another.
+Each stage draws its random numbers (dropout, a DNI gradient model's initial weights) from a
+stream of its own, as it does under the runtime where each stage is a process with its own
+RNG; one shared stream would interleave the stages' draws in an order no runtime has.
 """
 
 from __future__ import annotations
@@ -9,6 +12,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
+import torch
 from torch import Tensor
 
 from ddgpipe.schedule import Action, ddg_actions, dni_actions, num_clocks
@@ -36,6 +40,7 @@ class LocalExecutor:
         self.clock = 0  # the next clock to run
         self.fed = 0  # minibatches fed so far
         self._grads: dict[tuple[int, int], Tensor] = {}  # (stage, minibatch) -> grad of output
+        self._rng: list[dict] | None = None  # each stage's RNG stream, from the first clock on
 
     @property
     def num_stages(self) -> int:
@@ -63,17 +68,30 @@ class LocalExecutor:
             raise NotImplementedError("checkpoints support ddg and bp, not dni")
         return {"clock": self.clock, "fed": self.fed,
                 "grads": [[k, m, g] for (k, m), g in self._grads.items()],
-                "stages": [s.pipeline_state() for s in self.stages]}
+                "stages": [s.pipeline_state() for s in self.stages],
+                "stage_rng": self._rng}
 
     def load_checkpoint_state(self, state: dict) -> None:
         for stage, s in zip(self.stages, state["stages"], strict=True):
             stage.load_pipeline_state(s)
         self.clock, self.fed = state["clock"], state["fed"]
         self._grads = {(k, m): g for k, m, g in state["grads"]}
+        self._rng = state["stage_rng"]
 
     def _run_clock(self, total: int | None, x, y, loss_fn) -> Tensor | None:
+        if self._rng is None:  # every stage's stream starts where a worker's would: here
+            start = rng_state()
+            self._rng = [start] * self.num_stages
+        caller = rng_state()
+        try:
+            return self._run_stages(total, x, y, loss_fn)
+        finally:
+            set_rng_state(caller)
+
+    def _run_stages(self, total: int | None, x, y, loss_fn) -> Tensor | None:
         activation, loss = x, None
         for stage in self.stages:
+            set_rng_state(self._rng[stage.index])
             for action in self.actions_at(stage.index, self.num_stages, self.clock, total):
                 start = time.perf_counter()
                 if action.op == "F":
@@ -97,7 +115,22 @@ class LocalExecutor:
                     raise RuntimeError(f"no executor for op {action.op!r} ({action})")
                 if self.timeline is not None:
                     self.timeline.record(action, start, time.perf_counter())
+            self._rng[stage.index] = rng_state()
         for stage in self.stages:
             stage.end_clock()
         self.clock += 1
         return loss
+
+
+def rng_state() -> dict:
+    """The process's RNG state: the CPU generator's, and every GPU's once CUDA is in use."""
+    state = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state:
+        torch.cuda.set_rng_state_all(state["cuda"])

@@ -20,12 +20,15 @@ from ddgpipe.methods.dni import DNI
 
 
 def make_model():
+    """Dropout in every block, so every stage draws random numbers whatever the cut."""
     torch.manual_seed(0)
     return nn.Sequential(
-        nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU()),
-        nn.Sequential(nn.Conv2d(8, 8, 3, padding=1, stride=2), nn.BatchNorm2d(8), nn.ReLU()),
-        nn.Sequential(nn.Conv2d(8, 16, 3, padding=1), nn.ReLU()),
-        nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10)),
+        nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                      nn.Dropout(0.2)),
+        nn.Sequential(nn.Conv2d(8, 8, 3, padding=1, stride=2), nn.BatchNorm2d(8), nn.ReLU(),
+                      nn.Dropout(0.2)),
+        nn.Sequential(nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.Dropout(0.2)),
+        nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(0.2), nn.Linear(16, 10)),
     )
 
 
@@ -73,7 +76,7 @@ def stage_worker(rank, world, method, stash, clocks):
 
 @pytest.mark.parametrize("method,stages,stash", [
     ("ddg", 2, "graph"), ("ddg", 2, "recompute"), ("ddg", 3, "graph"), ("ddg", 3, "recompute"),
-    ("dni", 2, None),
+    ("dni", 2, None), ("dni", 3, None),
 ])
 def test_runtime_matches_reference_bitwise(method, stages, stash):
     clocks = 7
