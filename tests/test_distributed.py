@@ -17,6 +17,11 @@ from torch import nn
 import ddgpipe
 from ddgpipe.launch import WorkerError, run_workers
 from ddgpipe.methods.dni import DNI
+from tests.runtime_helpers import (
+    assert_runtime_matches_reference,
+    local_stage_arrays,
+    run_clocks,
+)
 
 
 def make_model():
@@ -55,22 +60,11 @@ def build(method, stages, stash):
                        peer_timeout_s=30)
 
 
-def train_steps(pipe, rank, world, clocks):
-    losses = []
-    for x, y in batches(clocks):
-        first, last = rank == 0, rank == world - 1
-        loss = pipe.step(x if first else None, y if last else None,
-                         F.cross_entropy if last else None)
-        losses.append(None if loss is None else loss.item())
-    pipe.drain()
-    return losses
-
-
 def stage_worker(rank, world, method, stash, clocks):
     torch.manual_seed(1234)  # must not matter: models are built from their own seed
     pipe = build(method, world, stash)
-    losses = train_steps(pipe, rank, world, clocks)
-    state = {k: v.numpy().copy() for k, v in pipe.stages[0].module.state_dict().items()}
+    losses = run_clocks(pipe, rank, world, batches(clocks))
+    state = local_stage_arrays(pipe)
     return {"state": state, "losses": losses}
 
 
@@ -82,16 +76,8 @@ def test_runtime_matches_reference_bitwise(method, stages, stash):
     clocks = 7
     results = run_workers(stage_worker, stages, (method, stash, clocks), timeout_s=120,
                           threads=1)
-    torch.set_num_threads(1)
-    try:
-        reference = build(method, stages, stash)
-        losses = train_steps(reference, 0, 1, clocks)
-    finally:
-        torch.set_num_threads(os.cpu_count() or 1)
-    assert results[-1]["losses"] == losses
-    for stage, result in zip(reference.stages, results):
-        for name, value in stage.module.state_dict().items():
-            assert torch.equal(value, torch.from_numpy(result["state"][name])), name
+    assert_runtime_matches_reference(results, lambda: build(method, stages, stash),
+                                     batches(clocks))
 
 
 def failing_worker(rank, world, how):

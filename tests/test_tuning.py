@@ -1,17 +1,20 @@
 """Choosing the runtime's cut by timing real pipelines: the candidates, agreement between
 ranks, and that the timing runs leave the training bitwise what it would have been."""
 
-import os
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import ddgpipe
 from ddgpipe.launch import run_workers
 from ddgpipe.methods.dni import DNI
 from ddgpipe.tuning import candidate_splits
+from tests.runtime_helpers import (
+    assert_runtime_matches_reference,
+    local_stage_arrays,
+    run_clocks,
+)
 
 
 def test_candidates_move_one_cut_by_one_block_and_stay_valid():
@@ -52,21 +55,10 @@ def build(method, stages, **kwargs):
     return ddgpipe.DDG(model, stages, optimizer, peer_timeout_s=30, **kwargs)
 
 
-def train(pipe, rank, world, clocks):
-    losses = []
-    for x, y in batches(clocks):
-        first, last = rank == 0, rank == world - 1
-        loss = pipe.step(x if first else None, y if last else None,
-                         F.cross_entropy if last else None)
-        losses.append(None if loss is None else loss.item())
-    pipe.drain()
-    return losses
-
-
 def tuned_worker(rank, world, method, clocks):
     pipe = build(method, world, balance="pipeline", sample_input=batches(1)[0][0])
-    losses = train(pipe, rank, world, clocks)
-    state = {k: v.numpy().copy() for k, v in pipe.stages[0].module.state_dict().items()}
+    losses = run_clocks(pipe, rank, world, batches(clocks))
+    state = local_stage_arrays(pipe)
     return {"split": pipe.executor.split, "tuning": pipe.executor.split_tuning,
             "losses": losses, "state": state}
 
@@ -84,13 +76,5 @@ def test_tuned_cut_is_agreed_and_training_matches_the_reference_bitwise(method, 
     assert timed[tuple(split)] == min(timed.values())
     assert all(ms > 0 for ms in timed.values())
 
-    torch.set_num_threads(1)
-    try:
-        reference = build(method, stages, split=split)
-        losses = train(reference, 0, 1, clocks)
-    finally:
-        torch.set_num_threads(os.cpu_count() or 1)
-    assert results[-1]["losses"] == losses
-    for stage, result in zip(reference.stages, results):
-        for name, value in stage.module.state_dict().items():
-            assert torch.equal(value, torch.from_numpy(result["state"][name])), name
+    assert_runtime_matches_reference(results, lambda: build(method, stages, split=split),
+                                     batches(clocks))
