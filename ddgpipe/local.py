@@ -12,9 +12,9 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-import torch
 from torch import Tensor
 
+from ddgpipe.rng import rng_kept, rng_state, set_rng_state
 from ddgpipe.schedule import Action, ddg_actions, dni_actions, num_clocks
 from ddgpipe.stage import LossFn, Stage
 from ddgpipe.timeline import Timeline
@@ -82,11 +82,8 @@ class LocalExecutor:
         if self._rng is None:  # every stage's stream starts where a worker's would: here
             start = rng_state()
             self._rng = [start] * self.num_stages
-        caller = rng_state()
-        try:
+        with rng_kept():  # the caller's own stream is not the stages' business
             return self._run_stages(total, x, y, loss_fn)
-        finally:
-            set_rng_state(caller)
 
     def _run_stages(self, total: int | None, x, y, loss_fn) -> Tensor | None:
         activation, loss = x, None
@@ -120,17 +117,3 @@ class LocalExecutor:
             stage.end_clock()
         self.clock += 1
         return loss
-
-
-def rng_state() -> dict:
-    """The process's RNG state: the CPU generator's, and every GPU's once CUDA is in use."""
-    state = {"cpu": torch.get_rng_state()}
-    if torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["cpu"])
-    if "cuda" in state:
-        torch.cuda.set_rng_state_all(state["cuda"])

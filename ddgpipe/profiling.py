@@ -9,6 +9,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from ddgpipe.rng import rng_state, set_rng_state
+
 __all__ = ["BlockProfile", "profile_blocks"]
 
 
@@ -26,7 +28,7 @@ def profile_blocks(
 ) -> list[BlockProfile]:
     """Median forward and backward time per block (weights, stats and RNG left untouched)."""
     saved = {k: v.clone() for k, v in model.state_dict().items()}
-    rng = torch.get_rng_state()
+    rng = rng_state()
     was_training = model.training
     model.train()
     fwd: list[list[float]] = [[] for _ in model]
@@ -49,7 +51,7 @@ def profile_blocks(
                 x = out.detach()
     finally:
         model.load_state_dict(saved)
-        torch.set_rng_state(rng)
+        set_rng_state(rng)
         model.zero_grad(set_to_none=True)
         model.train(was_training)
     return [BlockProfile(statistics.median(f), statistics.median(b), s)

@@ -25,6 +25,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from ddgpipe.partition import partition
+from ddgpipe.rng import rng_kept
 from ddgpipe.stage import Stage
 
 __all__ = ["candidate_splits", "pipeline_clock_s", "fastest_split"]
@@ -107,15 +108,12 @@ def fastest_split(
     if len(candidates) == 1:
         return list(proposed), {}
     times: dict[str, list[float]] = {_key(c): [] for c in candidates}
-    rng = torch.get_rng_state()
-    try:
+    with rng_kept():
         for _ in range(rounds):
             for cut in candidates:
                 times[_key(cut)].append(pipeline_clock_s(
                     model, cut, make_stage, method, sample_input,
                     clocks=clocks, warmup=warmup, timeout_s=timeout_s))
-    finally:
-        torch.set_rng_state(rng)
     medians = {k: 1000.0 * statistics.median(v) for k, v in times.items()}
     best = min(candidates, key=lambda c: (medians[_key(c)], c != proposed))
     return best, medians

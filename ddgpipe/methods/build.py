@@ -49,10 +49,10 @@ def build_stages(
     if balance not in BUILD_BALANCE_MODES:
         raise UsageError(f"unknown balance {balance!r}; choose one of "
                          f"{', '.join(BUILD_BALANCE_MODES)}")
+    # "pipeline" starts from the profiled cut; one process has no pipeline clock to time.
+    profiled = "time" if balance == "pipeline" else balance
     if world == 1:
-        # One process has no pipeline clock to time: "pipeline" proposes its profiled cut.
-        modules = partition(model, stages, split=split,
-                            balance="time" if balance == "pipeline" else balance,
+        modules = partition(model, stages, split=split, balance=profiled,
                             sample_input=sample_input)
         stage_list = [make_stage(k, len(modules), m) for k, m in enumerate(modules)]
         executor = LocalExecutor(stage_list, method=method, timeline=timeline)
@@ -70,7 +70,6 @@ def build_stages(
     rank = dist.get_rank()
     tuning = None
     if split is None:
-        profiled = "time" if balance == "pipeline" else balance
         split = agreed_split(model, stages, profiled, sample_input)
         if balance == "pipeline":
             proposed = split
