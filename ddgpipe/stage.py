@@ -14,6 +14,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
+from ddgpipe.compensation import Compensation
 from ddgpipe.errors import UsageError
 from ddgpipe.stash import Pending, Stash
 
@@ -44,6 +45,7 @@ class Stage:
         stash: str = "graph",
         grad_shrink: float = 1.0,
         delay: int | None = None,
+        compensation: Compensation | None = None,
     ):
         self.index = index
         self.num_stages = num_stages
@@ -56,6 +58,9 @@ class Stage:
         self.grad_scale = grad_shrink**self.delay
         self.inflight: deque[Pending] = deque()
         self.steps = 0
+        self.compensation = compensation or Compensation()
+        self.compensation.bind(self)
+        self._forward_weights: dict[str, Tensor] | None = None  # of the minibatch B just ran
 
     @property
     def is_first(self) -> bool:
@@ -66,8 +71,9 @@ class Stage:
         return self.index == self.num_stages - 1
 
     def _forward(self, minibatch: int, x: Tensor) -> tuple[Tensor, Pending]:
+        weights = self.compensation.forward_weights() if self.delay > 0 else None
         try:
-            return self.stash.forward(minibatch, x)
+            return self.stash.forward(minibatch, x, weights)
         except RuntimeError as e:  # shape/dtype mismatches surface as RuntimeError in torch
             if self.is_first or "shape" in str(e) or "size" in str(e):
                 raise UsageError(
@@ -112,6 +118,7 @@ class Stage:
             )
         output = self.stash.output_for_backward(pending)
         grad_in = self.stash.backward(pending, output, grad_output)
+        self._forward_weights = pending.weights
         if self.grad_scale != 1.0:
             for p in self.stash.params.values():
                 if p.grad is not None:
@@ -119,8 +126,12 @@ class Stage:
         return grad_in
 
     def step(self, minibatch: int) -> None:
-        """S: apply the gradient of minibatch ``minibatch``."""
-        self.optimizer.step()
+        """S: apply the gradient of minibatch ``minibatch`` (through the compensation)."""
+        if self.delay > 0:
+            self.compensation.step(self._forward_weights)
+        else:
+            self.optimizer.step()
+        self._forward_weights = None
         self.steps += 1
 
     def end_clock(self) -> None:
@@ -142,6 +153,7 @@ class Stage:
             "optimizer": self.optimizer.state_dict(),
             "lr_scheduler": self.lr_scheduler.state_dict() if self.lr_scheduler else None,
             "steps": self.steps,
+            "compensation": self.compensation.state_dict(),
         }
 
     def pipeline_state(self) -> dict:
@@ -158,3 +170,4 @@ class Stage:
         if self.lr_scheduler is not None and state.get("lr_scheduler") is not None:
             self.lr_scheduler.load_state_dict(state["lr_scheduler"])
         self.steps = state.get("steps", 0)
+        self.compensation.load_state_dict(state.get("compensation", {}))

@@ -66,26 +66,39 @@ class Stash:
     def _leaf_input(self, x: Tensor) -> Tensor:
         return x.detach().requires_grad_(self.needs_input_grad)
 
-    def _snapshot(self, requires_grad: bool) -> dict[str, Tensor]:
-        return {n: p.detach().clone().requires_grad_(requires_grad) for n, p in self.params.items()}
+    def _snapshot(self, requires_grad: bool,
+                  weights: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
+        source = self.params if weights is None else weights
+        return {n: source[n].detach().clone().requires_grad_(requires_grad) for n in self.params}
 
-    def forward(self, minibatch: int, x: Tensor) -> tuple[Tensor, Pending]:
-        """Forward of one minibatch with the current weights; returns (output, pending)."""
+    def forward(self, minibatch: int, x: Tensor,
+                weights: dict[str, Tensor] | None = None) -> tuple[Tensor, Pending]:
+        """Forward of one minibatch; returns (output, pending).
+
+        ``weights`` (by parameter name) replace the current ones in this forward and become
+        the version the stash keeps (weight prediction); None uses the current weights.
+        """
         if self.mode == "live":
+            if weights is not None:
+                raise ValueError("a stage without delay has nothing to predict")
             xin = self._leaf_input(x)
             out = self.module(xin)
             return out, Pending(minibatch, xin, output=out)
         if self.mode == "graph":
             xin = self._leaf_input(x)
-            weights = self._snapshot(requires_grad=True)
+            weights = self._snapshot(requires_grad=True, weights=weights)
             rng = torch.get_rng_state()  # kept so a checkpoint can rebuild this graph exactly
             out = functional_call(self.module, weights, (xin,), strict=False)
             return out, Pending(minibatch, xin, output=out, weights=weights, rng_state=rng)
         rng = torch.get_rng_state()
         with torch.no_grad():
-            out = self.module(x)
-        weights = self._snapshot(requires_grad=False) if self.mode == "recompute" else None
-        return out, Pending(minibatch, x.detach(), weights=weights, rng_state=rng)
+            if weights is None:
+                out = self.module(x)
+            else:  # stash none replays with the *live* weights, whatever the forward used
+                out = functional_call(self.module, weights, (x,), strict=False)
+        kept = self._snapshot(requires_grad=False, weights=weights) \
+            if self.mode == "recompute" else None
+        return out, Pending(minibatch, x.detach(), weights=kept, rng_state=rng)
 
     def replay(self, pending: Pending) -> Tensor:
         """Recompute the forward of ``pending`` with grad enabled (``recompute``/``none``)."""
