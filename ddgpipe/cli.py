@@ -37,10 +37,18 @@ def _int_list(text: str) -> list[int]:
         ) from None
 
 
+def _str_list(text: str) -> list[str]:
+    return [v.strip() for v in text.split(",") if v.strip()]
+
+
 def add_train_arguments(p: argparse.ArgumentParser, defaults_for_demo: bool = False) -> None:
     from ddgpipe.data import DATASET_NAMES
+    from ddgpipe.devices import DEVICE_CHOICES
+    from ddgpipe.distributed import COMMS
+    from ddgpipe.methods.build import EXECUTORS
     from ddgpipe.models import MODEL_NAMES
     from ddgpipe.optim import LR_SCHEDULES, OPTIMIZERS
+    from ddgpipe.precision import PRECISIONS
     from ddgpipe.stash import STASH_MODES
 
     g = p.add_argument_group("model and data")
@@ -74,15 +82,17 @@ def add_train_arguments(p: argparse.ArgumentParser, defaults_for_demo: bool = Fa
     g.add_argument("--split", type=_int_list, metavar="I,J",
                    help="cut points by block index, e.g. 4,8 makes blocks [0,4) [4,8) [8,end); "
                         "default: balance by --balance")
-    g.add_argument("--balance", default=None, choices=("params", "time", "pipeline"),
+    g.add_argument("--balance", default=None, choices=("params", "flops", "time", "pipeline"),
                    help="how to balance stages when --split is not given: parameter count; "
-                        "forward+backward time of each block, profiled on every worker at "
-                        "once; or pipeline: that profiled cut and each cut one block away are "
-                        "run for a few clocks on copies of the model and the fastest is kept "
-                        "(a few seconds to a minute at start-up). Default: pipeline under the "
-                        "parallel runtime (--launcher local, torchrun), where the slowest stage "
-                        "sets the speed, params otherwise (deterministic). The cut used is "
-                        "saved in RUN_DIR/config.json as split")
+                        "counted floating-point operations of each block's forward+backward "
+                        "(deterministic); forward+backward time of each block, profiled; or "
+                        "pipeline: that profiled cut and each cut one block away are run for a "
+                        "few clocks on copies of the model and the fastest is kept (a few "
+                        "seconds to a minute at start-up). Default: pipeline for --executor "
+                        "processes, where the slowest stage sets the speed, params otherwise "
+                        "(deterministic: the same seed gives the same numbers). The cut used "
+                        "is saved in RUN_DIR/config.json as split; pass it back with --split "
+                        "to repeat a run exactly")
     g.add_argument("--grad-shrink", type=float, default=1.0, metavar="BETA",
                    help="scale stage k's delayed gradient by BETA**delay (gradient shrinking, "
                         "from the authors' follow-up, Fully Decoupled Neural Network Learning "
@@ -123,7 +133,8 @@ def add_train_arguments(p: argparse.ArgumentParser, defaults_for_demo: bool = Fa
     g = p.add_argument_group("run")
     g.add_argument("--seed", type=int, default=0, help="seeds weights, data order and "
                    "augmentation; same seed, same numbers (default: %(default)s)")
-    g.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
+    g.add_argument("--threads", type=int, help="torch intra-op threads per stage (default: "
+                   "this machine's cores divided by the number of stages)")
     g.add_argument("--out", metavar="RUN_DIR", help="write config.json and metrics.jsonl here "
                    "(default: runs/<method>-k<K>-s<seed>)")
     g.add_argument("--log-every", type=int, default=0, metavar="N",
@@ -147,11 +158,31 @@ def add_train_arguments(p: argparse.ArgumentParser, defaults_for_demo: bool = Fa
                    help="continue the run in RUN_DIR from its newest complete checkpoint; give "
                         "the same settings as the run that wrote it (checked). The resumed run "
                         "ends with bitwise the weights of an uninterrupted one")
-    g = p.add_argument_group("parallel runtime")
-    g.add_argument("--launcher", default="none", choices=("none", "local"),
-                   help="none: all stages in this process (the reference executor), or one "
-                        "stage per process when started by torchrun; local: spawn one process "
-                        "per stage here (gloo on 127.0.0.1) (default: %(default)s)")
+    g = p.add_argument_group("executors and devices")
+    g.add_argument("--executor", default=None, choices=EXECUTORS,
+                   help="threads: one thread per stage in this process (the default for "
+                        "--stages 2 or more); reference: every stage in turn on one thread, "
+                        "clock by clock (the spec: for debugging and timelines; bitwise the "
+                        "same numbers as threads); processes: one process per stage spawned "
+                        "here (gloo on 127.0.0.1, or nccl on GPUs). Under torchrun every rank "
+                        "runs one stage (processes) whatever this says")
+    g.add_argument("--launcher", default=None, choices=("none", "local"),
+                   help=argparse.SUPPRESS)  # replaced by --executor processes; still accepted
+    g.add_argument("--device", default="auto", metavar="DEVICE",
+                   help=f"where to compute: {DEVICE_CHOICES}; auto is CUDA when available, "
+                        "cuda spreads the stages over the GPUs (stage k on cuda:k mod count). "
+                        "Under torchrun each rank uses cuda:LOCAL_RANK (default: %(default)s)")
+    g.add_argument("--devices", type=_str_list, metavar="D0,D1",
+                   help="one device per stage, e.g. cuda:0,cuda:1 (overrides --device)")
+    g.add_argument("--precision", default="fp32", choices=PRECISIONS,
+                   help="fp32; bf16: autocast to bfloat16 in every stage; fp16: autocast to "
+                        "float16 with dynamic loss scaling, the scale travelling with each "
+                        "minibatch's delayed gradient (default: %(default)s)")
+    g.add_argument("--comm", default="auto", choices=COMMS,
+                   help="--executor processes/torchrun on GPUs: auto sends GPU tensors with "
+                        "nccl; host stages them through host memory over gloo (needed when "
+                        "several ranks share one GPU, which nccl refuses) (default: "
+                        "%(default)s)")
     g.add_argument("--timeout", type=float, default=300.0, metavar="SECONDS",
                    help="how long a stage waits for a peer before the run stops with an "
                         "error (default: %(default)s)")
@@ -267,6 +298,13 @@ def config_from_args(args: argparse.Namespace):
         raise UsageError(f"--resume {args.resume} continues in that directory; drop --out or "
                          "make it the same")
     out = args.resume or args.out or f"runs/{args.method}-k{stages}-s{args.seed}"
+    executor = args.executor
+    if args.launcher == "local":  # the old spelling of --executor processes
+        if executor not in (None, "processes"):
+            raise UsageError(f"--launcher local means --executor processes; it contradicts "
+                             f"--executor {executor}: drop --launcher")
+        print("ddgpipe: note: --launcher local is now --executor processes", file=sys.stderr)
+        executor = "processes"
     return TrainConfig(
         model=args.model, data=args.data, data_dir=args.data_dir, method=args.method,
         stages=stages, stash=args.stash, split=args.split, balance=args.balance,
@@ -276,7 +314,8 @@ def config_from_args(args: argparse.Namespace):
         milestones=args.milestones, lr_gamma=args.lr_gamma, seed=args.seed,
         warmup_epochs=args.warmup_epochs, warmup_factor=args.warmup_factor,
         threads=args.threads, log_every=args.log_every, timeline=args.timeline,
-        label=args.label, out=out, progress=not args.no_progress, launcher=args.launcher,
+        label=args.label, out=out, progress=not args.no_progress, executor=executor,
+        device=args.device, devices=args.devices, precision=args.precision, comm=args.comm,
         timeout_s=args.timeout, checkpoint_every=args.checkpoint_every,
         checkpoint_every_epochs=args.checkpoint_every_epochs, stop_after=args.stop_after,
         resume=args.resume,
@@ -297,21 +336,21 @@ def format_results(results) -> str:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from ddgpipe.launch import init_from_env, run_workers
+    from ddgpipe.launch import init_from_env, process_backend, run_workers, under_torchrun
     from ddgpipe.plots import plot_learning_curves
     from ddgpipe.train import prepare_out_dir, train, train_worker
 
     config = config_from_args(args)
     config.validate()
-    if config.launcher == "local":
-        if config.method == "bp" or config.stages < 2:
-            raise UsageError("--launcher local runs one process per stage: use it with "
-                             "--method ddg or dni and --stages 2 or more")
+    if config.executor == "processes" and not under_torchrun():
         # Fail here, before spawning, if it is not writable.
         prepare_out_dir(config.out, keep=config.resume is not None)
         result = run_workers(train_worker, config.stages, (config,),
-                             peer_timeout_s=config.timeout_s, threads=config.threads)[-1]
-    elif init_from_env(config.timeout_s):
+                             peer_timeout_s=config.timeout_s, threads=config.threads,
+                             backend=process_backend(config.device, config.devices,
+                                                     config.comm))[-1]
+    elif init_from_env(config.timeout_s, backend=process_backend(config.device, None,
+                                                                  config.comm)):
         try:
             result = train(config)
         finally:

@@ -1,19 +1,27 @@
-"""The parallel runtime: one stage per process, talking point-to-point over torch.distributed.
+"""The process runtime: one stage per process, talking point-to-point over torch.distributed.
 
-Each rank runs the very ``Stage`` methods the reference executor runs, in the order of the
-same schedule, so after N clocks the weights agree bitwise with ``local.py`` (given the same
-seed, one thread per worker and deterministic kernels). Only communication is added:
+Each rank runs its stage through :func:`ddgpipe.clock.run_stage_clock`, the very code the
+in-process executors run, so after N clocks the weights agree bitwise with the reference
+(given the same seed, one thread per worker and deterministic kernels). Only communication
+is added:
 
-* activations go k -> k+1 as a small header (shape) then the payload; the header receive is
-  posted a clock ahead, so a stage never waits to *start* a receive;
+* activations go k -> k+1 as a small header (shape, dtype, fp16 overflow report) then the
+  payload; the header receive is posted a clock ahead, so a stage never waits to *start* a
+  receive;
 * gradients go k+1 -> k; their shape is the activation's, so their receives are posted as
-  soon as the activation is sent, long before the delayed backward needs them;
+  soon as the activation is sent, long before the delayed backward needs them; under fp16 a
+  one-number message with the loss scale follows each gradient;
 * every send is non-blocking (``isend``; gloo's ``send`` would block until the peer posts its
   receive), so communication overlaps computation;
-* activations and gradients travel in two process groups of their own. Gloo serialises the
-  traffic of one pair of ranks: a stage's activation send stalled behind the gradient its
-  neighbour was sending it (18 ms for 8 MB on 2 busy cores), on the critical path of the
-  schedule. Two groups give each direction its own connection.
+* activations, gradients and evaluation batches travel in process groups of their own. Gloo
+  serialises the traffic of one pair of ranks: a stage's activation send stalled behind the
+  gradient its neighbour was sending it (18 ms for 8 MB on 2 busy cores), on the critical
+  path. NCCL ignores tags, so the evaluation traffic needs its own group too.
+
+Where tensors travel: with the nccl backend, on the stage's GPU. With gloo (CPU, or
+``--comm host`` when several ranks share a GPU, which nccl refuses) they go through host
+memory: a GPU stage copies its output to the host before sending, and what arrives to its
+GPU after receiving.
 
 A peer that dies closes its sockets and the pending receives here fail at once; every wait
 also has a timeout, so a dead or hung peer ends the run with an error, never a hang.
@@ -28,33 +36,41 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from ddgpipe.schedule import ddg_actions, dni_actions, num_clocks
+from ddgpipe.clock import run_stage_clock
+from ddgpipe.schedule import ACTIONS, num_clocks
 from ddgpipe.stage import LossFn, Stage
 from ddgpipe.timeline import Timeline
 
-__all__ = ["DistributedExecutor", "PeerError", "TAGS"]
+__all__ = ["DistributedExecutor", "PeerError", "TAGS", "COMMS"]
 
-TAGS = {"act_header": 1, "act": 2, "grad": 3, "eval_header": 4, "eval": 5}
-HEADER_LEN = 8  # ndim, then up to 7 sizes
+TAGS = {"act_header": 1, "act": 2, "grad": 3, "eval_header": 4, "eval": 5, "scale": 6}
+MAX_DIMS = 7
+HEADER_LEN = MAX_DIMS + 3  # ndim, up to 7 sizes, dtype code, overflow report
 END_OF_STREAM = -1  # a header with this ndim says no more forwards will come
+DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
+COMMS = ("auto", "host")
 
 
 class PeerError(RuntimeError):
     """A neighbour stage failed, died or timed out."""
 
 
-_DIRECTION_GROUPS: dict[int, tuple[object, dist.ProcessGroup, dist.ProcessGroup]] = {}
+_GROUPS: dict[int, tuple[object, dict[str, dist.ProcessGroup]]] = {}
 
 
-def _direction_groups() -> tuple[dist.ProcessGroup, dist.ProcessGroup]:
-    """(activations group, gradients group), made once per default group (a collective call)."""
+def _groups(comm: str) -> dict[str, dist.ProcessGroup]:
+    """Groups for activations, gradients and evaluation, made once per default group and
+    ``comm`` (creating a group is a collective call: every rank makes the same ones)."""
     world = dist.group.WORLD
-    cached = _DIRECTION_GROUPS.get(id(world))
+    key = (id(world), comm)
+    cached = _GROUPS.get(key)
     if cached is None or cached[0] is not world:
         ranks = list(range(dist.get_world_size()))
-        cached = (world, dist.new_group(ranks), dist.new_group(ranks))
-        _DIRECTION_GROUPS[id(world)] = cached
-    return cached[1], cached[2]
+        backend = "gloo" if comm == "host" else None
+        cached = (world, {name: dist.new_group(ranks, backend=backend)
+                          for name in ("act", "grad", "eval")})
+        _GROUPS[key] = cached
+    return cached[1]
 
 
 class _Done:
@@ -68,7 +84,13 @@ class _Done:
 
 
 class DistributedExecutor:
-    """Runs this rank's ``stage`` (rank k = stage k) clock by clock, like ``LocalExecutor``."""
+    """Runs this rank's ``stage`` (rank k = stage k) clock by clock, like the reference.
+
+    ``comm`` is ``auto`` (the process group's backend: nccl moves GPU tensors directly, gloo
+    moves host tensors) or ``host`` (gloo through host memory whatever the device).
+    """
+
+    kind = "processes"
 
     def __init__(
         self,
@@ -76,6 +98,7 @@ class DistributedExecutor:
         method: str = "ddg",
         timeline: Timeline | None = None,
         timeout_s: float = 300.0,
+        comm: str = "auto",
     ):
         if not dist.is_initialized():
             raise RuntimeError("torch.distributed is not initialised; use torchrun or the launcher")
@@ -88,16 +111,20 @@ class DistributedExecutor:
                 f"rank {self.rank} of {self.world} got stage {stage.index} of {stage.num_stages}"
             )
         self.method = method
-        self.actions_at = {"ddg": ddg_actions, "dni": dni_actions}[method]
+        self.actions_at = ACTIONS[method]
         self.timeline = timeline
         self.timeout = timedelta(seconds=timeout_s)
         self.clock = 0
         self.fed = 0
+        self._groups = _groups(comm)
+        backend = dist.get_backend(self._groups["act"])
+        self.wire = stage.device if backend == "nccl" else torch.device("cpu")
+        self._fp16 = stage.precision == "fp16"
         self._sends: list[tuple[dist.Work, Tensor]] = []
-        self._grad_recvs: dict[int, tuple[dist.Work, Tensor]] = {}
+        self._grad_recvs: dict[int, tuple[dist.Work, Tensor, dist.Work | None, Tensor | None]] = {}
         self._header: tuple[dist.Work, Tensor] | None = None
         self._stream_ended = False
-        self._act_group, self._grad_group = _direction_groups()
+        self._feed: tuple[Tensor | None, Tensor | None, LossFn | None] = (None, None, None)
         if not stage.is_first:
             self._post_header()
 
@@ -108,20 +135,21 @@ class DistributedExecutor:
     # --- communication ------------------------------------------------------------------------
 
     def _wait(self, work: dist.Work, what: str) -> None:
+        start = time.perf_counter()
         try:
             work.wait(self.timeout)
         except Exception as e:  # gloo raises RuntimeError subclasses with long C++ text
             raise PeerError(f"rank {self.rank}: {what} failed: {str(e).splitlines()[0]}") from e
+        finally:
+            if self.timeline is not None:
+                self.timeline.record_wait(self.stage.index, start, time.perf_counter())
 
-    def _group(self, tag: int) -> dist.ProcessGroup:
-        return self._grad_group if tag == TAGS["grad"] else self._act_group
+    def _isend(self, tensor: Tensor, dst: int, tag: int, group: str) -> None:
+        tensor = tensor.to(self.wire).contiguous()
+        self._sends.append((dist.isend(tensor, dst, group=self._groups[group], tag=tag), tensor))
 
-    def _isend(self, tensor: Tensor, dst: int, tag: int) -> None:
-        tensor = tensor.contiguous()
-        self._sends.append((dist.isend(tensor, dst, group=self._group(tag), tag=tag), tensor))
-
-    def _irecv(self, tensor: Tensor, src: int, tag: int) -> dist.Work:
-        return dist.irecv(tensor, src, group=self._group(tag), tag=tag)
+    def _irecv(self, tensor: Tensor, src: int, tag: int, group: str) -> dist.Work:
+        return dist.irecv(tensor, src, group=self._groups[group], tag=tag)
 
     def _reap_sends(self, wait: bool = False) -> None:
         pending = []
@@ -133,46 +161,33 @@ class DistributedExecutor:
         self._sends = pending
 
     def _post_header(self, tag: int = TAGS["act_header"]) -> None:
-        header = torch.empty(HEADER_LEN, dtype=torch.int64)
-        self._header = (self._irecv(header, self.rank - 1, tag), header)
+        header = torch.empty(HEADER_LEN, dtype=torch.int64, device=self.wire)
+        self._header = (self._irecv(header, self.rank - 1, tag, "act"), header)
 
     @staticmethod
-    def _make_header(shape: torch.Size | None) -> Tensor:
+    def _make_header(out: Tensor | None, overflow: bool = False) -> Tensor:
         header = torch.zeros(HEADER_LEN, dtype=torch.int64)
-        if shape is None:
+        if out is None:
             header[0] = END_OF_STREAM
-        else:
-            if len(shape) >= HEADER_LEN:
-                raise ValueError(f"activations of {len(shape)} dimensions are not supported")
-            header[0] = len(shape)
-            header[1 : 1 + len(shape)] = torch.tensor(shape)
+            return header
+        if out.dim() > MAX_DIMS:
+            raise ValueError(f"activations of {out.dim()} dimensions are not supported "
+                             f"(at most {MAX_DIMS})")
+        if out.dtype not in DTYPES:
+            raise ValueError(f"activations of dtype {out.dtype} are not supported; a stage "
+                             f"must output one of {', '.join(map(str, DTYPES))}")
+        header[0] = out.dim()
+        header[1: 1 + out.dim()] = torch.tensor(out.shape)
+        header[MAX_DIMS + 1] = DTYPES.index(out.dtype)
+        header[MAX_DIMS + 2] = int(overflow)
         return header
 
-    def _recv_activation(self) -> Tensor | None:
-        work, header = self._header
-        self._wait(work, f"receiving an activation header from rank {self.rank - 1}")
-        ndim = int(header[0])
-        if ndim == END_OF_STREAM:
-            self._header = None
-            return None
-        self._post_header()
-        buf = torch.empty(tuple(header[1 : 1 + ndim].tolist()))
-        self._wait(self._irecv(buf, self.rank - 1, TAGS["act"]),
-                   f"receiving an activation from rank {self.rank - 1}")
-        return buf
-
-    def _send_activation(self, minibatch: int, out: Tensor) -> None:
-        self._isend(self._make_header(out.shape), self.rank + 1, TAGS["act_header"])
-        self._isend(out, self.rank + 1, TAGS["act"])
-        # Whatever op consumes it (DDG's B, DNI's G), the gradient of this output will come.
-        grad = torch.empty_like(out)
-        self._grad_recvs[minibatch] = (self._irecv(grad, self.rank + 1, TAGS["grad"]), grad)
-
-    def _recv_grad(self, minibatch: int) -> Tensor:
-        work, grad = self._grad_recvs.pop(minibatch)
-        self._wait(work, f"receiving the gradient of minibatch {minibatch} from rank "
-                         f"{self.rank + 1}")
-        return grad
+    @staticmethod
+    def _read_header(header: Tensor) -> tuple[int, tuple[int, ...], torch.dtype, bool]:
+        values = header.tolist()
+        ndim = values[0]
+        return ndim, tuple(values[1: 1 + max(ndim, 0)]), DTYPES[values[MAX_DIMS + 1]], \
+            bool(values[MAX_DIMS + 2])
 
     def _end_stream(self) -> None:
         """Tell the next stage no more forwards come, so its posted header receive completes."""
@@ -185,7 +200,58 @@ class DistributedExecutor:
             assert int(header[0]) == END_OF_STREAM, "activation arrived after the stream ended"
             self._header = None
         if not self.stage.is_last:
-            self._isend(self._make_header(None), self.rank + 1, TAGS["act_header"])
+            self._isend(self._make_header(None), self.rank + 1, TAGS["act_header"], "act")
+
+    def _post_grad_recv(self, minibatch: int, shape, dtype) -> None:
+        grad = torch.empty(shape, dtype=dtype, device=self.wire)
+        work = self._irecv(grad, self.rank + 1, TAGS["grad"], "grad")
+        scale_work = scale = None
+        if self._fp16:
+            scale = torch.empty(1, dtype=torch.float64, device=self.wire)
+            scale_work = self._irecv(scale, self.rank + 1, TAGS["scale"], "grad")
+        self._grad_recvs[minibatch] = (work, grad, scale_work, scale)
+
+    # --- links --------------------------------------------------------------------------------
+
+    def recv_activation(self, stage: Stage, minibatch: int) -> tuple[Tensor, bool]:
+        if stage.is_first:
+            return self._feed[0].to(stage.device, non_blocking=True), False
+        work, header = self._header
+        self._wait(work, f"receiving an activation header from rank {self.rank - 1}")
+        ndim, shape, dtype, overflow = self._read_header(header)
+        if ndim == END_OF_STREAM:
+            raise RuntimeError("the previous stage ended its stream before this forward")
+        self._post_header()
+        buf = torch.empty(shape, dtype=dtype, device=self.wire)
+        self._wait(self._irecv(buf, self.rank - 1, TAGS["act"], "act"),
+                   f"receiving an activation from rank {self.rank - 1}")
+        return buf.to(stage.device, non_blocking=True), overflow
+
+    def send_activation(self, stage: Stage, minibatch: int, out: Tensor, overflow: bool) -> None:
+        self._isend(self._make_header(out, overflow), self.rank + 1, TAGS["act_header"], "act")
+        self._isend(out, self.rank + 1, TAGS["act"], "act")
+        # Whatever op consumes it (DDG's B, DNI's G), the gradient of this output will come.
+        self._post_grad_recv(minibatch, out.shape, out.dtype)
+
+    def recv_gradient(self, stage: Stage, minibatch: int) -> tuple[Tensor, float]:
+        work, grad, scale_work, scale = self._grad_recvs.pop(minibatch)
+        what = f"receiving the gradient of minibatch {minibatch} from rank {self.rank + 1}"
+        self._wait(work, what)
+        loss_scale = 1.0
+        if scale_work is not None:
+            self._wait(scale_work, what)
+            loss_scale = float(scale.item())
+        return grad.to(stage.device, non_blocking=True), loss_scale
+
+    def send_gradient(self, stage: Stage, minibatch: int, grad: Tensor, loss_scale: float) -> None:
+        self._isend(grad, self.rank - 1, TAGS["grad"], "grad")
+        if self._fp16:
+            self._isend(torch.tensor([loss_scale], dtype=torch.float64), self.rank - 1,
+                        TAGS["scale"], "grad")
+
+    def target(self, stage: Stage, minibatch: int) -> tuple[Tensor, LossFn]:
+        _, y, loss_fn = self._feed
+        return y.to(stage.device, non_blocking=True), loss_fn
 
     # --- checkpoints ----------------------------------------------------------------------------
 
@@ -201,26 +267,30 @@ class DistributedExecutor:
         grads = []
         nxt = self.clock - self.stage.delay  # the minibatch the next clock's backward takes
         if not self.stage.is_last and nxt in self._grad_recvs:
-            work, grad = self._grad_recvs[nxt]
-            self._wait(work, f"receiving the gradient of minibatch {nxt} for a checkpoint")
-            self._grad_recvs[nxt] = (_Done(), grad)  # gloo must not be waited on twice
-            grads.append([nxt, grad.clone()])
+            grad, scale = self.recv_gradient(self.stage, nxt)
+            self._grad_recvs[nxt] = self._received(grad, scale)  # not waited on twice
+            grads.append([self.stage.index, nxt, grad.clone(), scale])
         return {"clock": self.clock, "fed": self.fed, "grads": grads,
                 "stage": self.stage.pipeline_state()}
 
     def load_checkpoint_state(self, state: dict) -> None:
         self.stage.load_pipeline_state(state["stage"])
         self.clock, self.fed = state["clock"], state["fed"]
-        saved = {m: g for m, g in state["grads"]}
+        saved = {m: (g, scale) for _, m, g, scale in state["grads"]}
         if self.stage.is_last:
             return
         for pending in self.stage.inflight:
             m = pending.minibatch
             if m in saved:
-                self._grad_recvs[m] = (_Done(), saved[m])
+                self._grad_recvs[m] = self._received(*saved[m])
             else:
-                grad = torch.empty(pending.output_shape)
-                self._grad_recvs[m] = (self._irecv(grad, self.rank + 1, TAGS["grad"]), grad)
+                self._post_grad_recv(m, pending.output_shape, pending.output_dtype)
+
+    def _received(self, grad: Tensor, scale: float):
+        """A gradient receive that has already completed, as :meth:`recv_gradient` reads it."""
+        meta = (_Done(), torch.tensor([scale], dtype=torch.float64)) if self._fp16 else \
+            (None, None)
+        return (_Done(), grad.to(self.wire), *meta)
 
     # --- clocks -------------------------------------------------------------------------------
 
@@ -232,7 +302,9 @@ class DistributedExecutor:
             raise ValueError("the first stage needs the input x")
         if self.stage.is_last and (y is None or loss_fn is None):
             raise ValueError("the last stage needs the target y and loss_fn")
-        loss = self._run_clock(None, x, y, loss_fn)
+        self._feed = (x, y, loss_fn)
+        loss = self._run_clock(None)
+        self._feed = (None, None, None)
         self.fed += 1
         return loss
 
@@ -240,34 +312,18 @@ class DistributedExecutor:
         """Run the pending backwards and steps, then wait for every send to be delivered."""
         self._end_stream()
         while self.clock < num_clocks(self.world, self.fed, self.method):
-            self._run_clock(self.fed, None, None, None)
+            self._run_clock(self.fed)
         self._reap_sends(wait=True)
 
-    def _run_clock(self, total, x, y, loss_fn) -> Tensor | None:
-        stage, loss = self.stage, None
-        for action in self.actions_at(stage.index, self.world, self.clock, total):
-            start = time.perf_counter()
-            m = action.minibatch
-            if action.op == "F":
-                activation = x if stage.is_first else self._recv_activation()
-                if stage.is_last:
-                    loss = stage.forward_loss(m, activation, y, loss_fn)
-                else:
-                    self._send_activation(m, stage.forward(m, activation))
-            elif action.op == "B":
-                grad = None
-                if stage.gradient_op == "B" and not stage.is_last:
-                    grad = self._recv_grad(m)
-                grad_in = stage.backward(m, grad)
-                if not stage.is_first:
-                    self._isend(grad_in, self.rank - 1, TAGS["grad"])
-            elif action.op == "S":
-                stage.step(m)
-            elif action.op == "G":
-                stage.learn(m, self._recv_grad(m))
-            if self.timeline is not None:
-                self.timeline.record(action, start, time.perf_counter())
-        stage.end_clock()
+    def close(self) -> None:
+        """Nothing to stop: the launcher or torchrun owns the process."""
+
+    def sync(self) -> None:
+        """Every call here runs to the end of its clock."""
+
+    def _run_clock(self, total) -> Tensor | None:
+        actions = self.actions_at(self.stage.index, self.world, self.clock, total)
+        loss = run_stage_clock(self.stage, actions, self, timeline=self.timeline)
         self._reap_sends()
         self.clock += 1
         return loss
@@ -277,23 +333,24 @@ class DistributedExecutor:
     @torch.no_grad()
     def forward_only(self, x: Tensor | None) -> Tensor | None:
         """Inference of one batch through all ranks; the last rank returns the output."""
-        module = self.stage.module
-        if self.stage.is_first:
-            out = module(x)
+        stage = self.stage
+        if stage.is_first:
+            inp = x.to(stage.device)
         else:
-            header = torch.empty(HEADER_LEN, dtype=torch.int64)
-            self._wait(self._irecv(header, self.rank - 1, TAGS["eval_header"]),
+            header = torch.empty(HEADER_LEN, dtype=torch.int64, device=self.wire)
+            self._wait(self._irecv(header, self.rank - 1, TAGS["eval_header"], "eval"),
                        "receiving an evaluation header")
-            buf = torch.empty(tuple(header[1 : 1 + int(header[0])].tolist()))
-            self._wait(self._irecv(buf, self.rank - 1, TAGS["eval"]),
+            _, shape, dtype, _ = self._read_header(header)
+            buf = torch.empty(shape, dtype=dtype, device=self.wire)
+            self._wait(self._irecv(buf, self.rank - 1, TAGS["eval"], "eval"),
                        "receiving an evaluation activation")
-            out = module(buf)
-        if self.stage.is_last:
+            inp = buf.to(stage.device)
+        with stage._autocast():
+            out = stage.module(inp)
+        if stage.is_last:
             return out
-        header = self._make_header(out.shape)
-        group = self._act_group
-        self._wait(dist.isend(header, self.rank + 1, group=group, tag=TAGS["eval_header"]),
-                   "sending eval")
-        self._wait(dist.isend(out.contiguous(), self.rank + 1, group=group, tag=TAGS["eval"]),
-                   "sending eval")
+        group = self._groups["eval"]
+        for tensor, tag in ((self._make_header(out), TAGS["eval_header"]), (out, TAGS["eval"])):
+            tensor = tensor.to(self.wire).contiguous()
+            self._wait(dist.isend(tensor, self.rank + 1, group=group, tag=tag), "sending eval")
         return None

@@ -4,7 +4,7 @@ The CLI turns a :class:`UsageError` into a single line on stderr and exit code 2
 message must say what was given, what was expected, and how to fix it.
 """
 
-__all__ = ["UsageError", "NonFiniteLossError", "WorkerError"]
+__all__ = ["UsageError", "NonFiniteLossError", "WorkerError", "StageError"]
 
 
 class UsageError(ValueError):
@@ -28,4 +28,13 @@ class WorkerError(RuntimeError):
     def __init__(self, rank: int, message: str):
         super().__init__(f"rank {rank}: {message}")
         self.rank = rank
+        self.cause = message
+
+
+class StageError(RuntimeError):
+    """A stage of the threaded executor failed or timed out; ``stage`` names it."""
+
+    def __init__(self, stage: int, message: str):
+        super().__init__(f"stage {stage}: {message}")
+        self.stage = stage
         self.cause = message

@@ -1,4 +1,4 @@
-"""Start one process per stage: spawned here (``--launcher local``) or by torchrun.
+"""Start one process per stage: spawned here (``--executor processes``) or by torchrun.
 
 The local launcher owns its children: it reports the first real failure (a worker that
 raised, or died from a signal) with the rank, stops every other worker within seconds, and
@@ -23,7 +23,8 @@ import torch.distributed as dist
 from ddgpipe.allocator import tune_allocator
 from ddgpipe.errors import UsageError, WorkerError
 
-__all__ = ["WorkerError", "free_port", "run_workers", "init_from_env", "threads_per_worker"]
+__all__ = ["WorkerError", "free_port", "run_workers", "init_from_env", "threads_per_worker",
+           "under_torchrun", "process_backend"]
 
 
 def free_port() -> int:
@@ -38,12 +39,27 @@ def threads_per_worker(world_size: int) -> int:
     return max(1, (os.cpu_count() or 1) // world_size)
 
 
-def init_from_env(timeout_s: float = 300.0) -> bool:
+def under_torchrun() -> bool:
+    """Whether torchrun (or another launcher) started this process as one of several ranks."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def process_backend(device: str = "auto", devices=None, comm: str = "auto") -> str:
+    """The process group's backend: gloo for CPU tensors, plus nccl for GPU ones when stages
+    compute on GPUs and ``comm`` is ``auto`` (``host`` keeps every message on gloo)."""
+    from ddgpipe.devices import resolve_device
+
+    names = list(devices) if devices else [device]
+    on_gpu = any(resolve_device(d).type == "cuda" for d in names)
+    return "cpu:gloo,cuda:nccl" if on_gpu and comm == "auto" else "gloo"
+
+
+def init_from_env(timeout_s: float = 300.0, backend: str | None = None) -> bool:
     """Join the process group torchrun describes in the environment; False when not under it."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+    if not under_torchrun():
         return False
     if not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        backend = backend or ("cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo")
         try:
             dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
         except (RuntimeError, ValueError) as e:  # DistNetworkError/DistStoreError included
@@ -55,13 +71,13 @@ def init_from_env(timeout_s: float = 300.0) -> bool:
     return True
 
 
-def _child(rank, world_size, port, threads, timeout_s, fn, args, results):
+def _child(rank, world_size, port, threads, timeout_s, backend, fn, args, results):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size))
     tune_allocator()
     torch.set_num_threads(threads)
     try:
-        dist.init_process_group("gloo", rank=rank, world_size=world_size,
+        dist.init_process_group(backend, rank=rank, world_size=world_size,
                                 timeout=timedelta(seconds=timeout_s))
         results.put((rank, "ok", fn(rank, world_size, *args)))
     except UsageError as e:
@@ -101,8 +117,10 @@ def run_workers(
     peer_timeout_s: float = 300.0,
     threads: int | None = None,
     grace_s: float = 2.0,
+    backend: str = "gloo",
 ) -> list:
-    """Run ``fn(rank, world_size, *args)`` in ``world_size`` spawned processes over gloo.
+    """Run ``fn(rank, world_size, *args)`` in ``world_size`` spawned processes over
+    ``backend`` (gloo; ``cpu:gloo,cuda:nccl`` when the stages compute on GPUs).
 
     ``timeout_s`` bounds the whole run (None: no bound); ``peer_timeout_s`` bounds every wait
     for a peer inside the process group. Returns the results in rank order. Raises
@@ -115,7 +133,8 @@ def run_workers(
     port = free_port()
     threads = threads or threads_per_worker(world_size)
     procs = [ctx.Process(target=_child, daemon=True,
-                         args=(r, world_size, port, threads, peer_timeout_s, fn, args, results))
+                         args=(r, world_size, port, threads, peer_timeout_s, backend, fn, args,
+                               results))
              for r in range(world_size)]
     outcome: dict[int, tuple[str, object]] = {}
     deadline = time.monotonic() + timeout_s if timeout_s is not None else float("inf")

@@ -5,15 +5,18 @@ minimises the cost of the most expensive stage. With per-block costs c_1..c_n th
 classic min-max contiguous partition, solved exactly here by dynamic programming — O(K n^2)
 on at most a few hundred blocks, so there is no reason to settle for a greedy guess.
 
-Costs are either parameter counts (free, deterministic: the default for the reference
-executor) or measured forward+backward time per block on a sample batch (what the parallel
-runtime wants, because activations, not parameters, dominate a conv net's compute).
+Costs are parameter counts (free, deterministic: the default for the in-process executors),
+counted floating-point operations of forward+backward per block on a sample batch
+(deterministic too, and close to time for conv nets, where activations rather than parameters
+dominate the compute), or measured forward+backward time per block (what the process runtime
+uses to propose a cut before timing its neighbours).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
+import torch
 from torch import Tensor, nn
 
 from ddgpipe.errors import UsageError
@@ -27,12 +30,13 @@ __all__ = [
     "check_model",
     "check_split",
     "param_costs",
+    "flop_costs",
     "profile_costs",
     "stage_costs",
     "cut_points",
 ]
 
-BALANCE_MODES = ("params", "time")
+BALANCE_MODES = ("params", "flops", "time")
 
 
 def partition(
@@ -83,7 +87,10 @@ def block_costs(model: nn.Sequential, balance: str, sample_input: Tensor | None)
     if balance == "params":
         return param_costs(model)
     if sample_input is None:
-        raise UsageError("balance='time' profiles the blocks and needs a sample_input")
+        raise UsageError(f"balance={balance!r} runs the blocks on a sample batch and needs a "
+                         "sample_input")
+    if balance == "flops":
+        return flop_costs(model, sample_input)
     return profile_costs(model, sample_input)
 
 
@@ -151,6 +158,37 @@ def param_costs(model: nn.Sequential) -> list[float]:
     """Trainable parameters per block (at least 1, so parameter-free blocks still count)."""
     return [max(1.0, float(sum(p.numel() for p in b.parameters() if p.requires_grad)))
             for b in model]
+
+
+def flop_costs(model: nn.Sequential, sample_input: Tensor) -> list[float]:
+    """Floating-point operations of each block's forward and backward on ``sample_input``.
+
+    Counted by ``torch.utils.flop_counter`` (matrix products and convolutions), so the same
+    model and batch shape always give the same cut. Weights, statistics and RNG are kept.
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from ddgpipe.rng import rng_kept
+
+    saved = {k: v.clone() for k, v in model.state_dict().items()}
+    was_training = model.training
+    costs = []
+    try:
+        with rng_kept():
+            model.train()
+            x = sample_input
+            for block in model:
+                inp = x.detach().requires_grad_(True)
+                with FlopCounterMode(display=False) as counter:
+                    out = block(inp)
+                    out.backward(torch.ones_like(out))
+                costs.append(max(1.0, float(counter.get_total_flops())))
+                x = out.detach()
+    finally:
+        model.load_state_dict(saved)
+        model.zero_grad(set_to_none=True)
+        model.train(was_training)
+    return costs
 
 
 def profile_costs(

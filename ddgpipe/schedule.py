@@ -48,6 +48,7 @@ __all__ = [
     "num_clocks",
     "format_table",
     "validate_ddg",
+    "ACTIONS",
 ]
 
 Op = Literal["F", "B", "S", "G"]
@@ -116,6 +117,9 @@ def num_clocks(stages: int, minibatches: int, method: str = "ddg") -> int:
 
 
 ActionsAt = Callable[[int, int, int, "int | None"], list[Action]]
+
+ACTIONS: dict[str, ActionsAt] = {"ddg": ddg_actions, "dni": dni_actions}
+"""The per-stage, per-clock action function of each pipelined method."""
 
 
 def _schedule(actions_at: ActionsAt, method: str, stages: int, minibatches: int):

@@ -1,8 +1,9 @@
 """One pipeline stage: a slice of the network, its optimizer, LR schedule and weight stash.
 
-A stage computes on tensors and knows nothing of processes: the reference executor calls it
-in one process, the distributed runtime calls the very same methods on one rank each, which
-is why the two agree bitwise.
+A stage computes on tensors and knows nothing of processes or threads: every executor (the
+reference, the threaded one, the process runtime) calls the very same methods, which is why
+they agree bitwise. A stage owns its device (its module lives there) and, on a GPU, a CUDA
+stream of its own; the executors move tensors between stages, never the stage.
 """
 
 from __future__ import annotations
@@ -16,9 +17,11 @@ from torch import Tensor, nn
 
 from ddgpipe.compensation import Compensation
 from ddgpipe.errors import UsageError
+from ddgpipe.precision import LossScaler, autocast, check_precision, unscale_
 from ddgpipe.stash import Pending, Stash
+from ddgpipe.streams import new_stream
 
-__all__ = ["Stage", "OptimizerFactory", "SchedulerFactory"]
+__all__ = ["Stage", "OptimizerFactory", "SchedulerFactory", "LossFn"]
 
 OptimizerFactory = Callable[[list[nn.Parameter]], torch.optim.Optimizer]
 SchedulerFactory = Callable[[torch.optim.Optimizer], object]
@@ -30,6 +33,7 @@ class Stage:
 
     ``grad_shrink`` (beta) scales the delayed gradient by ``beta ** delay`` before the step,
     the gradient shrinking of the authors' follow-up FDG; 1.0 is the paper's DDG.
+    ``precision`` is ``fp32``, ``bf16`` or ``fp16`` (see :mod:`ddgpipe.precision`).
     """
 
     #: the op that consumes the gradient stage k+1 sends back: DDG's delayed backward
@@ -46,21 +50,37 @@ class Stage:
         grad_shrink: float = 1.0,
         delay: int | None = None,
         compensation: Compensation | None = None,
+        device: torch.device | str = "cpu",
+        precision: str = "fp32",
     ):
         self.index = index
         self.num_stages = num_stages
         self.delay = num_stages - 1 - index if delay is None else delay
-        self.module = module
+        self.device = torch.device(device)
+        self.precision = check_precision(precision)
+        self.module = module.to(self.device)
+        self.stream = new_stream(self.device)
         params = [p for p in module.parameters() if p.requires_grad]
         self.optimizer = optimizer(params)
         self.lr_scheduler = lr_scheduler(self.optimizer) if lr_scheduler else None
-        self.stash = Stash(module, stash, self.delay, needs_input_grad=index > 0)
+        self.stash = Stash(module, stash, self.delay, needs_input_grad=index > 0,
+                           device=self.device, compute_context=self._autocast)
         self.grad_scale = grad_shrink**self.delay
         self.inflight: deque[Pending] = deque()
         self.steps = 0
         self.compensation = compensation or Compensation()
         self.compensation.bind(self)
         self._forward_weights: dict[str, Tensor] | None = None  # of the minibatch B just ran
+        # fp16 loss scaling (see ddgpipe.precision): the last stage owns the scale; every
+        # stage skips a step whose gradients overflowed and reports it forward.
+        self.loss_scaler = LossScaler() if precision == "fp16" and self.is_last else None
+        self.grad_loss_scale = 1.0  # the scale the input gradient just returned carries
+        self.overflow_skips = 0
+        self._skip_step = False
+        self._overflow = False  # an overflow seen here or reported from before, not sent on
+
+    def _autocast(self):
+        return autocast(self.precision, self.device)
 
     @property
     def is_first(self) -> bool:
@@ -83,32 +103,48 @@ class Stage:
                 ) from None
             raise
 
-    def forward(self, minibatch: int, x: Tensor) -> Tensor:
-        """F: run minibatch ``minibatch`` with the current weights; return the activation."""
+    def forward(self, minibatch: int, x: Tensor, overflow: bool = False) -> Tensor:
+        """F: run minibatch ``minibatch`` with the current weights; return the activation.
+
+        ``overflow`` is the fp16 overflow report that came with ``x`` (see :meth:`take_overflow`).
+        """
+        self._overflow |= overflow
         out, pending = self._forward(minibatch, x)
-        pending.output_shape = tuple(out.shape)
+        pending.output_shape, pending.output_dtype = tuple(out.shape), out.dtype
         self.inflight.append(pending)
         return out.detach()
 
-    def forward_loss(self, minibatch: int, x: Tensor, y: Tensor, loss_fn: LossFn) -> Tensor:
+    def forward_loss(self, minibatch: int, x: Tensor, y: Tensor, loss_fn: LossFn,
+                     overflow: bool = False) -> Tensor:
         """F of the last stage: the forward and the loss, kept for this clock's backward."""
+        self._overflow |= overflow
         out, pending = self._forward(minibatch, x)
-        loss = loss_fn(out, y)
+        with self._autocast():
+            loss = loss_fn(out, y)
         if loss.dim() != 0:
             raise ValueError(
                 f"loss_fn must return a scalar (got shape {tuple(loss.shape)}); "
                 "reduce it, e.g. F.cross_entropy(out, y) with reduction='mean'"
             )
         pending.output = loss
+        if self.loss_scaler is not None:
+            pending.loss_scale = self.loss_scaler.scale
         self.inflight.append(pending)
         return loss.detach()
 
-    def backward(self, minibatch: int, grad_output: Tensor | None = None) -> Tensor | None:
+    def take_overflow(self) -> bool:
+        """The overflow report to send on with this clock's activation (and forget it)."""
+        report, self._overflow = self._overflow, False
+        return report
+
+    def backward(self, minibatch: int, grad_output: Tensor | None = None,
+                 loss_scale: float = 1.0) -> Tensor | None:
         """B: backpropagate minibatch ``minibatch`` through its stashed weights.
 
         ``grad_output`` is the gradient of the loss w.r.t. this stage's output (None for the
-        last stage, whose output is the loss). Returns the gradient w.r.t. the input, or None
-        for the first stage.
+        last stage, whose output is the loss), scaled by ``loss_scale`` under fp16. Returns
+        the gradient w.r.t. the input, or None for the first stage; it carries the same
+        scale, :attr:`grad_loss_scale`.
         """
         pending = self.inflight.popleft()
         if pending.minibatch != minibatch:
@@ -117,8 +153,17 @@ class Stage:
                 f"in-flight minibatch is {pending.minibatch}"
             )
         output = self.stash.output_for_backward(pending)
+        if self.is_last:
+            loss_scale = pending.loss_scale
+            if self.precision == "fp16":  # d(scale * loss) / d(loss)
+                grad_output = torch.full_like(output, loss_scale)
         grad_in = self.stash.backward(pending, output, grad_output)
         self._forward_weights = pending.weights
+        self.grad_loss_scale = loss_scale
+        if self.precision == "fp16":
+            grads = [p.grad for p in self.stash.params.values() if p.grad is not None]
+            self._skip_step = unscale_(grads, loss_scale)
+            self._overflow |= self._skip_step
         if self.grad_scale != 1.0:
             for p in self.stash.params.values():
                 if p.grad is not None:
@@ -127,7 +172,10 @@ class Stage:
 
     def step(self, minibatch: int) -> None:
         """S: apply the gradient of minibatch ``minibatch`` (through the compensation)."""
-        if self.delay > 0:
+        if self._skip_step:  # fp16 overflow: skip, as GradScaler does
+            self._skip_step = False
+            self.overflow_skips += 1
+        elif self.delay > 0:
             self.compensation.step(self._forward_weights)
         else:
             self.optimizer.step()
@@ -135,7 +183,12 @@ class Stage:
         self.steps += 1
 
     def end_clock(self) -> None:
-        """Advance the LR schedule: every stage advances every clock, so all share lr_t."""
+        """Advance the LR schedule: every stage advances every clock, so all share lr_t.
+
+        The last stage also updates the fp16 loss scale from this clock's overflow reports.
+        """
+        if self.loss_scaler is not None:
+            self.loss_scaler.update(self.take_overflow())
         if self.lr_scheduler is None:
             return
         with warnings.catch_warnings():
@@ -148,13 +201,18 @@ class Stage:
         return float(self.optimizer.param_groups[0]["lr"])
 
     def state_dict(self) -> dict:
-        return {
+        state = {
             "module": self.module.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "lr_scheduler": self.lr_scheduler.state_dict() if self.lr_scheduler else None,
             "steps": self.steps,
             "compensation": self.compensation.state_dict(),
         }
+        if self.precision == "fp16":
+            state["fp16"] = {"overflow": self._overflow, "skips": self.overflow_skips,
+                             "scaler": self.loss_scaler.state_dict() if self.loss_scaler
+                             else None}
+        return state
 
     def pipeline_state(self) -> dict:
         """``state_dict`` plus the in-flight minibatches: everything to resume mid-pipeline."""
@@ -171,3 +229,8 @@ class Stage:
             self.lr_scheduler.load_state_dict(state["lr_scheduler"])
         self.steps = state.get("steps", 0)
         self.compensation.load_state_dict(state.get("compensation", {}))
+        fp16 = state.get("fp16")
+        if fp16 is not None:
+            self._overflow, self.overflow_skips = fp16["overflow"], fp16["skips"]
+            if self.loss_scaler is not None:
+                self.loss_scaler.load_state_dict(fp16["scaler"])

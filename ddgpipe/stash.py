@@ -22,16 +22,21 @@ w_k^{t-d_k}, so it is *not* the DDG update; it trades exactness for memory.
 
 Replays (``recompute``/``none``) run the forward on throwaway copies of the buffers so that
 BatchNorm's running statistics are updated once per minibatch, at its forward, as in
-backprop; they restore the RNG state of the original forward so random layers replay alike.
+backprop; they restore the RNG state of the original forward (the CPU generator's and the
+stage's GPU's) so random layers replay alike, and they run under the same autocast as the
+forward, so mixed precision replays alike too.
 """
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call
+
+from ddgpipe.rng import rng_kept, rng_state, set_rng_state
 
 __all__ = ["STASH_MODES", "Pending", "Stash"]
 
@@ -46,17 +51,28 @@ class Pending:
     inputs: Tensor | None
     output: Tensor | None = None  # graph-carrying output (graph mode, or no delay)
     weights: dict[str, Tensor] | None = None  # snapshot leaves the graph or replay uses
-    rng_state: Tensor | None = None
+    rng_state: dict | None = None  # the random state the forward started from
     output_shape: tuple[int, ...] | None = None  # what the gradient coming back will look like
+    output_dtype: torch.dtype = torch.float32
+    loss_scale: float = 1.0  # fp16: the scale the last stage applied to this minibatch's loss
 
 
 class Stash:
     """Runs a stage's forward so that its backward can come ``delay`` optimizer steps later."""
 
-    def __init__(self, module: nn.Module, mode: str, delay: int, needs_input_grad: bool):
+    def __init__(self, module: nn.Module, mode: str, delay: int, needs_input_grad: bool,
+                 device: torch.device | None = None,
+                 compute_context=nullcontext):
         if mode not in STASH_MODES:
             raise ValueError(f"stash mode {mode!r} is not one of {', '.join(STASH_MODES)}")
         self.module = module
+        self.device = device or torch.device("cpu")
+        # How every forward and replay runs (the stage's autocast); a fresh context each time.
+        self.compute_context: type[AbstractContextManager] = compute_context
+        # A replay restores the random state of its forward. The threaded executor turns this
+        # off for stages that draw no random numbers, whose replays must not touch the
+        # process's generator while other stages draw from it.
+        self.restores_rng = True
         # With no delay the backward runs before any step: the live weights are the right
         # version, and plain autograd is both exact and cheapest whatever the mode.
         self.mode = mode if delay > 0 else "live"
@@ -82,16 +98,17 @@ class Stash:
             if weights is not None:
                 raise ValueError("a stage without delay has nothing to predict")
             xin = self._leaf_input(x)
-            out = self.module(xin)
+            with self.compute_context():
+                out = self.module(xin)
             return out, Pending(minibatch, xin, output=out)
+        rng = rng_state([self.device])  # the replay (or a checkpoint's rebuild) starts here
         if self.mode == "graph":
             xin = self._leaf_input(x)
             weights = self._snapshot(requires_grad=True, weights=weights)
-            rng = torch.get_rng_state()  # kept so a checkpoint can rebuild this graph exactly
-            out = functional_call(self.module, weights, (xin,), strict=False)
+            with self.compute_context():
+                out = functional_call(self.module, weights, (xin,), strict=False)
             return out, Pending(minibatch, xin, output=out, weights=weights, rng_state=rng)
-        rng = torch.get_rng_state()
-        with torch.no_grad():
+        with torch.no_grad(), self.compute_context():
             if weights is None:
                 out = self.module(x)
             else:  # stash none replays with the *live* weights, whatever the forward used
@@ -108,9 +125,12 @@ class Stash:
         else:  # none: today's weights
             weights = dict(self.params)
         scratch_buffers = {n: b.clone() for n, b in self.module.named_buffers()}
-        with torch.random.fork_rng(devices=[]), torch.enable_grad():
-            torch.set_rng_state(pending.rng_state)
-            out = functional_call(self.module, {**weights, **scratch_buffers}, (xin,), strict=False)
+        with rng_kept([self.device]) if self.restores_rng else nullcontext():
+            if self.restores_rng:
+                set_rng_state(pending.rng_state)
+            with torch.enable_grad(), self.compute_context():
+                out = functional_call(self.module, {**weights, **scratch_buffers}, (xin,),
+                                      strict=False)
         pending.inputs = xin
         if pending.weights is None:  # `none` backpropagates straight into the live weights
             return out
@@ -143,13 +163,20 @@ class Stash:
             weights = {n: w.detach().clone() for n, w in pending.weights.items()}
         return {"minibatch": pending.minibatch, "inputs": pending.inputs.detach().clone(),
                 "weights": weights, "rng_state": pending.rng_state,
-                "output_shape": list(pending.output_shape or [])}
+                "output_shape": list(pending.output_shape or []),
+                "output_dtype": str(pending.output_dtype).removeprefix("torch."),
+                "loss_scale": pending.loss_scale}
 
     def restore(self, record: dict) -> Pending:
         """The inverse of :meth:`export`: a pending minibatch whose backward will replay."""
-        return Pending(record["minibatch"], record["inputs"], weights=record["weights"],
+        weights = record["weights"]
+        if weights is not None:
+            weights = {n: w.to(self.device) for n, w in weights.items()}
+        return Pending(record["minibatch"], record["inputs"].to(self.device), weights=weights,
                        rng_state=record["rng_state"],
-                       output_shape=tuple(record["output_shape"]) or None)
+                       output_shape=tuple(record["output_shape"]) or None,
+                       output_dtype=getattr(torch, record["output_dtype"]),
+                       loss_scale=record.get("loss_scale", 1.0))
 
     def output_for_backward(self, pending: Pending) -> Tensor:
         """The graph-carrying output of ``pending``, replaying the forward if it was not kept."""

@@ -21,6 +21,9 @@ class Timeline:
         self.max_minibatches = max_minibatches
         self.rank = rank
         self.records: list[dict] = []
+        # (stage, start, end) of every wait for a peer or for data: a bench subtracts them
+        # from the ops that contain them to get compute times
+        self.waits: list[tuple[int, float, float]] = []
 
     def record(self, action: Action, start: float, end: float) -> None:
         if self.max_minibatches is not None and action.minibatch >= self.max_minibatches:
@@ -30,6 +33,9 @@ class Timeline:
         if self.rank is not None:
             rec["rank"] = self.rank
         self.records.append(rec)
+
+    def record_wait(self, stage: int, start: float, end: float) -> None:
+        self.waits.append((stage, start, end))
 
     def write(self, path: str | Path, append: bool = False) -> Path:
         path = Path(path)

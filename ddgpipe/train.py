@@ -34,13 +34,18 @@ from ddgpipe.checkpoint import (
     write_rank_file,
 )
 from ddgpipe.data import BatchLoader, Dataset, load_dataset
+from ddgpipe.devices import rank_device
+from ddgpipe.distributed import COMMS
 from ddgpipe.errors import UsageError
 from ddgpipe.launch import threads_per_worker
 from ddgpipe.methods import DDG, Backprop
-from ddgpipe.methods.build import world_size
+from ddgpipe.methods.build import EXECUTORS, world_size
 from ddgpipe.metrics import MetricsWriter, RunningStats
 from ddgpipe.models import build_model
 from ddgpipe.optim import make_lr_scheduler, make_optimizer
+from ddgpipe.precision import check_precision
+from ddgpipe.rng import rng_state, set_rng_state
+from ddgpipe.threaded import threads_per_stage
 from ddgpipe.timeline import Timeline
 
 __all__ = ["TrainConfig", "TrainResult", "train", "train_worker", "evaluate", "METHODS"]
@@ -75,13 +80,17 @@ class TrainConfig:
     warmup_epochs: int = 0
     warmup_factor: float = 0.1
     seed: int = 0
+    executor: str | None = None  # reference | threads | processes; None: the natural one
+    device: str = "auto"
+    devices: list[str] | None = None
+    precision: str = "fp32"
+    comm: str = "auto"
     threads: int | None = None
     log_every: int = 0
     timeline: bool = False
     label: str | None = None
     out: str | None = None
     progress: bool = True
-    launcher: str = "none"
     timeout_s: float = 300.0
     checkpoint_every: int = 0
     checkpoint_every_epochs: int = 0
@@ -111,8 +120,18 @@ class TrainConfig:
             )
         if self.threads is not None and self.threads < 1:
             raise UsageError(f"--threads must be >= 1 (got {self.threads})")
-        if self.launcher not in ("none", "local"):
-            raise UsageError(f"unknown launcher {self.launcher!r}; choose none or local")
+        if self.executor is not None and self.executor not in EXECUTORS:
+            raise UsageError(f"unknown executor {self.executor!r}; choose one of "
+                             f"{', '.join(EXECUTORS)}")
+        if self.executor == "processes" and (self.method == "bp" or self.stages < 2):
+            raise UsageError("--executor processes runs one process per stage: use it with "
+                             "--method ddg, fr or dni and --stages 2 or more")
+        check_precision(self.precision)
+        if self.comm not in COMMS:
+            raise UsageError(f"unknown --comm {self.comm!r}; choose one of {', '.join(COMMS)}")
+        if self.devices is not None and self.method == "bp" and len(self.devices) != 1:
+            raise UsageError("--devices names one device per stage; bp has one stage: use "
+                             "--device")
         if not self.timeout_s > 0:
             raise UsageError(f"--timeout must be > 0 seconds (got {self.timeout_s})")
         if self.method == "fr" and self.stash != "graph":
@@ -148,27 +167,28 @@ class TrainResult:
     stopped: bool = False
 
 
-def evaluate(model: nn.Module, x: Tensor, y: Tensor, batch_size: int,
-             executor=None) -> tuple[float, float]:
-    """Mean cross-entropy and accuracy of ``model`` in eval mode (BatchNorm running stats).
-
-    With a distributed ``executor`` the batches flow through the stages' ranks; only the last
-    rank gets the numbers (the others return NaN).
+def evaluate(method, x: Tensor, y: Tensor, batch_size: int) -> tuple[float, float]:
+    """Mean cross-entropy and accuracy of ``method.model`` in eval mode (BatchNorm running
+    stats), through ``method.predict``: across the stages' devices, or, under the process
+    runtime, through the ranks, where only the last rank gets the numbers (the others NaN).
     """
-    forward = executor.forward_only if executor is not None else model
+    model = method.model
+    method.sync()
     was_training = model.training
     model.eval()
-    loss_sum, correct = 0.0, 0
+    loss_sum, correct, answered = 0.0, 0, False
     with torch.no_grad():
         for i in range(0, len(x), batch_size):
-            logits = forward(x[i : i + batch_size])
+            logits = method.predict(x[i : i + batch_size])
             if logits is None:
                 continue
-            target = y[i : i + batch_size]
+            answered = True
+            logits = logits.float()
+            target = y[i : i + batch_size].to(logits.device)
             loss_sum += F.cross_entropy(logits, target, reduction="sum").item()
             correct += int((logits.argmax(1) == target).sum())
     model.train(was_training)
-    if executor is not None and not executor.stage.is_last:
+    if not answered:
         return float("nan"), float("nan")
     return loss_sum / len(x), correct / len(x)
 
@@ -183,9 +203,12 @@ def build_method(config: TrainConfig, model: nn.Module, steps_per_epoch: int, ti
         warmup_epochs=config.warmup_epochs, warmup_factor=config.warmup_factor,
     )
     if config.method == "bp":
-        return Backprop(model, optimizer, lr_scheduler=scheduler)
+        return Backprop(model, optimizer, lr_scheduler=scheduler, device=config.device,
+                        precision=config.precision)
     kwargs = dict(lr_scheduler=scheduler, split=config.split, balance=config.balance,
-                  sample_input=sample_input, timeline=timeline, peer_timeout_s=config.timeout_s)
+                  sample_input=sample_input, timeline=timeline, peer_timeout_s=config.timeout_s,
+                  executor=config.executor, device=config.device, devices=config.devices,
+                  precision=config.precision, threads=stage_threads(config), comm=config.comm)
     if config.method in ("ddg", "fr"):
         # Features Replay (Huo et al., NeurIPS 2018) is DDG's schedule with the forward of
         # each delayed minibatch replayed from its stashed input with the *current* weights:
@@ -242,7 +265,7 @@ def prepare_out_dir(out: str | None, keep: bool = False) -> Path | None:
 
 
 def train_worker(rank: int, world: int, config: TrainConfig) -> TrainResult | None:
-    """Entry point of one spawned stage process (``--launcher local``)."""
+    """Entry point of one spawned stage process (``--executor processes``)."""
     return train(config)
 
 
@@ -263,10 +286,14 @@ def train(config: TrainConfig, dataset: Dataset | None = None) -> TrainResult | 
     config.validate()
     tune_allocator()  # why: ddgpipe/allocator.py
     rank, world = (dist.get_rank(), dist.get_world_size()) if world_size() > 1 else (0, 1)
-    if config.threads:
-        torch.set_num_threads(config.threads)
-    elif world > 1:  # one stage per process: each takes its share of this node's cores
-        torch.set_num_threads(threads_per_worker(int(os.environ.get("LOCAL_WORLD_SIZE", world))))
+    if world > 1:  # one stage per process: each takes its share of this node's cores
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+        torch.set_num_threads(config.threads or threads_per_worker(local))
+        here = rank_device(config.device, config.devices)
+        if here.type == "cuda":
+            torch.cuda.set_device(here)
+    else:  # every stage's share of the cores, on this thread too (the reference, evaluation)
+        torch.set_num_threads(stage_threads(config))
     # The last stage has the loss: it writes the metrics and shows progress.
     reporter = rank == world - 1
     resume = load_resume(config, world) if config.resume else None
@@ -281,15 +308,28 @@ def train(config: TrainConfig, dataset: Dataset | None = None) -> TrainResult | 
     timeline = Timeline(rank=rank if world > 1 else None) if config.timeline else None
     method = build_method(config, model, len(loader), timeline,
                           sample_input=data.train_x[: config.batch_size])
-    executor = method.executor if world > 1 else None
-    used_split = getattr(getattr(method, "executor", None), "split", None)
+    try:
+        return _train_loop(config, data, model, loader, method, timeline, resume, run_dir,
+                           rank, world, reporter)
+    finally:
+        method.close()  # never leave a stage thread behind, whatever happened
+
+
+def _train_loop(config: TrainConfig, data: Dataset, model: nn.Module, loader: BatchLoader,
+                method, timeline: Timeline | None, resume, run_dir: Path | None, rank: int,
+                world: int, reporter: bool) -> TrainResult | None:
+    executor = getattr(method, "executor", None)
+    used_split = getattr(executor, "split", None)
+    # Batches are gathered (and augmented) where the first stage computes.
+    first = method.stages[0] if hasattr(method, "stages") else method
+    loader.to(first.device)
 
     loop = LoopState()
     if resume is not None:
         manifest, folder = resume
         state = load_rank_file(folder, manifest, rank)
         method.load_checkpoint_state(state["method"])
-        torch.set_rng_state(state["rng"])
+        set_rng_state(state["rng"])
         loop = LoopState(**state["loop"])
         if run_dir is not None:
             truncate_metrics(run_dir / "metrics.jsonl", loop.metrics_lines)
@@ -297,7 +337,12 @@ def train(config: TrainConfig, dataset: Dataset | None = None) -> TrainResult | 
         saved = dataclasses.asdict(config) | {"label": config.display_label(),
                                               "num_blocks": len(model), "split": used_split,
                                               "split_tuning": getattr(executor, "split_tuning",
-                                                                      None)}
+                                                                      None),
+                                              "executor": method.executor_kind,
+                                              "stage_devices": [str(s.device) for s in
+                                                                getattr(method, "stages",
+                                                                        [method])],
+                                              "threads_per_stage": stage_threads(config)}
         (run_dir / "config.json").write_text(json.dumps(saved, indent=2) + "\n")
     metrics = MetricsWriter(run_dir / "metrics.jsonl") if run_dir is not None else None
 
@@ -305,13 +350,13 @@ def train(config: TrainConfig, dataset: Dataset | None = None) -> TrainResult | 
 
     def loss_fn(logits: Tensor, target: Tensor) -> Tensor:
         loss = F.cross_entropy(logits, target)
-        stats.add(loss.item(), logits.detach(), target)
+        stats.add(loss.detach(), logits.detach(), target)  # no host sync: it may run on a GPU
         return loss
 
     def checkpoint(epoch: int, batch: int, elapsed: float) -> None:
         loop_state = LoopState(
             iteration=iteration, epoch=epoch, batch=batch, seen=seen, train_time=train_time,
-            epoch_elapsed=elapsed, stats=[stats.loss_sum, stats.correct, stats.seen],
+            epoch_elapsed=elapsed, stats=stats.state(),
             metrics_lines=metrics.lines if metrics else 0)
         save_checkpoint(config, method, loop_state, rank, world, used_split)
 
@@ -322,7 +367,7 @@ def train(config: TrainConfig, dataset: Dataset | None = None) -> TrainResult | 
         first_batch = loop.batch if epoch == loop.epoch else 0
         stats.reset()
         if epoch == loop.epoch:
-            stats.loss_sum, stats.correct, stats.seen = loop.stats
+            stats.load_state(loop.stats)
         method.train()
         start = time.perf_counter() - (loop.epoch_elapsed if epoch == loop.epoch else 0.0)
         bar = tqdm(loader.epoch(epoch, start=first_batch), total=len(loader),
@@ -349,8 +394,8 @@ def train(config: TrainConfig, dataset: Dataset | None = None) -> TrainResult | 
         seconds = time.perf_counter() - start
         train_time += seconds
         seen += stats.seen
-        test_loss, test_acc = evaluate(model, data.test_x, data.test_y, config.eval_batch_size,
-                                       executor)
+        test_loss, test_acc = evaluate(method, data.test_x, data.test_y,
+                                       config.eval_batch_size)
         if metrics:
             metrics.write(
                 "epoch", epoch=epoch + 1, iteration=iteration, train_loss=stats.loss,
@@ -407,7 +452,7 @@ def load_resume(config: TrainConfig, world: int) -> tuple[dict, Path]:
 
 def save_checkpoint(config: TrainConfig, method, loop: LoopState, rank: int, world: int,
                     split: list[int] | None) -> None:
-    state = {"method": method.checkpoint_state(), "rng": torch.get_rng_state(),
+    state = {"method": method.checkpoint_state(), "rng": rng_state(),
              "loop": dataclasses.asdict(loop)}
     entry = write_rank_file(Path(config.out), loop.iteration, rank, state)
     entries = gather_to_last(entry) if world > 1 else [entry]
@@ -444,10 +489,27 @@ def save_final_model(model: nn.Module, method, run_dir: Path | None, world: int)
     Under the runtime each rank trained only its slice; the slices keep the whole model's
     key names, so the last rank merges them.
     """
+    method.sync()
     if world > 1:
-        parts = gather_to_last(method.stages[0].module.state_dict())
+        parts = gather_to_last(_on_cpu(method.stages[0].module.state_dict()))
         merged = {k: v for part in parts for k, v in part.items()}
     else:
-        merged = model.state_dict()
+        merged = _on_cpu(model.state_dict())
     if run_dir is not None:
         atomic_torch_save(merged, run_dir / "model.pt")
+
+
+def _on_cpu(state: dict) -> dict:
+    """A state dict with every tensor on the CPU: ``model.pt`` loads anywhere."""
+    return {k: v.detach().cpu() if isinstance(v, Tensor) else v for k, v in state.items()}
+
+
+def stage_threads(config: TrainConfig) -> int:
+    """Intra-op threads each stage computes with: ``--threads``, or its share of the cores.
+
+    Every in-process executor gives each stage the same count (the threaded one on each stage
+    thread, the reference on its one thread), so their numbers agree.
+    """
+    if config.threads:
+        return config.threads
+    return threads_per_stage(1 if config.method == "bp" else config.stages)

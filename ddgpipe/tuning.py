@@ -10,7 +10,8 @@ at block 10, and the pipeline ran 4-10% faster cut at block 11.
 So, with ``balance="pipeline"`` (the runtime's default), every rank runs a few clocks of the
 real pipeline on throwaway copies of the model for the profiled cut and for each cut moved by
 one block, in interleaved rounds, and all keep the cut with the shortest median clock. The
-weights, BatchNorm statistics and RNG the training starts from are left untouched.
+threaded executor does the same with threads (:func:`fastest_threaded_split`). The weights,
+BatchNorm statistics and RNG the training starts from are left untouched.
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ from ddgpipe.partition import partition
 from ddgpipe.rng import rng_kept
 from ddgpipe.stage import Stage
 
-__all__ = ["candidate_splits", "pipeline_clock_s", "fastest_split"]
+__all__ = ["candidate_splits", "pipeline_clock_s", "threaded_clock_s", "fastest_split",
+           "fastest_threaded_split"]
 
 
 def candidate_splits(proposed: list[int], blocks: int) -> list[list[int]]:
@@ -49,12 +51,16 @@ def _proxy_loss(out: Tensor, _target: Tensor | None) -> Tensor:
     return out.float().square().mean()
 
 
+StageFactory = Callable[[int, int, nn.Module, torch.device], Stage]
+
+
 def pipeline_clock_s(
     model: nn.Sequential,
     split: list[int],
-    make_stage: Callable[[int, int, nn.Module], Stage],
+    make_stage: StageFactory,
     method: str,
     sample_input: Tensor,
+    device: torch.device,
     *,
     clocks: int = 4,
     warmup: int = 2,
@@ -69,7 +75,7 @@ def pipeline_clock_s(
 
     rank, world = dist.get_rank(), dist.get_world_size()
     module = partition(copy.deepcopy(model), world, split=split)[rank]
-    stage = make_stage(rank, world, module)
+    stage = make_stage(rank, world, module, device)
     executor = DistributedExecutor(stage, method=method, timeout_s=timeout_s)
     x = sample_input if stage.is_first else None
     target, loss_fn = (torch.empty(0), _proxy_loss) if stage.is_last else (None, None)
@@ -86,12 +92,60 @@ def pipeline_clock_s(
     return max(everyone) / clocks
 
 
+def threaded_clock_s(
+    model: nn.Sequential,
+    split: list[int],
+    make_stage: StageFactory,
+    method: str,
+    sample_input: Tensor,
+    devices: list[torch.device],
+    *,
+    threads: int,
+    clocks: int = 4,
+    warmup: int = 2,
+    timeout_s: float = 300.0,
+) -> float:
+    """Seconds per clock of a threaded pipeline cut at ``split``, on a deep copy of ``model``."""
+    from ddgpipe.threaded import ThreadedExecutor
+
+    modules = partition(copy.deepcopy(model), len(devices), split=split)
+    stages = [make_stage(k, len(modules), m, devices[k]) for k, m in enumerate(modules)]
+    executor = ThreadedExecutor(stages, method=method, timeout_s=timeout_s, threads=threads)
+    x, target = sample_input, torch.empty(0)
+    try:
+        for _ in range(warmup):
+            executor.step(x, target, _proxy_loss)
+        executor.sync()
+        start = time.perf_counter()
+        for _ in range(clocks):
+            executor.step(x, target, _proxy_loss)
+        executor.sync()
+        elapsed = time.perf_counter() - start
+        executor.drain()
+    finally:
+        executor.close()
+    return elapsed / clocks
+
+
+def _fastest(candidates: list[list[int]], proposed: list[int], clock_s: Callable[[list[int]],
+             float], rounds: int) -> tuple[list[int], dict[str, float]]:
+    times: dict[str, list[float]] = {_key(c): [] for c in candidates}
+    with rng_kept():
+        for _ in range(rounds):
+            for cut in candidates:
+                times[_key(cut)].append(clock_s(cut))
+    medians = {k: 1000.0 * statistics.median(v) for k, v in times.items()}
+    best = min(candidates, key=lambda c: (medians[_key(c)], c != proposed))
+    return best, medians
+
+
 def fastest_split(
     model: nn.Sequential,
-    make_stage: Callable[[int, int, nn.Module], Stage],
+    make_stage: StageFactory,
     method: str,
     sample_input: Tensor,
     proposed: list[int],
+    device: torch.device,
     *,
     rounds: int = 2,
     clocks: int = 4,
@@ -107,16 +161,32 @@ def fastest_split(
     candidates = candidate_splits(proposed, len(model))
     if len(candidates) == 1:
         return list(proposed), {}
-    times: dict[str, list[float]] = {_key(c): [] for c in candidates}
-    with rng_kept():
-        for _ in range(rounds):
-            for cut in candidates:
-                times[_key(cut)].append(pipeline_clock_s(
-                    model, cut, make_stage, method, sample_input,
-                    clocks=clocks, warmup=warmup, timeout_s=timeout_s))
-    medians = {k: 1000.0 * statistics.median(v) for k, v in times.items()}
-    best = min(candidates, key=lambda c: (medians[_key(c)], c != proposed))
-    return best, medians
+    return _fastest(candidates, proposed, lambda cut: pipeline_clock_s(
+        model, cut, make_stage, method, sample_input, device, clocks=clocks, warmup=warmup,
+        timeout_s=timeout_s), rounds)
+
+
+def fastest_threaded_split(
+    model: nn.Sequential,
+    make_stage: StageFactory,
+    method: str,
+    sample_input: Tensor,
+    proposed: list[int],
+    devices: list[torch.device],
+    *,
+    threads: int,
+    rounds: int = 2,
+    clocks: int = 4,
+    warmup: int = 2,
+    timeout_s: float = 300.0,
+) -> tuple[list[int], dict[str, float]]:
+    """:func:`fastest_split` for the threaded executor: candidates timed as thread pipelines."""
+    candidates = candidate_splits(proposed, len(model))
+    if len(candidates) == 1:
+        return list(proposed), {}
+    return _fastest(candidates, proposed, lambda cut: threaded_clock_s(
+        model, cut, make_stage, method, sample_input, devices, threads=threads, clocks=clocks,
+        warmup=warmup, timeout_s=timeout_s), rounds)
 
 
 def _key(cut: list[int]) -> str:

@@ -95,7 +95,7 @@ def test_a_killed_worker_resumes_bitwise(stash, tmp_path):
     """One stage process is SIGKILLed mid-run; resuming from the last complete set gives the
     uninterrupted run's weights."""
     args = [*BASE[1:], "--method", "ddg", "--stages", "2", "--stash", stash, "--batch-size", "32",
-            "--checkpoint-every", "10", "--launcher", "local", "--timeout", "60"]
+            "--checkpoint-every", "10", "--executor", "processes", "--timeout", "60"]
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     cut = tmp_path / "cut"
     proc = subprocess.Popen([sys.executable, "-m", "ddgpipe", "train", *args, "--out", str(cut)],

@@ -89,16 +89,29 @@ def test_train_writes_metrics_plot_and_timeline(capsys, tmp_path):
 
 
 @pytest.mark.parametrize("method", ["ddg", "dni"])
-def test_local_launcher_matches_the_reference_executor(method, capsys, tmp_path):
-    """One process per stage gives the same numbers as all stages in one process."""
+def test_every_executor_prints_the_reference_metrics(method, capsys, tmp_path):
+    """A thread per stage, and a process per stage, give the numbers of all stages in turn on
+    one thread (same cut, same threads per stage)."""
     common = [*FAST, "--method", method, "--stages", "2", "--epochs", "2",
-              "--balance", "params"]
-    assert main(["train", *common, "--out", str(tmp_path / "ref")]) == 0
-    assert main(["train", *common, "--launcher", "local", "--timeout", "60",
-                 "--out", str(tmp_path / "par")]) == 0
+              "--balance", "params", "--timeout", "60"]
+    runs = {}
+    for executor in ("reference", "threads", "processes"):
+        assert main(["train", *common, "--executor", executor,
+                     "--out", str(tmp_path / executor)]) == 0
+        runs[executor] = without_timing(epoch_records(tmp_path / executor))
+        config = json.loads((tmp_path / executor / "config.json").read_text())
+        assert config["executor"] == executor
     capsys.readouterr()
-    assert without_timing(epoch_records(tmp_path / "par")) == without_timing(
-        epoch_records(tmp_path / "ref"))
+    assert runs["threads"] == runs["reference"]
+    assert runs["processes"] == runs["reference"]
+
+
+def test_the_old_launcher_flag_still_means_processes(capsys):
+    from ddgpipe.cli import build_parser, config_from_args
+
+    args = build_parser().parse_args(["train", "--method", "ddg", "--launcher", "local"])
+    assert config_from_args(args).executor == "processes"
+    assert "--executor processes" in capsys.readouterr().err
 
 
 def test_bench_command_reports_ratios_and_the_cost_model(capsys, tmp_path):

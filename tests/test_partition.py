@@ -89,7 +89,8 @@ def test_param_costs_count_parameter_free_blocks_as_one():
         (dict(stages=3, split=[0, 3]), "leaves stage 0 empty"),
         (dict(stages=3, split=[2, 6]), "leaves stage 2 empty"),
         (dict(stages=3, split=[2]), "gives 1 cut points, which makes 2 stages"),
-        (dict(stages=2, balance="flops"), "unknown balance 'flops'"),
+        (dict(stages=2, balance="memory"), "unknown balance 'memory'"),
+            (dict(stages=2, balance="flops"), "needs a sample_input"),
         (dict(stages=2, balance="time"), "needs a sample_input"),
     ],
 )

@@ -64,6 +64,16 @@ class BatchLoader:
         self.batch_size = batch_size
         self.shuffle, self.seed, self.augment, self.drop_last = shuffle, seed, augment, drop_last
 
+    def to(self, device: torch.device | str) -> BatchLoader:
+        """Gather and augment batches on ``device``: on a GPU the whole set is copied there
+        once (through pinned memory), so no batch crosses the bus again. The batches, and
+        their augmentation (drawn from CPU generators), are the same on every device."""
+        device = torch.device(device)
+        if device.type == "cuda" and self.x.device != device:
+            self.x = self.x.pin_memory().to(device, non_blocking=True)
+            self.y = self.y.pin_memory().to(device, non_blocking=True)
+        return self
+
     def __len__(self) -> int:
         n = len(self.x)
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
@@ -76,7 +86,7 @@ class BatchLoader:
         # One number from the epoch's generator seeds every batch's augmentation generator.
         aug_base = int(torch.randint(0, 2**62, (1,), generator=gen))
         for i in range(max(start, 0), len(self)):
-            idx = order[i * self.batch_size: (i + 1) * self.batch_size]
+            idx = order[i * self.batch_size: (i + 1) * self.batch_size].to(self.x.device)
             x = self.x[idx]
             if self.augment:
                 x = random_crop_flip(x, torch.Generator().manual_seed(aug_base + i))

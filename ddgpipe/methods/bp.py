@@ -4,18 +4,26 @@ from __future__ import annotations
 
 import math
 
+import torch
 from torch import Tensor, nn
 
+from ddgpipe.devices import resolve_device
 from ddgpipe.errors import NonFiniteLossError
+from ddgpipe.precision import autocast, check_precision
 from ddgpipe.stage import LossFn, OptimizerFactory, SchedulerFactory
 
 __all__ = ["Backprop"]
 
 
 class Backprop:
-    """``zero_grad; forward; loss; backward; step; scheduler.step`` once per call to ``step``."""
+    """``zero_grad; forward; loss; backward; step; scheduler.step`` once per call to ``step``.
+
+    ``device`` holds the model (inputs and targets are moved there); ``precision`` ``bf16``
+    or ``fp16`` runs the forward under autocast, fp16 with ``torch.amp.GradScaler``.
+    """
 
     num_stages = 1
+    executor_kind = "reference"
 
     def __init__(
         self,
@@ -24,20 +32,34 @@ class Backprop:
         *,
         lr_scheduler: SchedulerFactory | None = None,
         check_finite: bool = True,
+        device: str | torch.device = "cpu",
+        precision: str = "fp32",
     ):
-        self.model = model
+        self.device = resolve_device(device)
+        if self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", 0)
+        self.precision = check_precision(precision)
+        self.model = model.to(self.device)
         self.optimizer = optimizer([p for p in model.parameters() if p.requires_grad])
         self.lr_scheduler = lr_scheduler(self.optimizer) if lr_scheduler else None
+        self.scaler = torch.amp.GradScaler(self.device.type) if precision == "fp16" else None
         self.check_finite = check_finite
         self.fed = 0
 
     def step(self, x: Tensor, y: Tensor, loss_fn: LossFn) -> Tensor:
         self.optimizer.zero_grad(set_to_none=True)
-        loss = loss_fn(self.model(x), y)
+        x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+        with autocast(self.precision, self.device):
+            loss = loss_fn(self.model(x), y)
         if self.check_finite and not math.isfinite(loss.item()):
             raise NonFiniteLossError(loss.item(), self.fed)
-        loss.backward()
-        self.optimizer.step()
+        if self.scaler is None:
+            loss.backward()
+            self.optimizer.step()
+        else:
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
         if self.lr_scheduler is not None:
             self.lr_scheduler.step()
         self.fed += 1
@@ -45,6 +67,18 @@ class Backprop:
 
     def drain(self) -> None:
         """Nothing is in flight in backprop."""
+
+    def sync(self) -> None:
+        """Nothing runs in the background."""
+
+    def close(self) -> None:
+        """Nothing to stop."""
+
+    @torch.no_grad()
+    def predict(self, x: Tensor) -> Tensor:
+        """The model's output for ``x`` (in the mode the model is in)."""
+        with autocast(self.precision, self.device):
+            return self.model(x.to(self.device))
 
     @property
     def lr(self) -> float:
@@ -63,6 +97,7 @@ class Backprop:
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "lr_scheduler": self.lr_scheduler.state_dict() if self.lr_scheduler else None,
+            "scaler": self.scaler.state_dict() if self.scaler else None,
             "fed": self.fed,
         }
 
@@ -77,5 +112,6 @@ class Backprop:
         self.optimizer.load_state_dict(state["optimizer"])
         if self.lr_scheduler is not None and state.get("lr_scheduler") is not None:
             self.lr_scheduler.load_state_dict(state["lr_scheduler"])
+        if self.scaler is not None and state.get("scaler") is not None:
+            self.scaler.load_state_dict(state["scaler"])
         self.fed = state.get("fed", 0)
-

@@ -1,28 +1,41 @@
-"""Cut a model into stages and pick the executor: all stages here, or this rank's one only.
+"""Cut a model into stages, put each on its device, and pick the executor that runs them.
 
-Under torch.distributed (torchrun, or ``--launcher local``) with one process per stage, each
-rank builds only its own stage and a :class:`DistributedExecutor`; otherwise every stage lives
-in this process and the :class:`LocalExecutor` runs them. Both walk the same schedule.
+Three executors walk the same schedule with the same ``Stage`` calls, so they agree bitwise:
+
+* ``reference`` — every stage in this thread, clock by clock: the spec, for debugging and
+  timelines;
+* ``threads`` — one thread per stage in this process (the default for K > 1 on one machine:
+  CPU cores or GPUs);
+* ``processes`` — one stage per process over torch.distributed (torchrun, several nodes, or
+  ``ddgpipe train --executor processes``); each rank builds only its own stage.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
+import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from ddgpipe.devices import rank_device, stage_devices
 from ddgpipe.errors import UsageError
-from ddgpipe.local import LocalExecutor
 from ddgpipe.partition import balanced_split, block_costs, check_model, cut_points, partition
+from ddgpipe.reference import ReferenceExecutor
 from ddgpipe.stage import Stage
+from ddgpipe.threaded import ThreadedExecutor, threads_per_stage
 from ddgpipe.timeline import Timeline
-from ddgpipe.tuning import fastest_split
+from ddgpipe.tuning import fastest_split, fastest_threaded_split
 
-__all__ = ["BUILD_BALANCE_MODES", "world_size", "build_stages", "agreed_split"]
+__all__ = ["BUILD_BALANCE_MODES", "EXECUTORS", "world_size", "choose_executor",
+           "build_stages", "agreed_split"]
 
-BUILD_BALANCE_MODES = ("params", "time", "pipeline")
+BUILD_BALANCE_MODES = ("params", "flops", "time", "pipeline")
 """``pipeline``: the profiled cut and its neighbours timed as real pipelines (see tuning.py)."""
+
+EXECUTORS = ("reference", "threads", "processes")
+
+StageFactory = Callable[[int, int, nn.Module, torch.device], Stage]
 
 
 def world_size() -> int:
@@ -30,10 +43,30 @@ def world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
+def choose_executor(executor: str | None, stages: int) -> str:
+    """The executor to use: ``processes`` under torch.distributed, else as asked (default:
+    ``threads`` for K > 1, ``reference`` for K = 1)."""
+    if executor is not None and executor not in EXECUTORS:
+        raise UsageError(f"unknown executor {executor!r}; choose one of {', '.join(EXECUTORS)}")
+    if world_size() > 1:
+        if executor not in (None, "processes"):
+            raise UsageError(f"executor {executor!r} runs every stage in one process, but this "
+                             f"process is one of {world_size()} ranks (torchrun or the "
+                             "launcher): leave the executor out or choose processes")
+        return "processes"
+    if executor == "processes":
+        raise UsageError("executor 'processes' runs one stage per process: start the ranks "
+                         "with torchrun, with `ddgpipe train --executor processes`, or with "
+                         "ddgpipe.launch.run_workers, and build the pipeline in each")
+    if executor is None:
+        return "threads" if stages > 1 else "reference"
+    return executor
+
+
 def build_stages(
     model: nn.Module,
     stages: int,
-    make_stage: Callable[[int, int, nn.Module], Stage],
+    make_stage: StageFactory,
     method: str,
     *,
     split: list[int] | None,
@@ -41,26 +74,54 @@ def build_stages(
     sample_input: Tensor | None,
     timeline: Timeline | None,
     peer_timeout_s: float = 300.0,
+    executor: str | None = None,
+    device: str | torch.device = "cpu",
+    devices: Sequence[str | torch.device] | None = None,
+    threads: int | None = None,
+    comm: str = "auto",
 ):
     """Return ``(stage_list, executor)`` for this process."""
-    world = world_size()
-    if balance is None:  # the runtime's speed is its slowest stage's time; a simulation's is not
-        balance = "pipeline" if world > 1 and sample_input is not None else "params"
+    kind = choose_executor(executor, stages)
+    if balance is None:  # a parallel executor's speed is its slowest stage's time
+        balance = "pipeline" if kind == "processes" and sample_input is not None else "params"
     if balance not in BUILD_BALANCE_MODES:
         raise UsageError(f"unknown balance {balance!r}; choose one of "
                          f"{', '.join(BUILD_BALANCE_MODES)}")
-    # "pipeline" starts from the profiled cut; one process has no pipeline clock to time.
+    # "pipeline" starts from the profiled cut; the reference has no parallel clock to time.
     profiled = "time" if balance == "pipeline" else balance
-    if world == 1:
-        modules = partition(model, stages, split=split, balance=profiled,
-                            sample_input=sample_input)
-        stage_list = [make_stage(k, len(modules), m) for k, m in enumerate(modules)]
-        executor = LocalExecutor(stage_list, method=method, timeline=timeline)
-        executor.split = cut_points(modules)
-        return stage_list, executor
+    if kind == "processes":
+        return _build_rank_stage(model, stages, make_stage, method, split, balance, profiled,
+                                 sample_input, timeline, peer_timeout_s,
+                                 rank_device(device, devices), comm)
+    placed = stage_devices(stages, device, devices)
+    threads = threads or threads_per_stage(stages)
+    tuning = None
+    if split is None and balance == "pipeline" and kind == "threads" and stages > 1:
+        proposed = cut_points(partition(model, stages, balance=profiled,
+                                        sample_input=sample_input))
+        split, clock_ms = fastest_threaded_split(model, make_stage, method, sample_input,
+                                                 proposed, placed, threads=threads,
+                                                 timeout_s=peer_timeout_s)
+        tuning = {"profiled_split": proposed, "clock_ms": clock_ms}
+    modules = partition(model, stages, split=split, balance=profiled,
+                        sample_input=sample_input)
+    stage_list = [make_stage(k, len(modules), m, placed[k]) for k, m in enumerate(modules)]
+    if kind == "threads":
+        runner = ThreadedExecutor(stage_list, method=method, timeline=timeline,
+                                  timeout_s=peer_timeout_s, threads=threads)
+    else:
+        runner = ReferenceExecutor(stage_list, method=method, timeline=timeline)
+    runner.split = cut_points(modules)
+    runner.split_tuning = tuning
+    runner.kind = kind
+    return stage_list, runner
 
+
+def _build_rank_stage(model, stages, make_stage, method, split, balance, profiled,
+                      sample_input, timeline, peer_timeout_s, here: torch.device, comm: str):
     from ddgpipe.distributed import DistributedExecutor
 
+    world = world_size()
     if world != stages:
         raise UsageError(
             f"{world} processes but {stages} stages: the runtime runs one stage per process; "
@@ -74,15 +135,16 @@ def build_stages(
         if balance == "pipeline":
             proposed = split
             split, clock_ms = fastest_split(model, make_stage, method, sample_input, proposed,
-                                            timeout_s=peer_timeout_s)
+                                            here, timeout_s=peer_timeout_s)
             tuning = {"profiled_split": proposed, "clock_ms": clock_ms}
     modules = partition(model, stages, split=split)
-    stage = make_stage(rank, stages, modules[rank])
-    executor = DistributedExecutor(stage, method=method, timeline=timeline,
-                                   timeout_s=peer_timeout_s)
-    executor.split = cut_points(modules)
-    executor.split_tuning = tuning
-    return [stage], executor
+    stage = make_stage(rank, stages, modules[rank], here)
+    runner = DistributedExecutor(stage, method=method, timeline=timeline,
+                                 timeout_s=peer_timeout_s, comm=comm)
+    runner.split = cut_points(modules)
+    runner.split_tuning = tuning
+    runner.kind = "processes"
+    return [stage], runner
 
 
 def agreed_split(model: nn.Module, stages: int, balance: str,

@@ -26,11 +26,15 @@ Example:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
+import torch
 from torch import Tensor, nn
 
 from ddgpipe.errors import UsageError
 from ddgpipe.methods.build import build_stages
 from ddgpipe.methods.pipeline import PipelineMethod
+from ddgpipe.precision import check_precision
 from ddgpipe.stage import OptimizerFactory, SchedulerFactory, Stage
 from ddgpipe.stash import STASH_MODES
 from ddgpipe.timeline import Timeline
@@ -58,7 +62,17 @@ class DDG(PipelineMethod):
         grad_shrink: beta; delayed gradients of stage k are scaled by beta**d_k (FDG).
         timeline: a :class:`Timeline` to record every op's start and end.
         check_finite: stop with :class:`NonFiniteLossError` when the loss is NaN or inf.
-        peer_timeout_s: under the parallel runtime, how long to wait for a peer stage.
+        peer_timeout_s: how long a stage waits for a peer (threads or processes).
+        executor: ``threads`` (one thread per stage; the default for K > 1), ``reference``
+            (all stages in turn on this thread: the spec, for debugging) or ``processes``
+            (one rank per stage; chosen by itself under torchrun or the launcher).
+        device: ``auto``, ``cpu``, ``cuda`` (stages spread over the GPUs) or ``cuda:N``.
+        devices: one device per stage, e.g. ``["cuda:0", "cuda:1"]``; overrides ``device``.
+        precision: ``fp32``, ``bf16`` or ``fp16`` (autocast per stage; fp16 with loss scaling
+            that travels with each minibatch's gradient, see :mod:`ddgpipe.precision`).
+        threads: intra-op threads per stage (default: this machine's cores / K).
+        comm: under the process runtime on GPUs, ``auto`` (nccl) or ``host`` (gloo through
+            host memory, for ranks sharing a GPU).
     """
 
     def __init__(
@@ -76,7 +90,14 @@ class DDG(PipelineMethod):
         timeline: Timeline | None = None,
         check_finite: bool = True,
         peer_timeout_s: float = 300.0,
+        executor: str | None = None,
+        device: str | torch.device = "cpu",
+        devices: Sequence[str | torch.device] | None = None,
+        precision: str = "fp32",
+        threads: int | None = None,
+        comm: str = "auto",
     ):
+        check_precision(precision)
         if stash not in STASH_MODES:
             raise UsageError(
                 f"unknown stash mode {stash!r}; choose one of {', '.join(STASH_MODES)}"
@@ -85,11 +106,13 @@ class DDG(PipelineMethod):
             raise UsageError(f"grad_shrink must be in (0, 1] (got {grad_shrink}); 1 is plain DDG")
         self.stash_mode = stash
 
-        def make_stage(k: int, num_stages: int, module: nn.Module) -> Stage:
-            return Stage(k, num_stages, module, optimizer, lr_scheduler, stash, grad_shrink)
+        def make_stage(k: int, num_stages: int, module: nn.Module, where: torch.device) -> Stage:
+            return Stage(k, num_stages, module, optimizer, lr_scheduler, stash, grad_shrink,
+                         device=where, precision=precision)
 
-        stage_list, executor = build_stages(
+        stage_list, runner = build_stages(
             model, stages, make_stage, "ddg", split=split, balance=balance,
             sample_input=sample_input, timeline=timeline, peer_timeout_s=peer_timeout_s,
+            executor=executor, device=device, devices=devices, threads=threads, comm=comm,
         )
-        super().__init__(model, stage_list, executor, check_finite)
+        super().__init__(model, stage_list, runner, check_finite)

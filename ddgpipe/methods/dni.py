@@ -18,12 +18,16 @@ overshoot it by orders of magnitude.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ddgpipe.errors import UsageError
 from ddgpipe.methods.build import build_stages
 from ddgpipe.methods.pipeline import PipelineMethod
+from ddgpipe.precision import check_precision
 from ddgpipe.stage import OptimizerFactory, SchedulerFactory, Stage
 from ddgpipe.timeline import Timeline
 
@@ -59,20 +63,21 @@ class DNIStage(Stage):
         self.sg_optimizer: torch.optim.Optimizer | None = None
         self._outputs: dict[int, Tensor] = {}  # minibatch -> output, until its true gradient
 
-    def forward(self, minibatch: int, x: Tensor) -> Tensor:
-        out = super().forward(minibatch, x)
+    def forward(self, minibatch: int, x: Tensor, overflow: bool = False) -> Tensor:
+        out = super().forward(minibatch, x, overflow)
         if self.sg_model is None:
-            self.sg_model = synthetic_gradient_model(out)
+            self.sg_model = synthetic_gradient_model(out).to(self.device)
             self.sg_optimizer = torch.optim.Adam(self.sg_model.parameters(), lr=self.sg_lr)
         self._outputs[minibatch] = out
         return out
 
-    def backward(self, minibatch: int, grad_output: Tensor | None = None) -> Tensor | None:
+    def backward(self, minibatch: int, grad_output: Tensor | None = None,
+                 loss_scale: float = 1.0) -> Tensor | None:
         if not self.is_last:
             out = self._outputs[minibatch]
             with torch.no_grad():
                 grad_output = self.sg_model(out) / out.shape[0]
-        return super().backward(minibatch, grad_output)
+        return super().backward(minibatch, grad_output, loss_scale)
 
     def learn(self, minibatch: int, true_grad: Tensor) -> None:
         """G: regress the gradient model onto the gradient stage k+1 sent back."""
@@ -101,13 +106,25 @@ class DNI(PipelineMethod):
         timeline: Timeline | None = None,
         check_finite: bool = True,
         peer_timeout_s: float = 300.0,
+        executor: str | None = None,
+        device: str | torch.device = "cpu",
+        devices: Sequence[str | torch.device] | None = None,
+        precision: str = "fp32",
+        threads: int | None = None,
+        comm: str = "auto",
     ):
+        if check_precision(precision) == "fp16":
+            raise UsageError("dni's synthetic gradients are not loss-scaled, so fp16 would "
+                             "underflow them; use --precision bf16 or fp32")
 
-        def make_stage(k: int, num_stages: int, module: nn.Module) -> DNIStage:
-            return DNIStage(k, num_stages, module, optimizer, lr_scheduler, sg_lr=sg_lr)
+        def make_stage(k: int, num_stages: int, module: nn.Module,
+                       where: torch.device) -> DNIStage:
+            return DNIStage(k, num_stages, module, optimizer, lr_scheduler, sg_lr=sg_lr,
+                            device=where, precision=precision)
 
-        stage_list, executor = build_stages(
+        stage_list, runner = build_stages(
             model, stages, make_stage, "dni", split=split, balance=balance,
             sample_input=sample_input, timeline=timeline, peer_timeout_s=peer_timeout_s,
+            executor=executor, device=device, devices=devices, threads=threads, comm=comm,
         )
-        super().__init__(model, stage_list, executor, check_finite)
+        super().__init__(model, stage_list, runner, check_finite)

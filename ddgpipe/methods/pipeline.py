@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import torch
 from torch import Tensor, nn
 
 from ddgpipe.errors import NonFiniteLossError, UsageError
@@ -13,7 +14,14 @@ __all__ = ["PipelineMethod"]
 
 
 class PipelineMethod:
-    """A model cut into stages, run clock by clock by an executor."""
+    """A model cut into stages, run clock by clock by an executor.
+
+    With the threaded executor the stages keep computing after :meth:`step` returns (the
+    earlier stages' delayed backwards); everything that reads the weights (:meth:`eval`,
+    :meth:`predict`, :meth:`state_dict`, checkpoints) first waits for them to finish the
+    clocks fed so far. :meth:`close` (or ``with`` the method) stops the stage threads; it
+    runs by itself when a step fails.
+    """
 
     def __init__(self, model: nn.Module, stages: list[Stage], executor,
                  check_finite: bool = True):
@@ -25,6 +33,11 @@ class PipelineMethod:
     @property
     def num_stages(self) -> int:
         return len(self.stages)
+
+    @property
+    def executor_kind(self) -> str:
+        """``reference``, ``threads`` or ``processes``."""
+        return self.executor.kind
 
     @property
     def fed(self) -> int:
@@ -42,23 +55,54 @@ class PipelineMethod:
         Under the parallel runtime the first rank needs ``x``, the last ``y`` and ``loss_fn``
         (the others may pass None), and only the last rank gets the loss back.
         """
-        loss = self.executor.step(x, y, loss_fn)
-        if loss is not None and self.check_finite and not math.isfinite(loss.item()):
-            raise NonFiniteLossError(loss.item(), self.executor.fed - 1)
+        try:
+            loss = self.executor.step(x, y, loss_fn)
+            if loss is not None and self.check_finite and not math.isfinite(loss.item()):
+                raise NonFiniteLossError(loss.item(), self.executor.fed - 1)
+        except BaseException:
+            self.close()
+            raise
         return loss
 
     def drain(self) -> None:
         """Run the pending work so every minibatch is learned from exactly once."""
         self.executor.drain()
 
+    def close(self) -> None:
+        """Stop the executor's stage threads, if it has any (idempotent)."""
+        close = getattr(self.executor, "close", None)
+        if close is not None:
+            close()
+
+    def __enter__(self) -> PipelineMethod:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def sync(self) -> None:
+        """Wait until every stage has finished the clocks fed so far."""
+        sync = getattr(self.executor, "sync", None)
+        if sync is not None:
+            sync()
+
     def train(self):
+        self.sync()
         self.model.train()
         return self
 
     def eval(self):
-        """Evaluation mode for inference through ``.model`` (in-flight work is kept)."""
+        """Evaluation mode for inference (in-flight work is kept, not drained)."""
+        self.sync()
         self.model.eval()
         return self
+
+    @torch.no_grad()
+    def predict(self, x: Tensor | None) -> Tensor | None:
+        """The model's output for ``x``, through the stages and their devices (in the mode
+        the model is in). Under the process runtime every rank calls it; the first gives
+        ``x`` and the last gets the output."""
+        return self.executor.forward_only(x)
 
     def checkpoint_state(self) -> dict:
         """This process's whole training state between two clocks, in-flight work included."""
@@ -68,6 +112,7 @@ class PipelineMethod:
         self.executor.load_checkpoint_state(state)
 
     def state_dict(self) -> dict:
+        self.sync()
         return {"stages": [s.state_dict() for s in self.stages], "fed": self.fed}
 
     def load_state_dict(self, state: dict) -> None:
@@ -76,5 +121,6 @@ class PipelineMethod:
                 f"state has {len(state['stages'])} stages but this pipeline has "
                 f"{self.num_stages}; build it with stages={len(state['stages'])}"
             )
+        self.sync()
         for stage, s in zip(self.stages, state["stages"]):
             stage.load_state_dict(s)

@@ -1,0 +1,89 @@
+"""Tensors that cross from one stage to the next, on one GPU, across GPUs, or on the CPU.
+
+On a GPU every stage of the threaded executor issues its work on a CUDA stream of its own, so
+one stage's kernels do not queue behind another's. A tensor handed from a producer stream to
+a consumer stream then needs two things (torchgpipe's ``stream.py``/``copy.py`` solve the
+same problem):
+
+* ordering: the consumer must not read it before the producer's kernels wrote it. The
+  producer records an event after its work; the consumer's stream waits on that event
+  (same device), or the copy to another device is issued on the producer's stream, where it
+  runs after the producer's kernels, and PyTorch's cross-device copy makes the consumer's
+  stream wait for the copy;
+* lifetime: the caching allocator recycles a freed block for the next allocation *on the
+  stream it was allocated on*. A tensor read on another stream is announced with
+  ``record_stream``, so its block is not recycled before that stream's work is done.
+
+On the CPU none of this applies: a hand-off is the tensor itself, no copy.
+"""
+
+from __future__ import annotations
+
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+__all__ = ["Handoff", "new_stream", "on_stream", "send", "receive"]
+
+
+def new_stream(device: torch.device) -> Any | None:
+    """A fresh CUDA stream on ``device``; None on the CPU."""
+    if device.type != "cuda":
+        return None
+    return torch.cuda.Stream(device=device)
+
+
+@contextmanager
+def on_stream(device: torch.device, stream=None):
+    """Make ``device`` current (and ``stream`` its current stream) in this thread."""
+    if device.type != "cuda":
+        yield
+        return
+    with ExitStack() as stack:
+        stack.enter_context(torch.cuda.device(device))
+        if stream is not None:
+            stack.enter_context(torch.cuda.stream(stream))
+        yield
+
+
+@dataclass
+class Handoff:
+    """A tensor on its way to another stage, with what the receiver needs to use it safely."""
+
+    tensor: Tensor
+    event: Any | None = None  # recorded on the producer's stream after the tensor was written
+    stream: Any | None = None  # the producer's stream (CUDA), where cross-device copies go
+
+
+def send(tensor: Tensor) -> Handoff:
+    """Wrap ``tensor`` produced on this thread's current stream for another stage."""
+    if tensor.device.type != "cuda":
+        return Handoff(tensor)
+    stream = torch.cuda.current_stream(tensor.device)
+    event = torch.cuda.Event()
+    event.record(stream)
+    return Handoff(tensor, event, stream)
+
+
+def receive(handoff: Handoff, device: torch.device) -> Tensor:
+    """The tensor on ``device``, safe to use on this thread's current stream there."""
+    tensor = handoff.tensor
+    if tensor.device == device:
+        if device.type == "cuda" and handoff.event is not None:
+            here = torch.cuda.current_stream(device)
+            if here != handoff.stream:
+                here.wait_event(handoff.event)
+                tensor.record_stream(here)
+        return tensor
+    if tensor.device.type == "cpu":  # a batch from the host: asynchronous when pinned
+        return tensor.to(device, non_blocking=tensor.is_pinned())
+    if device.type == "cpu":  # a GPU stage before a CPU stage: wait for it, then copy
+        handoff.event.synchronize()
+        return tensor.to(device)
+    # GPU to GPU: copy on the producer's stream, after its kernels; the copy itself makes the
+    # consumer's current stream wait for it, and the new tensor lives on the consumer's.
+    with torch.cuda.stream(handoff.stream):
+        return tensor.to(device, non_blocking=True)
