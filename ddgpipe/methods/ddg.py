@@ -26,8 +26,11 @@ Example:
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+
 from torch import Tensor, nn
 
+from ddgpipe.compensation import make_compensation
 from ddgpipe.errors import UsageError
 from ddgpipe.methods.build import build_stages
 from ddgpipe.methods.pipeline import PipelineMethod
@@ -56,6 +59,10 @@ class DDG(PipelineMethod):
             fastest kept; see ``ddgpipe.tuning``); default ``pipeline`` under the parallel
             runtime (when ``sample_input`` is given), ``params`` otherwise.
         grad_shrink: beta; delayed gradients of stage k are scaled by beta**d_k (FDG).
+        compensation: staleness compensation by name, e.g. ``"sc,lwp"`` or ``["dc"]``
+            (see :mod:`ddgpipe.compensation`); None is plain DDG.
+        compensation_options: its hyperparameters, e.g. ``{"dc_lambda": 1.0}``
+            (``ddgpipe.compensation.OPTIONS`` lists them with their defaults).
         timeline: a :class:`Timeline` to record every op's start and end.
         check_finite: stop with :class:`NonFiniteLossError` when the loss is NaN or inf.
         peer_timeout_s: under the parallel runtime, how long to wait for a peer stage.
@@ -73,6 +80,8 @@ class DDG(PipelineMethod):
         balance: str | None = None,
         sample_input: Tensor | None = None,
         grad_shrink: float = 1.0,
+        compensation: str | Sequence[str] | None = None,
+        compensation_options: Mapping[str, float] | None = None,
         timeline: Timeline | None = None,
         check_finite: bool = True,
         peer_timeout_s: float = 300.0,
@@ -84,9 +93,11 @@ class DDG(PipelineMethod):
         if not 0.0 < grad_shrink <= 1.0:
             raise UsageError(f"grad_shrink must be in (0, 1] (got {grad_shrink}); 1 is plain DDG")
         self.stash_mode = stash
+        new_compensation = make_compensation(compensation, stash, compensation_options)
 
         def make_stage(k: int, num_stages: int, module: nn.Module) -> Stage:
-            return Stage(k, num_stages, module, optimizer, lr_scheduler, stash, grad_shrink)
+            return Stage(k, num_stages, module, optimizer, lr_scheduler, stash, grad_shrink,
+                         compensation=new_compensation())
 
         stage_list, executor = build_stages(
             model, stages, make_stage, "ddg", split=split, balance=balance,
