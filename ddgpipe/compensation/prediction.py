@@ -46,10 +46,13 @@ class LinearWeightPrediction(Rule):
         require_momentum_sgd(optimizer, self.name, "the prediction extrapolates with "
                              "momentum's velocity")
 
+    def bind(self, stage) -> None:
+        super().bind(stage)
+        self.groups = groups_by_param(stage.optimizer)
+
     @torch.no_grad()
     def forward_weights(self) -> dict[str, Tensor]:
-        optimizer = self.stage.optimizer
-        groups = groups_by_param(optimizer)
+        optimizer, groups = self.stage.optimizer, self.groups
         predicted = {}
         for name, p in self.params.items():
             v = optimizer.state[p].get("momentum_buffer") if p in optimizer.state else None
