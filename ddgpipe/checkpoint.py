@@ -44,7 +44,8 @@ KEEP = 2  # complete sets kept on disk
 COMPAT_FIELDS = (
     "model", "data", "method", "stages", "stash", "batch_size", "seed", "optimizer", "lr",
     "momentum", "nesterov", "weight_decay", "lr_schedule", "milestones", "lr_gamma",
-    "warmup_epochs", "warmup_factor", "epochs", "grad_shrink",
+    "warmup_epochs", "warmup_factor", "epochs", "grad_shrink", "compensation",
+    "compensation_options",
 )
 
 

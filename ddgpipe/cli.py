@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -26,6 +27,16 @@ PRESETS = {
                         weight_decay=5e-4, lr=0.1, lr_schedule="multistep",
                         milestones=[150, 225], lr_gamma=0.1, epochs=300),
 }
+
+
+class LineHelpFormatter(argparse.HelpFormatter):
+    """Keeps the line breaks of a help text that has them (one line per compensation)."""
+
+    def _split_lines(self, text: str, width: int) -> list[str]:
+        if "\n" not in text:
+            return super()._split_lines(text, width)
+        return [part for line in text.splitlines()
+                for part in (textwrap.wrap(line, width, subsequent_indent="    ") or [""])]
 
 
 def _int_list(text: str) -> list[int]:
@@ -98,6 +109,22 @@ def add_train_arguments(p: argparse.ArgumentParser, defaults_for_demo: bool = Fa
                         "from the authors' follow-up, Fully Decoupled Neural Network Learning "
                         "Using Delayed Gradients, Zhuang et al. 2019); 1 is DDG "
                         "(default: %(default)s)")
+    from ddgpipe.compensation import COMPENSATIONS
+
+    g.add_argument("--compensation", metavar="NAME[,NAME]",
+                   help="for --method ddg/fr, comma-separated; default none:\n" + "\n".join(
+                            f"  {name}: {line}" for name, line in COMPENSATIONS.items()))
+    g.add_argument("--dc-lambda", type=float, metavar="LAMBDA",
+                   help="dc: lambda_0 of the adaptive lambda (default 2); dc-c: the constant "
+                        "lambda (default 0.04)")
+    g.add_argument("--dc-decay", type=float, metavar="BETA",
+                   help="dc: decay of the gradient's mean square (default 0.95)")
+    g.add_argument("--pipemare-anneal", type=int, metavar="CLOCKS",
+                   help="pipemare, pipemare-lr: clocks (minibatches) over which each stage's "
+                        "lr ramps from lr/delay to lr (default: one epoch; PipeMare tunes it)")
+    g.add_argument("--pipemare-ema", type=float, metavar="GAMMA",
+                   help="pipemare: decay of the moving average of weight updates that "
+                        "estimates the forward's weights (default 0.9)")
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=int, default=15, help="passes over the training set "
                    "(default: %(default)s)")
@@ -224,7 +251,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     p = sub.add_parser("train", help="train one model with bp, ddg or dni",
-                       description="Train one model and write metrics to RUN_DIR.")
+                       description="Train one model and write metrics to RUN_DIR.",
+                       formatter_class=LineHelpFormatter)
     add_train_arguments(p)
     p.set_defaults(func=cmd_train)
 
@@ -308,7 +336,9 @@ def config_from_args(args: argparse.Namespace):
     return TrainConfig(
         model=args.model, data=args.data, data_dir=args.data_dir, method=args.method,
         stages=stages, stash=args.stash, split=args.split, balance=args.balance,
-        grad_shrink=args.grad_shrink, epochs=args.epochs, batch_size=args.batch_size,
+        grad_shrink=args.grad_shrink, compensation=args.compensation,
+        compensation_options=_compensation_options(args),
+        epochs=args.epochs, batch_size=args.batch_size,
         optimizer=args.optimizer, lr=args.lr, momentum=args.momentum, nesterov=args.nesterov,
         weight_decay=args.weight_decay, lr_schedule=args.lr_schedule,
         milestones=args.milestones, lr_gamma=args.lr_gamma, seed=args.seed,
@@ -320,6 +350,13 @@ def config_from_args(args: argparse.Namespace):
         checkpoint_every_epochs=args.checkpoint_every_epochs, stop_after=args.stop_after,
         resume=args.resume,
     )
+
+
+def _compensation_options(args: argparse.Namespace) -> dict | None:
+    """The hyperparameter flags given, by option name; None when none was."""
+    given = {"dc_lambda": args.dc_lambda, "dc_decay": args.dc_decay,
+             "pipemare_anneal": args.pipemare_anneal, "pipemare_ema": args.pipemare_ema}
+    return {k: v for k, v in given.items() if v is not None} or None
 
 
 def format_results(results) -> str:

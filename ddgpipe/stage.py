@@ -152,13 +152,16 @@ class Stage:
                 f"stage {self.index}: backward of minibatch {minibatch} but the oldest "
                 f"in-flight minibatch is {pending.minibatch}"
             )
+        replayed = self.delay > 0 and self.stash.mode == "none"
+        if replayed:  # None replays at the live weights; a compensation may estimate older ones
+            pending.weights = self.compensation.replay_weights()
         output = self.stash.output_for_backward(pending)
         if self.is_last:
             loss_scale = pending.loss_scale
             if self.precision == "fp16":  # d(scale * loss) / d(loss)
                 grad_output = torch.full_like(output, loss_scale)
         grad_in = self.stash.backward(pending, output, grad_output)
-        self._forward_weights = pending.weights
+        self._forward_weights = None if replayed else pending.weights
         self.grad_loss_scale = loss_scale
         if self.precision == "fp16":
             grads = [p.grad for p in self.stash.params.values() if p.grad is not None]

@@ -33,6 +33,7 @@ from ddgpipe.checkpoint import (
     publish,
     write_rank_file,
 )
+from ddgpipe.compensation import make_compensation, parse_compensation
 from ddgpipe.data import BatchLoader, Dataset, load_dataset
 from ddgpipe.devices import rank_device
 from ddgpipe.distributed import COMMS
@@ -66,6 +67,8 @@ class TrainConfig:
     split: list[int] | None = None
     balance: str | None = None
     grad_shrink: float = 1.0
+    compensation: str | None = None  # e.g. "sc,lwp": ddgpipe.compensation
+    compensation_options: dict | None = None  # e.g. {"dc_lambda": 1.0}
     epochs: int = 15
     batch_size: int = 64
     eval_batch_size: int = 512
@@ -100,7 +103,10 @@ class TrainConfig:
     def display_label(self) -> str:
         if self.label:
             return self.label
-        return "BP" if self.method == "bp" else f"{self.method.upper()} K={self.stages}"
+        if self.method == "bp":
+            return "BP"
+        label = f"{self.method.upper()} K={self.stages}"
+        return f"{label} {self.compensation}" if self.compensation else label
 
     def validate(self) -> None:
         if self.method not in METHODS:
@@ -137,6 +143,18 @@ class TrainConfig:
         if self.method == "fr" and self.stash != "graph":
             raise UsageError("--method fr always replays with current weights (stash none); "
                              "drop --stash, or use --method ddg --stash ...")
+        compensated = self.compensation or self.compensation_options
+        if compensated and self.method not in ("ddg", "fr"):
+            raise UsageError(
+                f"--compensation corrects the delayed gradients of --method ddg or fr; "
+                f"--method {self.method} has none to correct (bp has no delay, dni learns from "
+                "synthetic gradients): drop --compensation and its options, or use --method ddg"
+            )
+        if compensated:  # names, options, stash mode and optimizer fail here, before workers
+            probe = make_optimizer(self.optimizer, self.lr, self.momentum, self.nesterov,
+                                   self.weight_decay)([nn.Parameter(torch.zeros(1))])
+            make_compensation(self.compensation, "none" if self.method == "fr" else self.stash,
+                              compensation_options(self, steps_per_epoch=1), probe)
         if self.warmup_epochs < 0 or not 0 < self.warmup_factor <= 1:
             raise UsageError(f"--warmup-epochs must be >= 0 and --warmup-factor in (0, 1] "
                              f"(got {self.warmup_epochs}, {self.warmup_factor})")
@@ -215,10 +233,21 @@ def build_method(config: TrainConfig, model: nn.Module, steps_per_epoch: int, ti
         # exactly stash mode "none".
         stash = "none" if config.method == "fr" else config.stash
         return DDG(model, config.stages, optimizer, stash=stash,
-                   grad_shrink=config.grad_shrink, **kwargs)
+                   grad_shrink=config.grad_shrink, compensation=config.compensation,
+                   compensation_options=compensation_options(config, steps_per_epoch),
+                   **kwargs)
     from ddgpipe.methods.dni import DNI
 
     return DNI(model, config.stages, optimizer, **kwargs)
+
+
+def compensation_options(config: TrainConfig, steps_per_epoch: int) -> dict:
+    """The compensation's options; PipeMare's anneal period defaults to one epoch here."""
+    options = dict(config.compensation_options or {})
+    names = parse_compensation(config.compensation)
+    if {"pipemare", "pipemare-lr"} & set(names) and options.get("pipemare_anneal") is None:
+        options["pipemare_anneal"] = steps_per_epoch
+    return options
 
 
 def check_model_accepts(model: nn.Module, data: Dataset, config: TrainConfig) -> None:

@@ -26,11 +26,12 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
 
+from ddgpipe.compensation import make_compensation
 from ddgpipe.errors import UsageError
 from ddgpipe.methods.build import build_stages
 from ddgpipe.methods.pipeline import PipelineMethod
@@ -60,6 +61,10 @@ class DDG(PipelineMethod):
             fastest kept; see ``ddgpipe.tuning``); default ``pipeline`` under the parallel
             runtime (when ``sample_input`` is given), ``params`` otherwise.
         grad_shrink: beta; delayed gradients of stage k are scaled by beta**d_k (FDG).
+        compensation: staleness compensation by name, e.g. ``"sc,lwp"`` or ``["dc"]``
+            (see :mod:`ddgpipe.compensation`); None is plain DDG.
+        compensation_options: its hyperparameters, e.g. ``{"dc_lambda": 1.0}``
+            (``ddgpipe.compensation.OPTIONS`` lists them with their defaults).
         timeline: a :class:`Timeline` to record every op's start and end.
         check_finite: stop with :class:`NonFiniteLossError` when the loss is NaN or inf.
         peer_timeout_s: how long a stage waits for a peer (threads or processes).
@@ -87,6 +92,8 @@ class DDG(PipelineMethod):
         balance: str | None = None,
         sample_input: Tensor | None = None,
         grad_shrink: float = 1.0,
+        compensation: str | Sequence[str] | None = None,
+        compensation_options: Mapping[str, float] | None = None,
         timeline: Timeline | None = None,
         check_finite: bool = True,
         peer_timeout_s: float = 300.0,
@@ -105,10 +112,11 @@ class DDG(PipelineMethod):
         if not 0.0 < grad_shrink <= 1.0:
             raise UsageError(f"grad_shrink must be in (0, 1] (got {grad_shrink}); 1 is plain DDG")
         self.stash_mode = stash
+        new_compensation = make_compensation(compensation, stash, compensation_options)
 
         def make_stage(k: int, num_stages: int, module: nn.Module, where: torch.device) -> Stage:
             return Stage(k, num_stages, module, optimizer, lr_scheduler, stash, grad_shrink,
-                         device=where, precision=precision)
+                         compensation=new_compensation(), device=where, precision=precision)
 
         stage_list, runner = build_stages(
             model, stages, make_stage, "ddg", split=split, balance=balance,
