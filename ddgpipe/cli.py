@@ -65,11 +65,15 @@ def add_train_arguments(p: argparse.ArgumentParser, defaults_for_demo: bool = Fa
     g = p.add_argument_group("model and data")
     g.add_argument("--model", default="resnet20", metavar="NAME",
                    help=f"network: {', '.join(MODEL_NAMES)} (CIFAR ResNets of He et al. 2016 "
-                        "with option-A shortcuts, or an MLP) (default: %(default)s)")
+                        "with option-A shortcuts; resnet1d-N: the same with 1-D convolutions, "
+                        "for mnist1d; or an MLP) (default: %(default)s)")
     g.add_argument("--data", default="digits", metavar="NAME",
                    help=f"data set: {', '.join(DATASET_NAMES)}; digits is scikit-learn's 1797 "
-                        "handwritten 8x8 digits, embedded; cifar10/cifar100 need --data-dir; "
-                        "synthetic is random data for throughput only (default: %(default)s)")
+                        "handwritten 8x8 digits, embedded; mnist1d is MNIST-1D (Greydanus "
+                        "2020), 1 x 40 signals generated offline on first use and cached in "
+                        "$DDGPIPE_CACHE (default ~/.cache/ddgpipe); cifar10/cifar100 need "
+                        "--data-dir; synthetic is random data for throughput only (default: "
+                        "%(default)s)")
     g.add_argument("--data-dir", metavar="DIR",
                    help="folder holding cifar-10-batches-py/ or cifar-100-python/ (the "
                         "extracted official python archives)")

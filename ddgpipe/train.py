@@ -330,7 +330,7 @@ def train(config: TrainConfig, dataset: Dataset | None = None) -> TrainResult | 
     run_dir = prepare_out_dir(config.out, keep=resume is not None) if reporter else None
 
     torch.manual_seed(config.seed)
-    model = build_model(config.model, data.in_channels, data.image_size, data.num_classes)
+    model = build_model(config.model, num_classes=data.num_classes, input_shape=data.input_shape)
     check_model_accepts(model, data, config)
     loader = BatchLoader(data.train_x, data.train_y, config.batch_size, shuffle=True,
                          seed=config.seed, augment=data.augment, name=data.name)

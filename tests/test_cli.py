@@ -52,7 +52,8 @@ def test_errors_reach_the_shell_without_a_traceback(tmp_path):
     assert "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines() == [
         "ddgpipe: error: unknown model 'resnet21'; choose one of resnet20, resnet32, resnet44, "
-        "resnet56, resnet110, mlp"
+        "resnet56, resnet110, resnet1d-20, resnet1d-32, resnet1d-44, resnet1d-56, resnet1d-110, "
+        "mlp"
     ]
 
 

@@ -2,8 +2,9 @@
 
 The default, scikit-learn's handwritten digits (1797 real 8x8 scans), ships inside a package,
 so the demo and the tests run anywhere with no download. CIFAR-10/100 are read from the
-official python archives when a user has them; a synthetic set feeds the benchmarks, where
-only throughput matters.
+official python archives when a user has them; MNIST-1D, 1-D signals that separate models
+better than the digits do, is generated offline by a seeded generator and cached
+(``mnist1d.py``); a synthetic set feeds the benchmarks, where only throughput matters.
 """
 
 from __future__ import annotations
@@ -18,12 +19,16 @@ from ddgpipe.errors import UsageError
 
 __all__ = ["DATASET_NAMES", "Dataset", "load_dataset", "digits", "synthetic"]
 
-DATASET_NAMES = ("digits", "cifar10", "cifar100", "synthetic")
+DATASET_NAMES = ("digits", "mnist1d", "cifar10", "cifar100", "synthetic")
 
 
 @dataclass
 class Dataset:
-    """Normalised images (N x C x H x W, float32) and integer labels, split train/test."""
+    """Normalised inputs and integer labels, split train/test.
+
+    Inputs are float32 images, N x C x H x W, or 1-D signals, N x C x L (``image_size`` is
+    None then); ``input_shape`` is one sample's shape either way.
+    """
 
     name: str
     train_x: Tensor
@@ -32,16 +37,28 @@ class Dataset:
     test_y: Tensor
     num_classes: int
     in_channels: int
-    image_size: int
+    image_size: int | None  # height = width of an image; None for 1-D signals
     augment: bool = False  # pad-4 random crop + horizontal flip while training (CIFAR)
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        """One sample's shape: (C, H, W) for images, (C, L) for signals."""
+        return tuple(self.train_x.shape[1:])
 
 
 def load_dataset(name: str, data_dir: str | None = None) -> Dataset:
-    """Load a data set by name; CIFAR needs ``data_dir`` (the extracted official archive)."""
+    """Load a data set by name; CIFAR needs ``data_dir`` (the extracted official archive).
+
+    mnist1d is generated on first use and then read from the cache (``mnist1d.py``).
+    """
     if name == "digits":
         return digits()
     if name == "synthetic":
         return synthetic()
+    if name == "mnist1d":
+        from ddgpipe.data.mnist1d import load_mnist1d
+
+        return load_mnist1d()
     if name in ("cifar10", "cifar100"):
         from ddgpipe.data.cifar import load_cifar
 

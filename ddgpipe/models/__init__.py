@@ -3,5 +3,7 @@
 from ddgpipe.models.mlp import mlp
 from ddgpipe.models.registry import MODEL_NAMES, build_model
 from ddgpipe.models.resnet import BasicBlock, ShortcutA, cifar_resnet
+from ddgpipe.models.resnet1d import resnet1d
 
-__all__ = ["MODEL_NAMES", "build_model", "cifar_resnet", "mlp", "BasicBlock", "ShortcutA"]
+__all__ = ["MODEL_NAMES", "build_model", "cifar_resnet", "resnet1d", "mlp", "BasicBlock",
+           "ShortcutA"]
