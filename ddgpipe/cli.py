@@ -244,6 +244,10 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--link-gbps", type=float, default=None, metavar="GBIT_S",
                    help="link bandwidth for the cost model's predictions (default: "
                         "communication is free and overlapped)")
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
+                   help="cpu, or cuda: every configuration on GPUs (stage or rank k on cuda:k "
+                        "mod count; DDP and torch's pipelines only with K GPUs), timed with "
+                        "CUDA events, with each GPU's peak memory (default: %(default)s)")
     p.add_argument("--out", default="runs/bench", metavar="DIR", help="where bench.json and "
                    "bench.png go (default: %(default)s)")
     p.add_argument("--no-progress", action="store_true", help="hide the per-run progress lines")
@@ -450,7 +454,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
                          steps=args.steps, warmup=args.warmup, rounds=args.rounds,
                          microbatches=tuple(args.microbatches),
                          configs=tuple(args.configs) if args.configs else None,
-                         image_size=args.image_size)
+                         image_size=args.image_size, device=args.device)
     if args.link_gbps is not None and not args.link_gbps > 0:
         raise UsageError(f"--link-gbps must be > 0 (got {args.link_gbps})")
     bandwidth = math.inf if args.link_gbps is None else args.link_gbps * 1e9 / 8
@@ -458,21 +462,27 @@ def cmd_bench(args: argparse.Namespace) -> int:
     scaling = predict_scaling(config.model, config.batch_size, config.image_size,
                               config.in_channels, config.num_classes,
                               bandwidth_bytes_per_s=bandwidth, seed=config.seed)
-    cuts = [0, *result["split"], scaling["blocks"]]
-    sent = [scaling["activation_bytes"][c - 1] for c in cuts[1:]]
-    measured = [p for row in result["rows"] if row.get("kind") == "ddg" and not row.get("error")
-                if (p := predict_measured(row, config.batch_size, sent, bandwidth))]
-    per_stage = predicted_stage_ms(scaling["block_ms"], result["split"])
+    measured, per_stage = [], {}
+    for row in result["rows"]:
+        split = result["split_threads"] if row.get("kind") == "ddg-threads" else result["split"]
+        if row.get("kind") not in ("ddg", "ddg-threads") or row.get("error") or split is None:
+            continue
+        cuts = [0, *split, scaling["blocks"]]
+        sent = [scaling["activation_bytes"][c - 1] for c in cuts[1:]]
+        if (p := predict_measured(row, config.batch_size, sent, bandwidth)):
+            measured.append(p)
+        per_stage[",".join(map(str, split))] = predicted_stage_ms(scaling["block_ms"], split)
     result["cost_model"] = {"measured": measured, "scaling": scaling,
                             "predicted_stage_ms": per_stage}
     (out / "bench.json").write_text(json.dumps(result, indent=2) + "\n")
     print(format_bench_table(result))
     print("\ncost model (schedule simulation):")
-    for k, (f, b) in enumerate(per_stage):
-        print(f"  stage {k}: predicted F {f:.1f} ms  B {b:.1f} ms per clock (one-thread block "
-              "profile; measured above)")
+    for cut, stage_ms in per_stage.items():
+        for k, (f, b) in enumerate(stage_ms):
+            print(f"  cut [{cut}] stage {k}: predicted F {f:.1f} ms  B {b:.1f} ms per clock "
+                  "(one-thread block profile; measured above)")
     for m in measured:
-        print(f"  {m['name']:<14} predicted {m['predicted_images_per_s']:7.0f} img/s from its "
+        print(f"  {m['name']:<22} predicted {m['predicted_images_per_s']:7.0f} img/s from its "
               f"stage times, measured {m['measured_images_per_s']:7.0f} "
               f"({100 * m['measured_over_predicted']:.0f}%)")
     for row in scaling["rows"]:

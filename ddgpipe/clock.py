@@ -49,12 +49,15 @@ def _no_guard(stage: Stage) -> AbstractContextManager:
 
 
 def run_stage_clock(stage: Stage, actions: list[Action], links: Links, *,
-                    guard=_no_guard, timeline: Timeline | None = None) -> Tensor | None:
+                    guard=_no_guard, timeline: Timeline | None = None,
+                    on_loss=None) -> Tensor | None:
     """Run ``actions`` (one clock of ``stage``) in order, then end the stage's clock.
 
     ``guard(stage)`` is entered around each computation (not around waits for peers): the
     threaded executor uses it to give a stage that draws random numbers its own stream.
-    Returns the loss when the last stage ran a forward, else None.
+    ``on_loss(minibatch, loss)`` is called as soon as the last stage has the loss, before its
+    backward: the threaded executor hands it to the caller from there. Returns the loss when
+    the last stage ran a forward, else None.
     """
     loss = None
     for action in actions:
@@ -66,6 +69,8 @@ def run_stage_clock(stage: Stage, actions: list[Action], links: Links, *,
                 y, loss_fn = links.target(stage, m)
                 with guard(stage):
                     loss = stage.forward_loss(m, x, y, loss_fn, overflow)
+                if on_loss is not None:
+                    on_loss(m, loss)
             else:
                 with guard(stage):
                     out = stage.forward(m, x, overflow)

@@ -14,7 +14,8 @@ import torch
 
 from ddgpipe.errors import UsageError
 
-__all__ = ["OPTIMIZERS", "LR_SCHEDULES", "make_optimizer", "make_lr_scheduler", "lr_factor"]
+__all__ = ["OPTIMIZERS", "LR_SCHEDULES", "make_optimizer", "make_lr_scheduler", "lr_factor",
+           "schedule_factor"]
 
 OPTIMIZERS = ("sgd", "adam")
 LR_SCHEDULES = ("constant", "multistep", "sqrt", "inverse", "cosine")
@@ -91,6 +92,23 @@ def make_lr_scheduler(
     ``warmup_epochs`` multiply the lr by ``warmup_factor`` for the first epochs: He et al.
     train ResNet-110 at 0.01 before switching to 0.1, and so does the DDG paper.
     """
+    factor = schedule_factor(schedule, steps_per_epoch, epochs, milestones, gamma,
+                             warmup_epochs=warmup_epochs, warmup_factor=warmup_factor)
+    return lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+def schedule_factor(
+    schedule: str,
+    steps_per_epoch: int,
+    epochs: int,
+    milestones: Sequence[int] = (),
+    gamma: float = 0.1,
+    *,
+    warmup_epochs: int = 0,
+    warmup_factor: float = 0.1,
+) -> Callable[[int], float]:
+    """The multiplier of the base lr at each iteration: what :func:`make_lr_scheduler` runs,
+    so ``base_lr * schedule_factor(...)(t)`` is exactly the lr every stage uses at clock t."""
     if schedule not in LR_SCHEDULES:
         raise UsageError(
             f"unknown LR schedule {schedule!r}; choose one of {', '.join(LR_SCHEDULES)}"
@@ -109,4 +127,4 @@ def make_lr_scheduler(
         scale = warmup_factor if i < warmup_iterations else 1.0
         return scale * lr_factor(schedule, i, steps_per_epoch, total, milestones, gamma)
 
-    return lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, factor)
+    return factor

@@ -94,7 +94,17 @@ class ThreadedExecutor(InProcessState):
     # --- the caller's side ------------------------------------------------------------------
 
     def step(self, x: Tensor, y: Tensor, loss_fn: LossFn) -> Tensor:
-        """Feed one minibatch; return its loss once the last stage has finished the clock."""
+        """Feed one minibatch; return its loss as soon as the last stage has computed it.
+
+        The stages go on with the clock's backwards meanwhile; the next ``step`` can feed the
+        next minibatch before they are done. With K > 2, :meth:`run` keeps the first stage
+        busier: it feeds minibatches ahead of the losses it returns.
+        """
+        m = self.feed(x, y, loss_fn)
+        return self.loss(m)
+
+    def feed(self, x: Tensor, y: Tensor, loss_fn: LossFn) -> int:
+        """Queue one minibatch without waiting; returns its number (see :meth:`loss`)."""
         self._raise_failure()
         if self._ended:
             raise RuntimeError("this pipeline was drained; drain() ends training, so build a "
@@ -104,11 +114,19 @@ class ThreadedExecutor(InProcessState):
         self._targets.put((m, send(y), loss_fn))
         self._acts[0].put((m, send(x), False))
         self.fed += 1
-        got, handoff = self._await(self._losses, f"the loss of minibatch {m}")
-        assert got == m, f"loss of minibatch {got} arrived for minibatch {m}"
+        return m
+
+    def loss(self, minibatch: int) -> Tensor:
+        """The loss of the oldest fed minibatch whose loss was not taken yet: ``minibatch``."""
+        got, handoff = self._await(self._losses, f"the loss of minibatch {minibatch}")
+        assert got == minibatch, f"loss of minibatch {got} arrived for {minibatch}"
         if handoff.event is not None:  # the caller may read it on any stream
             handoff.event.synchronize()
         return handoff.tensor
+
+    def last_stage_idle(self) -> None:
+        """Wait until the last stage has finished every clock fed so far (its LR is current)."""
+        self._wait_done(lambda done: done[-1] >= self.fed)
 
     def drain(self) -> None:
         """Run the pending backwards and steps, then stop the stage threads."""
@@ -135,13 +153,18 @@ class ThreadedExecutor(InProcessState):
 
     def sync(self) -> None:
         """Wait until every stage has finished every clock fed so far (then all are idle)."""
+        self._wait_done(lambda done: min(done) >= self.fed)
+        self._synchronize_devices()
+        self.clock = self.fed
+
+    def _wait_done(self, finished) -> None:
         self._raise_failure()
         if not self._threads:
             return
         deadline = time.monotonic() + self.timeout_s
         try:
             with self._done_changed:
-                while min(self._done) < self.fed:
+                while not finished(self._done):
                     self._raise_failure()
                     if time.monotonic() > deadline:
                         slow = self._done.index(min(self._done))
@@ -151,8 +174,6 @@ class ThreadedExecutor(InProcessState):
         except BaseException:
             self.close()
             raise
-        self._synchronize_devices()
-        self.clock = self.fed
 
     def close(self) -> None:
         """Stop and join every stage thread; safe to call at any time, more than once."""
@@ -258,13 +279,11 @@ class ThreadedExecutor(InProcessState):
                     continue
                 m, handoff, overflow = item
                 self._input[k] = (receive(handoff, stage.device), overflow)
-            loss = run_stage_clock(stage, actions, self, guard=self._guard,
-                                   timeline=self.timeline)
+            run_stage_clock(stage, actions, self, guard=self._guard, timeline=self.timeline,
+                            on_loss=self._hand_loss)
             if self._random[k] is None:  # its first clock ran under the lock: did it draw?
                 self._random[k] = draws_random_numbers(stage.module)
                 stage.stash.restores_rng = self._random[k]
-            if loss is not None:
-                self._losses.put((clock, send(loss)))
             clock += 1
             with self._done_changed:
                 self._done[k] = clock
@@ -290,6 +309,9 @@ class ThreadedExecutor(InProcessState):
         if self.timeline is not None:
             self.timeline.record_wait(stage.index, start, time.perf_counter())
         return item
+
+    def _hand_loss(self, minibatch: int, loss: Tensor) -> None:
+        self._losses.put((minibatch, send(loss)))
 
     @contextmanager
     def _random_stream(self, stage: Stage):

@@ -8,6 +8,7 @@ iteration, same evaluation.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import os
 import shutil
@@ -43,7 +44,7 @@ from ddgpipe.methods import DDG, Backprop
 from ddgpipe.methods.build import EXECUTORS, world_size
 from ddgpipe.metrics import MetricsWriter, RunningStats
 from ddgpipe.models import build_model
-from ddgpipe.optim import make_lr_scheduler, make_optimizer
+from ddgpipe.optim import make_lr_scheduler, make_optimizer, schedule_factor
 from ddgpipe.precision import check_precision
 from ddgpipe.rng import rng_state, set_rng_state
 from ddgpipe.threaded import threads_per_stage
@@ -389,6 +390,13 @@ def _train_loop(config: TrainConfig, data: Dataset, model: nn.Module, loader: Ba
             metrics_lines=metrics.lines if metrics else 0)
         save_checkpoint(config, method, loop_state, rank, world, used_split)
 
+    factor = schedule_factor(config.lr_schedule, len(loader), config.epochs, config.milestones,
+                             config.lr_gamma, warmup_epochs=config.warmup_epochs,
+                             warmup_factor=config.warmup_factor)
+
+    def lr_at(iteration: int) -> float:  # every stage's lr at a clock: the schedule's
+        return config.lr * factor(iteration)
+
     test_loss, test_acc = float("nan"), 0.0
     iteration, seen, train_time = loop.iteration, loop.seen, loop.train_time
     show = reporter and config.progress and sys.stderr.isatty() and not os.environ.get("CI")
@@ -399,25 +407,34 @@ def _train_loop(config: TrainConfig, data: Dataset, model: nn.Module, loader: Ba
             stats.load_state(loop.stats)
         method.train()
         start = time.perf_counter() - (loop.epoch_elapsed if epoch == loop.epoch else 0.0)
-        bar = tqdm(loader.epoch(epoch, start=first_batch), total=len(loader),
-                   initial=first_batch, disable=not show, leave=False,
+        bar = tqdm(total=len(loader), initial=first_batch, disable=not show, leave=False,
                    desc=f"{config.display_label()} epoch {epoch + 1}/{config.epochs}")
-        for batch, (x, y) in enumerate(bar, start=first_batch + 1):
-            lr = method.lr
-            loss = method.step(x, y, loss_fn)
-            iteration += 1
-            if metrics and config.log_every and iteration % config.log_every == 0:
-                metrics.write("iter", iteration=iteration, epoch=epoch + 1, loss=loss, lr=lr)
-            if show and iteration % 5 == 0:
-                seconds = time.perf_counter() - start
-                bar.set_postfix(loss=f"{stats.loss:.3f}", img_s=f"{stats.seen / seconds:.0f}")
+        batches = loader.epoch(epoch, start=first_batch)
+        batch = first_batch
+        while batch < len(loader):
+            # Feed up to the next checkpoint (a clock boundary), so a pipeline that runs ahead
+            # of its losses never holds minibatches beyond it when the checkpoint is taken.
+            segment = min(len(loader) - batch, until_checkpoint(config, iteration))
+            for loss in method.run(itertools.islice(batches, segment), loss_fn):
+                iteration += 1
+                batch += 1
+                bar.update(1)
+                if metrics and config.log_every and iteration % config.log_every == 0:
+                    metrics.write("iter", iteration=iteration, epoch=epoch + 1, loss=loss,
+                                  lr=lr_at(iteration - 1))
+                if show and iteration % 5 == 0:
+                    seconds = time.perf_counter() - start
+                    bar.set_postfix(loss=f"{stats.loss:.3f}",
+                                    img_s=f"{stats.seen / seconds:.0f}")
             stop = config.stop_after is not None and iteration >= config.stop_after
             if stop or (config.checkpoint_every and iteration % config.checkpoint_every == 0):
                 checkpoint(epoch, batch, time.perf_counter() - start)
             if stop:
+                bar.close()
                 if metrics:
                     metrics.close()
                 return stopped_result(config, iteration, run_dir) if reporter else None
+        bar.close()
         if epoch == config.epochs - 1:
             method.drain()  # the last delayed gradients are learned before the final test
         seconds = time.perf_counter() - start
@@ -526,6 +543,16 @@ def save_final_model(model: nn.Module, method, run_dir: Path | None, world: int)
         merged = _on_cpu(model.state_dict())
     if run_dir is not None:
         atomic_torch_save(merged, run_dir / "model.pt")
+
+
+def until_checkpoint(config: TrainConfig, iteration: int) -> int:
+    """Iterations from ``iteration`` to the next one that checkpoints or stops (or a lot)."""
+    ahead = [2**62]
+    if config.checkpoint_every:
+        ahead.append(config.checkpoint_every - iteration % config.checkpoint_every)
+    if config.stop_after is not None:
+        ahead.append(max(1, config.stop_after - iteration))
+    return min(ahead)
 
 
 def _on_cpu(state: dict) -> dict:

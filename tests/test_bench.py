@@ -24,7 +24,8 @@ from ddgpipe.errors import UsageError
 
 TINY = dict(model="mlp", in_channels=1, image_size=8, batch_size=16, stages=2, steps=2,
             warmup=1, rounds=1)
-SUBSET = ("bp-1t", "bp-2t", "ddp", "gpipe-m2", "1f1b-m2", "ddg-graph")
+SUBSET = ("bp-1t", "bp-2t", "ddp", "gpipe-m2", "1f1b-m2", "ddg-graph-threads",
+          "ddg-graph-processes")
 
 
 def test_tiny_end_to_end_run(tmp_path, capsys):
@@ -35,12 +36,17 @@ def test_tiny_end_to_end_run(tmp_path, capsys):
     for name, row in rows.items():
         assert "error" not in row, row.get("error")
         assert math.isfinite(row["images_per_s"]) and row["images_per_s"] > 0
-        assert len(row["peak_mem_mb"]) == (1 if name.startswith("bp-") else 2)
+        one_process = name.startswith("bp-") or name.endswith("-threads")
+        assert len(row["peak_mem_mb"]) == (1 if one_process else 2)
         assert all(m > 0 for m in row["peak_mem_mb"])
     assert rows["bp-1t"]["ratio_median"] == 1.0
     assert rows["bp-1t"]["ratio_min"] == rows["bp-1t"]["ratio_max"] == 1.0
     assert rows["bp-2t"]["ratio_vs_bp_Kt_median"] == 1.0
-    assert [p["stage"] for p in rows["ddg-graph"]["stage_profile"]] == [0, 1]
+    for name in ("ddg-graph-threads", "ddg-graph-processes"):
+        profile = rows[name]["stage_profile"]
+        assert [p["stage"] for p in profile] == [0, 1]
+        assert all(p["waits_logged"] and p["f_ms"] > 0 and p["b_ms"] > 0 for p in profile)
+    assert len(result["split_threads"]) == 1
     assert result["best_sync_pipeline"]["name"] in ("gpipe-m2", "1f1b-m2")
     assert len(result["split"]) == 1 and 0 < result["split"][0] < result["blocks"]
     assert result["rounds"][0].keys() == set(SUBSET)
@@ -99,12 +105,12 @@ def test_stage_profile_subtracts_waits_and_keeps_the_window():
 
 
 def test_config_names_follow_batch_and_stages():
+    ddg = ("ddg-graph-threads", "ddg-recompute-threads", "ddg-none-threads",
+           "ddg-graph-processes", "ddg-recompute-processes", "ddg-none-processes")
     assert CONFIG_NAMES == ("bp-1t", "bp-2t", "ddp", "gpipe-m2", "gpipe-m4", "gpipe-m8",
-                            "1f1b-m2", "1f1b-m4", "1f1b-m8", "ddg-graph", "ddg-recompute",
-                            "ddg-none")
+                            "1f1b-m2", "1f1b-m4", "1f1b-m8", *ddg)
     names = config_names(BenchConfig(batch_size=12, stages=3, microbatches=(2, 3, 8)))
-    assert names == ("bp-1t", "bp-3t", "ddp", "gpipe-m2", "gpipe-m3", "1f1b-m3",
-                     "ddg-graph", "ddg-recompute", "ddg-none")
+    assert names == ("bp-1t", "bp-3t", "ddp", "gpipe-m2", "gpipe-m3", "1f1b-m3", *ddg)
 
 
 @pytest.mark.parametrize("changes, message", [
@@ -118,6 +124,8 @@ def test_config_names_follow_batch_and_stages():
     (dict(configs=("1f1b-m1",)), "needs at least as many microbatches as stages"),
     (dict(configs=("gpipe-m3",)), "3 microbatches do not divide the batch of 16"),
     (dict(configs="ddp"), "configs must be a tuple of names"),
+    (dict(configs=("ddg-graph",)), "unknown bench config 'ddg-graph'"),
+    (dict(device="tpu"), "bench device must be cpu or cuda"),
 ])
 def test_bad_input_raises_usage_error(changes, message):
     with pytest.raises(UsageError, match=message):

@@ -118,13 +118,14 @@ def test_the_old_launcher_flag_still_means_processes(capsys):
 def test_bench_command_reports_ratios_and_the_cost_model(capsys, tmp_path):
     code, out, _ = run_cli(["bench", "--model", "resnet20", "--image-size", "8", "--batch-size",
                             "16", "--steps", "2", "--warmup", "1", "--rounds", "1", "--configs",
-                            "bp-1t,ddg-graph", "--no-progress", "--out", str(tmp_path)], capsys)
+                            "bp-1t,ddg-graph-threads", "--no-progress", "--out", str(tmp_path)],
+                           capsys)
     assert code == 0
     result = json.loads((tmp_path / "bench.json").read_text())
-    assert [r["name"] for r in result["rows"]] == ["bp-1t", "ddg-graph"]
+    assert [r["name"] for r in result["rows"]] == ["bp-1t", "ddg-graph-threads"]
     assert result["rows"][0]["ratio_median"] == 1.0
     measured = result["cost_model"]["measured"]
-    assert [m["name"] for m in measured] == ["ddg-graph"]
+    assert [m["name"] for m in measured] == ["ddg-graph-threads"]
     assert measured[0]["predicted_images_per_s"] > 0
     assert [r["stages"] for r in result["cost_model"]["scaling"]["rows"]] == [2, 4, 8]
     assert "cost model" in out and (tmp_path / "bench.png").exists()

@@ -3,12 +3,19 @@
 Every configuration trains the same model on the same global batch for the same number of
 steps; they differ only in how the work is spread over processes and threads:
 
-* ``bp-1t``       plain backprop, one process, one thread: the baseline every ratio uses;
-* ``bp-{K}t``     plain backprop, one process, K threads (intra-op parallelism);
+* ``bp-1t``       plain backprop, one process, one thread: the baseline every ratio uses
+                  (``bp-1gpu`` on GPUs: backprop on one GPU);
+* ``bp-{K}t``     plain backprop, one process, K threads (intra-op parallelism; CPU only);
 * ``ddp``         DistributedDataParallel, K ranks, each 1/K of the batch (data parallelism);
 * ``gpipe-m{M}``  torch.distributed.pipelining's GPipe schedule, K stages, M microbatches;
 * ``1f1b-m{M}``   the same with the 1F1B schedule (needs M >= K);
-* ``ddg-{stash}`` DDG (``ddgpipe.methods.DDG``) with K stages and the given stash mode.
+* ``ddg-{stash}-threads``   DDG with K stages on the threaded executor (one process, a thread
+                  per stage) and the given stash mode;
+* ``ddg-{stash}-processes`` DDG with K stages on the process runtime (one rank per stage).
+
+On GPUs (``device="cuda"``) every worker computes on them: stage or rank k on
+``cuda:(k mod count)``; DDP and torch's pipelines need K GPUs and are left out with fewer; the
+DDG process rows then stage their messages through host memory (``comm="host"``).
 """
 
 from __future__ import annotations
@@ -22,7 +29,10 @@ from ddgpipe.launch import threads_per_worker
 __all__ = ["BenchConfig", "ConfigSpec", "CONFIG_NAMES", "BASELINE", "config_names", "resolve"]
 
 BASELINE = "bp-1t"
+GPU_BASELINE = "bp-1gpu"
 DDG_STASHES = ("graph", "recompute", "none")
+DDG_EXECUTORS = ("threads", "processes")
+_DDG_RE = re.compile(r"^ddg-(graph|recompute|none)-(threads|processes)$")
 _PIPE_RE = re.compile(r"^(gpipe|1f1b)-m(\d+)$")
 _BP_RE = re.compile(r"^bp-(\d+)t$")
 
@@ -51,6 +61,18 @@ class BenchConfig:
     num_classes: int = 10
     seed: int = 0
     timeout_s: float = 600.0
+    device: str = "cpu"  # or "cuda": every configuration on GPUs
+
+
+def baseline(config: BenchConfig) -> str:
+    """The configuration every ratio divides by: one-thread backprop, or backprop on a GPU."""
+    return GPU_BASELINE if config.device != "cpu" else BASELINE
+
+
+def gpu_count(config: BenchConfig) -> int:
+    import torch
+
+    return torch.cuda.device_count() if config.device != "cpu" else 0
 
 
 @dataclass(frozen=True)
@@ -58,11 +80,16 @@ class ConfigSpec:
     """One configuration, resolved: what the workers build and how many of them."""
 
     name: str
-    kind: str  # "bp", "ddp", "gpipe", "1f1b" or "ddg"
+    kind: str  # "bp", "ddp", "gpipe", "1f1b", "ddg" (processes) or "ddg-threads"
     processes: int
-    threads: int  # torch threads per process
+    threads: int  # torch threads per process (per stage thread for ddg-threads)
     microbatches: int | None = None
     stash: str | None = None
+
+    @property
+    def uses_runtime_cut(self) -> bool:
+        """Whether it runs the process runtime's cut (the threaded rows time their own)."""
+        return self.kind in ("gpipe", "1f1b", "ddg")
 
 
 def config_names(config: BenchConfig) -> tuple[str, ...]:
@@ -72,15 +99,22 @@ def config_names(config: BenchConfig) -> tuple[str, ...]:
     smaller than the number of stages (torch's Schedule1F1B refuses them).
     """
     k = config.stages
-    names = [BASELINE, f"bp-{k}t", "ddp"]
-    for m in config.microbatches:
-        if _microbatch_problem(config, "gpipe", m) is None:
-            names.append(f"gpipe-m{m}")
-    for m in config.microbatches:
-        if _microbatch_problem(config, "1f1b", m) is None:
-            names.append(f"1f1b-m{m}")
-    names += [f"ddg-{s}" for s in DDG_STASHES]
+    if config.device != "cpu":
+        names = [GPU_BASELINE]
+        if gpu_count(config) >= k:  # the peers need a GPU per rank
+            names += ["ddp", *_pipeline_names(config)]
+    else:
+        names = [BASELINE, f"bp-{k}t", "ddp", *_pipeline_names(config)]
+    names += [f"ddg-{s}-{e}" for e in DDG_EXECUTORS for s in DDG_STASHES]
     return tuple(dict.fromkeys(names))  # bp-1t and bp-Kt coincide only for K = 1 (refused)
+
+
+def _pipeline_names(config: BenchConfig) -> list[str]:
+    names = []
+    for schedule in ("gpipe", "1f1b"):
+        names += [f"{schedule}-m{m}" for m in config.microbatches
+                  if _microbatch_problem(config, schedule, m) is None]
+    return names
 
 
 def _microbatch_problem(config: BenchConfig, schedule: str, m: int) -> str | None:
@@ -115,21 +149,27 @@ def _validate(config: BenchConfig) -> None:
     if isinstance(config.configs, str):
         raise UsageError(f"configs must be a tuple of names, not the string {config.configs!r}; "
                          f"write configs=({config.configs!r},)")
+    if config.device not in ("cpu", "cuda"):
+        raise UsageError(f"bench device must be cpu or cuda (got {config.device!r})")
+    if config.device == "cuda" and gpu_count(config) == 0:
+        raise UsageError("bench --device cuda, but no CUDA device is available here; run it "
+                         "on a machine with GPUs or use --device cpu")
 
 
 def resolve(config: BenchConfig) -> list[ConfigSpec]:
     """Validate ``config`` and return the configurations to run, baseline first.
 
-    ``bp-1t`` is always run (every ratio divides by it). Raises :class:`UsageError` for an
+    The baseline is always run (every ratio divides by it). Raises :class:`UsageError` for an
     unknown name, a microbatch count that cannot work, or a batch DDP cannot split.
     """
     _validate(config)
     k = config.stages
+    base = baseline(config)
     available = config_names(config)
     if config.configs is None:
         wanted = list(available)
     else:
-        wanted = [BASELINE] + [n for n in config.configs if n != BASELINE]
+        wanted = [base] + [n for n in config.configs if n != base]
     specs = []
     share = threads_per_worker(k)
     for name in dict.fromkeys(wanted):
@@ -137,8 +177,17 @@ def resolve(config: BenchConfig) -> list[ConfigSpec]:
             raise UsageError(f"config names are strings, got {name!r}")
         pipe = _PIPE_RE.match(name)
         bp = _BP_RE.match(name)
-        if bp and int(bp.group(1)) in (1, k):
-            specs.append(ConfigSpec(name, "bp", 1, int(bp.group(1))))
+        ddg = _DDG_RE.match(name)
+        needs_gpus = (name == "ddp" or pipe) and config.device != "cpu" and \
+            gpu_count(config) < k
+        if needs_gpus or (name in (BASELINE, GPU_BASELINE) and name != base) or \
+                (bp and config.device != "cpu"):
+            raise UsageError(f"bench config {name!r} is not available here "
+                             f"({_why_not(config, name)}); choose from {', '.join(available)}")
+        if name == base:
+            specs.append(ConfigSpec(name, "bp", 1, 1))
+        elif bp and int(bp.group(1)) == k:
+            specs.append(ConfigSpec(name, "bp", 1, k))
         elif name == "ddp":
             if config.batch_size % k:
                 raise UsageError(
@@ -152,11 +201,21 @@ def resolve(config: BenchConfig) -> list[ConfigSpec]:
             if problem:
                 raise UsageError(problem)
             specs.append(ConfigSpec(name, schedule, k, share, microbatches=m))
-        elif name.startswith("ddg-") and name[4:] in DDG_STASHES:
-            specs.append(ConfigSpec(name, "ddg", k, share, stash=name[4:]))
+        elif ddg and ddg.group(2) == "threads":
+            specs.append(ConfigSpec(name, "ddg-threads", 1, share, stash=ddg.group(1)))
+        elif ddg:
+            specs.append(ConfigSpec(name, "ddg", k, share, stash=ddg.group(1)))
         else:
             raise UsageError(
                 f"unknown bench config {name!r}; choose from {', '.join(available)} "
                 f"(gpipe-m<M>/1f1b-m<M> take any M that divides the batch)"
             )
     return specs
+
+
+def _why_not(config: BenchConfig, name: str) -> str:
+    if config.device != "cpu":
+        if name.startswith("bp-"):
+            return f"on GPUs the baseline is {GPU_BASELINE}"
+        return f"needs {config.stages} GPUs, this machine has {gpu_count(config)}"
+    return f"on the CPU the baseline is {BASELINE}"

@@ -23,6 +23,8 @@ def format_bench_table(result: dict) -> str:
             ratio = (f"{row['ratio_median']:.2f} [{row['ratio_min']:.2f}-"
                      f"{row['ratio_max']:.2f}]")
         mem = " ".join(f"{m:.0f}" for m in row["peak_mem_mb"]) or "-"
+        if row.get("peak_gpu_mb"):
+            mem += " (GPU " + " ".join(f"{m:.0f}" for m in row["peak_gpu_mb"]) + ")"
         if row.get("error"):
             mem += f"  error: {row['error']}"
         lines.append([row["name"], ips, ratio, _ratio(row["ratio_vs_bp_Kt_median"]), mem])
@@ -34,8 +36,10 @@ def format_bench_table(result: dict) -> str:
                  enumerate(zip(cells[:-1], widths[:-1]))]
         return "  ".join([*parts, cells[-1]]).rstrip()
 
+    cuts = [f"{name} cut at blocks {result[key]}" for name, key in
+            (("process", "split"), ("threads", "split_threads")) if result.get(key)]
     out = [f"{cfg['model']}, batch {cfg['batch_size']}, {k} workers, {cfg['steps']} timed "
-           f"steps x {cfg['rounds']} rounds; cut at blocks {result['split']}",
+           f"steps x {cfg['rounds']} rounds; {'; '.join(cuts) or 'no cut'}",
            fmt(header), fmt(["-" * w for w in widths[:-1]] + ["-" * len(header[-1])])]
     out += [fmt(cells) for cells in lines]
     best = result.get("best_sync_pipeline")

@@ -18,8 +18,15 @@ from pathlib import Path
 
 import torch
 
-from ddgpipe.bench.config import BASELINE, BenchConfig, ConfigSpec, resolve
-from ddgpipe.bench.workers import LR, MOMENTUM, profile_split_worker, run_config_worker
+from ddgpipe.allocator import allocator_setting
+from ddgpipe.bench.config import BenchConfig, ConfigSpec, baseline, resolve
+from ddgpipe.bench.workers import (
+    LR,
+    MOMENTUM,
+    profile_split_worker,
+    run_config_worker,
+    threaded_split_worker,
+)
 from ddgpipe.errors import UsageError
 from ddgpipe.launch import WorkerError, run_workers, threads_per_worker
 
@@ -28,7 +35,7 @@ __all__ = ["run_bench", "summarise", "machine_info"]
 _PROFILE_KEYS = ("f_ms", "b_ms", "s_ms", "wait_ms", "busy_s", "wall_s", "utilisation")
 
 
-def summarise(rounds: list[dict[str, float | None]], baseline: str = BASELINE,
+def summarise(rounds: list[dict[str, float | None]], baseline: str = "bp-1t",
               reference: str | None = None) -> dict[str, dict]:
     """Per configuration: median images/s and the per-round ratios' median, min and max.
 
@@ -83,10 +90,37 @@ def _median_profile(per_round: list[list[dict]]) -> list[dict]:
     return stages
 
 
+def _backend(config: BenchConfig, processes: int) -> str:
+    import torch
+
+    if config.device == "cpu" or torch.cuda.device_count() < processes:
+        return "gloo"
+    return "cpu:gloo,cuda:nccl"
+
+
 def _run_one(config: BenchConfig, spec: ConfigSpec, split: list[int]) -> list[dict]:
     return run_workers(run_config_worker, spec.processes, (config, spec, split),
                        threads=spec.threads, timeout_s=config.timeout_s,
-                       peer_timeout_s=min(300.0, config.timeout_s))
+                       peer_timeout_s=min(300.0, config.timeout_s),
+                       backend=_backend(config, spec.processes))
+
+
+def _choose_cuts(config: BenchConfig, specs: list[ConfigSpec]) -> dict[str, dict]:
+    """The cut of each executor kind in use: the runtime's, timed as process pipelines (for
+    GPipe, 1F1B and DDG's process rows, so they compare on one cut), and the threaded
+    executor's, timed as thread pipelines."""
+    cuts = {}
+    if any(s.uses_runtime_cut for s in specs):
+        cuts["processes"] = run_workers(profile_split_worker, config.stages, (config,),
+                                        threads=threads_per_worker(config.stages),
+                                        timeout_s=config.timeout_s,
+                                        backend=_backend(config, config.stages))[0]
+    if any(s.kind == "ddg-threads" for s in specs):
+        cuts["threads"] = run_workers(threaded_split_worker, 1,
+                                      (config, threads_per_worker(config.stages)),
+                                      threads=threads_per_worker(config.stages),
+                                      timeout_s=config.timeout_s)[0]
+    return cuts
 
 
 def run_bench(config: BenchConfig, out_dir: str | Path | None = None,
@@ -105,24 +139,26 @@ def run_bench(config: BenchConfig, out_dir: str | Path | None = None,
     if config.stages > blocks:
         raise UsageError(f"{config.model} has {blocks} blocks, too few for {config.stages} "
                          f"stages; pass stages={blocks} or fewer")
-    cut = run_workers(profile_split_worker, config.stages, (config,),
-                      threads=threads_per_worker(config.stages), timeout_s=config.timeout_s)[0]
-    split = cut["split"]
-    timed = ", ".join(f"[{k}] {v:.0f}" for k, v in cut["clock_ms"].items())
-    _log(progress, f"bench: {config.model}, batch {config.batch_size}, {config.stages} stages "
-                   f"cut at blocks {split} of {blocks} (profiling proposed "
-                   f"{cut['profiled_split']}; timed ms per clock: {timed}), "
-                   f"{len(specs)} configs x {config.rounds} rounds")
+    cuts = _choose_cuts(config, specs)
+    for kind, cut in cuts.items():
+        timed = ", ".join(f"[{k}] {v:.0f}" for k, v in cut["clock_ms"].items())
+        _log(progress, f"bench: {config.model}, batch {config.batch_size}, {config.stages} "
+                       f"stages; {kind} cut at blocks {cut['split']} of {blocks} (profiling "
+                       f"proposed {cut['profiled_split']}; timed ms per clock: {timed})")
+    _log(progress, f"bench: {len(specs)} configs x {config.rounds} rounds")
 
     reference = f"bp-{config.stages}t"
     rounds: list[dict[str, float | None]] = []
     peak: dict[str, list[float]] = {}
+    peak_gpu: dict[str, list[float]] = {}
     profiles: dict[str, list[list[dict]]] = {}
     errors: dict[str, str] = {}
     width = max(len(s.name) for s in specs)
     for r in range(config.rounds):
         this_round: dict[str, float | None] = {}
         for spec in specs:
+            split = cuts["threads" if spec.kind == "ddg-threads" else "processes"]["split"] \
+                if spec.kind in ("ddg-threads", "ddg", "gpipe", "1f1b") else []
             try:
                 results = _run_one(config, spec, split)
             except WorkerError as e:
@@ -137,20 +173,30 @@ def run_bench(config: BenchConfig, out_dir: str | Path | None = None,
             mem = [res["peak_mem_mb"] for res in results]
             old = peak.get(spec.name)
             peak[spec.name] = mem if old is None else [max(a, b) for a, b in zip(old, mem)]
+            gpu = results[0]["peak_gpu_mb"] if spec.processes == 1 else \
+                [max(res["peak_gpu_mb"]) for res in results if res["peak_gpu_mb"]]
+            if gpu:
+                old = peak_gpu.get(spec.name)
+                peak_gpu[spec.name] = gpu if old is None else [max(a, b) for a, b in
+                                                               zip(old, gpu)]
             if spec.kind == "ddg":
                 profiles.setdefault(spec.name, []).append([res["stage_profile"]
                                                            for res in results])
+            elif spec.kind == "ddg-threads":
+                profiles.setdefault(spec.name, []).append(results[0]["stage_profiles"])
             _log(progress, f"round {r + 1}/{config.rounds}  {spec.name:<{width}}  "
                            f"{ips:8.1f} img/s")
         rounds.append(this_round)
 
-    summary = summarise(rounds, BASELINE, reference)
+    summary = summarise(rounds, baseline(config), reference)
     rows = []
     for spec in specs:
         row = {"name": spec.name, "kind": spec.kind, "processes": spec.processes,
                "threads": spec.threads, "microbatches": spec.microbatches,
                "stash": spec.stash, **summary[spec.name],
                "peak_mem_mb": peak.get(spec.name, [])}
+        if spec.name in peak_gpu:
+            row["peak_gpu_mb"] = peak_gpu[spec.name]
         if spec.name in profiles:
             row["stage_profile"] = _median_profile(profiles[spec.name])
         if spec.name in errors:
@@ -165,9 +211,11 @@ def run_bench(config: BenchConfig, out_dir: str | Path | None = None,
         "machine": machine_info(),
         "optimizer": {"name": "SGD", "lr": LR, "momentum": MOMENTUM},
         "blocks": blocks,
-        "split": split,
-        "split_choice": {k: v for k, v in cut.items() if k != "allocator"},
-        "allocator": cut["allocator"],  # as the workers ran (the launcher tunes every one)
+        "split": cuts.get("processes", {}).get("split"),
+        "split_threads": cuts.get("threads", {}).get("split"),
+        "split_choice": {kind: {k: v for k, v in cut.items() if k != "allocator"}
+                         for kind, cut in cuts.items()},
+        "allocator": allocator_setting(),  # as the workers ran (the launcher tunes every one)
         "rows": rows,
         "best_sync_pipeline": ({"name": best["name"], "ratio_median": best["ratio_median"]}
                                if best else None),

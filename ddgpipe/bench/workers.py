@@ -3,11 +3,14 @@
 Every worker builds the same model (same seed, so the same weights) and the same synthetic
 batch, runs ``warmup`` untimed steps, then times ``steps`` steps between two barriers and
 returns ``{"elapsed_s", "peak_mem_mb", ...}``. Peak memory is the process's maximum resident
-set size, which is why every configuration gets processes of its own.
+set size, which is why every configuration gets processes of its own; on GPUs it is also each
+device's peak allocated memory (``peak_gpu_mb``), and the window is timed with CUDA events
+recorded after every stage's stream has joined the default one.
 """
 
 from __future__ import annotations
 
+import itertools
 import resource
 import time
 from collections.abc import Callable
@@ -19,7 +22,8 @@ from torch import nn
 
 from ddgpipe.bench.config import BenchConfig, ConfigSpec
 
-__all__ = ["LR", "MOMENTUM", "profile_split_worker", "run_config_worker"]
+__all__ = ["LR", "MOMENTUM", "profile_split_worker", "threaded_split_worker",
+           "run_config_worker"]
 
 LR = 0.05
 MOMENTUM = 0.9
@@ -37,13 +41,21 @@ def _model(cfg: BenchConfig) -> nn.Sequential:
                        num_classes=cfg.num_classes)
 
 
-def _batch(cfg: BenchConfig) -> tuple[torch.Tensor, torch.Tensor]:
+def _device(cfg: BenchConfig, rank: int = 0) -> torch.device:
+    if cfg.device == "cpu":
+        return torch.device("cpu")
+    return torch.device("cuda", rank % torch.cuda.device_count())
+
+
+def _batch(cfg: BenchConfig, device: torch.device | None = None
+           ) -> tuple[torch.Tensor, torch.Tensor]:
     """One synthetic batch from a seeded generator, reused at every step."""
     gen = torch.Generator().manual_seed(cfg.seed + 1)
     x = torch.randn(cfg.batch_size, cfg.in_channels, cfg.image_size, cfg.image_size,
                     generator=gen)
     y = torch.randint(0, cfg.num_classes, (cfg.batch_size,), generator=gen)
-    return x, y
+    device = device or torch.device("cpu")
+    return x.to(device), y.to(device)
 
 
 def _peak_mem_mb() -> float:
@@ -55,15 +67,47 @@ def _barrier(world_size: int) -> None:
         dist.barrier()
 
 
-def _timed(step: Callable[[], None], cfg: BenchConfig, world_size: int) -> tuple[float, float]:
+def _gpu_sync(cfg: BenchConfig) -> None:
+    if cfg.device != "cpu":
+        for index in range(torch.cuda.device_count()):
+            torch.cuda.synchronize(index)
+
+
+def _timed(step: Callable[[], None], cfg: BenchConfig, world_size: int,
+           settle: Callable[[], None] = lambda: None) -> tuple[float, float]:
+    """Warm up, then time ``cfg.steps`` steps; returns the window's (start, end) seconds.
+
+    ``settle`` waits for work a step leaves running (a threaded pipeline's earlier stages),
+    so the window holds exactly ``cfg.steps`` clocks. On GPUs the window is measured by CUDA
+    events and placed on the ``perf_counter`` axis at its start.
+    """
     for _ in range(cfg.warmup):
         step()
+    settle()
+    _gpu_sync(cfg)
     _barrier(world_size)
+    if cfg.device != "cpu":
+        start_event = torch.cuda.Event(enable_timing=True)
+        end_event = torch.cuda.Event(enable_timing=True)
+        start_event.record()
     t0 = time.perf_counter()
     for _ in range(cfg.steps):
         step()
+    settle()
+    if cfg.device != "cpu":
+        _gpu_sync(cfg)  # every stage's stream is done: the end event closes the window
+        end_event.record()
+        end_event.synchronize()
+        _barrier(world_size)
+        return t0, t0 + start_event.elapsed_time(end_event) / 1000
     _barrier(world_size)
     return t0, time.perf_counter()
+
+
+def _gpu_peaks(cfg: BenchConfig) -> list[float]:
+    if cfg.device == "cpu":
+        return []
+    return [torch.cuda.max_memory_allocated(i) / 2**20 for i in range(torch.cuda.device_count())]
 
 
 def profile_split_worker(rank: int, world_size: int, cfg: BenchConfig) -> dict:
@@ -77,19 +121,44 @@ def profile_split_worker(rank: int, world_size: int, cfg: BenchConfig) -> dict:
 
     x, _ = _batch(cfg)
     pipe = DDG(_model(cfg), stages=world_size, optimizer=_optimizer, stash="graph",
-               balance="pipeline", sample_input=x)
+               balance="pipeline", sample_input=x, device=_device(cfg, rank),
+               comm=_comm(cfg))
     tuning = pipe.executor.split_tuning or {}
     return {"split": pipe.executor.split, "profiled_split": tuning.get("profiled_split"),
             "clock_ms": tuning.get("clock_ms", {}), "allocator": allocator_setting()}
+
+
+def threaded_split_worker(rank: int, world_size: int, cfg: BenchConfig, threads: int) -> dict:
+    """The cut the threaded executor chooses with ``balance="pipeline"``, in one process."""
+    from ddgpipe.methods import DDG
+
+    x, _ = _batch(cfg)
+    pipe = DDG(_model(cfg), stages=cfg.stages, optimizer=_optimizer, stash="graph",
+               balance="pipeline", sample_input=x, executor="threads", threads=threads,
+               device=cfg.device)
+    pipe.close()
+    tuning = pipe.executor.split_tuning or {}
+    return {"split": pipe.executor.split, "profiled_split": tuning.get("profiled_split"),
+            "clock_ms": tuning.get("clock_ms", {})}
+
+
+def _comm(cfg: BenchConfig) -> str:
+    """nccl between GPUs when every rank has its own, host memory when they share."""
+    if cfg.device == "cpu" or torch.cuda.device_count() >= cfg.stages:
+        return "auto"
+    return "host"
 
 
 def run_config_worker(rank: int, world_size: int, cfg: BenchConfig, spec: ConfigSpec,
                       split: list[int]) -> dict:
     """Run one configuration on this rank; see the module docstring for what comes back."""
     runner = {"bp": _run_bp, "ddp": _run_ddp, "gpipe": _run_sync_pipe, "1f1b": _run_sync_pipe,
-              "ddg": _run_ddg}[spec.kind]
+              "ddg": _run_ddg, "ddg-threads": _run_ddg_threads}[spec.kind]
+    if cfg.device != "cpu":
+        torch.cuda.set_device(_device(cfg, rank))
     out = runner(rank, world_size, cfg, spec, split)
     out["peak_mem_mb"] = _peak_mem_mb()
+    out["peak_gpu_mb"] = _gpu_peaks(cfg)
     out["rank"] = rank
     out["threads"] = torch.get_num_threads()
     return out
@@ -98,8 +167,8 @@ def run_config_worker(rank: int, world_size: int, cfg: BenchConfig, spec: Config
 def _run_bp(rank, world_size, cfg, spec, split) -> dict:
     from ddgpipe.methods import Backprop
 
-    x, y = _batch(cfg)
-    method = Backprop(_model(cfg), _optimizer)
+    x, y = _batch(cfg, _device(cfg))
+    method = Backprop(_model(cfg), _optimizer, device=_device(cfg))
     t0, t1 = _timed(lambda: method.step(x, y, F.cross_entropy), cfg, world_size)
     return {"elapsed_s": t1 - t0}
 
@@ -107,10 +176,11 @@ def _run_bp(rank, world_size, cfg, spec, split) -> dict:
 def _run_ddp(rank, world_size, cfg, spec, split) -> dict:
     from torch.nn.parallel import DistributedDataParallel
 
-    x, y = _batch(cfg)
+    device = _device(cfg, rank)
+    x, y = _batch(cfg, device)
     share = cfg.batch_size // world_size
     x, y = x[rank * share:(rank + 1) * share], y[rank * share:(rank + 1) * share]
-    model = DistributedDataParallel(_model(cfg))
+    model = DistributedDataParallel(_model(cfg).to(device))
     opt = _optimizer(model.parameters())
 
     def step() -> None:
@@ -128,9 +198,10 @@ def _run_sync_pipe(rank, world_size, cfg, spec, split) -> dict:
 
     from ddgpipe.partition import partition
 
-    x, y = _batch(cfg)
-    module = partition(_model(cfg), world_size, split=split)[rank]
-    stage = PipelineStage(module, rank, world_size, torch.device("cpu"))
+    device = _device(cfg, rank)
+    x, y = _batch(cfg, device)
+    module = partition(_model(cfg), world_size, split=split)[rank].to(device)
+    stage = PipelineStage(module, rank, world_size, device)
     schedule_cls = ScheduleGPipe if spec.kind == "gpipe" else Schedule1F1B
     # scale_grads (the default) divides each microbatch's mean loss gradient by M, so the
     # accumulated gradient is that of the whole batch's mean loss, as in the other configs.
@@ -156,41 +227,46 @@ def _run_ddg(rank, world_size, cfg, spec, split) -> dict:
     from ddgpipe.methods import DDG
     from ddgpipe.timeline import Timeline
 
-    x, y = _batch(cfg)
+    device = _device(cfg, rank)
+    x, y = _batch(cfg, device)
     timeline = Timeline(max_minibatches=None)
     pipe = DDG(_model(cfg), stages=world_size, optimizer=_optimizer, stash=spec.stash,
-               split=list(split), timeline=timeline)
-    waits = _record_waits(pipe.executor)
+               split=list(split), timeline=timeline, device=device, comm=_comm(cfg))
     first, last = rank == 0, rank == world_size - 1
     xs, ys, loss_fn = (x if first else None), (y if last else None), F.cross_entropy
 
     t0, t1 = _timed(lambda: pipe.step(xs, ys, loss_fn if last else None), cfg, world_size)
     pipe.drain()  # after the timed window: only so every process exits cleanly
+    # The timeline times whole ops, and an op that receives (a later stage's forward, an
+    # earlier stage's backward) includes the wait for the peer; the executor logs its waits,
+    # and subtracting them leaves the compute.
+    waits = [(a, b) for _, a, b in timeline.waits]
     return {"elapsed_s": t1 - t0,
             "stage_profile": stage_profile(timeline.records, waits, t0, t1, cfg.steps, rank)}
 
 
-def _record_waits(executor) -> list[tuple[float, float]] | None:
-    """Wrap the executor's blocking waits on peers to log when this rank sat idle.
+def _run_ddg_threads(rank, world_size, cfg, spec, split) -> dict:
+    """DDG on the threaded executor: every stage a thread of this one process."""
+    from ddgpipe.methods import DDG
+    from ddgpipe.timeline import Timeline
 
-    The timeline times whole ops, and an op that receives (a later stage's forward, an
-    earlier stage's backward) includes the wait for the peer; subtracting the logged waits
-    leaves the compute. Returns None when the executor has no such hook.
-    """
-    wait = getattr(executor, "_wait", None)
-    if wait is None:
-        return None
-    intervals: list[tuple[float, float]] = []
-
-    def timed_wait(*args, **kwargs):
-        start = time.perf_counter()
-        try:
-            return wait(*args, **kwargs)
-        finally:
-            intervals.append((start, time.perf_counter()))
-
-    executor._wait = timed_wait
-    return intervals
+    x, _ = _batch(cfg, _device(cfg, 0))
+    _, y = _batch(cfg, _device(cfg, cfg.stages - 1))
+    timeline = Timeline(max_minibatches=None)
+    with DDG(_model(cfg), stages=cfg.stages, optimizer=_optimizer, stash=spec.stash,
+             split=list(split), timeline=timeline, executor="threads", threads=spec.threads,
+             device=cfg.device) as pipe:
+        # As the training loop feeds it: minibatches queued ahead of the losses it awaits.
+        losses = pipe.run(itertools.repeat((x, y)), F.cross_entropy)
+        t0, t1 = _timed(lambda: next(losses), cfg, world_size, settle=pipe.sync)
+        losses.close()
+        pipe.drain()
+    profiles = []
+    for k in range(cfg.stages):
+        records = [r for r in timeline.records if r["stage"] == k]
+        waits = [(a, b) for stage, a, b in timeline.waits if stage == k]
+        profiles.append(stage_profile(records, waits, t0, t1, cfg.steps, k))
+    return {"elapsed_s": t1 - t0, "stage_profiles": profiles}
 
 
 def _overlap(a0: float, a1: float, intervals: list[tuple[float, float]]) -> float:

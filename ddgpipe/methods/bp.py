@@ -65,6 +65,11 @@ class Backprop:
         self.fed += 1
         return loss.detach()
 
+    def run(self, batches, loss_fn: LossFn):
+        """:meth:`step` on every ``(x, y)`` of ``batches``, yielding the losses."""
+        for x, y in batches:
+            yield self.step(x, y, loss_fn)
+
     def drain(self) -> None:
         """Nothing is in flight in backprop."""
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+from collections import deque
+from collections.abc import Iterable, Iterator
 
 import torch
 from torch import Tensor, nn
@@ -47,6 +49,9 @@ class PipelineMethod:
     @property
     def lr(self) -> float:
         """The learning rate the next clock uses (shared by all stages)."""
+        last_stage_idle = getattr(self.executor, "last_stage_idle", None)
+        if last_stage_idle is not None:
+            last_stage_idle()
         return self.stages[-1].lr
 
     def step(self, x: Tensor | None, y: Tensor | None, loss_fn: LossFn | None) -> Tensor | None:
@@ -56,12 +61,48 @@ class PipelineMethod:
         (the others may pass None), and only the last rank gets the loss back.
         """
         try:
-            loss = self.executor.step(x, y, loss_fn)
-            if loss is not None and self.check_finite and not math.isfinite(loss.item()):
-                raise NonFiniteLossError(loss.item(), self.executor.fed - 1)
+            return self._checked(self.executor.step(x, y, loss_fn), self.executor.fed - 1)
         except BaseException:
             self.close()
             raise
+
+    def run(self, batches: Iterable[tuple[Tensor, Tensor]], loss_fn: LossFn,
+            ahead: int | None = None) -> Iterator[Tensor | None]:
+        """Feed every ``(x, y)`` of ``batches`` and yield each one's loss, in order.
+
+        The same as calling :meth:`step` for each, except that the threaded executor queues
+        up to ``ahead`` minibatches (default: K) before it waits for a loss, so its first
+        stage never waits for the caller: with K > 2 stages the last stage's loss comes too
+        late for that otherwise. It stops after the last batch without draining; leaving the
+        loop early still collects the losses of what was fed.
+        """
+        feed = getattr(self.executor, "feed", None)
+        if feed is None:
+            for x, y in batches:
+                yield self.step(x, y, loss_fn)
+            return
+        ahead = ahead or self.num_stages
+        pending: deque[int] = deque()
+        try:
+            for x, y in batches:
+                pending.append(feed(x, y, loss_fn))
+                while len(pending) > ahead:
+                    m = pending.popleft()
+                    yield self._checked(self.executor.loss(m), m)
+            while pending:
+                m = pending.popleft()
+                yield self._checked(self.executor.loss(m), m)
+        except GeneratorExit:  # the caller stopped early: its fed minibatches still ran
+            for m in pending:
+                self.executor.loss(m)
+            raise
+        except BaseException:
+            self.close()
+            raise
+
+    def _checked(self, loss: Tensor | None, minibatch: int) -> Tensor | None:
+        if loss is not None and self.check_finite and not math.isfinite(loss.item()):
+            raise NonFiniteLossError(loss.item(), minibatch)
         return loss
 
     def drain(self) -> None:
