@@ -65,10 +65,12 @@ class InProcessState:
     @torch.no_grad()
     def forward_only(self, x: Tensor) -> Tensor:
         """Inference of one batch through every stage (eval mode is the caller's choice)."""
+        handoff = send(x)  # wrapped where it was made: on the caller's stream
         for stage in self.stages:
             with on_stream(stage.device, stage.stream), stage._autocast():
-                x = stage.module(receive(send(x), stage.device))
-        return x
+                out = stage.module(receive(handoff, stage.device))
+                handoff = send(out)
+        return receive(handoff, out.device)  # usable on the caller's stream
 
 
 class ReferenceExecutor(InProcessState):
@@ -85,7 +87,7 @@ class ReferenceExecutor(InProcessState):
         self.streams = StageStreams(self.devices)
         self._acts: dict[tuple[int, int], tuple[Handoff, bool]] = {}
         self._grads: dict[tuple[int, int], tuple[Handoff, float]] = {}
-        self._target: tuple[Tensor, LossFn] | None = None
+        self._target: tuple[Handoff, LossFn] | None = None
 
     def step(self, x: Tensor, y: Tensor, loss_fn: LossFn) -> Tensor:
         """One clock with a new minibatch; returns its loss (computed by the last stage)."""
@@ -95,7 +97,7 @@ class ReferenceExecutor(InProcessState):
                 "(evaluation needs no drain: use pipe.eval() and pipe.model)"
             )
         self._acts[(0, self.fed)] = (send(x), False)
-        self._target = (y, loss_fn)
+        self._target = (send(y), loss_fn)
         loss = self._run_clock(None)
         self.fed += 1
         return loss
@@ -147,5 +149,5 @@ class ReferenceExecutor(InProcessState):
         self._grads[(stage.index - 1, minibatch)] = (send(grad), loss_scale)
 
     def target(self, stage: Stage, minibatch: int) -> tuple[Tensor, LossFn]:
-        y, loss_fn = self._target
-        return receive(send(y), stage.device), loss_fn
+        handoff, loss_fn = self._target
+        return receive(handoff, stage.device), loss_fn

@@ -61,14 +61,15 @@ class Stage:
         self.module = module.to(self.device)
         self.stream = new_stream(self.device)
         params = [p for p in module.parameters() if p.requires_grad]
-        self.optimizer = optimizer(params)
-        self.lr_scheduler = lr_scheduler(self.optimizer) if lr_scheduler else None
+        # A stage without trainable parameters (a pooling head, say) only passes gradients on.
+        self.optimizer = optimizer(params) if params else None
+        self.lr_scheduler = lr_scheduler(self.optimizer) if lr_scheduler and params else None
         self.stash = Stash(module, stash, self.delay, needs_input_grad=index > 0,
                            device=self.device, compute_context=self._autocast)
         self.grad_scale = grad_shrink**self.delay
         self.inflight: deque[Pending] = deque()
         self.steps = 0
-        self.compensation = compensation or Compensation()
+        self.compensation = compensation if compensation and params else Compensation()
         self.compensation.bind(self)
         self._forward_weights: dict[str, Tensor] | None = None  # of the minibatch B just ran
         # fp16 loss scaling (see ddgpipe.precision): the last stage owns the scale; every
@@ -178,6 +179,8 @@ class Stage:
         if self._skip_step:  # fp16 overflow: skip, as GradScaler does
             self._skip_step = False
             self.overflow_skips += 1
+        elif self.optimizer is None:
+            pass
         elif self.delay > 0:
             self.compensation.step(self._forward_weights)
         else:
@@ -200,13 +203,20 @@ class Stage:
             self.lr_scheduler.step()
 
     @property
+    def has_parameters(self) -> bool:
+        return self.optimizer is not None
+
+    @property
     def lr(self) -> float:
+        """The learning rate of the next clock (NaN for a stage without parameters)."""
+        if self.optimizer is None:
+            return float("nan")
         return float(self.optimizer.param_groups[0]["lr"])
 
     def state_dict(self) -> dict:
         state = {
             "module": self.module.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": self.optimizer.state_dict() if self.optimizer else None,
             "lr_scheduler": self.lr_scheduler.state_dict() if self.lr_scheduler else None,
             "steps": self.steps,
             "compensation": self.compensation.state_dict(),
@@ -227,7 +237,8 @@ class Stage:
 
     def load_state_dict(self, state: dict) -> None:
         self.module.load_state_dict(state["module"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        if self.optimizer is not None:
+            self.optimizer.load_state_dict(state["optimizer"])
         if self.lr_scheduler is not None and state.get("lr_scheduler") is not None:
             self.lr_scheduler.load_state_dict(state["lr_scheduler"])
         self.steps = state.get("steps", 0)

@@ -23,7 +23,8 @@ def run_clocks(pipe, rank: int, world: int, batches: list[tuple[Tensor, Tensor]]
 
 def local_stage_arrays(pipe) -> dict[str, np.ndarray]:
     """This rank's stage weights and buffers as arrays, to send back from a worker process."""
-    return {k: v.numpy().copy() for k, v in pipe.stages[0].module.state_dict().items()}
+    return {k: v.detach().cpu().numpy().copy()
+            for k, v in pipe.stages[0].module.state_dict().items()}
 
 
 def assert_runtime_matches_reference(results: list[dict], build_reference, batches) -> None:
@@ -38,4 +39,4 @@ def assert_runtime_matches_reference(results: list[dict], build_reference, batch
     assert results[-1]["losses"] == losses
     for stage, result in zip(reference.stages, results, strict=True):
         for name, value in stage.module.state_dict().items():
-            assert torch.equal(value, torch.from_numpy(result["state"][name])), name
+            assert torch.equal(value.cpu(), torch.from_numpy(result["state"][name])), name

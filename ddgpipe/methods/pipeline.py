@@ -52,7 +52,8 @@ class PipelineMethod:
         last_stage_idle = getattr(self.executor, "last_stage_idle", None)
         if last_stage_idle is not None:
             last_stage_idle()
-        return self.stages[-1].lr
+        learning = [s for s in self.stages if s.has_parameters] or self.stages
+        return learning[-1].lr
 
     def step(self, x: Tensor | None, y: Tensor | None, loss_fn: LossFn | None) -> Tensor | None:
         """One clock: feed minibatch (x, y); return its loss (from the last stage's forward).

@@ -1,0 +1,238 @@
+"""The threaded executor (a thread per stage) against the reference executor: bitwise, and
+failures that name the stage, never hang and leave no thread behind."""
+
+import threading
+import time
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import ddgpipe
+from ddgpipe.errors import StageError
+from ddgpipe.methods.dni import DNI
+
+
+def make_model():
+    """Dropout in every block, so every stage draws random numbers whatever the cut."""
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                      nn.Dropout(0.2)),
+        nn.Sequential(nn.Conv2d(8, 8, 3, padding=1, stride=2), nn.BatchNorm2d(8), nn.ReLU(),
+                      nn.Dropout(0.2)),
+        nn.Sequential(nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.Dropout(0.2)),
+        nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(0.2), nn.Linear(16, 10)),
+    )
+
+
+def deterministic_model():
+    """No random layer: its stages run without the random-stream lock."""
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU()),
+        nn.Sequential(nn.Conv2d(8, 8, 3, padding=1, stride=2), nn.ReLU()),
+        nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10)),
+    )
+
+
+def batches(n, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    sizes = [8, 8, 7, 8, 5, 8, 8]  # ragged batches
+    return [(torch.randn(sizes[i % 7], 1, 8, 8, generator=g),
+             torch.randint(0, 10, (sizes[i % 7],), generator=g)) for i in range(n)]
+
+
+def optimizer(ps):
+    return torch.optim.SGD(ps, lr=0.05, momentum=0.9, weight_decay=5e-4)
+
+
+def scheduler(opt):
+    return torch.optim.lr_scheduler.StepLR(opt, step_size=3, gamma=0.5)
+
+
+def build(executor, method="ddg", stages=2, stash="graph", model=make_model, **kwargs):
+    if method == "dni":
+        return DNI(model(), stages, optimizer, lr_scheduler=scheduler, executor=executor,
+                   threads=1, peer_timeout_s=30)
+    kwargs.setdefault("peer_timeout_s", 30)
+    return ddgpipe.DDG(model(), stages, optimizer, lr_scheduler=scheduler, stash=stash,
+                       executor=executor, threads=1, **kwargs)
+
+
+def train(pipe, data, use_run=False):
+    torch.manual_seed(1234)  # the stages' streams start from the caller's state
+    if use_run:
+        losses = [loss.item() for loss in pipe.run(data, F.cross_entropy)]
+    else:
+        losses = [pipe.step(x, y, F.cross_entropy).item() for x, y in data]
+    pipe.drain()
+    return losses, {k: v.clone() for k, v in pipe.model.state_dict().items()}
+
+
+def assert_same(a, b):
+    assert a[0] == b[0]
+    assert a[1].keys() == b[1].keys()
+    for name in a[1]:
+        assert torch.equal(a[1][name], b[1][name]), name
+
+
+def stage_threads():
+    return [t for t in threading.enumerate() if t.name.startswith("ddgpipe-stage")]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the reference computes on this thread, one intra-op thread
+    yield
+    torch.set_num_threads(threads)
+    assert stage_threads() == [], "a stage thread outlived its test"
+
+
+@pytest.mark.parametrize("method,stages,stash,model", [
+    ("ddg", 2, "graph", make_model), ("ddg", 2, "recompute", make_model),
+    ("ddg", 3, "graph", make_model), ("ddg", 3, "recompute", make_model),
+    ("ddg", 3, "none", make_model), ("ddg", 3, "graph", deterministic_model),
+    ("dni", 2, None, make_model), ("dni", 3, None, make_model),
+])
+def test_threads_match_the_reference_bitwise(method, stages, stash, model):
+    data = batches(9)
+    reference = train(build("reference", method, stages, stash, model), data)
+    threaded = train(build("threads", method, stages, stash, model), data)
+    assert_same(threaded, reference)
+
+
+@pytest.mark.parametrize("compensation", ["sc,lwp", "dc"])
+def test_threads_match_the_reference_with_a_compensation(compensation):
+    data = batches(7)
+    reference = train(build("reference", stages=3, compensation=compensation), data)
+    assert_same(train(build("threads", stages=3, compensation=compensation), data), reference)
+
+
+def test_run_feeds_ahead_and_gives_the_losses_of_step():
+    data = batches(9)
+    stepped = train(build("threads", stages=3), data)
+    assert_same(train(build("threads", stages=3), data, use_run=True), stepped)
+
+
+def test_leaving_run_early_keeps_the_pipeline_consistent():
+    data = batches(8)
+    pipe = build("threads", stages=3)
+    losses = pipe.run(data[:6], F.cross_entropy)
+    first = [next(losses).item() for _ in range(2)]  # K = 3 fed ahead of each loss taken
+    losses.close()  # their losses are collected, not left in the queue
+    assert pipe.fed == 5
+    later = pipe.step(*data[5], F.cross_entropy)  # the loss of minibatch 5, not of 2
+    pipe.drain()
+    ref = build("reference", stages=3)
+    ref_losses = [ref.step(x, y, F.cross_entropy).item() for x, y in data[:6]]
+    assert first == ref_losses[:2] and later.item() == ref_losses[5]
+
+
+def test_evaluation_and_state_wait_for_the_stages():
+    """Reading the weights mid-training (no drain) sees every fed clock finished."""
+    data = batches(5)
+    threaded, reference = build("threads", stages=3), build("reference", stages=3)
+    for pipe in (threaded, reference):
+        torch.manual_seed(1234)
+        for x, y in data:
+            pipe.step(x, y, F.cross_entropy)
+    threaded.eval()
+    reference.eval()
+    x = data[0][0]
+    assert torch.equal(threaded.predict(x), reference.predict(x))
+    assert threaded.lr == reference.lr
+    for a, b in zip(threaded.state_dict()["stages"], reference.state_dict()["stages"]):
+        for name in a["module"]:
+            assert torch.equal(a["module"][name], b["module"][name])
+    threaded.close()
+
+
+class Exploding(nn.Module):
+    def __init__(self, at_call: int):
+        super().__init__()
+        self.calls, self.at_call = 0, at_call
+
+    def forward(self, x):
+        self.calls += 1
+        if self.calls == self.at_call:
+            raise RuntimeError("injected failure")
+        return x
+
+
+def test_a_failing_stage_stops_every_thread_with_its_name():
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4), nn.Sequential(Exploding(3)),
+                          nn.Linear(4, 2))
+    pipe = ddgpipe.DDG(model, 4, optimizer, executor="threads", split=[1, 2, 3],
+                       peer_timeout_s=30)
+    x, y = torch.randn(3, 4), torch.randint(0, 2, (3,))
+    start = time.monotonic()
+    with pytest.raises(StageError) as info:
+        for _ in range(10):
+            pipe.step(x, y, F.cross_entropy)
+    assert info.value.stage == 2 and "injected failure" in str(info.value)
+    assert isinstance(info.value.__cause__, RuntimeError)
+    assert time.monotonic() - start < 10
+    assert stage_threads() == []
+    with pytest.raises(StageError):  # the pipeline stays failed
+        pipe.step(x, y, F.cross_entropy)
+
+
+class Sleeper(nn.Module):
+    def __init__(self, seconds: float, at_call: int):
+        super().__init__()
+        self.seconds, self.calls, self.at_call = seconds, 0, at_call
+
+    def forward(self, x):
+        self.calls += 1
+        if self.calls == self.at_call:
+            time.sleep(self.seconds)
+        return x
+
+
+def test_a_hung_stage_times_out_instead_of_hanging():
+    model = nn.Sequential(nn.Linear(4, 4), nn.Sequential(Sleeper(4.0, 2)), nn.Linear(4, 2))
+    pipe = ddgpipe.DDG(model, 3, optimizer, executor="threads", split=[1, 2],
+                       peer_timeout_s=1.0)
+    x, y = torch.randn(3, 4), torch.randint(0, 2, (3,))
+    start = time.monotonic()
+    with pytest.raises(StageError, match="did not come|waited"):
+        for _ in range(5):
+            pipe.step(x, y, F.cross_entropy)
+    assert time.monotonic() - start < 3.5  # the timeout, not the 4 s sleep, ended it
+    # A thread cannot be interrupted inside an op; once the sleep returns it sees the stop
+    # and ends instead of living on.
+    deadline = time.monotonic() + 10
+    while stage_threads() and time.monotonic() < deadline:
+        time.sleep(0.1)
+
+
+def test_waiting_for_the_caller_is_not_a_timeout():
+    """Between two steps the stages wait for the next minibatch as long as the caller takes."""
+    pipe = build("threads", stages=3, model=deterministic_model, peer_timeout_s=0.3)
+    data = batches(3)
+    pipe.step(*data[0], F.cross_entropy)
+    time.sleep(0.8)  # an evaluation, a checkpoint... longer than the peer timeout
+    pipe.step(*data[1], F.cross_entropy)
+    pipe.drain()
+
+
+def test_a_non_finite_loss_stops_the_threads():
+    pipe = build("threads", stages=2)
+    data = batches(4)
+    with pytest.raises(ddgpipe.NonFiniteLossError, match="minibatch 2"):
+        for i, (x, y) in enumerate(data):
+            pipe.step(x * float("nan") if i == 2 else x, y, F.cross_entropy)
+    assert stage_threads() == []
+
+
+def test_threads_is_the_default_for_several_stages():
+    pipe = ddgpipe.DDG(deterministic_model(), 2, optimizer)
+    assert pipe.executor_kind == "threads"
+    assert ddgpipe.DDG(deterministic_model(), 1, optimizer).executor_kind == "reference"
+    with pytest.raises(ddgpipe.UsageError, match="start the ranks"):
+        ddgpipe.DDG(deterministic_model(), 2, optimizer, executor="processes")
+    with pytest.raises(ddgpipe.UsageError, match="unknown executor"):
+        ddgpipe.DDG(deterministic_model(), 2, optimizer, executor="fibers")
