@@ -182,6 +182,10 @@ class ThreadedExecutor(InProcessState):
             thread.join(self.timeout_s)
         self._threads = []
 
+    def request_stop(self) -> None:
+        """Ask every stage thread to stop, without waiting (safe from any thread)."""
+        self._stop.set()
+
     def __del__(self) -> None:
         self._stop.set()
 

@@ -82,13 +82,30 @@ def stage_threads():
     return [t for t in threading.enumerate() if t.name.startswith("ddgpipe-stage")]
 
 
+def no_stage_thread_within(seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while stage_threads() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return not stage_threads()
+
+
 @pytest.fixture(autouse=True)
 def one_thread():
+    assert no_stage_thread_within(2.0), "stage threads of an earlier test are still running"
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the reference computes on this thread, one intra-op thread
     yield
     torch.set_num_threads(threads)
-    assert stage_threads() == [], "a stage thread outlived its test"
+    # drained, closed or dropped pipelines stop their threads (a poll is 50 ms)
+    assert no_stage_thread_within(1.0), "a stage thread outlived its test"
+
+
+def test_a_dropped_pipeline_stops_its_threads():
+    pipe = build("threads", stages=3, model=deterministic_model)
+    pipe.step(*batches(1)[0], F.cross_entropy)
+    assert len(stage_threads()) == 3
+    del pipe  # no drain, no close
+    assert no_stage_thread_within(1.0)
 
 
 @pytest.mark.parametrize("method,stages,stash,model", [
@@ -204,9 +221,7 @@ def test_a_hung_stage_times_out_instead_of_hanging():
     assert time.monotonic() - start < 3.5  # the timeout, not the 4 s sleep, ended it
     # A thread cannot be interrupted inside an op; once the sleep returns it sees the stop
     # and ends instead of living on.
-    deadline = time.monotonic() + 10
-    while stage_threads() and time.monotonic() < deadline:
-        time.sleep(0.1)
+    assert no_stage_thread_within(10.0)
 
 
 def test_waiting_for_the_caller_is_not_a_timeout():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import weakref
 from collections import deque
 from collections.abc import Iterable, Iterator
 
@@ -31,6 +32,11 @@ class PipelineMethod:
         self.stages = stages
         self.executor = executor
         self.check_finite = check_finite
+        # A pipeline dropped without drain() or close() must not leave its stage threads
+        # waiting for minibatches that will never come: they stop when it is collected.
+        stop = getattr(executor, "request_stop", None)
+        if stop is not None:
+            weakref.finalize(self, stop)
 
     @property
     def num_stages(self) -> int:
