@@ -37,7 +37,7 @@ __all__ = [
     "COMPAT_FIELDS",
 ]
 
-FORMAT = 2  # 2: the reference executor saves each stage's RNG stream
+FORMAT = 3  # 2: each stage's RNG stream; 3: GPU random states, fp16 scales, any executor
 KEEP = 2  # complete sets kept on disk
 
 # Settings a resumed run must share with the checkpoint, or its numbers would change.
@@ -45,7 +45,7 @@ COMPAT_FIELDS = (
     "model", "data", "method", "stages", "stash", "batch_size", "seed", "optimizer", "lr",
     "momentum", "nesterov", "weight_decay", "lr_schedule", "milestones", "lr_gamma",
     "warmup_epochs", "warmup_factor", "epochs", "grad_shrink", "compensation",
-    "compensation_options",
+    "compensation_options", "precision",
 )
 
 
@@ -157,7 +157,7 @@ def load_rank_file(folder: Path, manifest: dict, rank: int) -> dict:
     import io
 
     try:
-        state = torch.load(io.BytesIO(data), weights_only=True)
+        state = torch.load(io.BytesIO(data), weights_only=True, map_location="cpu")
     except Exception as e:
         raise UsageError(f"cannot load checkpoint file {path} ({type(e).__name__}); it is not "
                          "a ddgpipe checkpoint") from None

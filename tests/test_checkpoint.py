@@ -43,8 +43,12 @@ def epoch_lines(run: Path) -> list[dict]:
 
 METHODS = {
     "bp": ["--method", "bp"],
-    "ddg-graph": ["--method", "ddg", "--stages", "3", "--stash", "graph"],
-    "ddg-recompute": ["--method", "ddg", "--stages", "3", "--stash", "recompute"],
+    "ddg-graph": ["--method", "ddg", "--stages", "3", "--stash", "graph", "--executor",
+                  "reference"],
+    "ddg-recompute": ["--method", "ddg", "--stages", "3", "--stash", "recompute",
+                      "--executor", "reference"],
+    "ddg-graph-threads": ["--method", "ddg", "--stages", "3", "--stash", "graph",
+                          "--executor", "threads"],
 }
 
 
@@ -58,6 +62,19 @@ def test_stop_and_resume_is_bitwise_the_uninterrupted_run(name, tmp_path, capsys
     manifest = json.loads((tmp_path / "cut/checkpoints/latest.json").read_text())
     assert manifest["iteration"] == 7
     assert main([*args, "--resume", str(tmp_path / "cut")]) == 0
+    assert_same_weights(tmp_path / "full", tmp_path / "cut")
+    assert epoch_lines(tmp_path / "full") == epoch_lines(tmp_path / "cut")
+
+
+def test_a_checkpoint_of_the_threads_resumes_under_the_reference(tmp_path, capsys):
+    """Both in-process executors write the same state: stop under one, resume under the
+    other, and get the uninterrupted run's weights."""
+    args = [*BASE, "--method", "ddg", "--stages", "3", "--checkpoint-every", "4"]
+    assert main([*args, "--executor", "reference", "--out", str(tmp_path / "full")]) == 0
+    assert main([*args, "--executor", "threads", "--out", str(tmp_path / "cut"),
+                 "--stop-after", "6"]) == 0
+    assert main([*args, "--executor", "reference", "--resume", str(tmp_path / "cut")]) == 0
+    capsys.readouterr()
     assert_same_weights(tmp_path / "full", tmp_path / "cut")
     assert epoch_lines(tmp_path / "full") == epoch_lines(tmp_path / "cut")
 

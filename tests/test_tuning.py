@@ -2,6 +2,8 @@
 ranks, and that the timing runs leave the training bitwise what it would have been."""
 
 
+import os
+
 import pytest
 import torch
 from torch import nn
@@ -78,3 +80,24 @@ def test_tuned_cut_is_agreed_and_training_matches_the_reference_bitwise(method, 
 
     assert_runtime_matches_reference(results, lambda: build(method, stages, split=split),
                                      batches(clocks))
+
+
+@pytest.mark.parametrize("method,stages", [("ddg", 2), ("ddg", 3), ("dni", 2)])
+def test_threaded_tuning_times_thread_pipelines_and_leaves_training_as_it_was(method, stages):
+    """The threaded executor's timed cut: the candidates ran as thread pipelines on copies,
+    and the training that follows is bitwise the reference's with that cut."""
+    torch.set_num_threads(1)
+    try:
+        tuned = build(method, stages, balance="pipeline", executor="threads", threads=1,
+                      sample_input=batches(1)[0][0])
+        split, tuning = tuned.executor.split, tuned.executor.split_tuning
+        timed = {tuple(int(i) for i in k.split(",")): ms for k, ms in tuning["clock_ms"].items()}
+        assert tuple(tuning["profiled_split"]) in timed and tuple(split) in timed
+        assert timed[tuple(split)] == min(timed.values()) and len(timed) > 1
+        losses = run_clocks(tuned, 0, 1, batches(6))
+        reference = build(method, stages, split=split, executor="reference")
+        assert run_clocks(reference, 0, 1, batches(6)) == losses
+        for a, b in zip(tuned.model.state_dict().values(), reference.model.state_dict().values()):
+            assert torch.equal(a, b)
+    finally:
+        torch.set_num_threads(os.cpu_count() or 1)
