@@ -98,16 +98,18 @@ def add_train_arguments(p: argparse.ArgumentParser, defaults_for_demo: bool = Fa
                    help="cut points by block index, e.g. 4,8 makes blocks [0,4) [4,8) [8,end); "
                         "default: balance by --balance")
     g.add_argument("--balance", default=None, choices=("params", "flops", "time", "pipeline"),
-                   help="how to balance stages when --split is not given: parameter count; "
-                        "counted floating-point operations of each block's forward+backward "
-                        "(deterministic); forward+backward time of each block, profiled; or "
-                        "pipeline: that profiled cut and each cut one block away are run for a "
-                        "few clocks on copies of the model and the fastest is kept (a few "
-                        "seconds to a minute at start-up). Default: pipeline for --executor "
-                        "processes, where the slowest stage sets the speed, params otherwise "
-                        "(deterministic: the same seed gives the same numbers). The cut used "
-                        "is saved in RUN_DIR/config.json as split; pass it back with --split "
-                        "to repeat a run exactly")
+                   help="how to cut the network when --split is not given: params "
+                        "(parameter count), flops (counted floating-point operations of each "
+                        "block's forward+backward), time (each block profiled), or pipeline: "
+                        "the profiled cut and each cut one block away run for a few clocks on "
+                        "copies of the model, and the fastest is kept (seconds to a minute at "
+                        "start-up). Default: the cut this machine timed before for the same "
+                        "model, batch shape, schedule, executor and devices (kept in the "
+                        "cache folder, $DDGPIPE_CACHE), timed once when there is none, so the "
+                        "same command and seed give the same numbers; --balance pipeline "
+                        "times it again. The reference executor uses the threaded executor's "
+                        "cut. The cut used is saved as split in RUN_DIR/config.json; pass it "
+                        "back with --split to repeat a run on another machine")
     g.add_argument("--grad-shrink", type=float, default=1.0, metavar="BETA",
                    help="scale stage k's delayed gradient by BETA**delay (gradient shrinking, "
                         "from the authors' follow-up, Fully Decoupled Neural Network Learning "

@@ -86,13 +86,23 @@ def draws_random_numbers(module: nn.Module) -> bool:
                for m in module.modules())
 
 
+_GENERATOR_LOCK = threading.RLock()
+"""Held while a stage's stream is swapped into the process's generator: one lock for every
+pipeline of the process, since they all share that generator."""
+
+
 class StageStreams:
-    """One random stream per stage, each started from the caller's state at the first clock."""
+    """One random stream per stage, each started from the caller's state at the first clock.
+
+    The swap puts the caller's state back after each use; a caller that draws from (or seeds)
+    the global generator on another thread *while* stages of a threaded pipeline run races
+    with them, so callers wait for the pipeline first (``pipe.sync()``, ``pipe.eval()``).
+    """
 
     def __init__(self, devices: list[torch.device]):
         self.devices = devices
         self.states: list[dict] | None = None
-        self.lock = threading.Lock()
+        self.lock = _GENERATOR_LOCK
 
     def start(self) -> None:
         """Begin every stage's stream at the caller's current state (once)."""

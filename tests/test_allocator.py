@@ -33,19 +33,20 @@ def run_churn(setting: str | None) -> tuple[bool, int]:
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc only")
 def test_tuned_allocator_stops_refaulting_freed_memory():
-    opted_out, default_faults = run_churn("default")
+    opted_out, _ = run_churn("default")
     assert not opted_out
-    # 20 rounds of 32 MiB: the default gives it back and faults it in again every round
-    # (8192 faults a round with 4 KiB pages).
-    assert default_faults > 1000
-    # The kernel may still reclaim idle pages of a busy machine (seen: a third of the faults
-    # came back once, with other jobs running); the tuning must win in one of three tries,
-    # which an allocator that gives memory back every round never does.
+    # 20 rounds of 32 MiB: an allocator that gives the memory back faults it in again every
+    # round, 8192 faults a round with 4 KiB pages (glibc's defaults do so in most runs; its
+    # adaptive threshold sometimes spares a run, so the default is not a stable yardstick).
+    # Tuned, all 20 rounds together must fault less than half a round does (default runs
+    # fault 8114 or more, tuned ones 0 or 2048 when the machine is quiet). The kernel may
+    # still reclaim idle pages of a busy machine (seen once: 14336 faults with other jobs
+    # running), so the tuning must win in one of three tries.
     best = None
     for _ in range(3):
         tuned, tuned_faults = run_churn(None)
         assert tuned
         best = tuned_faults if best is None else min(best, tuned_faults)
-        if best < default_faults / 4:
+        if best < 4096:
             break
-    assert best < default_faults / 4
+    assert best < 4096

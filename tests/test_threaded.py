@@ -156,8 +156,7 @@ def test_evaluation_and_state_wait_for_the_stages():
         torch.manual_seed(1234)
         for x, y in data:
             pipe.step(x, y, F.cross_entropy)
-    threaded.eval()
-    reference.eval()
+        pipe.eval()  # waits for the stages: seeding for the next run must not race them
     x = data[0][0]
     assert torch.equal(threaded.predict(x), reference.predict(x))
     assert threaded.lr == reference.lr

@@ -101,3 +101,28 @@ def test_threaded_tuning_times_thread_pipelines_and_leaves_training_as_it_was(me
             assert torch.equal(a, b)
     finally:
         torch.set_num_threads(os.cpu_count() or 1)
+
+
+def test_the_timed_cut_is_remembered_per_machine(monkeypatch, tmp_path):
+    """Same model, schedule and machine: the second pipeline reuses the first one's timed
+    cut instead of timing again (same seed, same numbers); balance="pipeline" re-times."""
+    import ddgpipe.methods.build as build_module
+    from ddgpipe.cache import CACHE_ENV
+
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path))
+    x = batches(1)[0][0]
+    first = build("ddg", 3, sample_input=x, executor="reference", threads=1)
+    assert (tmp_path / "cuts.json").exists()
+    timed = []
+    real = build_module.fastest_threaded_split
+    monkeypatch.setattr(build_module, "fastest_threaded_split",
+                        lambda *a, **k: timed.append(1) or real(*a, **k))
+    again = build("ddg", 3, sample_input=x, executor="threads", threads=1)
+    assert again.executor.split == first.executor.split and timed == []
+    other_schedule = build("ddg", 3, sample_input=x, executor="threads", threads=1,
+                           stash="recompute")
+    assert len(timed) == 1  # another schedule: timed once
+    build("ddg", 3, sample_input=x, executor="threads", threads=1, balance="pipeline")
+    assert len(timed) == 2  # asked to time: timed again
+    for pipe in (first, again, other_schedule):
+        pipe.close()

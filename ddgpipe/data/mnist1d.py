@@ -35,13 +35,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ddgpipe.cache import CACHE_ENV, cache_dir
 from ddgpipe.data.datasets import Dataset
 from ddgpipe.errors import UsageError
 
 __all__ = ["GENERATION_ARGS", "CACHE_ENV", "load_mnist1d", "mnist1d_arrays", "cache_dir",
            "cache_file", "split_sizes"]
 
-CACHE_ENV = "DDGPIPE_CACHE"
 
 # The package's defaults (get_dataset_args(), the paper's) with a larger set split in half.
 GENERATION_ARGS: dict = {
@@ -64,15 +64,6 @@ _KEYS = ("x", "y", "x_test", "y_test")
 
 class CorruptCacheError(Exception):
     """A cache file that cannot be used; the loader regenerates it."""
-
-
-def cache_dir() -> Path:
-    """Where ddgpipe keeps generated data: ``$DDGPIPE_CACHE``, ``$XDG_CACHE_HOME/ddgpipe``
-    or ``~/.cache/ddgpipe``."""
-    if os.environ.get(CACHE_ENV):
-        return Path(os.environ[CACHE_ENV]).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    return (Path(xdg) if xdg else Path.home() / ".cache") / "ddgpipe"
 
 
 def split_sizes(args: dict) -> tuple[int, int]:

@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from ddgpipe.cutcache import cached_cut, cut_key, remember_cut
 from ddgpipe.devices import rank_device, stage_devices
 from ddgpipe.errors import UsageError
 from ddgpipe.partition import balanced_split, block_costs, check_model, cut_points, partition
@@ -79,30 +80,45 @@ def build_stages(
     devices: Sequence[str | torch.device] | None = None,
     threads: int | None = None,
     comm: str = "auto",
+    schedule: tuple[str, str] = ("graph", "fp32"),
 ):
-    """Return ``(stage_list, executor)`` for this process."""
+    """Return ``(stage_list, executor)`` for this process.
+
+    Without ``split`` or ``balance``, a pipeline of several stages fed a ``sample_input`` is
+    cut where this machine ran it fastest: the timed cut remembered for this model, schedule
+    (``schedule`` = stash mode, precision), executor and layout (:mod:`ddgpipe.cutcache`), or
+    a new timing (``balance="pipeline"`` always times again). The in-process executors share
+    the threads' cut, so the reference gives the threaded executor's numbers.
+    """
     kind = choose_executor(executor, stages)
-    if balance is None:  # a parallel executor's speed is its slowest stage's time
-        balance = "pipeline" if kind == "processes" and sample_input is not None else "params"
+    remembered = balance is None and sample_input is not None and stages > 1
+    if balance is None:
+        balance = "pipeline" if remembered else "params"
     if balance not in BUILD_BALANCE_MODES:
         raise UsageError(f"unknown balance {balance!r}; choose one of "
                          f"{', '.join(BUILD_BALANCE_MODES)}")
-    # "pipeline" starts from the profiled cut; the reference has no parallel clock to time.
+    # "pipeline" starts from the profiled cut
     profiled = "time" if balance == "pipeline" else balance
     if kind == "processes":
         return _build_rank_stage(model, stages, make_stage, method, split, balance, profiled,
                                  sample_input, timeline, peer_timeout_s,
-                                 rank_device(device, devices), comm)
+                                 rank_device(device, devices), comm, remembered, schedule)
     placed = stage_devices(stages, device, devices)
     threads = threads or threads_per_stage(stages)
     tuning = None
-    if split is None and balance == "pipeline" and kind == "threads" and stages > 1:
-        proposed = cut_points(partition(model, stages, balance=profiled,
-                                        sample_input=sample_input))
-        split, clock_ms = fastest_threaded_split(model, make_stage, method, sample_input,
-                                                 proposed, placed, threads=threads,
-                                                 timeout_s=peer_timeout_s)
-        tuning = {"profiled_split": proposed, "clock_ms": clock_ms}
+    if split is None and balance == "pipeline" and stages > 1:
+        key = cut_key(model, sample_input, stages, method, *schedule, "threads",
+                      [str(d) for d in placed], threads)
+        tuning = cached_cut(key) if remembered else None
+        if tuning is None:
+            proposed = cut_points(partition(model, stages, balance=profiled,
+                                            sample_input=sample_input))
+            split, clock_ms = fastest_threaded_split(model, make_stage, method, sample_input,
+                                                     proposed, placed, threads=threads,
+                                                     timeout_s=peer_timeout_s)
+            tuning = {"split": split, "profiled_split": proposed, "clock_ms": clock_ms}
+            remember_cut(key, tuning)
+        split = tuning["split"]
     modules = partition(model, stages, split=split, balance=profiled,
                         sample_input=sample_input)
     stage_list = [make_stage(k, len(modules), m, placed[k]) for k, m in enumerate(modules)]
@@ -118,7 +134,8 @@ def build_stages(
 
 
 def _build_rank_stage(model, stages, make_stage, method, split, balance, profiled,
-                      sample_input, timeline, peer_timeout_s, here: torch.device, comm: str):
+                      sample_input, timeline, peer_timeout_s, here: torch.device, comm: str,
+                      remembered: bool, schedule: tuple[str, str]):
     from ddgpipe.distributed import DistributedExecutor
 
     world = world_size()
@@ -130,13 +147,23 @@ def _build_rank_stage(model, stages, make_stage, method, split, balance, profile
         )
     rank = dist.get_rank()
     tuning = None
-    if split is None:
-        split = agreed_split(model, stages, profiled, sample_input)
-        if balance == "pipeline":
-            proposed = split
+    if split is None and balance == "pipeline":
+        key = cut_key(model, sample_input, stages, method, *schedule, "processes",
+                      [here.type] * stages, torch.get_num_threads())
+        # rank 0's memory decides, so every rank (every node) uses the same cut
+        shared = [cached_cut(key) if remembered and rank == 0 else None]
+        dist.broadcast_object_list(shared, src=0)
+        tuning = shared[0]
+        if tuning is None:
+            proposed = agreed_split(model, stages, profiled, sample_input)
             split, clock_ms = fastest_split(model, make_stage, method, sample_input, proposed,
                                             here, timeout_s=peer_timeout_s)
-            tuning = {"profiled_split": proposed, "clock_ms": clock_ms}
+            tuning = {"split": split, "profiled_split": proposed, "clock_ms": clock_ms}
+            if rank == 0:
+                remember_cut(key, tuning)
+        split = tuning["split"]
+    elif split is None:
+        split = agreed_split(model, stages, profiled, sample_input)
     modules = partition(model, stages, split=split)
     stage = make_stage(rank, stages, modules[rank], here)
     runner = DistributedExecutor(stage, method=method, timeline=timeline,

@@ -56,10 +56,12 @@ class DDG(PipelineMethod):
         stash: ``graph`` (default, exact), ``recompute`` (exact, less memory, one more
             forward) or ``none`` (replay with current weights: approximate).
         split: cut points, e.g. ``[4, 8]``; default balances stages by ``balance``.
-        balance: ``params``, ``time`` (blocks profiled on ``sample_input``) or ``pipeline``
-            (the profiled cut and its one-block neighbours timed as real pipelines, the
-            fastest kept; see ``ddgpipe.tuning``); default ``pipeline`` under the parallel
-            runtime (when ``sample_input`` is given), ``params`` otherwise.
+        balance: ``params``, ``flops``, ``time`` (blocks profiled on ``sample_input``) or
+            ``pipeline`` (the profiled cut and its one-block neighbours timed as real
+            pipelines, the fastest kept; see ``ddgpipe.tuning``). Default: with
+            ``sample_input`` and K > 1, the cut this machine timed before for the same model,
+            schedule, executor and devices (``ddgpipe.cutcache``), timed once if none;
+            ``params`` otherwise.
         grad_shrink: beta; delayed gradients of stage k are scaled by beta**d_k (FDG).
         compensation: staleness compensation by name, e.g. ``"sc,lwp"`` or ``["dc"]``
             (see :mod:`ddgpipe.compensation`); None is plain DDG.
@@ -122,5 +124,6 @@ class DDG(PipelineMethod):
             model, stages, make_stage, "ddg", split=split, balance=balance,
             sample_input=sample_input, timeline=timeline, peer_timeout_s=peer_timeout_s,
             executor=executor, device=device, devices=devices, threads=threads, comm=comm,
+            schedule=(stash, precision),
         )
         super().__init__(model, stage_list, runner, check_finite)

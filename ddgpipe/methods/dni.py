@@ -126,5 +126,6 @@ class DNI(PipelineMethod):
             model, stages, make_stage, "dni", split=split, balance=balance,
             sample_input=sample_input, timeline=timeline, peer_timeout_s=peer_timeout_s,
             executor=executor, device=device, devices=devices, threads=threads, comm=comm,
+            schedule=("dni", precision),
         )
         super().__init__(model, stage_list, runner, check_finite)
