@@ -493,7 +493,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_experiment(args: argparse.Namespace) -> int:
-    from ddgpipe.experiment import paper_plan, run_experiment
+    from ddgpipe.experiments.paper import paper_plan, run_experiment
 
     plan = paper_plan(quick=args.quick)
     for field, value in (("model", args.model), ("epochs", args.epochs)):

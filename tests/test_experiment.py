@@ -1,13 +1,17 @@
-"""The paper experiment's quick variant end to end, and its summary arithmetic."""
+"""The experiments' quick variants end to end, resuming a grid, and their arithmetic."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
+from pathlib import Path
 
 import pytest
 
 from ddgpipe.cli import main
-from ddgpipe.experiment import ExperimentPlan, summarise_runs
+from ddgpipe.experiments.common import DIVERGED_FILE, _train_one, read_outcome
+from ddgpipe.experiments.paper import ExperimentPlan, summarise_runs
+from ddgpipe.train import TrainConfig
 
 
 def test_quick_paper_experiment(tmp_path, capsys):
@@ -43,3 +47,39 @@ def test_summary_means_stds_and_gaps():
 def test_bad_experiment_input(capsys):
     assert main(["experiment", "paper", "--quick", "--stages", "1,2"]) == 2
     assert "--stages must all be >= 2" in capsys.readouterr().err
+
+
+# ---- the grid runner -----------------------------------------------------------------------
+
+
+def write_run(run_dir: Path, config: TrainConfig, epochs: int) -> None:
+    run_dir.mkdir(parents=True)
+    saved = dataclasses.asdict(config) | {"label": "DDG K=2", "split": [3], "num_blocks": 11}
+    (run_dir / "config.json").write_text(json.dumps(saved))
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(
+        {"kind": "epoch", "epoch": e, "test_acc": 0.9, "test_loss": 0.3, "train_loss": 0.1,
+         "wall_time": 2.0 * e}) + "\n" for e in range(1, epochs + 1)))
+
+
+def test_a_run_is_finished_only_with_its_config_and_every_epoch(tmp_path):
+    config = TrainConfig(method="ddg", stages=2, epochs=3, out=str(tmp_path / "a"),
+                         executor="reference", threads=1, progress=False)
+    write_run(tmp_path / "a", config, epochs=3)
+    outcome = read_outcome(config)
+    assert outcome["status"] == "finished" and outcome["test_acc"] == 0.9
+    assert read_outcome(dataclasses.replace(config, lr=0.05)) is None  # other settings
+    assert read_outcome(dataclasses.replace(config, epochs=4)) is None  # not all epochs
+    assert read_outcome(dataclasses.replace(config, progress=True)) is not None  # cosmetic
+    (tmp_path / "a" / DIVERGED_FILE).write_text(json.dumps({"error": "loss is nan"}))
+    assert read_outcome(config)["status"] == "diverged"
+
+
+def test_a_diverged_run_is_an_outcome_not_a_failure(tmp_path):
+    config = TrainConfig(model="mlp", method="ddg", stages=2, epochs=1, lr=1e8,
+                         weight_decay=0.0, out=str(tmp_path / "run"), executor="reference",
+                         threads=1, progress=False)
+    _train_one(config)
+    outcome = read_outcome(config)
+    assert outcome["status"] == "diverged" and outcome["test_acc"] is None
+    assert "training diverged" in outcome["error"]
+    assert read_outcome(dataclasses.replace(config, lr=1e7)) is None
