@@ -255,6 +255,53 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="hide the per-run progress lines")
 
 
+def add_paper_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--quick", action="store_true", help="a small smoke version (ResNet-20, "
+                   "2 epochs, one seed, K = 2 and 4, constant step size)")
+    p.add_argument("--model", help="override the network (default: resnet56; quick: resnet20)")
+    p.add_argument("--epochs", type=int, help="override the epochs per run (default: 15)")
+    p.add_argument("--seeds", type=_int_list, metavar="S1,S2", help="override the seeds "
+                   "(default: 0,1,2)")
+    p.add_argument("--stages", type=_int_list, metavar="K1,K2", help="override the K values "
+                   "(default: 2,3,4)")
+    p.add_argument("--grad-shrink", type=float, default=1.0, metavar="BETA",
+                   help="gradient shrinking for the DDG runs (FDG, Huo et al.): scale stage "
+                        "k's delayed gradient by BETA**delay (default: 1, plain DDG)")
+    p.add_argument("--workers", type=int, default=2, help="runs trained at once, one thread "
+                   "each (default: %(default)s)")
+    p.add_argument("--out", default="runs/paper", metavar="DIR", help="where runs, "
+                   "results.md and figures go (default: %(default)s)")
+    p.add_argument("--no-progress", action="store_true", help="hide the per-run lines")
+
+
+def add_staleness_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--quick", action="store_true",
+                   help="a smoke version: one seed, K = 2 and 4, BP, DDG and DDG + sc,lwp "
+                        "(sweep: lr 0.05 and 0.025), ResNet-20 on digits and ResNet-20-1D on "
+                        "mnist1d, one epoch at batch 128 (2 for the budget part); 20 runs")
+    p.add_argument("--seeds", type=_int_list, metavar="S1,S2",
+                   help="seeds of every run (default: 0,1,2; quick: 0)")
+    p.add_argument("--stages", type=_int_list, metavar="K1,K2",
+                   help="the K values, each >= 2 and at most the model's block count; "
+                        "backprop is always run (default: 2,3,4,8; quick: 2,4)")
+    p.add_argument("--benchmarks", type=_str_list, metavar="B1,B2",
+                   help="digits (ResNet-56, 15 epochs) and/or mnist1d (ResNet-20-1D, 30 "
+                        "epochs) (default: digits,mnist1d)")
+    p.add_argument("--parts", type=_str_list, metavar="P1,P2",
+                   help="main: every method at backprop's hyperparameters; sweep: plain DDG at "
+                        "lr 0.05, 0.025, 0.0125; budget: backprop and plain DDG with 3x the "
+                        "epochs. Each part also trains the backprop runs its gaps need; runs "
+                        "shared by parts are trained once (default: main,sweep,budget)")
+    p.add_argument("--workers", type=int, default=2,
+                   help="runs trained at once, each a process with one torch thread on the "
+                        "reference executor (default: %(default)s)")
+    p.add_argument("--out", default="runs/staleness", metavar="DIR",
+                   help="where the runs (DIR/BENCHMARK/METHOD/kK-sSEED), results.md, "
+                        "summary.json and figures go; runs already finished there with the "
+                        "same settings are skipped (default: %(default)s)")
+    p.add_argument("--no-progress", action="store_true", help="hide the per-run lines")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ddgpipe", description=DESCRIPTION,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -292,29 +339,31 @@ def build_parser() -> argparse.ArgumentParser:
     add_bench_arguments(p)
     p.set_defaults(func=cmd_bench)
 
-    p = sub.add_parser("experiment", help="reproduce the paper's claims: BP vs DDG vs DNI",
-                       description="Train backprop, DDG and DNI at K = 2, 3, 4 with several "
-                       "seeds under the paper's two stochastic methods (constant and "
-                       "diminishing step size) and momentum SGD, then write results.md, "
-                       "summary.json and figures. About 8 minutes on 2 cores; --quick takes "
-                       "about one.")
-    p.add_argument("name", choices=("paper",), help="the experiment to run: paper")
-    p.add_argument("--quick", action="store_true", help="a small smoke version (ResNet-20, "
-                   "2 epochs, one seed, K = 2 and 4, constant step size)")
-    p.add_argument("--model", help="override the network (default: resnet56; quick: resnet20)")
-    p.add_argument("--epochs", type=int, help="override the epochs per run (default: 15)")
-    p.add_argument("--seeds", type=_int_list, metavar="S1,S2", help="override the seeds "
-                   "(default: 0,1,2)")
-    p.add_argument("--stages", type=_int_list, metavar="K1,K2", help="override the K values "
-                   "(default: 2,3,4)")
-    p.add_argument("--grad-shrink", type=float, default=1.0, metavar="BETA",
-                   help="gradient shrinking for the DDG runs (FDG, Huo et al.): scale stage "
-                        "k's delayed gradient by BETA**delay (default: 1, plain DDG)")
-    p.add_argument("--workers", type=int, default=2, help="runs trained at once, one thread "
-                   "each (default: %(default)s)")
-    p.add_argument("--out", default="runs/paper", metavar="DIR", help="where runs, "
-                   "results.md and figures go (default: %(default)s)")
-    p.add_argument("--no-progress", action="store_true", help="hide the per-run lines")
+    p = sub.add_parser("experiment", help="grids of runs with a report: the paper's claims "
+                       "(paper), staleness compensation compared (staleness)",
+                       description="Train a grid of runs, two at a time with one thread each, "
+                       "then write results.md, summary.json and figures from the runs' files. "
+                       "Running the same command again skips the runs that finished.")
+    experiments = p.add_subparsers(dest="experiment", metavar="NAME", required=True,
+                                   help="the experiment to run: paper or staleness")
+    add_paper_arguments(experiments.add_parser(
+        "paper", help="BP vs DDG vs DNI under the paper's stochastic methods and momentum SGD",
+        description="Train backprop, DDG and DNI at K = 2, 3, 4 with several seeds under the "
+        "paper's two stochastic methods (constant and diminishing step size) and momentum SGD, "
+        "then write results.md, summary.json and figures. About 8 minutes on 2 cores; --quick "
+        "takes about one."))
+    add_staleness_arguments(experiments.add_parser(
+        "staleness", help="staleness compensations against plain DDG and backprop, momentum SGD",
+        description="With momentum SGD and backprop's hyperparameters unchanged for every "
+        "method and K, train backprop, plain DDG, DDG with each staleness compensation (sc, lwp, "
+        "dc, pipemare-lr), with sc,lwp, with FDG's gradient shrinking (beta 0.5), Features "
+        "Replay and FR + pipemare, at K = 2, 3, 4, 8 on ResNet-56/digits and "
+        "ResNet-20-1D/mnist1d, 3 seeds (part main); plain DDG at lr 0.05, 0.025, 0.0125 "
+        "(sweep); backprop and plain DDG with 3x the epochs (budget). Writes results.md (tables "
+        "per benchmark and K, gaps to backprop, the goals each method meets), summary.json and "
+        "figures. The full grid is 300 runs, about 3 core-hours: 1.5 to 2 hours with 2 workers "
+        "on 2 cores. An interrupted grid continues where it stopped when the same command is "
+        "run again. --quick takes well under a minute."))
     p.set_defaults(func=cmd_experiment)
 
     p = sub.add_parser("plot", help="learning curves (or a pipeline timeline) from run dirs",
@@ -495,7 +544,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_experiment(args: argparse.Namespace) -> int:
-    from ddgpipe.experiment import paper_plan, run_experiment
+    if args.experiment == "staleness":
+        return cmd_staleness(args)
+    from ddgpipe.experiments.paper import paper_plan, run_experiment
 
     plan = paper_plan(quick=args.quick)
     for field, value in (("model", args.model), ("epochs", args.epochs)):
@@ -518,7 +569,23 @@ def cmd_experiment(args: argparse.Namespace) -> int:
 
     build_model(plan.model)  # an unknown model fails here, not in every worker
     run_experiment(plan, args.out, progress=not args.no_progress)
-    out = Path(args.out)
+    return _print_report(Path(args.out))
+
+
+def cmd_staleness(args: argparse.Namespace) -> int:
+    from ddgpipe.experiments.staleness import run_staleness, staleness_plan
+
+    plan = staleness_plan(quick=args.quick)
+    for field, value in (("seeds", args.seeds), ("stage_counts", args.stages),
+                         ("benchmarks", args.benchmarks), ("parts", args.parts)):
+        if value is not None:
+            setattr(plan, field, tuple(value))
+    plan.workers = args.workers
+    run_staleness(plan, args.out, progress=not args.no_progress)
+    return _print_report(Path(args.out))
+
+
+def _print_report(out: Path) -> int:
     print((out / "results.md").read_text())
     print(f"report:  {out / 'results.md'}\nsummary: {out / 'summary.json'}")
     return 0

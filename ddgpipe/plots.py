@@ -19,7 +19,7 @@ from ddgpipe.errors import UsageError  # noqa: E402
 
 __all__ = [
     "read_jsonl", "plot_learning_curves", "plot_timeline", "plot_bench", "plot_loss_by_k",
-    "plot_accuracy_vs_k",
+    "plot_accuracy_vs_k", "plot_mean_loss_panels", "plot_seed_panels", "plot_accuracy_panels",
 ]
 
 OP_COLOURS = {"F": "tab:blue", "B": "tab:orange", "S": "tab:green", "G": "tab:purple"}
@@ -151,51 +151,131 @@ def _mean_curve(run_dirs: list[Path], key: str) -> tuple[list[int], list[float]]
     return epochs, mean
 
 
-def plot_loss_by_k(setting_dir: str | Path, stage_counts, out_png: str | Path,
-                   title: str | None = None) -> Path:
-    """One panel per K: training loss of BP, DDG and DNI (mean over seeds) against epochs."""
-    setting_dir = Path(setting_dir)
-    fig, axes = plt.subplots(1, len(stage_counts), figsize=(5 * len(stage_counts), 4),
-                             squeeze=False, sharey=True)
-    for ax, k in zip(axes[0], stage_counts, strict=True):
-        for method, colour in (("bp", "C0"), ("ddg", "C1"), ("dni", "C3")):
-            stages = 1 if method == "bp" else k
-            runs = sorted(setting_dir.glob(f"{method}-k{stages}-s*"))
+#: one line of a panel: its label, the run directories it averages (or draws one by one), and
+#: its colour and line style (None: matplotlib's next)
+Line = tuple[str, list, str | None, str | None]
+
+
+def plot_mean_loss_panels(panels: list[tuple[str, list[Line]]], out_png: str | Path,
+                          title: str | None = None) -> Path:
+    """One panel per ``(title, lines)``: each line the training loss against epochs, averaged
+    over its runs (seeds); lines without runs are left out."""
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4.2), squeeze=False,
+                             sharey=True)
+    for ax, (panel_title, lines) in zip(axes[0], panels, strict=True):
+        for label, runs, colour, style in lines:
             if not runs:
                 continue
-            epochs, loss = _mean_curve(runs, "train_loss")
-            label = "BP" if method == "bp" else f"{method.upper()} K={k}"
-            ax.plot(epochs, loss, color=colour, label=f"{label} ({len(runs)} seeds)")
-        ax.set(xlabel="epoch", yscale="log", title=f"K = {k}")
+            epochs, loss = _mean_curve([Path(r) for r in runs], "train_loss")
+            ax.plot(epochs, loss, color=colour, ls=style or "-", marker="o", markersize=2,
+                    label=f"{label} ({len(runs)} seed{'s' if len(runs) > 1 else ''})")
+        ax.set(xlabel="epoch", yscale="log", title=panel_title)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=7)
     axes[0][0].set_ylabel("training loss (mean over seeds)")
     if title:
         fig.suptitle(title)
     return _save(fig, out_png)
 
 
+def plot_seed_panels(panels: list[tuple[str, list[Line]]], out_png: str | Path,
+                     title: str | None = None) -> Path:
+    """Every run as its own curve: training loss (top row) and test accuracy (bottom row)
+    against epochs, one column per ``(title, lines)``; a line's runs share its colour."""
+    fig, axes = plt.subplots(2, len(panels), figsize=(5 * len(panels), 7.5), squeeze=False,
+                             sharex="col")
+    for col, (panel_title, lines) in enumerate(panels):
+        for label, runs, colour, _ in lines:
+            for i, run in enumerate(runs):
+                records = _epochs(Path(run))[1]
+                epochs = [r["epoch"] for r in records]
+                name = f"{label}, seed {_seed_of(Path(run))}"
+                style = dict(color=colour, alpha=0.8, lw=1.2, ls=("-", "--", ":")[i % 3],
+                             marker="o", markersize=2)
+                axes[0][col].plot(epochs, [float(r["train_loss"]) for r in records],
+                                  label=name, **style)
+                axes[1][col].plot(epochs, [100 * float(r["test_acc"]) for r in records],
+                                  **style)
+        axes[0][col].set(yscale="log", title=panel_title)
+        axes[1][col].set(xlabel="epoch")
+        for row in (0, 1):
+            axes[row][col].grid(alpha=0.3)
+        axes[0][col].legend(fontsize=7)
+    axes[0][0].set_ylabel("training loss")
+    axes[1][0].set_ylabel("test accuracy (%)")
+    if title:
+        fig.suptitle(title)
+    return _save(fig, out_png)
+
+
+def _seed_of(run_dir: Path) -> str:
+    try:
+        return str(json.loads((run_dir / "config.json").read_text())["seed"])
+    except (OSError, json.JSONDecodeError, KeyError, TypeError):
+        return run_dir.name
+
+
+#: one series of an accuracy-vs-K panel: label, colour, and (K, mean, std) points
+Series = tuple[str, str | None, list[tuple[int, float, float]]]
+
+
+def plot_accuracy_panels(panels: list[tuple[str, float | None, list[Series]]],
+                         out_png: str | Path) -> Path:
+    """Final test accuracy against K, one panel per ``(title, backprop's accuracy, series)``:
+    backprop as a dashed line, each series with its seeds' standard deviation as error bars."""
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5), squeeze=False)
+    for ax, (panel_title, bp, series) in zip(axes[0], panels, strict=True):
+        ks = sorted({k for _, _, points in series for k, _, _ in points})
+        if ks:
+            ax.set_xticks(ks)
+        if bp is not None:
+            ax.axhline(bp, color="C0", ls="--", label="BP")
+        for label, colour, points in series:
+            if points:
+                ks, acc, std = zip(*sorted(points), strict=True)
+                ax.errorbar(ks, acc, yerr=std, color=colour, marker="o", capsize=3,
+                            label=label)
+        ax.set(xlabel="K (modules)", ylabel="test accuracy (%)", title=panel_title)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    return _save(fig, out_png)
+
+
+PAPER_COLOURS = {"bp": "C0", "ddg": "C1", "dni": "C3"}
+
+
+def plot_loss_by_k(setting_dir: str | Path, stage_counts, out_png: str | Path,
+                   title: str | None = None, exclude=()) -> Path:
+    """One panel per K: training loss of BP, DDG and DNI (mean over seeds) against epochs;
+    the run directories in ``exclude`` (runs that diverged) are left out."""
+    setting_dir = Path(setting_dir)
+    skip = {Path(d).resolve() for d in exclude}
+    panels = []
+    for k in stage_counts:
+        lines = []
+        for method, colour in PAPER_COLOURS.items():
+            stages = 1 if method == "bp" else k
+            runs = [r for r in sorted(setting_dir.glob(f"{method}-k{stages}-s*"))
+                    if r.resolve() not in skip]
+            label = "BP" if method == "bp" else f"{method.upper()} K={k}"
+            lines.append((label, runs, colour, None))
+        panels.append((f"K = {k}", lines))
+    return plot_mean_loss_panels(panels, out_png, title)
+
+
 def plot_accuracy_vs_k(summary: dict, out_png: str | Path) -> Path:
     """Final test accuracy against K per setting: DDG and DNI, backprop as the reference."""
     rows = summary["rows"]
-    settings = sorted({r["setting"] for r in rows})
-    fig, axes = plt.subplots(1, len(settings), figsize=(5 * len(settings), 4), squeeze=False)
-    for ax, setting in zip(axes[0], settings, strict=True):
+    panels = []
+    for setting in sorted({r["setting"] for r in rows}):
         mine = [r for r in rows if r["setting"] == setting]
-        for r in mine:
-            if r["method"] == "bp":
-                ax.axhline(r["test_acc_mean"], color="C0", ls="--", label="BP")
-        for method, colour in (("ddg", "C1"), ("dni", "C3")):
-            pts = sorted((r["stages"], r["test_acc_mean"], r["test_acc_std"]) for r in mine
-                         if r["method"] == method)
-            if pts:
-                ks, acc, std = zip(*pts, strict=True)
-                ax.errorbar(ks, acc, yerr=std, color=colour, marker="o", capsize=3,
-                            label=method.upper())
-        ax.set(xlabel="K (modules)", ylabel="test accuracy (%)", title=setting)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    return _save(fig, out_png)
+        bp = next((r["test_acc_mean"] for r in mine if r["method"] == "bp"), None)
+        series = [(method.upper(), colour,
+                   [(r["stages"], r["test_acc_mean"], r["test_acc_std"]) for r in mine
+                    if r["method"] == method])
+                  for method, colour in PAPER_COLOURS.items() if method != "bp"]
+        panels.append((setting, bp, series))
+    return plot_accuracy_panels(panels, out_png)
 
 
 def _save(fig, out_png: str | Path) -> Path:

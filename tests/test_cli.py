@@ -3,6 +3,7 @@ numbers, and the parallel runtime reproducing the reference executor end to end.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
@@ -35,11 +36,16 @@ def without_timing(records: list[dict]) -> list[dict]:
 
 
 def test_every_flag_has_help():
-    parser = build_parser()
-    subparsers = next(a for a in parser._actions if a.dest == "command").choices
-    for name, sub in subparsers.items():
-        for action in sub._actions:
-            assert action.help, f"ddgpipe {name} {action.option_strings} has no help text"
+    def check(parser, name: str) -> None:
+        for action in parser._actions:
+            assert action.help, f"{name} {action.option_strings or action.dest} has no help text"
+            if isinstance(action, argparse._SubParsersAction):
+                for sub_name, sub in action.choices.items():
+                    check(sub, f"{name} {sub_name}")
+
+    commands = next(a for a in build_parser()._actions if a.dest == "command").choices
+    for name, sub in commands.items():
+        check(sub, f"ddgpipe {name}")
 
 
 def test_errors_reach_the_shell_without_a_traceback(tmp_path):

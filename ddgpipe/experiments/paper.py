@@ -8,23 +8,23 @@ with a constant and with a diminishing step, and momentum SGD) on the embedded d
 deep CIFAR-style ResNet, then writes a report (``results.md``), a JSON summary and figures
 from the runs' own metrics files.
 
-Runs are independent, so they are spread over worker processes, one torch thread each.
+Runs are independent, so they are spread over worker processes, one torch thread each, on
+the reference executor (a thread per stage would oversubscribe the cores the other workers
+use); a grid that was interrupted continues where it stopped (:mod:`.common`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import multiprocessing as mp
-import statistics
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from ddgpipe.errors import UsageError
+from ddgpipe.experiments.common import FINISHED, mean_std, run_grid
 from ddgpipe.plots import plot_accuracy_vs_k, plot_loss_by_k
-from ddgpipe.train import TrainConfig, train
+from ddgpipe.train import TrainConfig
 
 __all__ = ["SETTINGS", "ExperimentPlan", "paper_plan", "run_experiment", "summarise_runs"]
 
@@ -64,7 +64,8 @@ class ExperimentPlan:
                         runs.append(TrainConfig(
                             model=self.model, data=self.data, method=method, stages=k,
                             epochs=self.epochs, batch_size=self.batch_size, seed=seed,
-                            threads=1, progress=False, out=str(out / name),
+                            threads=1, executor="reference", progress=False,
+                            out=str(out / name),
                             grad_shrink=self.grad_shrink if method == "ddg" else 1.0,
                             balance="params", **SETTINGS[setting]))
         return runs
@@ -76,11 +77,6 @@ def paper_plan(quick: bool = False) -> ExperimentPlan:
         return ExperimentPlan(model="resnet20", epochs=2, stage_counts=(2, 4), seeds=(0,),
                               settings=("sgd-constant",), batch_size=128)
     return ExperimentPlan()
-
-
-def _run(config: TrainConfig) -> dict:
-    result = train(config)
-    return dataclasses.asdict(result) | {"out": config.out}
 
 
 def run_experiment(plan: ExperimentPlan, out: str | Path, progress: bool = True) -> dict:
@@ -95,50 +91,48 @@ def run_experiment(plan: ExperimentPlan, out: str | Path, progress: bool = True)
     out.mkdir(parents=True, exist_ok=True)
     (out / "plan.json").write_text(json.dumps(dataclasses.asdict(plan), indent=2) + "\n")
     start = time.perf_counter()
-    results = []
-    ctx = mp.get_context("spawn")
-    with ctx.Pool(plan.workers, maxtasksperchild=8) as pool:
-        for i, result in enumerate(pool.imap(_run, configs), 1):
-            results.append(result)
-            if progress:
-                print(f"[{i}/{len(configs)}] {result['out'][len(str(out)) + 1:]:<32} test acc "
-                      f"{100 * result['test_acc']:6.2f}%  ({time.perf_counter() - start:.0f}s)",
-                      file=sys.stderr, flush=True)
+    results = run_grid(configs, out, plan.workers, progress)
     summary = summarise_runs(results, plan)
     summary["wall_time_s"] = time.perf_counter() - start
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     figures = []
     for setting in plan.settings:
         figures.append(plot_loss_by_k(out / setting, plan.stage_counts,
-                                      out / f"loss-{setting}.png", title=setting))
+                                      out / f"loss-{setting}.png", title=setting,
+                                      exclude=summary["diverged"]))
     figures.append(plot_accuracy_vs_k(summary, out / "accuracy-vs-k.png"))
     (out / "results.md").write_text(render_report(summary, plan, figures, out))
     return summary
 
 
 def summarise_runs(results: list[dict], plan: ExperimentPlan) -> dict:
-    """Mean and standard deviation over seeds per (setting, method, K)."""
+    """Mean and standard deviation over seeds per (setting, method, K); runs whose loss
+    diverged are left out of the means and listed under ``diverged``."""
     groups: dict[tuple[str, str, int], list[dict]] = {}
+    diverged = []
     for r in results:
+        if r.get("status", FINISHED) != FINISHED:
+            diverged.append(r["out"])
+            continue
         setting = Path(r["out"]).parent.name
         groups.setdefault((setting, r["method"], r["stages"]), []).append(r)
     rows = []
     for (setting, method, k), runs in sorted(groups.items()):
         acc = [100 * r["test_acc"] for r in runs]
         loss = [r["train_loss"] for r in runs]
+        acc_mean, acc_std = mean_std(acc)
+        loss_mean, loss_std = mean_std(loss)
         rows.append({
             "setting": setting, "method": method, "stages": k, "seeds": len(runs),
-            "test_acc_mean": statistics.fmean(acc),
-            "test_acc_std": statistics.stdev(acc) if len(acc) > 1 else 0.0,
-            "train_loss_mean": statistics.fmean(loss),
-            "train_loss_std": statistics.stdev(loss) if len(loss) > 1 else 0.0,
+            "test_acc_mean": acc_mean, "test_acc_std": acc_std,
+            "train_loss_mean": loss_mean, "train_loss_std": loss_std,
             "test_acc": acc,
         })
     for row in rows:  # the gap to backprop under the same setting
         bp = next((b for b in rows if b["setting"] == row["setting"] and b["method"] == "bp"),
                   None)
         row["gap_to_bp_pp"] = None if bp is None else row["test_acc_mean"] - bp["test_acc_mean"]
-    return {"plan": dataclasses.asdict(plan), "rows": rows}
+    return {"plan": dataclasses.asdict(plan), "rows": rows, "diverged": diverged}
 
 
 def render_report(summary: dict, plan: ExperimentPlan, figures: list[Path], out: Path) -> str:
@@ -160,6 +154,9 @@ def render_report(summary: dict, plan: ExperimentPlan, figures: list[Path], out:
                      f"{r['test_acc_mean']:.2f} ± {r['test_acc_std']:.2f} | {gap} | "
                      f"{r['train_loss_mean']:.4f} ± {r['train_loss_std']:.4f} |")
     lines.append("")
+    if summary.get("diverged"):
+        lines += ["Diverged (loss NaN or infinite; left out of the means): " + ", ".join(
+            f"`{Path(d).relative_to(out)}`" for d in summary["diverged"]) + ".", ""]
     for fig in figures:
         lines.append(f"![{fig.stem}]({fig.relative_to(out)})")
     settings = ", ".join(f"`{k}`: {v}" for k, v in SETTINGS.items() if k in plan.settings)

@@ -1,0 +1,153 @@
+"""What every experiment shares: a grid of independent runs, trained in worker processes,
+resumable run by run, with its numbers read back from the runs' own files.
+
+A grid is a list of :class:`~ddgpipe.train.TrainConfig`, each with its own ``out`` folder.
+:func:`run_grid` trains them in a spawn pool, one torch thread per run, and returns each run's
+*outcome*, read from ``RUN_DIR`` (never from values held in memory):
+
+* ``finished``: ``metrics.jsonl`` holds an epoch record for every epoch; the outcome carries
+  the last one's test accuracy and training loss;
+* ``diverged``: the loss became NaN or infinite (:class:`~ddgpipe.errors.NonFiniteLossError`);
+  the worker wrote ``diverged.json`` with the message. Training is deterministic, so running it
+  again would diverge again: this is an outcome, not a failure of the grid.
+
+A run whose folder already holds a ``config.json`` equal to its config (every field that
+defines the run) and one of those two outcomes is skipped, so a grid that was interrupted
+(killed, machine rebooted) is continued by running the same command again. A run that stopped
+halfway is trained again from its start (``train`` clears its old metrics). Any other error in
+a worker stops the grid: it is a bug to fix, not a result.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import multiprocessing as mp
+import statistics
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from ddgpipe.checkpoint import atomic_write_bytes
+from ddgpipe.errors import NonFiniteLossError
+from ddgpipe.plots import read_jsonl
+from ddgpipe.train import TrainConfig, train
+
+__all__ = ["FINISHED", "DIVERGED", "DIVERGED_FILE", "read_outcome", "run_grid", "mean_std",
+           "config_matches"]
+
+FINISHED, DIVERGED = "finished", "diverged"
+DIVERGED_FILE = "diverged.json"
+# config.json keys that train() writes from what it derived (the cut used, the label shown)
+# or that do not change the numbers (progress bar, folder, resume source)
+IGNORED_KEYS = frozenset({"label", "split", "progress", "out", "resume"})
+
+
+def config_matches(config: TrainConfig, run_dir: Path) -> bool:
+    """Whether ``run_dir/config.json`` was written for a run with this config."""
+    try:
+        saved = json.loads((run_dir / "config.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+    wanted = json.loads(json.dumps(dataclasses.asdict(config)))  # tuples -> lists, as saved
+    return isinstance(saved, dict) and all(
+        saved.get(key) == value for key, value in wanted.items() if key not in IGNORED_KEYS)
+
+
+def read_outcome(config: TrainConfig) -> dict | None:
+    """The run's outcome from its folder, or None when it has not run to an end with this
+    config (never started, stopped halfway, or trained with other settings)."""
+    run_dir = Path(config.out)
+    if not config_matches(config, run_dir):
+        return None
+    outcome = {"out": str(run_dir), "method": config.method, "stages": config.stages,
+               "seed": config.seed, "epochs": config.epochs}
+    diverged = run_dir / DIVERGED_FILE
+    if diverged.exists():
+        try:
+            error = json.loads(diverged.read_text()).get("error", "diverged")
+        except (OSError, json.JSONDecodeError, AttributeError):
+            return None
+        return outcome | {"status": DIVERGED, "error": error, "test_acc": None,
+                          "test_loss": None, "train_loss": None, "train_time_s": None}
+    path = run_dir / "metrics.jsonl"
+    epochs = [r for r in read_jsonl(path) if r.get("kind") == "epoch"] if path.exists() else []
+    last = next((r for r in epochs if r.get("epoch") == config.epochs), None)
+    if last is None:
+        return None
+    return outcome | {"status": FINISHED, "error": None, "test_acc": float(last["test_acc"]),
+                      "test_loss": float(last["test_loss"]),
+                      "train_loss": float(last["train_loss"]),
+                      "train_time_s": float(last.get("wall_time", math.nan))}
+
+
+def _train_one(config: TrainConfig) -> str:
+    """One run in a worker process; a diverged loss is recorded, anything else raises."""
+    run_dir = Path(config.out)
+    (run_dir / DIVERGED_FILE).unlink(missing_ok=True)  # an old outcome of other settings
+    try:
+        train(config)
+    except NonFiniteLossError as e:
+        atomic_write_bytes(run_dir / DIVERGED_FILE, (json.dumps(
+            {"error": str(e), "minibatch": e.minibatch}) + "\n").encode())
+    return config.out
+
+
+def _describe(outcome: dict | None) -> str:
+    if outcome is None:
+        return "no outcome recorded"
+    if outcome["status"] == DIVERGED:
+        return "diverged"
+    return f"test acc {100 * outcome['test_acc']:6.2f}%"
+
+
+def run_grid(configs: Sequence[TrainConfig], out: Path, workers: int,
+             progress: bool = True) -> list[dict]:
+    """Train the runs that have no outcome yet; return every run's outcome, in order.
+
+    Runs go to a spawn pool of ``workers`` processes as they are listed (put the ones a
+    partial grid most needs first). Progress, one line per run, goes to stderr.
+    """
+    todo = [c for c in configs if read_outcome(c) is None]
+    if progress and len(todo) < len(configs):
+        print(f"{len(configs) - len(todo)} of {len(configs)} runs already finished in {out}; "
+              f"training the other {len(todo)}", file=sys.stderr, flush=True)
+    _prepare_data({c.data for c in todo}, {c.data: c.data_dir for c in todo})
+    start = time.perf_counter()
+    if todo:
+        by_out = {c.out: c for c in todo}
+        with mp.get_context("spawn").Pool(min(workers, len(todo)), maxtasksperchild=8) as pool:
+            for i, done in enumerate(pool.imap_unordered(_train_one, todo), 1):
+                if progress:
+                    name = str(Path(done).relative_to(out)) if Path(done).is_relative_to(out) \
+                        else done
+                    print(f"[{i}/{len(todo)}] {name:<36} {_describe(read_outcome(by_out[done]))}"
+                          f"  ({time.perf_counter() - start:.0f}s)", file=sys.stderr,
+                          flush=True)
+    outcomes = []
+    for config in configs:
+        outcome = read_outcome(config)
+        if outcome is None:
+            raise RuntimeError(f"run {config.out} ended without writing its metrics; see its "
+                               "folder")
+        outcomes.append(outcome)
+    return outcomes
+
+
+def _prepare_data(names: set[str], data_dirs: dict[str, str | None]) -> None:
+    """Load each data set once here, so a generated one (mnist1d) is generated and cached
+    once, not by every worker at the same time."""
+    from ddgpipe.data import load_dataset
+
+    for name in sorted(names):
+        if name == "mnist1d":
+            load_dataset(name, data_dirs.get(name))
+
+
+def mean_std(values: Sequence[float]) -> tuple[float | None, float | None]:
+    """Mean and sample standard deviation (0 for one value; None, None for none)."""
+    if not values:
+        return None, None
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
