@@ -38,6 +38,7 @@ from contextlib import contextmanager, nullcontext
 import torch
 from torch import Tensor
 
+from ddgpipe.allocator import tune_allocator
 from ddgpipe.clock import run_stage_clock
 from ddgpipe.errors import StageError, UsageError
 from ddgpipe.reference import InProcessState
@@ -215,6 +216,7 @@ class ThreadedExecutor(InProcessState):
         if self._threads:
             return
         self._stop.clear()
+        tune_allocator()  # why: ddgpipe/allocator.py (threads and their arenas)
         self.streams.start()
         for stage in self.stages:
             thread = threading.Thread(target=self._stage_main, args=(stage,), daemon=True,
