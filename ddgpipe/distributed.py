@@ -116,6 +116,8 @@ class DistributedExecutor:
         self.timeout = timedelta(seconds=timeout_s)
         self.clock = 0
         self.fed = 0
+        if stage.device.type == "cuda":  # nccl and the object collectives use this device
+            torch.cuda.set_device(stage.device)
         self._groups = _groups(comm)
         backend = dist.get_backend(self._groups["act"])
         self.wire = stage.device if backend == "nccl" else torch.device("cpu")

@@ -121,8 +121,9 @@ class ThreadedExecutor(InProcessState):
         """The loss of the oldest fed minibatch whose loss was not taken yet: ``minibatch``."""
         got, handoff = self._await(self._losses, f"the loss of minibatch {minibatch}")
         assert got == minibatch, f"loss of minibatch {got} arrived for {minibatch}"
-        if handoff.event is not None:  # the caller may read it on any stream
+        if handoff.event is not None:  # the caller may read it at once, on any stream
             handoff.event.synchronize()
+            handoff.tensor.record_stream(torch.cuda.current_stream(handoff.tensor.device))
         return handoff.tensor
 
     def last_stage_idle(self) -> None:
