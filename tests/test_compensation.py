@@ -227,13 +227,13 @@ RUNTIME_CASES = {  # name -> (compensation, stash, options)
 RUNTIME_CLOCKS = 5
 
 
-def build_runtime_pipe(case: str):
+def build_runtime_pipe(case: str, executor: str | None = None, stages: int = 2):
     from tests.test_distributed import make_model, optimizer, scheduler
 
     compensation, stash, options = RUNTIME_CASES[case]
-    return ddgpipe.DDG(make_model(), 2, optimizer, lr_scheduler=scheduler, stash=stash,
+    return ddgpipe.DDG(make_model(), stages, optimizer, lr_scheduler=scheduler, stash=stash,
                        compensation=compensation, compensation_options=options,
-                       peer_timeout_s=30)
+                       peer_timeout_s=30, executor=executor, threads=1)
 
 
 def every_case_worker(rank, world):
@@ -258,7 +258,29 @@ def test_runtime_matches_reference_bitwise(case, runtime_results):
     from tests.test_distributed import batches
 
     assert_runtime_matches_reference([r[case] for r in runtime_results],
-                                     lambda: build_runtime_pipe(case), batches(RUNTIME_CLOCKS))
+                                     lambda: build_runtime_pipe(case, "reference"),
+                                     batches(RUNTIME_CLOCKS))
+
+
+@pytest.mark.parametrize("case", list(RUNTIME_CASES))
+def test_threads_match_reference_bitwise(case):
+    """A thread per stage, with each compensation, at K = 3 (two delayed stages)."""
+    from tests.test_distributed import batches
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        runs = []
+        for executor in ("reference", "threads"):
+            torch.manual_seed(3)
+            pipe = build_runtime_pipe(case, executor, stages=3)
+            losses = run_clocks(pipe, 0, 1, batches(RUNTIME_CLOCKS + 2))
+            runs.append((losses, pipe.model.state_dict()))
+    finally:
+        torch.set_num_threads(threads)
+    assert runs[0][0] == runs[1][0]
+    for name, value in runs[0][1].items():
+        assert torch.equal(value, runs[1][1][name]), name
 
 
 # --- 4. checkpoint/resume keeps the compensation's state -------------------------------------

@@ -52,12 +52,13 @@ def scheduler(opt):
     return torch.optim.lr_scheduler.StepLR(opt, step_size=3, gamma=0.5)
 
 
-def build(method, stages, stash):
+def build(method, stages, stash, executor=None):
     model = make_model()
     if method == "dni":
-        return DNI(model, stages, optimizer, lr_scheduler=scheduler, peer_timeout_s=30)
+        return DNI(model, stages, optimizer, lr_scheduler=scheduler, peer_timeout_s=30,
+                   executor=executor)
     return ddgpipe.DDG(model, stages, optimizer, lr_scheduler=scheduler, stash=stash,
-                       peer_timeout_s=30)
+                       peer_timeout_s=30, executor=executor)
 
 
 def stage_worker(rank, world, method, stash, clocks):
@@ -76,7 +77,7 @@ def test_runtime_matches_reference_bitwise(method, stages, stash):
     clocks = 7
     results = run_workers(stage_worker, stages, (method, stash, clocks), timeout_s=120,
                           threads=1)
-    assert_runtime_matches_reference(results, lambda: build(method, stages, stash),
+    assert_runtime_matches_reference(results, lambda: build(method, stages, stash, "reference"),
                                      batches(clocks))
 
 

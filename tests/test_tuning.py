@@ -78,7 +78,8 @@ def test_tuned_cut_is_agreed_and_training_matches_the_reference_bitwise(method, 
     assert timed[tuple(split)] == min(timed.values())
     assert all(ms > 0 for ms in timed.values())
 
-    assert_runtime_matches_reference(results, lambda: build(method, stages, split=split),
+    assert_runtime_matches_reference(results, lambda: build(method, stages, split=split,
+                                                            executor="reference"),
                                      batches(clocks))
 
 
