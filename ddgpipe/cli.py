@@ -134,7 +134,8 @@ def add_train_arguments(p: argparse.ArgumentParser, defaults_for_demo: bool = Fa
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=int, default=15, help="passes over the training set "
                    "(default: %(default)s)")
-    g.add_argument("--batch-size", type=int, default=64, help="minibatch size (default: "
+    g.add_argument("--batch-size", type=int, default=64, help="minibatch size; with "
+                   "--replicas R the global one, split into R equal shards (default: "
                    "%(default)s)")
     g.add_argument("--optimizer", default="sgd", choices=OPTIMIZERS,
                    help="sgd (with --momentum, --nesterov) or adam (default: %(default)s)")
@@ -199,6 +200,13 @@ def add_train_arguments(p: argparse.ArgumentParser, defaults_for_demo: bool = Fa
                         "same numbers as threads); processes: one process per stage spawned "
                         "here (gloo on 127.0.0.1, or nccl on GPUs). Under torchrun every rank "
                         "runs one stage (processes) whatever this says")
+    g.add_argument("--replicas", type=int, default=1, metavar="R",
+                   help="data parallelism across pipelines: R copies of the K-stage pipeline, "
+                        "each on 1/R of every minibatch, the copies of a stage averaging their "
+                        "gradients before each step; K x R processes (--executor processes "
+                        "spawns them here; under torchrun, launch K x R ranks: rank r*K + k "
+                        "runs stage k of replica r). Implies --executor processes. --method ddg "
+                        "or fr (default: %(default)s)")
     g.add_argument("--launcher", default=None, choices=("none", "local"),
                    help=argparse.SUPPRESS)  # replaced by --executor processes; still accepted
     g.add_argument("--device", default="auto", metavar="DEVICE",
@@ -386,6 +394,8 @@ def config_from_args(args: argparse.Namespace):
                          "make it the same")
     out = args.resume or args.out or f"runs/{args.method}-k{stages}-s{args.seed}"
     executor = args.executor
+    if args.replicas > 1 and executor is None:  # replicas live in processes of their own
+        executor = "processes"
     if args.launcher == "local":  # the old spelling of --executor processes
         if executor not in (None, "processes"):
             raise UsageError(f"--launcher local means --executor processes; it contradicts "
@@ -394,7 +404,8 @@ def config_from_args(args: argparse.Namespace):
         executor = "processes"
     return TrainConfig(
         model=args.model, data=args.data, data_dir=args.data_dir, method=args.method,
-        stages=stages, stash=args.stash, split=args.split, balance=args.balance,
+        stages=stages, replicas=args.replicas, stash=args.stash, split=args.split,
+        balance=args.balance,
         grad_shrink=args.grad_shrink, compensation=args.compensation,
         compensation_options=_compensation_options(args),
         epochs=args.epochs, batch_size=args.batch_size,
@@ -441,7 +452,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if config.executor == "processes" and not under_torchrun():
         # Fail here, before spawning, if it is not writable.
         prepare_out_dir(config.out, keep=config.resume is not None)
-        result = run_workers(train_worker, config.stages, (config,),
+        result = run_workers(train_worker, config.stages * config.replicas, (config,),
                              peer_timeout_s=config.timeout_s, threads=config.threads,
                              backend=process_backend(config.device, config.devices,
                                                      config.comm))[-1]
