@@ -251,9 +251,16 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
                    help="run only these configurations, e.g. bp-1t,ddg-graph (default: all)")
     p.add_argument("--image-size", type=int, default=32, help="synthetic input height and "
                    "width (default: %(default)s)")
+    p.add_argument("--replicas", type=int, default=1, metavar="R",
+                   help="with R >= 2, also run DDG with K stages x R replicas on the process "
+                        "runtime: ddg-graph-kKr1, ddg-graph-k1rR (one stage, R replicas: "
+                        "data parallelism through DDG's code) and ddg-graph-kKrR; rows with "
+                        "more processes than cores are reported as oversubscribed "
+                        "(default: %(default)s)")
     p.add_argument("--link-gbps", type=float, default=None, metavar="GBIT_S",
                    help="link bandwidth for the cost model's predictions (default: "
-                        "communication is free and overlapped)")
+                        "communication is free and overlapped; the K x R predictions, which "
+                        "a free link would make perfect, assume 10)")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
                    help="cpu, or cuda: every configuration on GPUs (stage or rank k on cuda:k "
                         "mod count; DDP and torch's pipelines only with K GPUs), timed with "
@@ -516,7 +523,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
                          steps=args.steps, warmup=args.warmup, rounds=args.rounds,
                          microbatches=tuple(args.microbatches),
                          configs=tuple(args.configs) if args.configs else None,
-                         image_size=args.image_size, device=args.device)
+                         image_size=args.image_size, device=args.device,
+                         replicas=args.replicas)
     if args.link_gbps is not None and not args.link_gbps > 0:
         raise UsageError(f"--link-gbps must be > 0 (got {args.link_gbps})")
     bandwidth = math.inf if args.link_gbps is None else args.link_gbps * 1e9 / 8
@@ -550,6 +558,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
     for row in scaling["rows"]:
         print(f"  K={row['stages']:<3} predicted {row['speedup_vs_bp_1t']:.2f}x bp-1t "
               f"({row['images_per_s']:.0f} img/s, cut {row['split']}) with K free cores")
+    link_gbps = scaling["replica_link_bytes_per_s"] * 8 / 1e9
+    print(f"  K x R with K x R free devices, each replica on 1/R of batch {config.batch_size} "
+          f"(compute assumed linear in the batch), activations and gradient averages (ring "
+          f"all-reduce, overlapped with the backward) over {link_gbps:g} Gbit/s links:")
+    for row in scaling["replica_rows"]:
+        print(f"  K={row['stages']:<2} x R={row['replicas']:<3} ({row['devices']:>3} devices) "
+              f"predicted {row['speedup_vs_bp_1t']:6.2f}x bp-1t "
+              f"({row['images_per_s']:.0f} img/s, clock {row['clock_ms']:.2f} ms)")
     print(f"\nresults: {out / 'bench.json'}\nplot:    {out / 'bench.png'}")
     return 0
 
