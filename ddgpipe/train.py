@@ -331,8 +331,8 @@ def gather_to_last(obj) -> list:
 def train(config: TrainConfig, dataset: Dataset | None = None) -> TrainResult | None:
     """Train one run as ``config`` says; metrics go to ``config.out`` when given.
 
-    Under torch.distributed (one process per stage) every rank calls this; the last rank
-    writes the metrics and returns the result, the others return None.
+    Under torch.distributed (one process per stage and replica) every rank calls this; the
+    last rank writes the metrics and returns the result, the others return None.
     """
     config.validate()
     tune_allocator()  # why: ddgpipe/allocator.py
