@@ -134,7 +134,8 @@ def add_train_arguments(p: argparse.ArgumentParser, defaults_for_demo: bool = Fa
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=int, default=15, help="passes over the training set "
                    "(default: %(default)s)")
-    g.add_argument("--batch-size", type=int, default=64, help="minibatch size (default: "
+    g.add_argument("--batch-size", type=int, default=64, help="minibatch size; with "
+                   "--replicas R the global one, split into R equal shards (default: "
                    "%(default)s)")
     g.add_argument("--optimizer", default="sgd", choices=OPTIMIZERS,
                    help="sgd (with --momentum, --nesterov) or adam (default: %(default)s)")
@@ -199,6 +200,13 @@ def add_train_arguments(p: argparse.ArgumentParser, defaults_for_demo: bool = Fa
                         "same numbers as threads); processes: one process per stage spawned "
                         "here (gloo on 127.0.0.1, or nccl on GPUs). Under torchrun every rank "
                         "runs one stage (processes) whatever this says")
+    g.add_argument("--replicas", type=int, default=1, metavar="R",
+                   help="data parallelism across pipelines: R copies of the K-stage pipeline, "
+                        "each on 1/R of every minibatch, the copies of a stage averaging their "
+                        "gradients before each step; K x R processes (--executor processes "
+                        "spawns them here; under torchrun, launch K x R ranks: rank r*K + k "
+                        "runs stage k of replica r). Implies --executor processes. --method ddg "
+                        "or fr (default: %(default)s)")
     g.add_argument("--launcher", default=None, choices=("none", "local"),
                    help=argparse.SUPPRESS)  # replaced by --executor processes; still accepted
     g.add_argument("--device", default="auto", metavar="DEVICE",
@@ -243,9 +251,16 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
                    help="run only these configurations, e.g. bp-1t,ddg-graph (default: all)")
     p.add_argument("--image-size", type=int, default=32, help="synthetic input height and "
                    "width (default: %(default)s)")
+    p.add_argument("--replicas", type=int, default=1, metavar="R",
+                   help="with R >= 2, also run DDG with K stages x R replicas on the process "
+                        "runtime: ddg-graph-kKr1, ddg-graph-k1rR (one stage, R replicas: "
+                        "data parallelism through DDG's code) and ddg-graph-kKrR; rows with "
+                        "more processes than cores are reported as oversubscribed "
+                        "(default: %(default)s)")
     p.add_argument("--link-gbps", type=float, default=None, metavar="GBIT_S",
                    help="link bandwidth for the cost model's predictions (default: "
-                        "communication is free and overlapped)")
+                        "communication is free and overlapped; the K x R predictions, which "
+                        "a free link would make perfect, assume 10)")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
                    help="cpu, or cuda: every configuration on GPUs (stage or rank k on cuda:k "
                         "mod count; DDP and torch's pipelines only with K GPUs), timed with "
@@ -386,6 +401,8 @@ def config_from_args(args: argparse.Namespace):
                          "make it the same")
     out = args.resume or args.out or f"runs/{args.method}-k{stages}-s{args.seed}"
     executor = args.executor
+    if args.replicas > 1 and executor is None:  # replicas live in processes of their own
+        executor = "processes"
     if args.launcher == "local":  # the old spelling of --executor processes
         if executor not in (None, "processes"):
             raise UsageError(f"--launcher local means --executor processes; it contradicts "
@@ -394,7 +411,8 @@ def config_from_args(args: argparse.Namespace):
         executor = "processes"
     return TrainConfig(
         model=args.model, data=args.data, data_dir=args.data_dir, method=args.method,
-        stages=stages, stash=args.stash, split=args.split, balance=args.balance,
+        stages=stages, replicas=args.replicas, stash=args.stash, split=args.split,
+        balance=args.balance,
         grad_shrink=args.grad_shrink, compensation=args.compensation,
         compensation_options=_compensation_options(args),
         epochs=args.epochs, batch_size=args.batch_size,
@@ -441,7 +459,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if config.executor == "processes" and not under_torchrun():
         # Fail here, before spawning, if it is not writable.
         prepare_out_dir(config.out, keep=config.resume is not None)
-        result = run_workers(train_worker, config.stages, (config,),
+        result = run_workers(train_worker, config.stages * config.replicas, (config,),
                              peer_timeout_s=config.timeout_s, threads=config.threads,
                              backend=process_backend(config.device, config.devices,
                                                      config.comm))[-1]
@@ -508,7 +526,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
                          steps=args.steps, warmup=args.warmup, rounds=args.rounds,
                          microbatches=tuple(args.microbatches),
                          configs=tuple(args.configs) if args.configs else None,
-                         image_size=args.image_size, device=args.device)
+                         image_size=args.image_size, device=args.device,
+                         replicas=args.replicas)
     if args.link_gbps is not None and not args.link_gbps > 0:
         raise UsageError(f"--link-gbps must be > 0 (got {args.link_gbps})")
     bandwidth = math.inf if args.link_gbps is None else args.link_gbps * 1e9 / 8
@@ -542,6 +561,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
     for row in scaling["rows"]:
         print(f"  K={row['stages']:<3} predicted {row['speedup_vs_bp_1t']:.2f}x bp-1t "
               f"({row['images_per_s']:.0f} img/s, cut {row['split']}) with K free cores")
+    link_gbps = scaling["replica_link_bytes_per_s"] * 8 / 1e9
+    print(f"  K x R with K x R free devices, each replica on 1/R of batch {config.batch_size} "
+          f"(compute assumed linear in the batch), activations and gradient averages (ring "
+          f"all-reduce, overlapped with the backward) over {link_gbps:g} Gbit/s links:")
+    for row in scaling["replica_rows"]:
+        print(f"  K={row['stages']:<2} x R={row['replicas']:<3} ({row['devices']:>3} devices) "
+              f"predicted {row['speedup_vs_bp_1t']:6.2f}x bp-1t "
+              f"({row['images_per_s']:.0f} img/s, clock {row['clock_ms']:.2f} ms)")
     print(f"\nresults: {out / 'bench.json'}\nplot:    {out / 'bench.png'}")
     return 0
 

@@ -11,6 +11,21 @@ what a profile should then look for.
 With per-block times (forward, backward, output size) the same model predicts any K: the
 blocks are cut as the runtime cuts them (min-max on forward+backward time) and summed per
 stage. That is how the bench predicts K = 8 and 16 from one profile.
+
+Replicas (K stages x R replicas, :func:`predict_replicas`) add what data parallelism costs
+and saves, under these assumptions:
+
+* each replica computes on B/R of the global batch B, and a stage's compute time scales
+  linearly with its batch (optimistic for small per-replica batches on CPUs, whose kernels
+  are less efficient there);
+* before each step a stage's R replicas average its gradient with a ring all-reduce, which
+  moves 2(R-1)/R times the stage's parameter bytes over each device's link, in
+  2(R-1) steps of ``latency_s`` each: ``T = 2(R-1)/R * P / bandwidth + 2(R-1) * latency``;
+* the all-reduce runs bucket by bucket while the backward produces the gradient (see
+  :mod:`ddgpipe.replicas`), on a link of its own (the pipeline's messages go to other
+  peers): the step starts at ``max(B end + T / buckets, B start + T)`` — the last bucket
+  cannot start before the backward ends, and the rest hides behind the backward when T is
+  short enough. Under stash ``recompute``/``none`` the replayed forward is part of B.
 """
 
 from __future__ import annotations
@@ -31,6 +46,8 @@ __all__ = [
     "stage_times_from_blocks",
     "simulate_ddg",
     "predict_ddg",
+    "predict_replicas",
+    "allreduce_s",
     "backprop_step_s",
 ]
 
@@ -42,6 +59,7 @@ class StageTimes:
     forward_s: float
     backward_s: float
     output_bytes: int = 0
+    param_bytes: int = 0
 
 
 @dataclass(frozen=True)
@@ -67,8 +85,17 @@ def stage_times_from_blocks(
     for a, b in zip(bounds[:-1], bounds[1:], strict=True):
         part = blocks[a:b]
         out.append(StageTimes(sum(p.forward_s for p in part), sum(p.backward_s for p in part),
-                              part[-1].output_bytes))
+                              part[-1].output_bytes, sum(p.param_bytes for p in part)))
     return out
+
+
+def allreduce_s(nbytes: int, replicas: int, bandwidth_bytes_per_s: float = math.inf,
+                latency_s: float = 0.0) -> float:
+    """Seconds of a ring all-reduce of ``nbytes`` over ``replicas`` devices."""
+    if replicas <= 1 or nbytes == 0:
+        return 0.0
+    steps = 2 * (replicas - 1)
+    return steps / replicas * nbytes / bandwidth_bytes_per_s + steps * latency_s
 
 
 def simulate_ddg(
@@ -78,8 +105,15 @@ def simulate_ddg(
     bandwidth_bytes_per_s: float = math.inf,
     latency_s: float = 0.0,
     stash: str = "graph",
+    replicas: int = 1,
+    bucket_bytes: int = 1 << 20,
 ) -> float:
-    """Steady-state seconds per clock of DDG with these stages (event simulation)."""
+    """Steady-state seconds per clock of DDG with these stages (event simulation).
+
+    With ``replicas`` > 1 each stage's step waits for the average of its gradient over the
+    replicas (the module docstring says what is assumed); ``stage_times`` are then those of
+    one replica, on its shard of the batch.
+    """
     stages = len(stage_times)
     if stages < 1 or clocks < 4:
         raise ValueError("need at least one stage and four clocks")
@@ -109,6 +143,11 @@ def simulate_ddg(
                     if k > 0:
                         incoming = stage_times[k - 1].output_bytes
                         grad_arrives[(k - 1, m)] = free[k] + transfer(incoming)
+                    average = allreduce_s(times.param_bytes, replicas, bandwidth_bytes_per_s,
+                                          latency_s)
+                    if average:  # the step waits for the last bucket's average
+                        buckets = max(1, math.ceil(times.param_bytes / bucket_bytes))
+                        free[k] = max(free[k] + average / buckets, start + average)
     # Steady state: the rate at which minibatches leave the last stage, second half only.
     first, last = clocks // 2, clocks - 1
     return (last_forward_end[last] - last_forward_end[first]) / (last - first)
@@ -135,4 +174,28 @@ def predict_ddg(
     clock_s = simulate_ddg(times, bandwidth_bytes_per_s=bandwidth_bytes_per_s,
                            latency_s=latency_s, stash=stash)
     return Prediction(stages, list(split), times, clock_s, batch_size / clock_s,
+                      backprop_step_s(blocks) / clock_s)
+
+
+def predict_replicas(
+    blocks: Sequence[BlockProfile],
+    stages: int,
+    replicas: int,
+    batch_size: int,
+    *,
+    split: Sequence[int] | None = None,
+    bandwidth_bytes_per_s: float = math.inf,
+    latency_s: float = 0.0,
+    stash: str = "graph",
+) -> Prediction:
+    """Predicted throughput of K = ``stages`` x R = ``replicas`` from per-block times measured
+    at the global ``batch_size`` (each replica computes on 1/R of it; module docstring)."""
+    if split is None:
+        split = balanced_split([b.forward_s + b.backward_s for b in blocks], stages)
+    full = stage_times_from_blocks(blocks, split)
+    shard = [StageTimes(t.forward_s / replicas, t.backward_s / replicas,
+                        t.output_bytes // replicas, t.param_bytes) for t in full]
+    clock_s = simulate_ddg(shard, bandwidth_bytes_per_s=bandwidth_bytes_per_s,
+                           latency_s=latency_s, stash=stash, replicas=replicas)
+    return Prediction(stages, list(split), shard, clock_s, batch_size / clock_s,
                       backprop_step_s(blocks) / clock_s)

@@ -77,7 +77,11 @@ def rank_device(device: str | torch.device = "auto",
     given, else ``cuda:LOCAL_RANK`` when CUDA is in use (modulo the node's GPUs), else the
     device as given."""
     if devices:
-        return stage_devices(len(devices), devices=devices)[int(os.environ.get("RANK", "0"))]
+        rank = int(os.environ.get("RANK", "0"))
+        if rank >= len(devices):
+            raise UsageError(f"--devices names {len(devices)} device(s) but this is rank {rank}; "
+                             "under the process runtime give one device per rank (K x R)")
+        return stage_devices(len(devices), devices=devices)[rank]
     base = resolve_device(device)
     if base.type == "cuda" and base.index is None:
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))

@@ -4,7 +4,7 @@ The CLI turns a :class:`UsageError` into a single line on stderr and exit code 2
 message must say what was given, what was expected, and how to fix it.
 """
 
-__all__ = ["UsageError", "NonFiniteLossError", "WorkerError", "StageError"]
+__all__ = ["UsageError", "NonFiniteLossError", "WorkerError", "StageError", "PeerError"]
 
 
 class UsageError(ValueError):
@@ -38,3 +38,8 @@ class StageError(RuntimeError):
         super().__init__(f"stage {stage}: {message}")
         self.stage = stage
         self.cause = message
+
+
+class PeerError(RuntimeError):
+    """A peer process (a neighbour stage, or a replica in a gradient average) failed, died or
+    timed out."""

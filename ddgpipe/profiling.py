@@ -16,11 +16,13 @@ __all__ = ["BlockProfile", "profile_blocks"]
 
 @dataclass(frozen=True)
 class BlockProfile:
-    """One block's forward and backward seconds on a sample batch, and its output size."""
+    """One block's forward and backward seconds on a sample batch, its output size and the
+    size of its trainable parameters (what a gradient average moves)."""
 
     forward_s: float
     backward_s: float
     output_bytes: int
+    param_bytes: int = 0
 
 
 def profile_blocks(
@@ -54,5 +56,7 @@ def profile_blocks(
         set_rng_state(rng)
         model.zero_grad(set_to_none=True)
         model.train(was_training)
-    return [BlockProfile(statistics.median(f), statistics.median(b), s)
-            for f, b, s in zip(fwd, bwd, sizes, strict=True)]
+    params = [sum(p.numel() * p.element_size() for p in block.parameters() if p.requires_grad)
+              for block in model]
+    return [BlockProfile(statistics.median(f), statistics.median(b), s, n)
+            for f, b, s, n in zip(fwd, bwd, sizes, params, strict=True)]

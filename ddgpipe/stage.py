@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from ddgpipe.compensation import Compensation
 from ddgpipe.errors import UsageError
 from ddgpipe.precision import LossScaler, autocast, check_precision, unscale_
+from ddgpipe.replicas import GradientAverager
 from ddgpipe.stash import Pending, Stash
 from ddgpipe.streams import new_stream
 
@@ -79,6 +80,9 @@ class Stage:
         self.overflow_skips = 0
         self._skip_step = False
         self._overflow = False  # an overflow seen here or reported from before, not sent on
+        # Set by an executor running R > 1 replicas of this stage (see ddgpipe.replicas): it
+        # averages the gradients over the replicas between B and S.
+        self.averager: GradientAverager | None = None
 
     def _autocast(self):
         return autocast(self.precision, self.device)
@@ -161,21 +165,33 @@ class Stage:
             loss_scale = pending.loss_scale
             if self.precision == "fp16":  # d(scale * loss) / d(loss)
                 grad_output = torch.full_like(output, loss_scale)
-        grad_in = self.stash.backward(pending, output, grad_output)
+        if self.averager is None:
+            grad_in = self.stash.backward(pending, output, grad_output)
+        else:  # each bucket's average starts as soon as the backward has produced it
+            with self.averager.watching(self.stash.grad_leaves(pending)):
+                grad_in = self.stash.backward(pending, output, grad_output)
         self._forward_weights = None if replayed else pending.weights
         self.grad_loss_scale = loss_scale
+        return grad_in
+
+    def _finish_gradients(self) -> None:
+        """What turns the backward's gradients into the one the step applies, in S so that it
+        sees the replicas' average: fp16 unscaling (an overflow in any replica is in the
+        average, so every replica skips alike) and FDG's gradient shrinking."""
+        if self.averager is not None:
+            self.averager.wait()
         if self.precision == "fp16":
             grads = [p.grad for p in self.stash.params.values() if p.grad is not None]
-            self._skip_step = unscale_(grads, loss_scale)
+            self._skip_step = unscale_(grads, self.grad_loss_scale)
             self._overflow |= self._skip_step
         if self.grad_scale != 1.0:
             for p in self.stash.params.values():
                 if p.grad is not None:
                     p.grad.mul_(self.grad_scale)
-        return grad_in
 
     def step(self, minibatch: int) -> None:
         """S: apply the gradient of minibatch ``minibatch`` (through the compensation)."""
+        self._finish_gradients()
         if self._skip_step:  # fp16 overflow: skip, as GradScaler does
             self._skip_step = False
             self.overflow_skips += 1
@@ -229,11 +245,19 @@ class Stage:
 
     def pipeline_state(self) -> dict:
         """``state_dict`` plus the in-flight minibatches: everything to resume mid-pipeline."""
-        return self.state_dict() | {"inflight": [self.stash.export(p) for p in self.inflight]}
+        return self.state_dict() | {"inflight": self.inflight_state()}
 
     def load_pipeline_state(self, state: dict) -> None:
         self.load_state_dict(state)
-        self.inflight = deque(self.stash.restore(r) for r in state["inflight"])
+        self.load_inflight_state(state["inflight"])
+
+    def inflight_state(self) -> list[dict]:
+        """The in-flight minibatches as plain tensors: what differs between the replicas of a
+        stage (their inputs are different shards), unlike :meth:`state_dict`."""
+        return [self.stash.export(p) for p in self.inflight]
+
+    def load_inflight_state(self, records: list[dict]) -> None:
+        self.inflight = deque(self.stash.restore(r) for r in records)
 
     def load_state_dict(self, state: dict) -> None:
         self.module.load_state_dict(state["module"])

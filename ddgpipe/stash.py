@@ -137,6 +137,12 @@ class Stash:
         pending.weights = weights
         return out
 
+    def grad_leaves(self, pending: Pending) -> dict[str, Tensor]:
+        """The tensors the backward of ``pending`` accumulates gradients into, by parameter
+        name: its weight version (``graph``; ``recompute`` once replayed) or the live
+        parameters (no delay, ``none``)."""
+        return self.params if pending.weights is None else pending.weights
+
     def backward(
         self, pending: Pending, output: Tensor, grad_output: Tensor | None
     ) -> Tensor | None:

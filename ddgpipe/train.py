@@ -24,16 +24,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from ddgpipe.allocator import tune_allocator
-from ddgpipe.checkpoint import (
-    COMPAT_FIELDS,
-    atomic_torch_save,
-    atomic_write_bytes,
-    check_compatible,
-    load_manifest,
-    load_rank_file,
-    publish,
-    write_rank_file,
-)
+from ddgpipe.checkpoint import Checkpoints, LoopState, atomic_torch_save
 from ddgpipe.compensation import make_compensation, parse_compensation
 from ddgpipe.data import BatchLoader, Dataset, load_dataset
 from ddgpipe.devices import rank_device
@@ -46,7 +37,6 @@ from ddgpipe.metrics import MetricsWriter, RunningStats
 from ddgpipe.models import build_model
 from ddgpipe.optim import make_lr_scheduler, make_optimizer, schedule_factor
 from ddgpipe.precision import check_precision
-from ddgpipe.rng import rng_state, set_rng_state
 from ddgpipe.threaded import threads_per_stage
 from ddgpipe.timeline import Timeline
 
@@ -64,6 +54,7 @@ class TrainConfig:
     data_dir: str | None = None
     method: str = "bp"
     stages: int = 1
+    replicas: int = 1  # R copies of the pipeline, each on 1/R of every minibatch
     stash: str = "graph"
     split: list[int] | None = None
     balance: str | None = None
@@ -107,6 +98,8 @@ class TrainConfig:
         if self.method == "bp":
             return "BP"
         label = f"{self.method.upper()} K={self.stages}"
+        if self.replicas > 1:
+            label += f" x R={self.replicas}"
         return f"{label} {self.compensation}" if self.compensation else label
 
     def validate(self) -> None:
@@ -130,9 +123,14 @@ class TrainConfig:
         if self.executor is not None and self.executor not in EXECUTORS:
             raise UsageError(f"unknown executor {self.executor!r}; choose one of "
                              f"{', '.join(EXECUTORS)}")
-        if self.executor == "processes" and (self.method == "bp" or self.stages < 2):
+        if self.replicas < 1:
+            raise UsageError(f"--replicas must be >= 1 (got {self.replicas})")
+        if self.replicas > 1:
+            self._validate_replicas()
+        elif self.executor == "processes" and (self.method == "bp" or self.stages < 2):
             raise UsageError("--executor processes runs one process per stage: use it with "
-                             "--method ddg, fr or dni and --stages 2 or more")
+                             "--method ddg, fr or dni and --stages 2 or more (or with "
+                             "--replicas 2 or more)")
         check_precision(self.precision)
         if self.comm not in COMMS:
             raise UsageError(f"unknown --comm {self.comm!r}; choose one of {', '.join(COMMS)}")
@@ -170,6 +168,29 @@ class TrainConfig:
             raise UsageError("checkpoints need an output directory; pass --out")
         if self.log_every < 0:
             raise UsageError(f"--log-every must be >= 0 (got {self.log_every})")
+
+    def _validate_replicas(self) -> None:
+        r = self.replicas
+        if self.method not in ("ddg", "fr"):
+            fix = ("--method ddg --stages 1 --replicas R is data-parallel backprop"
+                   if self.method == "bp" else "drop --replicas")
+            raise UsageError(f"--replicas averages the gradients of --method ddg or fr between "
+                             f"their backward and their step; --method {self.method} has no "
+                             f"replicas: {fix}")
+        if self.executor in ("reference", "threads"):
+            raise UsageError(f"--replicas {r} runs one process per stage and replica; "
+                             f"--executor {self.executor} runs one process: use --executor "
+                             "processes (or torchrun)")
+        if self.batch_size % r:
+            fit = self.batch_size - self.batch_size % r or r
+            raise UsageError(
+                f"--batch-size {self.batch_size} is the global minibatch, split into {r} equal "
+                f"shards (one per replica), but {self.batch_size} is not divisible by {r}; "
+                f"pass a multiple of {r}, e.g. --batch-size {fit}")
+        if self.devices is not None and len(self.devices) != self.stages * r:
+            raise UsageError(f"--devices names {len(self.devices)} device(s), but with replicas "
+                             f"it names one per process: {self.stages} x {r} = "
+                             f"{self.stages * r}")
 
 
 @dataclass
@@ -236,7 +257,7 @@ def build_method(config: TrainConfig, model: nn.Module, steps_per_epoch: int, ti
         return DDG(model, config.stages, optimizer, stash=stash,
                    grad_shrink=config.grad_shrink, compensation=config.compensation,
                    compensation_options=compensation_options(config, steps_per_epoch),
-                   **kwargs)
+                   replicas=config.replicas, **kwargs)
     from ddgpipe.methods.dni import DNI
 
     return DNI(model, config.stages, optimizer, **kwargs)
@@ -310,8 +331,8 @@ def gather_to_last(obj) -> list:
 def train(config: TrainConfig, dataset: Dataset | None = None) -> TrainResult | None:
     """Train one run as ``config`` says; metrics go to ``config.out`` when given.
 
-    Under torch.distributed (one process per stage) every rank calls this; the last rank
-    writes the metrics and returns the result, the others return None.
+    Under torch.distributed (one process per stage and replica) every rank calls this; the
+    last rank writes the metrics and returns the result, the others return None.
     """
     config.validate()
     tune_allocator()  # why: ddgpipe/allocator.py
@@ -326,9 +347,9 @@ def train(config: TrainConfig, dataset: Dataset | None = None) -> TrainResult | 
         torch.set_num_threads(stage_threads(config))
     # The last stage has the loss: it writes the metrics and shows progress.
     reporter = rank == world - 1
-    resume = load_resume(config, world) if config.resume else None
+    checkpoints = Checkpoints(config, rank, world)  # a run to resume from is checked first
     data = dataset or load_dataset(config.data, config.data_dir)
-    run_dir = prepare_out_dir(config.out, keep=resume is not None) if reporter else None
+    run_dir = prepare_out_dir(config.out, keep=checkpoints.resuming) if reporter else None
 
     torch.manual_seed(config.seed)
     model = build_model(config.model, num_classes=data.num_classes, input_shape=data.input_shape)
@@ -339,31 +360,23 @@ def train(config: TrainConfig, dataset: Dataset | None = None) -> TrainResult | 
     method = build_method(config, model, len(loader), timeline,
                           sample_input=data.train_x[: config.batch_size])
     try:
-        return _train_loop(config, data, model, loader, method, timeline, resume, run_dir,
-                           rank, world, reporter)
+        return _train_loop(config, data, model, loader, method, timeline, checkpoints,
+                           run_dir, world, reporter)
     finally:
         method.close()  # never leave a stage thread behind, whatever happened
 
 
 def _train_loop(config: TrainConfig, data: Dataset, model: nn.Module, loader: BatchLoader,
-                method, timeline: Timeline | None, resume, run_dir: Path | None, rank: int,
-                world: int, reporter: bool) -> TrainResult | None:
+                method, timeline: Timeline | None, checkpoints: Checkpoints,
+                run_dir: Path | None, world: int, reporter: bool) -> TrainResult | None:
     executor = getattr(method, "executor", None)
     used_split = getattr(executor, "split", None)
     # Batches are gathered (and augmented) where the first stage computes.
     first = method.stages[0] if hasattr(method, "stages") else method
     loader.to(first.device)
 
-    loop = LoopState()
-    if resume is not None:
-        manifest, folder = resume
-        state = load_rank_file(folder, manifest, rank)
-        method.load_checkpoint_state(state["method"])
-        set_rng_state(state["rng"])
-        loop = LoopState(**state["loop"])
-        if run_dir is not None:
-            truncate_metrics(run_dir / "metrics.jsonl", loop.metrics_lines)
-    elif run_dir is not None:
+    loop = checkpoints.restore(method, run_dir)
+    if not checkpoints.resuming and run_dir is not None:
         saved = dataclasses.asdict(config) | {"label": config.display_label(),
                                               "num_blocks": len(model), "split": used_split,
                                               "split_tuning": getattr(executor, "split_tuning",
@@ -384,11 +397,10 @@ def _train_loop(config: TrainConfig, data: Dataset, model: nn.Module, loader: Ba
         return loss
 
     def checkpoint(epoch: int, batch: int, elapsed: float) -> None:
-        loop_state = LoopState(
+        checkpoints.save(method, LoopState(
             iteration=iteration, epoch=epoch, batch=batch, seen=seen, train_time=train_time,
             epoch_elapsed=elapsed, stats=stats.state(),
-            metrics_lines=metrics.lines if metrics else 0)
-        save_checkpoint(config, method, loop_state, rank, world, used_split)
+            metrics_lines=metrics.lines if metrics else 0))
 
     factor = schedule_factor(config.lr_schedule, len(loader), config.epochs, config.milestones,
                              config.lr_gamma, warmup_epochs=config.warmup_epochs,
@@ -439,6 +451,7 @@ def _train_loop(config: TrainConfig, data: Dataset, model: nn.Module, loader: Ba
             method.drain()  # the last delayed gradients are learned before the final test
         seconds = time.perf_counter() - start
         train_time += seconds
+        stats.load_state(method.sum_over_replicas(stats.state()))  # every replica's shard
         seen += stats.seen
         test_loss, test_acc = evaluate(method, data.test_x, data.test_y,
                                        config.eval_batch_size)
@@ -468,56 +481,6 @@ def _train_loop(config: TrainConfig, data: Dataset, model: nn.Module, loader: Ba
         train_time_s=train_time, images_per_s=seen / max(train_time, 1e-9),
         run_dir=str(run_dir) if run_dir else None,
     )
-
-
-@dataclass
-class LoopState:
-    """Where the training loop stands, saved with every checkpoint."""
-
-    iteration: int = 0
-    epoch: int = 0
-    batch: int = 0  # batches of ``epoch`` already done
-    seen: int = 0
-    train_time: float = 0.0
-    epoch_elapsed: float = 0.0
-    stats: list = field(default_factory=lambda: [0.0, 0, 0])
-    metrics_lines: int = 0
-
-
-def load_resume(config: TrainConfig, world: int) -> tuple[dict, Path]:
-    """The checkpoint set to resume from, after checking it fits this run."""
-    manifest, folder = load_manifest(config.resume)
-    check_compatible(manifest["config"], dataclasses.asdict(config), config.resume)
-    if manifest["world"] != world:
-        raise UsageError(f"the checkpoint in {config.resume} was written by {manifest['world']} "
-                         f"processes but this run has {world}; resume with the same launcher "
-                         "and process count")
-    config.split = manifest["split"]  # the cut is part of the state, even a profiled one
-    return manifest, folder
-
-
-def save_checkpoint(config: TrainConfig, method, loop: LoopState, rank: int, world: int,
-                    split: list[int] | None) -> None:
-    state = {"method": method.checkpoint_state(), "rng": rng_state(),
-             "loop": dataclasses.asdict(loop)}
-    entry = write_rank_file(Path(config.out), loop.iteration, rank, state)
-    entries = gather_to_last(entry) if world > 1 else [entry]
-    if rank == world - 1:
-        publish(Path(config.out), loop.iteration, entries, {
-            "world": world, "split": split, "epoch": loop.epoch, "batch": loop.batch,
-            "config": {k: v for k, v in dataclasses.asdict(config).items()
-                       if k in COMPAT_FIELDS},
-        })
-    if world > 1:
-        dist.barrier()  # nobody runs ahead of a set that is not yet published
-
-
-def truncate_metrics(path: Path, lines: int) -> None:
-    """Drop the records a crashed run wrote after its last checkpoint."""
-    if not path.exists():
-        return
-    kept = path.read_text().splitlines(keepends=True)[:lines]
-    atomic_write_bytes(path, "".join(kept).encode())
 
 
 def stopped_result(config: TrainConfig, iteration: int, run_dir: Path | None) -> TrainResult:

@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from ddgpipe.layout import Layout
 from ddgpipe.partition import partition
 from ddgpipe.rng import rng_kept
 from ddgpipe.stage import Stage
@@ -61,6 +62,7 @@ def pipeline_clock_s(
     method: str,
     sample_input: Tensor,
     device: torch.device,
+    layout: Layout | None = None,
     *,
     clocks: int = 4,
     warmup: int = 2,
@@ -69,14 +71,16 @@ def pipeline_clock_s(
     """Seconds per clock of the whole pipeline cut at ``split`` (the same on every rank).
 
     Runs ``warmup`` + ``clocks`` clocks of this rank's stage, built on a deep copy of
-    ``model``; the slowest rank's time counts, since the pipeline goes at its pace.
+    ``model``; the slowest rank's time counts, since the pipeline goes at its pace. Under
+    replicas (``layout``) every replica runs its pipeline, averaging gradients as in training.
     """
     from ddgpipe.distributed import DistributedExecutor
 
-    rank, world = dist.get_rank(), dist.get_world_size()
-    module = partition(copy.deepcopy(model), world, split=split)[rank]
-    stage = make_stage(rank, world, module, device)
-    executor = DistributedExecutor(stage, method=method, timeout_s=timeout_s)
+    world = dist.get_world_size()
+    layout = layout or Layout.grid(world, 1, dist.get_rank())
+    module = partition(copy.deepcopy(model), layout.stages, split=split)[layout.stage]
+    stage = make_stage(layout.stage, layout.stages, module, device)
+    executor = DistributedExecutor(stage, method=method, timeout_s=timeout_s, layout=layout)
     x = sample_input if stage.is_first else None
     target, loss_fn = (torch.empty(0), _proxy_loss) if stage.is_last else (None, None)
     for _ in range(warmup):
@@ -146,6 +150,7 @@ def fastest_split(
     sample_input: Tensor,
     proposed: list[int],
     device: torch.device,
+    layout: Layout | None = None,
     *,
     rounds: int = 2,
     clocks: int = 4,
@@ -162,8 +167,8 @@ def fastest_split(
     if len(candidates) == 1:
         return list(proposed), {}
     return _fastest(candidates, proposed, lambda cut: pipeline_clock_s(
-        model, cut, make_stage, method, sample_input, device, clocks=clocks, warmup=warmup,
-        timeout_s=timeout_s), rounds)
+        model, cut, make_stage, method, sample_input, device, layout, clocks=clocks,
+        warmup=warmup, timeout_s=timeout_s), rounds)
 
 
 def fastest_threaded_split(

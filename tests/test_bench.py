@@ -8,6 +8,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import os
 
 import pytest
 
@@ -63,6 +64,27 @@ def test_tiny_end_to_end_run(tmp_path, capsys):
     assert all(name in table for name in SUBSET)
 
 
+def test_tiny_replica_rows(tmp_path):
+    """K x R rows through the same code: one stage in two replicas (data parallelism) and two
+    stages in two replicas, four processes on this machine's cores."""
+    config = BenchConfig(**TINY, replicas=2,
+                         configs=("bp-1t", "ddg-graph-k1r2", "ddg-graph-k2r2"))
+    result = run_bench(config, progress=False)
+    rows = {row["name"]: row for row in result["rows"]}
+    for name, processes in (("ddg-graph-k1r2", 2), ("ddg-graph-k2r2", 4)):
+        row = rows[name]
+        assert "error" not in row, row.get("error")
+        assert row["images_per_s"] > 0 and row["processes"] == processes
+        assert row["replicas"] == 2 and len(row["stage_profile"]) == processes
+        assert row["oversubscribed"] == (processes > (os.cpu_count() or 1))
+    assert sorted((p["stage"], p["replica"]) for p in rows["ddg-graph-k2r2"]["stage_profile"]) \
+        == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    table = format_bench_table(result)
+    if rows["ddg-graph-k2r2"]["oversubscribed"]:
+        assert "ddg-graph-k2r2: 4 processes (2 stages x 2 replicas)" in table
+        assert "oversubscribed" in table
+
+
 def test_summarise_medians_and_ratios_per_round():
     rounds = [
         {"bp-1t": 100.0, "bp-2t": 200.0, "x": 50.0},
@@ -111,6 +133,8 @@ def test_config_names_follow_batch_and_stages():
                             "1f1b-m2", "1f1b-m4", "1f1b-m8", *ddg)
     names = config_names(BenchConfig(batch_size=12, stages=3, microbatches=(2, 3, 8)))
     assert names == ("bp-1t", "bp-3t", "ddp", "gpipe-m2", "gpipe-m3", "1f1b-m3", *ddg)
+    names = config_names(BenchConfig(replicas=4))
+    assert names[-3:] == ("ddg-graph-k2r1", "ddg-graph-k1r4", "ddg-graph-k2r4")
 
 
 @pytest.mark.parametrize("changes, message", [
@@ -126,6 +150,9 @@ def test_config_names_follow_batch_and_stages():
     (dict(configs="ddp"), "configs must be a tuple of names"),
     (dict(configs=("ddg-graph",)), "unknown bench config 'ddg-graph'"),
     (dict(device="tpu"), "bench device must be cpu or cuda"),
+    (dict(replicas=3, configs=("ddg-graph-k2r3",)), "not divisible by 3"),
+    (dict(configs=("ddg-graph-k3r2",)), "a K x R row runs K = 1 or the bench's K = 2"),
+    (dict(replicas=0), "replicas must be an integer >= 1"),
 ])
 def test_bad_input_raises_usage_error(changes, message):
     with pytest.raises(UsageError, match=message):

@@ -107,12 +107,12 @@ def _workers_of(pid: int) -> list[int]:
     return sorted(found)
 
 
-@pytest.mark.parametrize("stash", ["graph", "recompute"])
-def test_a_killed_worker_resumes_bitwise(stash, tmp_path):
-    """One stage process is SIGKILLed mid-run; resuming from the last complete set gives the
-    uninterrupted run's weights."""
-    args = [*BASE[1:], "--method", "ddg", "--stages", "2", "--stash", stash, "--batch-size", "32",
-            "--checkpoint-every", "10", "--executor", "processes", "--timeout", "60"]
+def _kill_one_worker_and_resume(tmp_path: Path, args: list[str], workers: int,
+                                victim: int = 0) -> Path:
+    """Start ``ddgpipe train ARGS``, SIGKILL one of its ``workers`` processes (the
+    ``victim``-th started, by process id) once a set past
+    iteration 20 is published, resume, and check the weights and metrics against an
+    uninterrupted run. Returns the resumed run's directory."""
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     cut = tmp_path / "cut"
     proc = subprocess.Popen([sys.executable, "-m", "ddgpipe", "train", *args, "--out", str(cut)],
@@ -124,9 +124,9 @@ def test_a_killed_worker_resumes_bitwise(stash, tmp_path):
         latest = cut / "checkpoints" / "latest.json"
         while time.monotonic() < deadline and proc.poll() is None:
             if latest.exists() and json.loads(latest.read_text())["iteration"] >= 20:
-                workers = _workers_of(proc.pid)
-                if len(workers) == 2:
-                    os.kill(workers[0], signal.SIGKILL)
+                found = _workers_of(proc.pid)
+                if len(found) == workers:
+                    os.kill(found[victim], signal.SIGKILL)
                     killed = True
                     break
             time.sleep(0.05)
@@ -142,6 +142,39 @@ def test_a_killed_worker_resumes_bitwise(stash, tmp_path):
     assert main(["train", *args, "--out", str(tmp_path / "full")]) == 0
     assert_same_weights(tmp_path / "full", cut)
     assert epoch_lines(tmp_path / "full") == epoch_lines(cut)
+    return cut
+
+
+@pytest.mark.parametrize("stash", ["graph", "recompute"])
+def test_a_killed_worker_resumes_bitwise(stash, tmp_path):
+    """One stage process is SIGKILLed mid-run; resuming from the last complete set gives the
+    uninterrupted run's weights."""
+    args = [*BASE[1:], "--method", "ddg", "--stages", "2", "--stash", stash, "--batch-size", "32",
+            "--checkpoint-every", "10", "--executor", "processes", "--timeout", "60"]
+    _kill_one_worker_and_resume(tmp_path, args, workers=2)
+
+
+def test_a_killed_replica_resumes_bitwise(tmp_path):
+    """K = 2 stages x R = 2 replicas, four processes, BatchNorm in every stage: one process
+    is SIGKILLed mid-epoch; each replica resumes from its stage's one copy (written by
+    replica 0) plus its own in-flight state, to the uninterrupted run's weights."""
+    args = [*BASE[1:], "--method", "ddg", "--stages", "2", "--replicas", "2", "--epochs", "1",
+            "--batch-size", "32", "--checkpoint-every", "10", "--executor", "processes",
+            "--timeout", "60"]
+    cut = _kill_one_worker_and_resume(tmp_path, args, workers=4, victim=2)
+    latest = json.loads((cut / "checkpoints" / "latest.json").read_text())
+    manifest = json.loads((cut / "checkpoints" / latest["set"] / "manifest.json").read_text())
+    assert sorted(e["name"] for e in manifest["files"]) == [
+        "rank-0.pt", "rank-1.pt", "rank-2.pt", "rank-3.pt", "stage-0.pt", "stage-1.pt"]
+    assert manifest["config"]["replicas"] == 2
+
+
+def test_replicas_are_a_setting_a_resume_must_share():
+    from ddgpipe.checkpoint import check_compatible
+
+    with pytest.raises(ddgpipe.UsageError, match="replicas: 2 in the checkpoint, 1 now"):
+        check_compatible({"replicas": 2}, {"replicas": 1}, "run")
+    check_compatible({}, {"replicas": 1}, "run")  # a set from before replicas: one pipeline
 
 
 def _dropout_pipe(stash: str) -> ddgpipe.DDG:

@@ -74,6 +74,14 @@ BAD_ARGS = [
     ("checkpoint dni", ["--method", "dni", "--stages", "2", "--checkpoint-every", "2"],
      "checkpoints support --method bp, ddg and fr"),
     ("resume nothing", ["--resume", "/nonexistent/run"], "has no checkpoint"),
+    ("replicas 0", ["--method", "ddg", "--replicas", "0"], "--replicas must be >= 1"),
+    ("replicas of bp", ["--replicas", "2"], "--method bp has no replicas"),
+    ("replicas of dni", ["--method", "dni", "--stages", "2", "--replicas", "2"],
+     "--method dni has no replicas"),
+    ("replicas in threads", ["--method", "ddg", "--replicas", "2", "--executor", "threads"],
+     "--executor threads runs one process"),
+    ("batch by replicas", ["--method", "ddg", "--replicas", "3"],
+     "--batch-size 128 is the global minibatch, split into 3 equal shards"),
 ]
 
 

@@ -1,5 +1,6 @@
-"""Several nodes: two torchrun agents on 127.0.0.1 meet through a c10d rendezvous, one stage
-per node, and train exactly as the reference executor does."""
+"""Several nodes: two torchrun agents on 127.0.0.1 meet through a c10d rendezvous and train
+exactly as one machine does: one stage per node (against the reference executor), and two
+stages x two replicas, one replica per node (against the spawned process runtime)."""
 
 from __future__ import annotations
 
@@ -24,14 +25,14 @@ def epochs(run: Path) -> list[dict]:
             for r in records if r["kind"] == "epoch"]
 
 
-def test_two_nodes_with_torchrun_match_the_reference(tmp_path):
+def _two_agents(run: Path, args: list[str], nproc: int) -> str:
+    """Run ``ddgpipe train ARGS`` under two torchrun agents of ``nproc`` workers each."""
     port = free_port()
-    run = tmp_path / "torchrun"
     command = [
-        sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
-        "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "ddgpipe",
-        "--max-restarts", "0", "-m", "ddgpipe", "train", *ARGS, "--timeout", "60",
-        "--out", str(run),
+        sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node",
+        str(nproc), "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}",
+        "--rdzv-id", "ddgpipe", "--max-restarts", "0", "-m", "ddgpipe", "train", *args,
+        "--timeout", "60", "--out", str(run),
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     nodes = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -47,7 +48,25 @@ def test_two_nodes_with_torchrun_match_the_reference(tmp_path):
                 os.killpg(node.pid, signal.SIGKILL)
                 node.wait()
     assert [n.returncode for n in nodes] == [0, 0], "\n".join(outputs)
-    assert "test acc" in "".join(outputs)
+    return "".join(outputs)
 
+
+def test_two_nodes_with_torchrun_match_the_reference(tmp_path):
+    run = tmp_path / "torchrun"
+    assert "test acc" in _two_agents(run, ARGS, nproc=1)
     assert main(["train", *ARGS, "--out", str(tmp_path / "reference")]) == 0
     assert epochs(run) == epochs(tmp_path / "reference")
+
+
+def test_two_nodes_of_one_replica_each_match_the_spawned_runtime(tmp_path):
+    """K = 2 x R = 2 under torchrun (nnodes 2 x nproc-per-node 2: rank r*K + k is stage k of
+    replica r, so each node holds one replica) trains bitwise as the four processes
+    `--executor processes` spawns on one machine."""
+    args = [*ARGS, "--replicas", "2"]
+    run = tmp_path / "torchrun"
+    assert "test acc" in _two_agents(run, args, nproc=2)
+    assert main(["train", *args, "--executor", "processes", "--timeout", "60",
+                 "--out", str(tmp_path / "spawned")]) == 0
+    assert epochs(run) == epochs(tmp_path / "spawned")
+    config = json.loads((run / "config.json").read_text())
+    assert (config["replicas"], config["executor"]) == (2, "processes")

@@ -11,7 +11,12 @@ steps; they differ only in how the work is spread over processes and threads:
 * ``1f1b-m{M}``   the same with the 1F1B schedule (needs M >= K);
 * ``ddg-{stash}-threads``   DDG with K stages on the threaded executor (one process, a thread
                   per stage) and the given stash mode;
-* ``ddg-{stash}-processes`` DDG with K stages on the process runtime (one rank per stage).
+* ``ddg-{stash}-processes`` DDG with K stages on the process runtime (one rank per stage);
+* ``ddg-graph-k{K}r{R}``  with ``replicas`` R > 1: DDG with K stages x R replicas on the
+                  process runtime (K x R ranks, each replica on 1/R of the batch, gradients
+                  averaged over replicas): ``k{K}r1``, ``k1r{R}`` (one stage in R replicas:
+                  data parallelism like DDP, through DDG's code) and ``k{K}r{R}``. Rows with
+                  more processes than cores run oversubscribed, and the report says so.
 
 On GPUs (``device="cuda"``) every worker computes on them: stage or rank k on
 ``cuda:(k mod count)``; DDP and torch's pipelines need K GPUs and are left out with fewer; the
@@ -26,7 +31,8 @@ from dataclasses import dataclass
 from ddgpipe.errors import UsageError
 from ddgpipe.launch import threads_per_worker
 
-__all__ = ["BenchConfig", "ConfigSpec", "CONFIG_NAMES", "BASELINE", "config_names", "resolve"]
+__all__ = ["BenchConfig", "ConfigSpec", "CONFIG_NAMES", "BASELINE", "config_names",
+           "replica_names", "resolve"]
 
 BASELINE = "bp-1t"
 GPU_BASELINE = "bp-1gpu"
@@ -35,6 +41,7 @@ DDG_EXECUTORS = ("threads", "processes")
 _DDG_RE = re.compile(r"^ddg-(graph|recompute|none)-(threads|processes)$")
 _PIPE_RE = re.compile(r"^(gpipe|1f1b)-m(\d+)$")
 _BP_RE = re.compile(r"^bp-(\d+)t$")
+_REPLICAS_RE = re.compile(r"^ddg-(graph|recompute|none)-k(\d+)r(\d+)$")
 
 
 @dataclass
@@ -45,7 +52,7 @@ class BenchConfig:
     ``bp-{K}t``); ``steps`` are timed after ``warmup`` untimed ones, in every one of
     ``rounds`` rounds; ``microbatches`` lists the M of ``gpipe-m{M}``/``1f1b-m{M}``;
     ``configs`` picks a subset of names (``bp-1t`` is always added: it is the baseline);
-    ``timeout_s`` bounds each configuration run.
+    ``timeout_s`` bounds each configuration run; ``replicas`` R > 1 adds the K x R rows.
     """
 
     model: str = "resnet20"
@@ -62,6 +69,7 @@ class BenchConfig:
     seed: int = 0
     timeout_s: float = 600.0
     device: str = "cpu"  # or "cuda": every configuration on GPUs
+    replicas: int = 1
 
 
 def baseline(config: BenchConfig) -> str:
@@ -80,16 +88,27 @@ class ConfigSpec:
     """One configuration, resolved: what the workers build and how many of them."""
 
     name: str
-    kind: str  # "bp", "ddp", "gpipe", "1f1b", "ddg" (processes) or "ddg-threads"
+    kind: str  # "bp", "ddp", "gpipe", "1f1b", "ddg" (processes), "ddg-threads",
+    #            "ddg-replicas" (processes, K stages x R replicas)
     processes: int
     threads: int  # torch threads per process (per stage thread for ddg-threads)
     microbatches: int | None = None
     stash: str | None = None
+    stages: int | None = None  # ddg-replicas: K
+    replicas: int = 1  # ddg-replicas: R
 
     @property
     def uses_runtime_cut(self) -> bool:
         """Whether it runs the process runtime's cut (the threaded rows time their own)."""
-        return self.kind in ("gpipe", "1f1b", "ddg")
+        return self.kind in ("gpipe", "1f1b", "ddg") or \
+            (self.kind == "ddg-replicas" and (self.stages or 1) > 1)
+
+    @property
+    def oversubscribed(self) -> bool:
+        """More processes than this machine has cores: they share them."""
+        import os
+
+        return self.processes > (os.cpu_count() or 1)
 
 
 def config_names(config: BenchConfig) -> tuple[str, ...]:
@@ -106,7 +125,16 @@ def config_names(config: BenchConfig) -> tuple[str, ...]:
     else:
         names = [BASELINE, f"bp-{k}t", "ddp", *_pipeline_names(config)]
     names += [f"ddg-{s}-{e}" for e in DDG_EXECUTORS for s in DDG_STASHES]
+    names += replica_names(config)
     return tuple(dict.fromkeys(names))  # bp-1t and bp-Kt coincide only for K = 1 (refused)
+
+
+def replica_names(config: BenchConfig) -> list[str]:
+    """With R > 1 replicas: K x 1, 1 x R (data parallelism alone) and K x R, stash graph."""
+    k, r = config.stages, config.replicas
+    if r <= 1:
+        return []
+    return [f"ddg-graph-k{k}r1", f"ddg-graph-k1r{r}", f"ddg-graph-k{k}r{r}"]
 
 
 def _pipeline_names(config: BenchConfig) -> list[str]:
@@ -144,6 +172,7 @@ def _validate(config: BenchConfig) -> None:
     positive_int("rounds", config.rounds, 1, "run every configuration at least once")
     positive_int("warmup", config.warmup, 0, "pass 0 for no warm-up steps")
     positive_int("batch_size", config.batch_size, 1, "pass a positive batch size")
+    positive_int("replicas", config.replicas, 1, "pass 1 for no replica rows")
     if not config.timeout_s or config.timeout_s <= 0:
         raise UsageError(f"timeout_s must be > 0 seconds (got {config.timeout_s!r})")
     if isinstance(config.configs, str):
@@ -178,6 +207,7 @@ def resolve(config: BenchConfig) -> list[ConfigSpec]:
         pipe = _PIPE_RE.match(name)
         bp = _BP_RE.match(name)
         ddg = _DDG_RE.match(name)
+        replicated = _REPLICAS_RE.match(name)
         needs_gpus = (name == "ddp" or pipe) and config.device != "cpu" and \
             gpu_count(config) < k
         if needs_gpus or (name in (BASELINE, GPU_BASELINE) and name != base) or \
@@ -205,12 +235,29 @@ def resolve(config: BenchConfig) -> list[ConfigSpec]:
             specs.append(ConfigSpec(name, "ddg-threads", 1, share, stash=ddg.group(1)))
         elif ddg:
             specs.append(ConfigSpec(name, "ddg", k, share, stash=ddg.group(1)))
+        elif replicated:
+            specs.append(_replica_spec(config, name, replicated))
         else:
             raise UsageError(
                 f"unknown bench config {name!r}; choose from {', '.join(available)} "
                 f"(gpipe-m<M>/1f1b-m<M> take any M that divides the batch)"
             )
     return specs
+
+
+def _replica_spec(config: BenchConfig, name: str, match: re.Match) -> ConfigSpec:
+    stash, stages, replicas = match.group(1), int(match.group(2)), int(match.group(3))
+    if stages not in (1, config.stages) or replicas < 1:
+        raise UsageError(f"bench config {name!r}: a K x R row runs K = 1 or the bench's K = "
+                         f"{config.stages} stages (the cut is timed for those); use "
+                         f"ddg-{stash}-k{config.stages}r{replicas} or ddg-{stash}-k1r{replicas}")
+    if config.batch_size % replicas:
+        raise UsageError(f"{name} splits the batch over {replicas} replicas but batch_size "
+                         f"{config.batch_size} is not divisible by {replicas}; use a multiple "
+                         f"of {replicas}")
+    processes = stages * replicas
+    return ConfigSpec(name, "ddg-replicas", processes, threads_per_worker(processes),
+                      stash=stash, stages=stages, replicas=replicas)
 
 
 def _why_not(config: BenchConfig, name: str) -> str:

@@ -7,7 +7,10 @@ Two predictions, both from :func:`ddgpipe.costmodel.simulate_ddg`:
   very run (waits for peers excluded) — does the schedule explain the throughput, or is time
   lost somewhere the model does not see?
 * for K = 2, 4, 8, 16, from a one-thread profile of every block, cut as the runtime cuts —
-  what a machine with K free cores (or K devices) and the given link would reach.
+  what a machine with K free cores (or K devices) and the given link would reach;
+* for K x R (K = 4, 8; R = 1, 2, 4, 8, 16) from the same profile, with the gradient
+  average's ring all-reduce on a link of the given bandwidth (what is assumed:
+  :mod:`ddgpipe.costmodel`) — K x R free devices.
 """
 
 from __future__ import annotations
@@ -16,11 +19,21 @@ import math
 
 import torch
 
-from ddgpipe.costmodel import StageTimes, predict_ddg, simulate_ddg, stage_times_from_blocks
+from ddgpipe.costmodel import (
+    StageTimes,
+    predict_ddg,
+    predict_replicas,
+    simulate_ddg,
+    stage_times_from_blocks,
+)
 from ddgpipe.models import build_model
 from ddgpipe.profiling import BlockProfile, profile_blocks
 
-__all__ = ["predict_measured", "predict_scaling", "predicted_stage_ms"]
+__all__ = ["predict_measured", "predict_scaling", "predicted_stage_ms", "REPLICA_LINK_GBPS"]
+
+REPLICA_LINK_GBPS = 10.0
+"""The link the replica predictions assume when none is given (10 Gbit/s Ethernet): with a
+free link they would scale perfectly and say nothing."""
 
 
 def predicted_stage_ms(block_ms: list[list[float]], split: list[int]) -> list[list[float]]:
@@ -47,8 +60,12 @@ def predict_measured(row: dict, batch_size: int, activation_bytes: list[int],
 
 def predict_scaling(model_name: str, batch_size: int, image_size: int, in_channels: int,
                     num_classes: int, stage_counts=(2, 4, 8, 16),
-                    bandwidth_bytes_per_s: float = math.inf, seed: int = 0) -> dict:
-    """Predicted DDG speedup over one-thread backprop for several K, from a block profile."""
+                    bandwidth_bytes_per_s: float = math.inf, seed: int = 0,
+                    replica_stage_counts=(4, 8), replica_counts=(1, 2, 4, 8, 16),
+                    replica_bandwidth_bytes_per_s: float | None = None) -> dict:
+    """Predicted DDG speedup over one-thread backprop for several K, and for K x R, from a
+    block profile. The replica rows use ``replica_bandwidth_bytes_per_s`` (default: the
+    given bandwidth, or :data:`REPLICA_LINK_GBPS` when that is infinite)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -67,7 +84,24 @@ def predict_scaling(model_name: str, batch_size: int, image_size: int, in_channe
         rows.append({"stages": k, "split": pred.split, "clock_ms": 1000 * pred.clock_s,
                      "images_per_s": pred.images_per_s,
                      "speedup_vs_bp_1t": pred.speedup_vs_backprop})
+    link = replica_bandwidth_bytes_per_s or (
+        bandwidth_bytes_per_s if math.isfinite(bandwidth_bytes_per_s)
+        else REPLICA_LINK_GBPS * 1e9 / 8)
+    replica_rows = []
+    for k in replica_stage_counts:
+        if k > len(blocks):
+            continue
+        for r in replica_counts:
+            if batch_size % r:
+                continue
+            pred = predict_replicas(blocks, k, r, batch_size, bandwidth_bytes_per_s=link)
+            replica_rows.append({"stages": k, "replicas": r, "devices": k * r,
+                                 "split": pred.split, "clock_ms": 1000 * pred.clock_s,
+                                 "images_per_s": pred.images_per_s,
+                                 "speedup_vs_bp_1t": pred.speedup_vs_backprop})
     return {"blocks": len(blocks), "activation_bytes": [b.output_bytes for b in blocks],
+            "param_bytes": [b.param_bytes for b in blocks],
+            "replica_link_bytes_per_s": link, "replica_rows": replica_rows,
             "block_ms": [[1000 * b.forward_s, 1000 * b.backward_s] for b in blocks],
             "bandwidth_bytes_per_s": None if math.isinf(bandwidth_bytes_per_s)
             else bandwidth_bytes_per_s, "rows": rows}

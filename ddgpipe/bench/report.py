@@ -46,9 +46,17 @@ def format_bench_table(result: dict) -> str:
     if best:
         out.append(f"best synchronous pipeline: {best['name']} "
                    f"(x{best['ratio_median']:.2f} bp-1t)")
+    cores = result.get("machine", {}).get("cpu_count")
+    for row in result["rows"]:
+        if row.get("oversubscribed"):
+            out.append(f"{row['name']}: {row['processes']} processes ({row['stages']} stages x "
+                       f"{row['replicas']} replicas) on {cores} cores: oversubscribed, the "
+                       "processes share cores, so this row measures the code path, not the "
+                       "scaling (see the cost model's prediction)")
     for row in result["rows"]:
         for st in row.get("stage_profile", []):
-            out.append(f"{row['name']} stage {st['stage']}: F {st['f_ms']:.1f} ms  "
+            where = f" replica {st['replica']}" if "replica" in st else ""
+            out.append(f"{row['name']} stage {st['stage']}{where}: F {st['f_ms']:.1f} ms  "
                        f"B {st['b_ms']:.1f} ms  S {st['s_ms']:.1f} ms  "
                        f"wait {st['wait_ms']:.1f} ms per clock; "
                        f"busy {st['utilisation']:.0%} of {st['wall_s']:.2f} s")

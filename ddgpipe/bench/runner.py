@@ -79,11 +79,15 @@ def _log(progress: bool, message: str) -> None:
 
 
 def _median_profile(per_round: list[list[dict]]) -> list[dict]:
-    """Stage by stage, the median of each profile number over the rounds."""
+    """Stage by stage (process by process under replicas), the median of each profile number
+    over the rounds."""
     stages = []
     for k in range(len(per_round[0])):
         entries = [r[k] for r in per_round]
-        merged = {"stage": k, "waits_logged": all(e.get("waits_logged") for e in entries)}
+        merged = {"stage": entries[0].get("stage", k),
+                  "waits_logged": all(e.get("waits_logged") for e in entries)}
+        if "replica" in entries[0]:
+            merged["replica"] = entries[0]["replica"]
         for key in _PROFILE_KEYS:
             merged[key] = statistics.median(e[key] for e in entries)
         stages.append(merged)
@@ -158,7 +162,7 @@ def run_bench(config: BenchConfig, out_dir: str | Path | None = None,
         this_round: dict[str, float | None] = {}
         for spec in specs:
             split = cuts["threads" if spec.kind == "ddg-threads" else "processes"]["split"] \
-                if spec.kind in ("ddg-threads", "ddg", "gpipe", "1f1b") else []
+                if spec.kind == "ddg-threads" or spec.uses_runtime_cut else []
             try:
                 results = _run_one(config, spec, split)
             except WorkerError as e:
@@ -179,7 +183,7 @@ def run_bench(config: BenchConfig, out_dir: str | Path | None = None,
                 old = peak_gpu.get(spec.name)
                 peak_gpu[spec.name] = gpu if old is None else [max(a, b) for a, b in
                                                                zip(old, gpu)]
-            if spec.kind == "ddg":
+            if spec.kind in ("ddg", "ddg-replicas"):
                 profiles.setdefault(spec.name, []).append([res["stage_profile"]
                                                            for res in results])
             elif spec.kind == "ddg-threads":
@@ -195,6 +199,9 @@ def run_bench(config: BenchConfig, out_dir: str | Path | None = None,
                "threads": spec.threads, "microbatches": spec.microbatches,
                "stash": spec.stash, **summary[spec.name],
                "peak_mem_mb": peak.get(spec.name, [])}
+        if spec.kind == "ddg-replicas":
+            row.update(stages=spec.stages, replicas=spec.replicas,
+                       oversubscribed=spec.oversubscribed)
         if spec.name in peak_gpu:
             row["peak_gpu_mb"] = peak_gpu[spec.name]
         if spec.name in profiles:

@@ -153,7 +153,8 @@ def run_config_worker(rank: int, world_size: int, cfg: BenchConfig, spec: Config
                       split: list[int]) -> dict:
     """Run one configuration on this rank; see the module docstring for what comes back."""
     runner = {"bp": _run_bp, "ddp": _run_ddp, "gpipe": _run_sync_pipe, "1f1b": _run_sync_pipe,
-              "ddg": _run_ddg, "ddg-threads": _run_ddg_threads}[spec.kind]
+              "ddg": _run_ddg, "ddg-threads": _run_ddg_threads,
+              "ddg-replicas": _run_ddg_replicas}[spec.kind]
     if cfg.device != "cpu":
         torch.cuda.set_device(_device(cfg, rank))
     out = runner(rank, world_size, cfg, spec, split)
@@ -243,6 +244,29 @@ def _run_ddg(rank, world_size, cfg, spec, split) -> dict:
     waits = [(a, b) for _, a, b in timeline.waits]
     return {"elapsed_s": t1 - t0,
             "stage_profile": stage_profile(timeline.records, waits, t0, t1, cfg.steps, rank)}
+
+
+def _run_ddg_replicas(rank, world_size, cfg, spec, split) -> dict:
+    """DDG with K stages x R replicas: every rank feeds the global batch, the executor keeps
+    its replica's shard; gradients are averaged over the replicas before each step."""
+    from ddgpipe.methods import DDG
+    from ddgpipe.timeline import Timeline
+
+    device = _device(cfg, rank)
+    x, y = _batch(cfg, device)
+    timeline = Timeline(max_minibatches=None)
+    gpus = torch.cuda.device_count() if cfg.device != "cpu" else 0
+    comm = "auto" if cfg.device == "cpu" or gpus >= world_size else "host"
+    pipe = DDG(_model(cfg), stages=spec.stages, optimizer=_optimizer, stash=spec.stash,
+               split=list(split), timeline=timeline, device=device, comm=comm,
+               replicas=spec.replicas)
+    layout = pipe.executor.layout
+    t0, t1 = _timed(lambda: pipe.step(x, y, F.cross_entropy), cfg, world_size)
+    pipe.drain()
+    waits = [(a, b) for _, a, b in timeline.waits]
+    profile = stage_profile(timeline.records, waits, t0, t1, cfg.steps, layout.stage)
+    profile["replica"] = layout.replica
+    return {"elapsed_s": t1 - t0, "stage_profile": profile}
 
 
 def _run_ddg_threads(rank, world_size, cfg, spec, split) -> dict:

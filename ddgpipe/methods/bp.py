@@ -79,6 +79,10 @@ class Backprop:
     def close(self) -> None:
         """Nothing to stop."""
 
+    def sum_over_replicas(self, values: list[float]) -> list[float]:
+        """One process, one replica: ``values`` as they are."""
+        return values
+
     @torch.no_grad()
     def predict(self, x: Tensor) -> Tensor:
         """The model's output for ``x`` (in the mode the model is in)."""

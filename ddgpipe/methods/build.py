@@ -7,7 +7,8 @@ Three executors walk the same schedule with the same ``Stage`` calls, so they ag
 * ``threads`` — one thread per stage in this process (the default for K > 1 on one machine:
   CPU cores or GPUs);
 * ``processes`` — one stage per process over torch.distributed (torchrun, several nodes, or
-  ``ddgpipe train --executor processes``); each rank builds only its own stage.
+  ``ddgpipe train --executor processes``); each rank builds only its own stage. Only it runs
+  R > 1 replicas of the pipeline (K x R processes, see :mod:`ddgpipe.layout`).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from torch import Tensor, nn
 from ddgpipe.cutcache import cached_cut, cut_key, remember_cut
 from ddgpipe.devices import rank_device, stage_devices
 from ddgpipe.errors import UsageError
+from ddgpipe.layout import process_layout
 from ddgpipe.partition import balanced_split, block_costs, check_model, cut_points, partition
 from ddgpipe.reference import ReferenceExecutor
 from ddgpipe.stage import Stage
@@ -44,11 +46,20 @@ def world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
-def choose_executor(executor: str | None, stages: int) -> str:
+def choose_executor(executor: str | None, stages: int, replicas: int = 1) -> str:
     """The executor to use: ``processes`` under torch.distributed, else as asked (default:
     ``threads`` for K > 1, ``reference`` for K = 1)."""
     if executor is not None and executor not in EXECUTORS:
         raise UsageError(f"unknown executor {executor!r}; choose one of {', '.join(EXECUTORS)}")
+    if replicas < 1:
+        raise UsageError(f"replicas must be >= 1 (got {replicas})")
+    if replicas > 1 and (world_size() == 1 or executor not in (None, "processes")):
+        raise UsageError(
+            f"{replicas} replicas run one process per stage and replica, under the process "
+            f"runtime: start {stages} x {replicas} = {stages * replicas} ranks with torchrun, "
+            "with `ddgpipe train --executor processes --replicas R`, or with "
+            "ddgpipe.launch.run_workers, and build the pipeline in each"
+        )
     if world_size() > 1:
         if executor not in (None, "processes"):
             raise UsageError(f"executor {executor!r} runs every stage in one process, but this "
@@ -81,8 +92,12 @@ def build_stages(
     threads: int | None = None,
     comm: str = "auto",
     schedule: tuple[str, str] = ("graph", "fp32"),
+    replicas: int = 1,
 ):
     """Return ``(stage_list, executor)`` for this process.
+
+    ``replicas`` copies of the pipeline train on shards of each minibatch (process runtime
+    only: K x ``replicas`` ranks).
 
     Without ``split`` or ``balance``, a pipeline of several stages fed a ``sample_input`` is
     cut where this machine ran it fastest: the timed cut remembered for this model, schedule
@@ -90,7 +105,7 @@ def build_stages(
     a new timing (``balance="pipeline"`` always times again). The in-process executors share
     the threads' cut, so the reference gives the threaded executor's numbers.
     """
-    kind = choose_executor(executor, stages)
+    kind = choose_executor(executor, stages, replicas)
     remembered = balance is None and sample_input is not None and stages > 1
     if balance is None:
         balance = "pipeline" if remembered else "params"
@@ -100,8 +115,8 @@ def build_stages(
     # "pipeline" starts from the profiled cut
     profiled = "time" if balance == "pipeline" else balance
     if kind == "processes":
-        return _build_rank_stage(model, stages, make_stage, method, split, balance, profiled,
-                                 sample_input, timeline, peer_timeout_s,
+        return _build_rank_stage(model, stages, replicas, make_stage, method, split, balance,
+                                 profiled, sample_input, timeline, peer_timeout_s,
                                  rank_device(device, devices), comm, remembered, schedule)
     placed = stage_devices(stages, device, devices)
     threads = threads or threads_per_stage(stages)
@@ -133,23 +148,20 @@ def build_stages(
     return stage_list, runner
 
 
-def _build_rank_stage(model, stages, make_stage, method, split, balance, profiled,
+def _build_rank_stage(model, stages, replicas, make_stage, method, split, balance, profiled,
                       sample_input, timeline, peer_timeout_s, here: torch.device, comm: str,
                       remembered: bool, schedule: tuple[str, str]):
     from ddgpipe.distributed import DistributedExecutor
 
-    world = world_size()
-    if world != stages:
-        raise UsageError(
-            f"{world} processes but {stages} stages: the runtime runs one stage per process; "
-            f"launch {stages} processes (torchrun --nproc-per-node {stages}) or pass "
-            f"--stages {world}"
-        )
+    if method != "ddg" and replicas > 1:
+        raise UsageError(f"replicas average delayed gradients between B and S of DDG; {method} "
+                         "runs one pipeline only: drop --replicas")
+    layout = process_layout(stages, replicas, here.type, comm)  # refuses world != K x R
     rank = dist.get_rank()
     tuning = None
     if split is None and balance == "pipeline":
         key = cut_key(model, sample_input, stages, method, *schedule, "processes",
-                      [here.type] * stages, torch.get_num_threads())
+                      [here.type] * (stages * replicas), torch.get_num_threads())
         # rank 0's memory decides, so every rank (every node) uses the same cut
         shared = [cached_cut(key) if remembered and rank == 0 else None]
         dist.broadcast_object_list(shared, src=0)
@@ -157,7 +169,7 @@ def _build_rank_stage(model, stages, make_stage, method, split, balance, profile
         if tuning is None:
             proposed = agreed_split(model, stages, profiled, sample_input)
             split, clock_ms = fastest_split(model, make_stage, method, sample_input, proposed,
-                                            here, timeout_s=peer_timeout_s)
+                                            here, layout, timeout_s=peer_timeout_s)
             tuning = {"split": split, "profiled_split": proposed, "clock_ms": clock_ms}
             if rank == 0:
                 remember_cut(key, tuning)
@@ -165,9 +177,9 @@ def _build_rank_stage(model, stages, make_stage, method, split, balance, profile
     elif split is None:
         split = agreed_split(model, stages, profiled, sample_input)
     modules = partition(model, stages, split=split)
-    stage = make_stage(rank, stages, modules[rank], here)
+    stage = make_stage(layout.stage, stages, modules[layout.stage], here)
     runner = DistributedExecutor(stage, method=method, timeline=timeline,
-                                 timeout_s=peer_timeout_s, comm=comm)
+                                 timeout_s=peer_timeout_s, comm=comm, layout=layout)
     runner.split = cut_points(modules)
     runner.split_tuning = tuning
     runner.kind = "processes"

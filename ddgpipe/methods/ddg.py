@@ -80,6 +80,12 @@ class DDG(PipelineMethod):
         threads: intra-op threads per stage (default: this machine's cores / K).
         comm: under the process runtime on GPUs, ``auto`` (nccl) or ``host`` (gloo through
             host memory, for ranks sharing a GPU).
+        replicas: R, copies of the pipeline that each train on 1/R of every minibatch and
+            average their gradients before each step (data parallelism); process runtime
+            only, with K x R ranks (see :mod:`ddgpipe.layout`). Every rank passes the whole
+            minibatch to :meth:`step`; the loss it returns is the mean over the replicas.
+            Under replicas :meth:`eval`, :meth:`train`, :meth:`sync` and checkpoints are
+            collective: every rank calls them, as every rank calls :meth:`step`.
     """
 
     def __init__(
@@ -105,6 +111,7 @@ class DDG(PipelineMethod):
         precision: str = "fp32",
         threads: int | None = None,
         comm: str = "auto",
+        replicas: int = 1,
     ):
         check_precision(precision)
         if stash not in STASH_MODES:
@@ -124,6 +131,7 @@ class DDG(PipelineMethod):
             model, stages, make_stage, "ddg", split=split, balance=balance,
             sample_input=sample_input, timeline=timeline, peer_timeout_s=peer_timeout_s,
             executor=executor, device=device, devices=devices, threads=threads, comm=comm,
-            schedule=(stash, precision),
+            schedule=(stash, precision), replicas=replicas,
         )
+        self.replicas = replicas
         super().__init__(model, stage_list, runner, check_finite)

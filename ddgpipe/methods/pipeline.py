@@ -134,6 +134,12 @@ class PipelineMethod:
         if sync is not None:
             sync()
 
+    def sum_over_replicas(self, values: list[float]) -> list[float]:
+        """Each number (a count or a sum, such as an epoch's loss sum) added over the replicas
+        of this rank's stage: a collective call under replicas, ``values`` unchanged without."""
+        add = getattr(self.executor, "sum_over_replicas", None)
+        return add(values) if add is not None else values
+
     def train(self):
         self.sync()
         self.model.train()
