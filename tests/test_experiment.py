@@ -150,9 +150,16 @@ def fake_outcomes(accuracies: dict) -> list[dict]:
     return outcomes
 
 
+def test_default_budget_part_trains_k4_on_the_first_seed():
+    runs = [r.name for r in StalenessPlan().runs("out") if "3x" in r.name]
+    assert runs == ["digits/bp-3x/k1-s0", "digits/ddg-3x/k4-s0",
+                    "mnist1d/bp-3x/k1-s0", "mnist1d/ddg-3x/k4-s0"]
+
+
 def test_staleness_gaps_sweep_budget_and_goals_are_computed():
     plan = StalenessPlan(benchmarks=("digits",), stage_counts=(2, 8), seeds=(0, 1),
-                         variants=("bp", "ddg", "ddg+sc", "ddg+lwp"), sweep_lrs=(0.05, 0.025))
+                         variants=("bp", "ddg", "ddg+sc", "ddg+lwp"), sweep_lrs=(0.05, 0.025),
+                         budget_stages=(2, 8), budget_seeds=2)
     summary = summarise(fake_outcomes({
         ("bp", 1): [98.0, 96.0],                                  # BP: 97.0
         ("ddg", 2): [96.8, 96.8], ("ddg", 8): [95.5, 95.5],       # -0.2, -1.5
@@ -176,6 +183,18 @@ def test_staleness_gaps_sweep_budget_and_goals_are_computed():
     budget = {(b["method"], b["stages"]): b for b in summary["budget"]}
     assert budget[("ddg", 2)]["gap_change_pp"] == pytest.approx(0.1)
     assert budget[("ddg", 8)]["gap_change_pp"] == pytest.approx(0.0)
+
+    # on seed 0 alone, every column of the budget table is seed 0's, backprop's included
+    one_seed = summarise(fake_outcomes({
+        ("bp", 1): [98.0, 96.0], ("ddg", 2): [96.8, 90.0], ("ddg", 8): [95.5, 95.5],
+        ("bp-3x", 1): [98.5], ("ddg-3x", 2): [98.4], ("ddg-3x", 8): [None],
+    }), dataclasses.replace(plan, parts=("budget",), budget_seeds=1))
+    budget = {(b["method"], b["stages"]): b for b in one_seed["budget"]}
+    assert budget[("ddg", 2)]["short"]["gap_to_bp_pp"] == pytest.approx(-1.2)
+    assert budget[("ddg", 2)]["long"]["gap_to_bp_pp"] == pytest.approx(-0.1)
+    assert budget[("ddg", 2)]["gap_change_pp"] == pytest.approx(1.1)
+    assert budget[("ddg", 8)]["long"]["diverged"] == 1
+    assert budget[("ddg", 8)]["gap_change_pp"] is None
 
     goals = {g["variant"]: g for g in summary["goals"]}
     assert goals["ddg+sc"]["met"] is True
@@ -204,6 +223,8 @@ def test_staleness_gaps_sweep_budget_and_goals_are_computed():
     (["--stages", "2,16"], "K = 16 does not fit resnet20 (digits): it has 11 blocks"),
     (["--workers", "0"], "--workers must be >= 1"),
     (["--seeds", "1,1"], "--seeds names a value twice"),
+    (["--budget-seeds", "2"], "--budget-seeds must be between 1 and the number of seeds (1)"),
+    (["--budget-stages", "1"], "--budget-stages must all be >= 2"),
 ])
 def test_bad_staleness_input(argv, message, capsys, tmp_path):
     assert main(["experiment", "staleness", "--quick", "--out", str(tmp_path), *argv]) == 2

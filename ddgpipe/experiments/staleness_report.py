@@ -88,10 +88,10 @@ def make_figures(summary: dict, plan: StalenessPlan, runs: list[GridRun],
         if "budget" in plan.parts:
             long = budget_variants(plan.budget_factor)
             panels = [(f"K = {k}", [_line(found, bench, v, k) for v in long])
-                      for k in plan.stage_counts]
+                      for k in plan.part_scope("budget")[1]]
             figures.append(plot_seed_panels(
                 panels, out / f"budget-{bench}.png",
-                title=f"{title}: {plan.budget_factor}x the epochs, every seed"))
+                title=f"{title}: {plan.budget_factor}x the epochs, per seed"))
     if "main" in plan.parts:
         figures.append(plot_accuracy_panels([_accuracy_panel(summary["rows"], plan, bench)
                                              for bench in plan.benchmarks],
@@ -265,9 +265,14 @@ def _sweep_section(summary: dict, plan: StalenessPlan) -> list[str]:
 
 def _budget_section(summary: dict, plan: StalenessPlan) -> list[str]:
     f = plan.budget_factor
+    seeds, stage_counts = plan.part_scope("budget")
     lines = [f"## Budget: backprop and plain DDG with {f}x the epochs", "",
              f"The same runs with {f}x the epochs (same recipe: the cosine schedule stretched, "
-             "one warm-up epoch). The gap at each budget is to backprop at the same budget; "
+             f"one warm-up epoch), at K = {', '.join(map(str, stage_counts))} and on "
+             f"seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))} only (a long "
+             f"run costs {f} short ones); every number in this table, the 1x column included, "
+             "is the mean over those seeds. The gap at each budget is to backprop at the same "
+             "budget and seeds; "
              "change = gap at the long budget minus gap at the short one (positive: the gap "
              "closes).", "",
              f"| benchmark | method | K | acc 1x | acc {f}x | gap 1x | gap {f}x | change | "

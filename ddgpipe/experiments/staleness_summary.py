@@ -68,6 +68,9 @@ def summary_rows(outcomes: list[dict], variants: dict[str, Variant]) -> list[dic
             "epochs_factor": variant.epochs_factor, "baseline": variant.baseline, "stages": k,
             "seeds": len(done), "diverged": len(runs) - len(done),
             "test_acc": acc, "test_acc_mean": acc_mean, "test_acc_std": acc_std,
+            "by_seed": {r["seed"]: {"test_acc": 100 * r["test_acc"],
+                                    "train_loss": r["train_loss"]} for r in done},
+            "seeds_run": sorted(r["seed"] for r in runs),
             "train_loss_mean": loss_mean, "train_loss_std": loss_std,
         })
     for row in rows:
@@ -115,29 +118,43 @@ def sweep_table(rows: list[dict], plan: StalenessPlan) -> list[dict]:
     return table
 
 
-def _brief(row: dict | None) -> dict | None:
+def _on_seeds(row: dict | None, bp: dict | None, seeds: tuple[int, ...]) -> dict | None:
+    """``row`` as if only ``seeds`` had been run (gap to ``bp`` on the same seeds), so the
+    budget part, which trains fewer seeds, compares like with like."""
     if row is None:
         return None
-    return {key: row[key] for key in ("test_acc_mean", "test_acc_std", "gap_to_bp_pp",
-                                      "train_loss_mean", "train_loss_std", "seeds", "diverged")}
+    picked = [row["by_seed"][s] for s in seeds if s in row["by_seed"]]
+    acc_mean, acc_std = mean_std([p["test_acc"] for p in picked])
+    loss_mean, loss_std = mean_std([p["train_loss"] for p in picked])
+    bp_mean = None
+    if bp is not None:
+        bp_mean, _ = mean_std([bp["by_seed"][s]["test_acc"] for s in seeds
+                               if s in bp["by_seed"]])
+    return {"test_acc_mean": acc_mean, "test_acc_std": acc_std,
+            "gap_to_bp_pp": None if acc_mean is None or bp_mean is None else acc_mean - bp_mean,
+            "train_loss_mean": loss_mean, "train_loss_std": loss_std, "seeds": len(picked),
+            "diverged": len([s for s in seeds if s in row["seeds_run"]]) - len(picked)}
 
 
 def budget_table(rows: list[dict], plan: StalenessPlan) -> list[dict]:
-    """Backprop and plain DDG at the benchmark's epochs and at ``budget_factor`` times them:
-    the gap to backprop (at the same budget) before and after."""
+    """Backprop and plain DDG at the benchmark's epochs and at ``budget_factor`` times them,
+    on the budget part's seeds: the gap to backprop (at the same budget and seeds) before and
+    after."""
     bp_long, ddg_long = budget_variants(plan.budget_factor)
+    seeds, stage_counts = plan.part_scope("budget")
     table = []
     for bench in plan.benchmarks:
-        pairs = [("bp", bp_long.name, 1)] + [("ddg", ddg_long.name, k)
-                                             for k in plan.stage_counts]
+        pairs = [("bp", bp_long.name, 1)] + [("ddg", ddg_long.name, k) for k in stage_counts]
         for short, long, k in pairs:
-            before = _brief(find(rows, bench, short, k))
-            after = _brief(find(rows, bench, long, k))
+            before = _on_seeds(find(rows, bench, short, k), find(rows, bench, "bp", 1), seeds)
+            after = _on_seeds(find(rows, bench, long, k), find(rows, bench, bp_long.name, 1),
+                              seeds)
             change = None
             if before and after and None not in (before["gap_to_bp_pp"], after["gap_to_bp_pp"]):
                 change = after["gap_to_bp_pp"] - before["gap_to_bp_pp"]
             table.append({"benchmark": bench, "method": VARIANTS_BY_NAME[short].method,
-                          "stages": k, "epochs_factor": plan.budget_factor, "short": before,
+                          "stages": k, "epochs_factor": plan.budget_factor,
+                          "seeds": list(seeds), "short": before,
                           "long": after, "gap_change_pp": change})
     return table
 
