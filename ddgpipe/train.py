@@ -12,7 +12,9 @@ import itertools
 import json
 import os
 import shutil
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -328,6 +330,38 @@ def gather_to_last(obj) -> list:
     return out or []
 
 
+class InterruptGuard:
+    """Ctrl-C must end a run even when the KeyboardInterrupt it raises lands in code that
+    swallows exceptions: a finaliser, a ``__del__`` or a generator collected on the main thread
+    only prints "Exception ignored" and training would go on to the end. So the handler also
+    records the request, and the loop raises it again at the next minibatch (:meth:`check`).
+    Installed only on the main thread and only over Python's default handler, so a program
+    that set its own keeps it."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self) -> InterruptGuard:
+        if (threading.current_thread() is threading.main_thread()
+                and signal.getsignal(signal.SIGINT) is signal.default_int_handler):
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        self.requested = True
+        raise KeyboardInterrupt
+
+    def check(self) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+
+    def __exit__(self, *exc) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+            self._previous = None
+
+
 def train(config: TrainConfig, dataset: Dataset | None = None) -> TrainResult | None:
     """Train one run as ``config`` says; metrics go to ``config.out`` when given.
 
@@ -360,15 +394,17 @@ def train(config: TrainConfig, dataset: Dataset | None = None) -> TrainResult | 
     method = build_method(config, model, len(loader), timeline,
                           sample_input=data.train_x[: config.batch_size])
     try:
-        return _train_loop(config, data, model, loader, method, timeline, checkpoints,
-                           run_dir, world, reporter)
+        with InterruptGuard() as interrupts:
+            return _train_loop(config, data, model, loader, method, timeline, checkpoints,
+                               run_dir, world, reporter, interrupts)
     finally:
         method.close()  # never leave a stage thread behind, whatever happened
 
 
 def _train_loop(config: TrainConfig, data: Dataset, model: nn.Module, loader: BatchLoader,
                 method, timeline: Timeline | None, checkpoints: Checkpoints,
-                run_dir: Path | None, world: int, reporter: bool) -> TrainResult | None:
+                run_dir: Path | None, world: int, reporter: bool,
+                interrupts: InterruptGuard) -> TrainResult | None:
     executor = getattr(method, "executor", None)
     used_split = getattr(executor, "split", None)
     # Batches are gathered (and augmented) where the first stage computes.
@@ -424,10 +460,12 @@ def _train_loop(config: TrainConfig, data: Dataset, model: nn.Module, loader: Ba
         batches = loader.epoch(epoch, start=first_batch)
         batch = first_batch
         while batch < len(loader):
+            interrupts.check()
             # Feed up to the next checkpoint (a clock boundary), so a pipeline that runs ahead
             # of its losses never holds minibatches beyond it when the checkpoint is taken.
             segment = min(len(loader) - batch, until_checkpoint(config, iteration))
             for loss in method.run(itertools.islice(batches, segment), loss_fn):
+                interrupts.check()
                 iteration += 1
                 batch += 1
                 bar.update(1)

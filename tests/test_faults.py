@@ -236,6 +236,32 @@ def test_a_full_disk_while_checkpointing(stopped_run, capsys, monkeypatch):
     assert_checkpoint_intact(stopped_run, capsys)
 
 
+def test_a_swallowed_ctrl_c_still_stops_training(tmp_path, capsys, monkeypatch):
+    """The KeyboardInterrupt of a Ctrl-C can land in code that swallows it (a finaliser on
+    the main thread): the run must still stop at the next minibatch, not train to the end."""
+    import ddgpipe.train as train_module
+
+    updates = []
+
+    class SwallowingBar(train_module.tqdm):  # its update runs on the main thread every step
+        def update(self, n=1):
+            super().update(n)
+            updates.append(n)
+            if len(updates) == 7:
+                try:
+                    signal.raise_signal(signal.SIGINT)
+                except KeyboardInterrupt:
+                    pass  # what a finaliser does with an exception: print it and go on
+
+    monkeypatch.setattr(train_module, "tqdm", SwallowingBar)
+    run = tmp_path / "run"
+    code, err = cli([*CKPT, "--epochs", "30", "--checkpoint-every", "5", "--out", str(run)],
+                    capsys)
+    assert code == 130 and err.strip().splitlines()[-1] == "ddgpipe: interrupted"
+    assert json.loads((run / "checkpoints" / "latest.json").read_text())["iteration"] == 5
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
+
+
 def test_ctrl_c_during_training(tmp_path, capsys):
     run = tmp_path / "run"
     proc = subprocess.Popen(
