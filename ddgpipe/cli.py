@@ -321,6 +321,9 @@ def add_staleness_arguments(p: argparse.ArgumentParser) -> None:
                    help="where the runs (DIR/BENCHMARK/METHOD/kK-sSEED), results.md, "
                         "summary.json and figures go; runs already finished there with the "
                         "same settings are skipped (default: %(default)s)")
+    p.add_argument("--report-only", action="store_true",
+                   help="train nothing: write results.md, summary.json and the figures from "
+                        "the runs finished so far in --out, naming the missing ones")
     p.add_argument("--no-progress", action="store_true", help="hide the per-run lines")
 
 
@@ -621,7 +624,7 @@ def cmd_staleness(args: argparse.Namespace) -> int:
     if args.budget_seeds is not None:
         plan.budget_seeds = args.budget_seeds
     plan.workers = args.workers
-    run_staleness(plan, args.out, progress=not args.no_progress)
+    run_staleness(plan, args.out, progress=not args.no_progress, report_only=args.report_only)
     return _print_report(Path(args.out))
 
 

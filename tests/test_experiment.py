@@ -92,9 +92,21 @@ def test_quick_staleness_experiment_and_its_resumption(tmp_path, capsys, monkeyp
     assert (config["executor"], config["threads"], config["compensation"]) == (
         "reference", 1, "sc,lwp")
 
-    # A run that stopped halfway is trained again; the finished ones are skipped.
+    # A run that stopped halfway is missing from a report-only report, which trains nothing
     metrics = out / "digits/ddg/k4-s0/metrics.jsonl"
     metrics.write_text("")
+    assert main(["experiment", "staleness", "--quick", "--report-only", "--out",
+                 str(out)]) == 0
+    assert "[1/" not in capsys.readouterr().err and metrics.read_text() == ""
+    partial = json.loads((out / "summary.json").read_text())
+    assert partial["missing"] == ["digits/ddg/k4-s0"] and partial["runs"] == 19
+    assert ("digits", "ddg", 4) not in {(r["benchmark"], r["variant"], r["stages"])
+                                        for r in partial["rows"]}
+    report = (out / "results.md").read_text()
+    assert "This report covers 19 of the plan's 20 runs" in report
+    assert "Not trained yet: `digits/ddg/k4-s0`" in report
+
+    # ... and trained again by the same command without it; the finished ones are skipped.
     (out / "results.md").unlink()
     assert main(["experiment", "staleness", "--quick", "--out", str(out)]) == 0
     err = capsys.readouterr().err

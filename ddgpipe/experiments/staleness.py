@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ddgpipe.errors import UsageError
-from ddgpipe.experiments.common import run_grid
+from ddgpipe.experiments.common import read_outcome, run_grid
 from ddgpipe.experiments.paper import SETTINGS
 from ddgpipe.train import TrainConfig
 
@@ -257,9 +257,13 @@ def staleness_plan(quick: bool = False) -> StalenessPlan:
     return StalenessPlan()
 
 
-def run_staleness(plan: StalenessPlan, out: str | Path, progress: bool = True) -> dict:
+def run_staleness(plan: StalenessPlan, out: str | Path, progress: bool = True,
+                  report_only: bool = False) -> dict:
     """Train the grid (skipping finished runs), then write ``summary.json``, ``results.md``
-    and the figures, all from the runs' files."""
+    and the figures, all from the runs' files.
+
+    ``report_only`` trains nothing: the report covers the runs finished so far and names the
+    missing ones, so a grid too long for one sitting can be read (and committed) part-way."""
     from ddgpipe.experiments.staleness_report import make_figures, render_report
     from ddgpipe.experiments.staleness_summary import summarise
 
@@ -271,11 +275,20 @@ def run_staleness(plan: StalenessPlan, out: str | Path, progress: bool = True) -
     out.mkdir(parents=True, exist_ok=True)
     (out / "plan.json").write_text(json.dumps(plan_record(plan), indent=2) + "\n")
     start = time.perf_counter()
-    outcomes = run_grid([r.config for r in runs], out, plan.workers, progress)
+    if report_only:
+        found = [(run, read_outcome(run.config)) for run in runs]
+        missing = [run.name for run, outcome in found if outcome is None]
+        runs, outcomes = [run for run, o in found if o], [o for _, o in found if o]
+    else:
+        outcomes, missing = run_grid([r.config for r in runs], out, plan.workers, progress), []
     for run, outcome in zip(runs, outcomes, strict=True):
         outcome.update(name=run.name, benchmark=run.benchmark, variant=run.variant.name,
                        seed=run.seed)
     summary = summarise(outcomes, plan)
+    summary["missing"] = missing
+    for row in summary["rows"]:
+        prefix = f"{row['benchmark']}/{row['variant']}/k{row['stages']}-"
+        row["missing"] = sum(name.startswith(prefix) for name in missing)
     summary["wall_time_s"] = time.perf_counter() - start
     summary["runs"] = len(runs)
     summary["train_time_s"] = sum(o["train_time_s"] or 0.0 for o in outcomes)

@@ -126,6 +126,8 @@ def _acc_cell(row: dict | None, gap: bool = True) -> str:
         cell += f" ({row['gap_to_bp_pp']:+.2f})"
     if row["diverged"]:
         cell += f" [{row['diverged']} diverged]"
+    if row.get("missing"):
+        cell += f" [{row['seeds']} seed{'s' if row['seeds'] != 1 else ''}]"
     return cell
 
 
@@ -173,6 +175,15 @@ def render_report(summary: dict, plan: StalenessPlan, figures: list[Path], out: 
     lines.append("")
     if any(VARIANTS_BY_NAME[name].grad_shrink != 1.0 for name in plan.variants):
         lines += [GRAD_SHRINK_WHY, ""]
+    if summary.get("missing"):
+        lines += [
+            "## Incomplete grid", "",
+            f"**This report covers {summary['runs']} of the plan's "
+            f"{summary['runs'] + len(summary['missing'])} runs** (written with `--report-only`)"
+            ". A cell with fewer seeds than planned says how many it averages, and the goals "
+            "below are computed from those means. Not trained yet: "
+            + ", ".join(f"`{name}`" for name in summary["missing"]) + ". The same command "
+            "without `--report-only` trains them and writes the full report.", ""]
     lines += _goals_section(summary, plan)
     for bench in plan.benchmarks:
         lines += _benchmark_section(summary, plan, bench, k_head, k_rule)
