@@ -236,7 +236,25 @@ def test_a_full_disk_while_checkpointing(stopped_run, capsys, monkeypatch):
     assert_checkpoint_intact(stopped_run, capsys)
 
 
-def test_a_swallowed_ctrl_c_still_stops_training(tmp_path, capsys, monkeypatch):
+@pytest.fixture
+def default_sigint():
+    """SIGINT as a fresh interpreter has it (delivered, default handler), whatever an earlier
+    test or library left in this process; restored afterwards. In the full suite something
+    before these tests leaves SIGINT blocked or ignored in the pytest process, and children
+    inherit both."""
+    mask = signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+    handler = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, handler)
+    signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+
+
+def _child_default_sigint() -> None:
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def test_a_swallowed_ctrl_c_still_stops_training(tmp_path, capsys, monkeypatch, default_sigint):
     """The KeyboardInterrupt of a Ctrl-C can land in code that swallows it (a finaliser on
     the main thread): the run must still stop at the next minibatch, not train to the end."""
     import ddgpipe.train as train_module
@@ -266,7 +284,8 @@ def test_ctrl_c_during_training(tmp_path, capsys):
     run = tmp_path / "run"
     proc = subprocess.Popen(
         [sys.executable, "-m", "ddgpipe", *CKPT, "--epochs", "30", "--checkpoint-every", "5",
-         "--out", str(run)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+         "--out", str(run)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV,
+        preexec_fn=_child_default_sigint)  # a terminal's Ctrl-C reaches a default child
     try:
         latest = run / "checkpoints" / "latest.json"
         deadline = time.monotonic() + 90
