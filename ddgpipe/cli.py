@@ -386,9 +386,9 @@ def build_parser() -> argparse.ArgumentParser:
         "ResNet-20-1D/mnist1d, 3 seeds (part main); plain DDG at lr 0.05, 0.025, 0.0125 "
         "(sweep); backprop and plain DDG with 3x the epochs at K = 4, first seed (budget). "
         "Writes results.md (tables per benchmark and K, gaps to backprop, the goals each method "
-        "meets), summary.json and figures. The full grid is 274 runs, about 4 core-hours: about "
-        "2 hours with 2 workers on 2 cores. An interrupted grid continues where it stopped when "
-        "the same command is run again. --quick takes well under a minute."))
+        "meets), summary.json and figures. The full grid is 274 runs, about 5.6 core-hours: "
+        "about 3 hours with 2 workers on 2 cores. An interrupted grid continues where it "
+        "stopped when the same command is run again. --quick takes well under a minute."))
     p.set_defaults(func=cmd_experiment)
 
     p = sub.add_parser("plot", help="learning curves (or a pipeline timeline) from run dirs",
