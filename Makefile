@@ -42,7 +42,7 @@ gpu-check:
 		[torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())])" \
 		> $(GPU_OUT)/machine.txt
 	set -o pipefail; CUBLAS_WORKSPACE_CONFIG=:4096:8 PYTHONPATH=. $(GPU_PYTHON) -m pytest \
-		-q -p no:cacheprovider tests/test_cuda.py 2>&1 | tee $(GPU_OUT)/tests.txt
+		-q -p no:cacheprovider tests/runtime/test_cuda.py 2>&1 | tee $(GPU_OUT)/tests.txt
 	set -o pipefail; PYTHONPATH=. $(GPU_PYTHON) -m ddgpipe bench --device cuda \
 		--model resnet56 --batch-size 128 --stages 2 --steps 30 --rounds 3 \
 		--out $(GPU_OUT)/resnet56-k2 2>&1 | tee $(GPU_OUT)/resnet56-k2.txt

@@ -29,7 +29,7 @@ import re
 from dataclasses import dataclass
 
 from ddgpipe.errors import UsageError
-from ddgpipe.launch import threads_per_worker
+from ddgpipe.runtime.devices import cores_per_stage
 
 __all__ = ["BenchConfig", "ConfigSpec", "CONFIG_NAMES", "BASELINE", "config_names",
            "replica_names", "resolve"]
@@ -200,7 +200,7 @@ def resolve(config: BenchConfig) -> list[ConfigSpec]:
     else:
         wanted = [base] + [n for n in config.configs if n != base]
     specs = []
-    share = threads_per_worker(k)
+    share = cores_per_stage(k)
     for name in dict.fromkeys(wanted):
         if not isinstance(name, str):
             raise UsageError(f"config names are strings, got {name!r}")
@@ -256,7 +256,7 @@ def _replica_spec(config: BenchConfig, name: str, match: re.Match) -> ConfigSpec
                          f"{config.batch_size} is not divisible by {replicas}; use a multiple "
                          f"of {replicas}")
     processes = stages * replicas
-    return ConfigSpec(name, "ddg-replicas", processes, threads_per_worker(processes),
+    return ConfigSpec(name, "ddg-replicas", processes, cores_per_stage(processes),
                       stash=stash, stages=stages, replicas=replicas)
 
 

@@ -1,7 +1,7 @@
 """The cost model applied to a bench: predicted against measured DDG throughput, and K beyond
 the cores at hand.
 
-Two predictions, both from :func:`ddgpipe.costmodel.simulate_ddg`:
+Two predictions, both from :func:`ddgpipe.balance.costmodel.simulate_ddg`:
 
 * per measured DDG row, from the F/B/step milliseconds each stage spent per clock in that
   very run (waits for peers excluded) — does the schedule explain the throughput, or is time
@@ -10,7 +10,7 @@ Two predictions, both from :func:`ddgpipe.costmodel.simulate_ddg`:
   what a machine with K free cores (or K devices) and the given link would reach;
 * for K x R (K = 4, 8; R = 1, 2, 4, 8, 16) from the same profile, with the gradient
   average's ring all-reduce on a link of the given bandwidth (what is assumed:
-  :mod:`ddgpipe.costmodel`) — K x R free devices.
+  :mod:`ddgpipe.balance.costmodel`) — K x R free devices.
 """
 
 from __future__ import annotations
@@ -19,15 +19,15 @@ import math
 
 import torch
 
-from ddgpipe.costmodel import (
+from ddgpipe.balance.costmodel import (
     StageTimes,
     predict_ddg,
     predict_replicas,
     simulate_ddg,
     stage_times_from_blocks,
 )
+from ddgpipe.balance.profile import BlockProfile, profile_blocks
 from ddgpipe.models import build_model
-from ddgpipe.profiling import BlockProfile, profile_blocks
 
 __all__ = ["predict_measured", "predict_scaling", "predicted_stage_ms", "REPLICA_LINK_GBPS"]
 

@@ -18,7 +18,6 @@ from pathlib import Path
 
 import torch
 
-from ddgpipe.allocator import allocator_setting
 from ddgpipe.bench.config import BenchConfig, ConfigSpec, baseline, resolve
 from ddgpipe.bench.workers import (
     LR,
@@ -27,8 +26,10 @@ from ddgpipe.bench.workers import (
     run_config_worker,
     threaded_split_worker,
 )
-from ddgpipe.errors import UsageError
-from ddgpipe.launch import WorkerError, run_workers, threads_per_worker
+from ddgpipe.errors import UsageError, WorkerError
+from ddgpipe.runtime.allocator import allocator_setting
+from ddgpipe.runtime.devices import cores_per_stage
+from ddgpipe.runtime.launch import run_workers
 
 __all__ = ["run_bench", "summarise", "machine_info"]
 
@@ -116,13 +117,13 @@ def _choose_cuts(config: BenchConfig, specs: list[ConfigSpec]) -> dict[str, dict
     cuts = {}
     if any(s.uses_runtime_cut for s in specs):
         cuts["processes"] = run_workers(profile_split_worker, config.stages, (config,),
-                                        threads=threads_per_worker(config.stages),
+                                        threads=cores_per_stage(config.stages),
                                         timeout_s=config.timeout_s,
                                         backend=_backend(config, config.stages))[0]
     if any(s.kind == "ddg-threads" for s in specs):
         cuts["threads"] = run_workers(threaded_split_worker, 1,
-                                      (config, threads_per_worker(config.stages)),
-                                      threads=threads_per_worker(config.stages),
+                                      (config, cores_per_stage(config.stages)),
+                                      threads=cores_per_stage(config.stages),
                                       timeout_s=config.timeout_s)[0]
     return cuts
 
@@ -241,7 +242,7 @@ def _write(result: dict, out_dir: Path, progress: bool) -> None:
     title = (f"{cfg['model']}, batch {cfg['batch_size']}, {cfg['stages']} workers: "
              f"images/s relative to 1-thread backprop")
     try:
-        from ddgpipe.plots import plot_bench
+        from ddgpipe.training.plots import plot_bench
 
         plot_bench(plotted, str(out_dir / "bench.png"), title=title)
     except Exception as e:  # the measurements are saved already; do not lose them to a plot

@@ -116,8 +116,8 @@ def profile_split_worker(rank: int, world_size: int, cfg: BenchConfig) -> dict:
     Returns ``{"split", "profiled_split", "clock_ms"}``: the cut every configuration uses, the
     one balanced block profiling proposed, and the timed clock of each candidate.
     """
-    from ddgpipe.allocator import allocator_setting
     from ddgpipe.methods import DDG
+    from ddgpipe.runtime.allocator import allocator_setting
 
     x, _ = _batch(cfg)
     pipe = DDG(_model(cfg), stages=world_size, optimizer=_optimizer, stash="graph",
@@ -197,7 +197,7 @@ def _run_sync_pipe(rank, world_size, cfg, spec, split) -> dict:
     """GPipe or 1F1B from torch.distributed.pipelining, one stage per rank, on gloo/CPU."""
     from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
 
-    from ddgpipe.partition import partition
+    from ddgpipe.balance.partition import partition
 
     device = _device(cfg, rank)
     x, y = _batch(cfg, device)
@@ -225,8 +225,8 @@ def _run_sync_pipe(rank, world_size, cfg, spec, split) -> dict:
 
 
 def _run_ddg(rank, world_size, cfg, spec, split) -> dict:
+    from ddgpipe.core.timeline import Timeline
     from ddgpipe.methods import DDG
-    from ddgpipe.timeline import Timeline
 
     device = _device(cfg, rank)
     x, y = _batch(cfg, device)
@@ -249,8 +249,8 @@ def _run_ddg(rank, world_size, cfg, spec, split) -> dict:
 def _run_ddg_replicas(rank, world_size, cfg, spec, split) -> dict:
     """DDG with K stages x R replicas: every rank feeds the global batch, the executor keeps
     its replica's shard; gradients are averaged over the replicas before each step."""
+    from ddgpipe.core.timeline import Timeline
     from ddgpipe.methods import DDG
-    from ddgpipe.timeline import Timeline
 
     device = _device(cfg, rank)
     x, y = _batch(cfg, device)
@@ -271,8 +271,8 @@ def _run_ddg_replicas(rank, world_size, cfg, spec, split) -> dict:
 
 def _run_ddg_threads(rank, world_size, cfg, spec, split) -> dict:
     """DDG on the threaded executor: every stage a thread of this one process."""
+    from ddgpipe.core.timeline import Timeline
     from ddgpipe.methods import DDG
-    from ddgpipe.timeline import Timeline
 
     x, _ = _batch(cfg, _device(cfg, 0))
     _, y = _batch(cfg, _device(cfg, cfg.stages - 1))

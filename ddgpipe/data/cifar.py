@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ddgpipe.data.datasets import Dataset
+from ddgpipe.data.dataset import Dataset
 from ddgpipe.errors import UsageError
 
 __all__ = ["load_cifar", "SafeUnpickler", "read_batch", "LAYOUTS"]

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from ddgpipe.cache import CACHE_ENV, cache_dir
-from ddgpipe.data.datasets import Dataset
+from ddgpipe.data.dataset import Dataset
 from ddgpipe.errors import UsageError
 
 __all__ = ["GENERATION_ARGS", "CACHE_ENV", "load_mnist1d", "mnist1d_arrays", "cache_dir",

@@ -3,7 +3,7 @@
 * ``paper`` (:mod:`~ddgpipe.experiments.paper`): the DDG paper's claims — backprop, DDG and
   DNI at K = 2, 3, 4 under constant-step SGD, diminishing-step SGD and momentum SGD.
 * ``staleness`` (:mod:`~ddgpipe.experiments.staleness`): the staleness compensations of
-  :mod:`ddgpipe.compensation` against plain DDG and backprop with momentum SGD, at backprop's
+  :mod:`ddgpipe.core.compensation` against plain DDG and backprop with momentum SGD, at backprop's
   own hyperparameters, on two benchmarks.
 
 Both are built on :mod:`~ddgpipe.experiments.common`: independent runs spread over worker

@@ -1,7 +1,7 @@
 """What every experiment shares: a grid of independent runs, trained in worker processes,
 resumable run by run, with its numbers read back from the runs' own files.
 
-A grid is a list of :class:`~ddgpipe.train.TrainConfig`, each with its own ``out`` folder.
+A grid is a list of :class:`~ddgpipe.training.TrainConfig`, each with its own ``out`` folder.
 :func:`run_grid` trains them in a spawn pool, one torch thread per run, and returns each run's
 *outcome*, read from ``RUN_DIR`` (never from values held in memory):
 
@@ -30,10 +30,10 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from ddgpipe.checkpoint import atomic_write_bytes
 from ddgpipe.errors import NonFiniteLossError
-from ddgpipe.plots import read_jsonl
-from ddgpipe.train import TrainConfig, train
+from ddgpipe.training import TrainConfig, train
+from ddgpipe.training.checkpoints import atomic_write_bytes
+from ddgpipe.training.plots import read_jsonl
 
 __all__ = ["FINISHED", "DIVERGED", "DIVERGED_FILE", "read_outcome", "run_grid", "mean_std",
            "config_matches"]

@@ -23,8 +23,8 @@ from pathlib import Path
 
 from ddgpipe.errors import UsageError
 from ddgpipe.experiments.common import FINISHED, mean_std, run_grid
-from ddgpipe.plots import plot_accuracy_vs_k, plot_loss_by_k
-from ddgpipe.train import TrainConfig
+from ddgpipe.training import TrainConfig
+from ddgpipe.training.plots import plot_accuracy_vs_k, plot_loss_by_k
 
 __all__ = ["SETTINGS", "ExperimentPlan", "paper_plan", "run_experiment", "summarise_runs"]
 

@@ -7,10 +7,10 @@ import math
 import torch
 from torch import Tensor, nn
 
-from ddgpipe.devices import resolve_device
+from ddgpipe.core.precision import autocast, check_precision
+from ddgpipe.core.stage import LossFn, OptimizerFactory, SchedulerFactory
 from ddgpipe.errors import NonFiniteLossError
-from ddgpipe.precision import autocast, check_precision
-from ddgpipe.stage import LossFn, OptimizerFactory, SchedulerFactory
+from ddgpipe.runtime.devices import resolve_device
 
 __all__ = ["Backprop"]
 
@@ -24,6 +24,8 @@ class Backprop:
 
     num_stages = 1
     executor_kind = "reference"
+    split: list[int] | None = None  # one stage: no cut
+    split_tuning: dict | None = None
 
     def __init__(
         self,
@@ -88,6 +90,11 @@ class Backprop:
         """The model's output for ``x`` (in the mode the model is in)."""
         with autocast(self.precision, self.device):
             return self.model(x.to(self.device))
+
+    @property
+    def devices(self) -> list[torch.device]:
+        """Where the one stage, the whole model, computes."""
+        return [self.device]
 
     @property
     def lr(self) -> float:

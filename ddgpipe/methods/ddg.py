@@ -27,18 +27,20 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from ddgpipe.compensation import make_compensation
+from ddgpipe.core.compensation import make_compensation
+from ddgpipe.core.precision import check_precision
+from ddgpipe.core.stage import OptimizerFactory, SchedulerFactory, Stage
+from ddgpipe.core.stash import STASH_MODES
+from ddgpipe.core.timeline import Timeline
 from ddgpipe.errors import UsageError
-from ddgpipe.methods.build import build_stages
 from ddgpipe.methods.pipeline import PipelineMethod
-from ddgpipe.precision import check_precision
-from ddgpipe.stage import OptimizerFactory, SchedulerFactory, Stage
-from ddgpipe.stash import STASH_MODES
-from ddgpipe.timeline import Timeline
+from ddgpipe.runtime.build import build_stages
+from ddgpipe.runtime.placement import Placement
 
 __all__ = ["DDG"]
 
@@ -55,37 +57,41 @@ class DDG(PipelineMethod):
             all stages share lr_t (count clocks, i.e. minibatches, not epochs).
         stash: ``graph`` (default, exact), ``recompute`` (exact, less memory, one more
             forward) or ``none`` (replay with current weights: approximate).
-        split: cut points, e.g. ``[4, 8]``; default balances stages by ``balance``.
-        balance: ``params``, ``flops``, ``time`` (blocks profiled on ``sample_input``) or
-            ``pipeline`` (the profiled cut and its one-block neighbours timed as real
-            pipelines, the fastest kept; see ``ddgpipe.tuning``). Default: with
-            ``sample_input`` and K > 1, the cut this machine timed before for the same model,
-            schedule, executor and devices (``ddgpipe.cutcache``), timed once if none;
-            ``params`` otherwise.
+        sample_input: a batch like the training ones, to profile and time cuts on.
         grad_shrink: beta; delayed gradients of stage k are scaled by beta**d_k (FDG).
         compensation: staleness compensation by name, e.g. ``"sc,lwp"`` or ``["dc"]``
-            (see :mod:`ddgpipe.compensation`); None is plain DDG.
+            (see :mod:`ddgpipe.core.compensation`); None is plain DDG.
         compensation_options: its hyperparameters, e.g. ``{"dc_lambda": 1.0}``
-            (``ddgpipe.compensation.OPTIONS`` lists them with their defaults).
+            (``ddgpipe.core.compensation.OPTIONS`` lists them with their defaults).
         timeline: a :class:`Timeline` to record every op's start and end.
         check_finite: stop with :class:`NonFiniteLossError` when the loss is NaN or inf.
-        peer_timeout_s: how long a stage waits for a peer (threads or processes).
-        executor: ``threads`` (one thread per stage; the default for K > 1), ``reference``
-            (all stages in turn on this thread: the spec, for debugging) or ``processes``
-            (one rank per stage; chosen by itself under torchrun or the launcher).
-        device: ``auto``, ``cpu``, ``cuda`` (stages spread over the GPUs) or ``cuda:N``.
-        devices: one device per stage, e.g. ``["cuda:0", "cuda:1"]``; overrides ``device``.
         precision: ``fp32``, ``bf16`` or ``fp16`` (autocast per stage; fp16 with loss scaling
-            that travels with each minibatch's gradient, see :mod:`ddgpipe.precision`).
-        threads: intra-op threads per stage (default: this machine's cores / K).
-        comm: under the process runtime on GPUs, ``auto`` (nccl) or ``host`` (gloo through
-            host memory, for ranks sharing a GPU).
-        replicas: R, copies of the pipeline that each train on 1/R of every minibatch and
-            average their gradients before each step (data parallelism); process runtime
-            only, with K x R ranks (see :mod:`ddgpipe.layout`). Every rank passes the whole
-            minibatch to :meth:`step`; the loss it returns is the mean over the replicas.
-            Under replicas :meth:`eval`, :meth:`train`, :meth:`sync` and checkpoints are
-            collective: every rank calls them, as every rank calls :meth:`step`.
+            that travels with each minibatch's gradient, see :mod:`ddgpipe.core.precision`).
+        placement: where the stages run, a :class:`~ddgpipe.runtime.placement.Placement`;
+            each of its fields may also be given as a keyword (overriding it):
+
+            * ``split``: cut points, e.g. ``[4, 8]``; default balances stages by ``balance``.
+            * ``balance``: ``params``, ``flops``, ``time`` (blocks profiled on
+              ``sample_input``) or ``pipeline`` (the profiled cut and its one-block
+              neighbours timed as real pipelines, the fastest kept). Default: with
+              ``sample_input`` and K > 1, the cut this machine timed before for the same
+              model, schedule, executor and devices (:mod:`ddgpipe.balance.cutcache`), timed
+              once if none; ``params`` otherwise.
+            * ``executor``: ``threads`` (one thread per stage; the default for K > 1),
+              ``reference`` (all stages in turn on this thread: the spec, for debugging) or
+              ``processes`` (one rank per stage; chosen by itself under torchrun).
+            * ``device``: ``auto``, ``cpu``, ``cuda`` (stages spread over the GPUs) or
+              ``cuda:N``; ``devices``: one per stage, e.g. ``["cuda:0", "cuda:1"]``.
+            * ``threads``: intra-op threads per stage (default: this machine's cores / K).
+            * ``comm``: under the process runtime on GPUs, ``auto`` (nccl) or ``host`` (gloo
+              through host memory, for ranks sharing a GPU).
+            * ``replicas``: R copies of the pipeline, each on 1/R of every minibatch,
+              averaging their gradients before each step (process runtime only, K x R ranks,
+              :mod:`ddgpipe.runtime.layout`). Every rank passes the whole minibatch to
+              :meth:`step`; the loss it returns is the mean over the replicas. Under
+              replicas :meth:`eval`, :meth:`train`, :meth:`sync` and checkpoints are
+              collective: every rank calls them, as every rank calls :meth:`step`.
+            * ``peer_timeout_s``: how long a stage waits for a peer (threads, processes).
     """
 
     def __init__(
@@ -96,22 +102,15 @@ class DDG(PipelineMethod):
         *,
         lr_scheduler: SchedulerFactory | None = None,
         stash: str = "graph",
-        split: list[int] | None = None,
-        balance: str | None = None,
         sample_input: Tensor | None = None,
         grad_shrink: float = 1.0,
         compensation: str | Sequence[str] | None = None,
         compensation_options: Mapping[str, float] | None = None,
         timeline: Timeline | None = None,
         check_finite: bool = True,
-        peer_timeout_s: float = 300.0,
-        executor: str | None = None,
-        device: str | torch.device = "cpu",
-        devices: Sequence[str | torch.device] | None = None,
         precision: str = "fp32",
-        threads: int | None = None,
-        comm: str = "auto",
-        replicas: int = 1,
+        placement: Placement | None = None,
+        **where: Any,
     ):
         check_precision(precision)
         if stash not in STASH_MODES:
@@ -123,15 +122,13 @@ class DDG(PipelineMethod):
         self.stash_mode = stash
         new_compensation = make_compensation(compensation, stash, compensation_options)
 
-        def make_stage(k: int, num_stages: int, module: nn.Module, where: torch.device) -> Stage:
+        def make_stage(k: int, num_stages: int, module: nn.Module, device: torch.device) -> Stage:
             return Stage(k, num_stages, module, optimizer, lr_scheduler, stash, grad_shrink,
-                         compensation=new_compensation(), device=where, precision=precision)
+                         compensation=new_compensation(), device=device, precision=precision)
 
-        stage_list, runner = build_stages(
-            model, stages, make_stage, "ddg", split=split, balance=balance,
-            sample_input=sample_input, timeline=timeline, peer_timeout_s=peer_timeout_s,
-            executor=executor, device=device, devices=devices, threads=threads, comm=comm,
-            schedule=(stash, precision), replicas=replicas,
-        )
-        self.replicas = replicas
-        super().__init__(model, stage_list, runner, check_finite)
+        placed = Placement.of(placement, **where)
+        executor = build_stages(model, stages, make_stage, "ddg", placed,
+                                sample_input=sample_input, timeline=timeline,
+                                schedule=(stash, precision))
+        self.replicas = placed.replicas
+        super().__init__(model, executor, check_finite)

@@ -18,18 +18,19 @@ overshoot it by orders of magnitude.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ddgpipe.core.precision import check_precision
+from ddgpipe.core.stage import OptimizerFactory, SchedulerFactory, Stage
+from ddgpipe.core.timeline import Timeline
 from ddgpipe.errors import UsageError
-from ddgpipe.methods.build import build_stages
 from ddgpipe.methods.pipeline import PipelineMethod
-from ddgpipe.precision import check_precision
-from ddgpipe.stage import OptimizerFactory, SchedulerFactory, Stage
-from ddgpipe.timeline import Timeline
+from ddgpipe.runtime.build import build_stages
+from ddgpipe.runtime.placement import Placement
 
 __all__ = ["DNI", "DNIStage", "synthetic_gradient_model"]
 
@@ -90,7 +91,12 @@ class DNIStage(Stage):
 
 
 class DNI(PipelineMethod):
-    """Train an ``nn.Sequential`` cut into ``stages`` modules with synthetic gradients."""
+    """Train an ``nn.Sequential`` cut into ``stages`` modules with synthetic gradients.
+
+    Takes the arguments of :class:`~ddgpipe.methods.ddg.DDG` that apply (no stash, no
+    compensation), the placement keywords included, and ``sg_lr``, the learning rate of the
+    gradient models' Adam.
+    """
 
     def __init__(
         self,
@@ -99,33 +105,24 @@ class DNI(PipelineMethod):
         optimizer: OptimizerFactory,
         *,
         lr_scheduler: SchedulerFactory | None = None,
-        split: list[int] | None = None,
-        balance: str | None = None,
         sample_input: Tensor | None = None,
         sg_lr: float = 1e-3,
         timeline: Timeline | None = None,
         check_finite: bool = True,
-        peer_timeout_s: float = 300.0,
-        executor: str | None = None,
-        device: str | torch.device = "cpu",
-        devices: Sequence[str | torch.device] | None = None,
         precision: str = "fp32",
-        threads: int | None = None,
-        comm: str = "auto",
+        placement: Placement | None = None,
+        **where: Any,
     ):
         if check_precision(precision) == "fp16":
             raise UsageError("dni's synthetic gradients are not loss-scaled, so fp16 would "
                              "underflow them; use --precision bf16 or fp32")
 
         def make_stage(k: int, num_stages: int, module: nn.Module,
-                       where: torch.device) -> DNIStage:
+                       device: torch.device) -> DNIStage:
             return DNIStage(k, num_stages, module, optimizer, lr_scheduler, sg_lr=sg_lr,
-                            device=where, precision=precision)
+                            device=device, precision=precision)
 
-        stage_list, runner = build_stages(
-            model, stages, make_stage, "dni", split=split, balance=balance,
-            sample_input=sample_input, timeline=timeline, peer_timeout_s=peer_timeout_s,
-            executor=executor, device=device, devices=devices, threads=threads, comm=comm,
-            schedule=("dni", precision),
-        )
-        super().__init__(model, stage_list, runner, check_finite)
+        executor = build_stages(model, stages, make_stage, "dni", Placement.of(placement, **where),
+                                sample_input=sample_input, timeline=timeline,
+                                schedule=("dni", precision))
+        super().__init__(model, executor, check_finite)

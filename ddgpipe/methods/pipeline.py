@@ -10,8 +10,9 @@ from collections.abc import Iterable, Iterator
 import torch
 from torch import Tensor, nn
 
+from ddgpipe.core.stage import LossFn
 from ddgpipe.errors import NonFiniteLossError, UsageError
-from ddgpipe.stage import LossFn, Stage
+from ddgpipe.runtime.executor import Executor
 
 __all__ = ["PipelineMethod"]
 
@@ -26,21 +27,34 @@ class PipelineMethod:
     runs by itself when a step fails.
     """
 
-    def __init__(self, model: nn.Module, stages: list[Stage], executor,
-                 check_finite: bool = True):
+    def __init__(self, model: nn.Module, executor: Executor, check_finite: bool = True):
         self.model = model
-        self.stages = stages
         self.executor = executor
+        self.stages = executor.stages  # this process's
         self.check_finite = check_finite
         # A pipeline dropped without drain() or close() must not leave its stage threads
         # waiting for minibatches that will never come: they stop when it is collected.
-        stop = getattr(executor, "request_stop", None)
-        if stop is not None:
-            weakref.finalize(self, stop)
+        weakref.finalize(self, executor.request_stop)
 
     @property
     def num_stages(self) -> int:
-        return len(self.stages)
+        """K, the stages of the whole pipeline."""
+        return self.executor.num_stages
+
+    @property
+    def split(self) -> list[int] | None:
+        """The cut the stages came from (block indices)."""
+        return self.executor.split
+
+    @property
+    def split_tuning(self) -> dict | None:
+        """How the cut was chosen: the timed candidates, when it was timed."""
+        return self.executor.split_tuning
+
+    @property
+    def devices(self) -> list[torch.device]:
+        """The device of each of this process's stages."""
+        return [s.device for s in self.stages]
 
     @property
     def executor_kind(self) -> str:
@@ -55,9 +69,7 @@ class PipelineMethod:
     @property
     def lr(self) -> float:
         """The learning rate the next clock uses (shared by all stages)."""
-        last_stage_idle = getattr(self.executor, "last_stage_idle", None)
-        if last_stage_idle is not None:
-            last_stage_idle()
+        self.executor.last_stage_idle()
         learning = [s for s in self.stages if s.has_parameters] or self.stages
         return learning[-1].lr
 
@@ -83,17 +95,12 @@ class PipelineMethod:
         late for that otherwise. It stops after the last batch without draining; leaving the
         loop early still collects the losses of what was fed.
         """
-        feed = getattr(self.executor, "feed", None)
-        if feed is None:
-            for x, y in batches:
-                yield self.step(x, y, loss_fn)
-            return
-        ahead = ahead or self.num_stages
+        window = (ahead or self.num_stages) if self.executor.runs_ahead else 0
         pending: deque[int] = deque()
         try:
             for x, y in batches:
-                pending.append(feed(x, y, loss_fn))
-                while len(pending) > ahead:
+                pending.append(self.executor.feed(x, y, loss_fn))
+                while len(pending) > window:
                     m = pending.popleft()
                     yield self._checked(self.executor.loss(m), m)
             while pending:
@@ -118,9 +125,7 @@ class PipelineMethod:
 
     def close(self) -> None:
         """Stop the executor's stage threads, if it has any (idempotent)."""
-        close = getattr(self.executor, "close", None)
-        if close is not None:
-            close()
+        self.executor.close()
 
     def __enter__(self) -> PipelineMethod:
         return self
@@ -130,15 +135,12 @@ class PipelineMethod:
 
     def sync(self) -> None:
         """Wait until every stage has finished the clocks fed so far."""
-        sync = getattr(self.executor, "sync", None)
-        if sync is not None:
-            sync()
+        self.executor.sync()
 
     def sum_over_replicas(self, values: list[float]) -> list[float]:
         """Each number (a count or a sum, such as an epoch's loss sum) added over the replicas
         of this rank's stage: a collective call under replicas, ``values`` unchanged without."""
-        add = getattr(self.executor, "sum_over_replicas", None)
-        return add(values) if add is not None else values
+        return self.executor.sum_over_replicas(values)
 
     def train(self):
         self.sync()

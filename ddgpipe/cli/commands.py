@@ -1,0 +1,252 @@
+"""What each command does with its parsed flags, built on the Python API."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from ddgpipe.errors import UsageError
+
+__all__ = ["cmd_train", "cmd_demo", "cmd_bench", "cmd_experiment", "cmd_plot",
+           "config_from_args", "format_results"]
+
+
+def config_from_args(args: argparse.Namespace):
+    from ddgpipe.training import TrainConfig
+
+    stages = args.stages if args.stages is not None else (1 if args.method == "bp" else 2)
+    if args.resume and args.out and Path(args.out).resolve() != Path(args.resume).resolve():
+        raise UsageError(f"--resume {args.resume} continues in that directory; drop --out or "
+                         "make it the same")
+    out = args.resume or args.out or f"runs/{args.method}-k{stages}-s{args.seed}"
+    executor = args.executor
+    if args.replicas > 1 and executor is None:  # replicas live in processes of their own
+        executor = "processes"
+    return TrainConfig(
+        model=args.model, data=args.data, data_dir=args.data_dir, method=args.method,
+        stages=stages, replicas=args.replicas, stash=args.stash, split=args.split,
+        balance=args.balance,
+        grad_shrink=args.grad_shrink, compensation=args.compensation,
+        compensation_options=_compensation_options(args),
+        epochs=args.epochs, batch_size=args.batch_size,
+        optimizer=args.optimizer, lr=args.lr, momentum=args.momentum, nesterov=args.nesterov,
+        weight_decay=args.weight_decay, lr_schedule=args.lr_schedule,
+        milestones=args.milestones, lr_gamma=args.lr_gamma, seed=args.seed,
+        warmup_epochs=args.warmup_epochs, warmup_factor=args.warmup_factor,
+        threads=args.threads, log_every=args.log_every, timeline=args.timeline,
+        label=args.label, out=out, progress=not args.no_progress, executor=executor,
+        device=args.device, devices=args.devices, precision=args.precision, comm=args.comm,
+        timeout_s=args.timeout, checkpoint_every=args.checkpoint_every,
+        checkpoint_every_epochs=args.checkpoint_every_epochs, stop_after=args.stop_after,
+        resume=args.resume,
+    )
+
+
+def _compensation_options(args: argparse.Namespace) -> dict | None:
+    """The hyperparameter flags given, by option name; None when none was."""
+    given = {"dc_lambda": args.dc_lambda, "dc_decay": args.dc_decay,
+             "pipemare_anneal": args.pipemare_anneal, "pipemare_ema": args.pipemare_ema}
+    return {k: v for k, v in given.items() if v is not None} or None
+
+
+def format_results(results) -> str:
+    """A small table a person can read: method, test accuracy, loss, time, throughput."""
+    rows = [("method", "test acc", "test loss", "train loss", "train time", "images/s")]
+    for r in results:
+        rows.append((r.label, f"{100 * r.test_acc:.2f}%", f"{r.test_loss:.4f}",
+                     f"{r.train_loss:.4f}", f"{r.train_time_s:.1f}s", f"{r.images_per_s:.0f}"))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in
+                       enumerate(zip(row, widths))) for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from ddgpipe.runtime.launch import init_from_env, process_backend, run_workers, under_torchrun
+    from ddgpipe.training import train, train_worker
+    from ddgpipe.training.plots import plot_learning_curves
+    from ddgpipe.training.run_dir import prepare_out_dir
+
+    config = config_from_args(args)
+    config.validate()
+    if config.executor == "processes" and not under_torchrun():
+        # Fail here, before spawning, if it is not writable.
+        prepare_out_dir(config.out, keep=config.resume is not None)
+        result = run_workers(train_worker, config.stages * config.replicas, (config,),
+                             peer_timeout_s=config.timeout_s, threads=config.threads,
+                             backend=process_backend(config.device, config.devices,
+                                                     config.comm))[-1]
+    elif init_from_env(config.timeout_s, backend=process_backend(config.device, None,
+                                                                  config.comm)):
+        try:
+            result = train(config)
+        finally:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+        if result is None:
+            return 0  # only the last stage's rank reports
+    else:
+        result = train(config)
+    if result.stopped:
+        return 0
+    print(format_results([result]))
+    png = plot_learning_curves([result.run_dir], Path(result.run_dir) / "curves.png")
+    print(f"metrics: {Path(result.run_dir) / 'metrics.jsonl'}\nplot:    {png}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from ddgpipe.training import TrainConfig, train
+    from ddgpipe.training.plots import plot_learning_curves
+
+    if any(k < 2 for k in args.stages):
+        raise UsageError(f"--stages for the demo must be >= 2 (got {args.stages}); "
+                         "K=1 is backprop, which the demo always runs")
+    out = Path(args.out)
+    runs = [("bp", 1)] + [("ddg", k) for k in args.stages]
+    if not args.no_dni:
+        runs.append(("dni", max(args.stages)))
+    results = []
+    for method, k in runs:
+        # The demo compares accuracy: a cut by parameter count is the same on every machine,
+        # so its table is too (a timed cut is this machine's).
+        config = TrainConfig(model=args.model, data=args.data, data_dir=args.data_dir,
+                             method=method, stages=k, epochs=args.epochs, seed=args.seed,
+                             balance="params", out=str(out / f"{method}-k{k}"),
+                             progress=not args.no_progress)
+        print(f"training {config.display_label()} ({args.model} on {args.data}, "
+              f"{args.epochs} epochs) ...", flush=True)
+        results.append(train(config))
+    print()
+    print(format_results(results))
+    png = plot_learning_curves([r.run_dir for r in results], out / "curves.png",
+                               title=f"{args.model} on {args.data}: backprop, DDG and DNI")
+    print(f"\nlearning curves: {png}")
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    import json
+    import math
+
+    from ddgpipe.bench import BenchConfig, format_bench_table, run_bench
+    from ddgpipe.bench.predict import predict_measured, predict_scaling, predicted_stage_ms
+    from ddgpipe.training.run_dir import prepare_out_dir
+
+    out = prepare_out_dir(args.out)
+    config = BenchConfig(model=args.model, batch_size=args.batch_size, stages=args.stages,
+                         steps=args.steps, warmup=args.warmup, rounds=args.rounds,
+                         microbatches=tuple(args.microbatches),
+                         configs=tuple(args.configs) if args.configs else None,
+                         image_size=args.image_size, device=args.device,
+                         replicas=args.replicas)
+    if args.link_gbps is not None and not args.link_gbps > 0:
+        raise UsageError(f"--link-gbps must be > 0 (got {args.link_gbps})")
+    bandwidth = math.inf if args.link_gbps is None else args.link_gbps * 1e9 / 8
+    result = run_bench(config, out_dir=out, progress=not args.no_progress)
+    scaling = predict_scaling(config.model, config.batch_size, config.image_size,
+                              config.in_channels, config.num_classes,
+                              bandwidth_bytes_per_s=bandwidth, seed=config.seed)
+    measured, per_stage = [], {}
+    for row in result["rows"]:
+        split = result["split_threads"] if row.get("kind") == "ddg-threads" else result["split"]
+        if row.get("kind") not in ("ddg", "ddg-threads") or row.get("error") or split is None:
+            continue
+        cuts = [0, *split, scaling["blocks"]]
+        sent = [scaling["activation_bytes"][c - 1] for c in cuts[1:]]
+        if (p := predict_measured(row, config.batch_size, sent, bandwidth)):
+            measured.append(p)
+        per_stage[",".join(map(str, split))] = predicted_stage_ms(scaling["block_ms"], split)
+    result["cost_model"] = {"measured": measured, "scaling": scaling,
+                            "predicted_stage_ms": per_stage}
+    (out / "bench.json").write_text(json.dumps(result, indent=2) + "\n")
+    print(format_bench_table(result))
+    print("\ncost model (schedule simulation):")
+    for cut, stage_ms in per_stage.items():
+        for k, (f, b) in enumerate(stage_ms):
+            print(f"  cut [{cut}] stage {k}: predicted F {f:.1f} ms  B {b:.1f} ms per clock "
+                  "(one-thread block profile; measured above)")
+    for m in measured:
+        print(f"  {m['name']:<22} predicted {m['predicted_images_per_s']:7.0f} img/s from its "
+              f"stage times, measured {m['measured_images_per_s']:7.0f} "
+              f"({100 * m['measured_over_predicted']:.0f}%)")
+    for row in scaling["rows"]:
+        print(f"  K={row['stages']:<3} predicted {row['speedup_vs_bp_1t']:.2f}x bp-1t "
+              f"({row['images_per_s']:.0f} img/s, cut {row['split']}) with K free cores")
+    link_gbps = scaling["replica_link_bytes_per_s"] * 8 / 1e9
+    print(f"  K x R with K x R free devices, each replica on 1/R of batch {config.batch_size} "
+          f"(compute assumed linear in the batch), activations and gradient averages (ring "
+          f"all-reduce, overlapped with the backward) over {link_gbps:g} Gbit/s links:")
+    for row in scaling["replica_rows"]:
+        print(f"  K={row['stages']:<2} x R={row['replicas']:<3} ({row['devices']:>3} devices) "
+              f"predicted {row['speedup_vs_bp_1t']:6.2f}x bp-1t "
+              f"({row['images_per_s']:.0f} img/s, clock {row['clock_ms']:.2f} ms)")
+    print(f"\nresults: {out / 'bench.json'}\nplot:    {out / 'bench.png'}")
+    return 0
+
+
+def cmd_experiment(args: argparse.Namespace) -> int:
+    if args.experiment == "staleness":
+        return cmd_staleness(args)
+    from ddgpipe.experiments.paper import paper_plan, run_experiment
+
+    plan = paper_plan(quick=args.quick)
+    for field, value in (("model", args.model), ("epochs", args.epochs)):
+        if value is not None:
+            setattr(plan, field, value)
+    if args.seeds:
+        plan.seeds = tuple(args.seeds)
+    if args.stages:
+        if any(k < 2 for k in args.stages):
+            raise UsageError(f"--stages must all be >= 2 (got {args.stages}); backprop is "
+                             "always run")
+        plan.stage_counts = tuple(args.stages)
+    if plan.epochs < 1:
+        raise UsageError(f"--epochs must be >= 1 (got {plan.epochs})")
+    if not 0.0 < args.grad_shrink <= 1.0:
+        raise UsageError(f"--grad-shrink must be in (0, 1] (got {args.grad_shrink})")
+    plan.grad_shrink = args.grad_shrink
+    plan.workers = args.workers
+    from ddgpipe.models import build_model
+
+    build_model(plan.model)  # an unknown model fails here, not in every worker
+    run_experiment(plan, args.out, progress=not args.no_progress)
+    return _print_report(Path(args.out))
+
+
+def cmd_staleness(args: argparse.Namespace) -> int:
+    from ddgpipe.experiments.staleness import run_staleness, staleness_plan
+
+    plan = staleness_plan(quick=args.quick)
+    for field, value in (("seeds", args.seeds), ("stage_counts", args.stages),
+                         ("benchmarks", args.benchmarks), ("parts", args.parts),
+                         ("budget_stages", args.budget_stages)):
+        if value is not None:
+            setattr(plan, field, tuple(value))
+    if args.budget_seeds is not None:
+        plan.budget_seeds = args.budget_seeds
+    plan.workers = args.workers
+    run_staleness(plan, args.out, progress=not args.no_progress, report_only=args.report_only)
+    return _print_report(Path(args.out))
+
+
+def _print_report(out: Path) -> int:
+    print((out / "results.md").read_text())
+    print(f"report:  {out / 'results.md'}\nsummary: {out / 'summary.json'}")
+    return 0
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    from ddgpipe.training.plots import plot_learning_curves, plot_timeline
+
+    if args.timeline:
+        for run in args.run_dirs:
+            print(plot_timeline(run, args.out if len(args.run_dirs) == 1 else None))
+        return 0
+    out = args.out or Path(args.run_dirs[0]) / "curves.png"
+    print(plot_learning_curves(args.run_dirs, out))
+    return 0
+
+

@@ -1,0 +1,143 @@
+"""``ddgpipe train | demo | bench | experiment | plot``: the command line, built on the Python API.
+
+Every problem a user can fix ends as one line on stderr and exit code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from ddgpipe.cli.commands import cmd_bench, cmd_demo, cmd_experiment, cmd_plot, cmd_train
+from ddgpipe.cli.options import (
+    PRESETS,
+    LineHelpFormatter,
+    add_bench_arguments,
+    add_paper_arguments,
+    add_staleness_arguments,
+    add_train_arguments,
+    int_list,
+)
+from ddgpipe.errors import UsageError, WorkerError
+
+__all__ = ["main", "build_parser"]
+
+DESCRIPTION = """\
+Train deep networks with Decoupled Parallel Backpropagation (DDG; Huo et al., ICML 2018):
+the network is cut into K modules and every module but the last learns from a delayed
+gradient, so the modules need not wait for each other. Compare it with backprop (bp) and
+synthetic gradients (dni, Jaderberg et al. 2017)."""
+
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ddgpipe", description=DESCRIPTION,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("train", help="train one model with bp, ddg or dni",
+                       description="Train one model and write metrics to RUN_DIR.",
+                       formatter_class=LineHelpFormatter)
+    add_train_arguments(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("demo", help="DDG against backprop on the embedded digits, with a plot",
+                       description="Train backprop, DDG K=2, DDG K=4 and DNI K=4 on the same "
+                       "data and seed, print their test accuracy side by side and plot the "
+                       "curves.")
+    add_train_arguments(p, defaults_for_demo=True)
+    p.add_argument("--epochs", type=int, default=15, help="epochs per run (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="seed shared by all runs (default: "
+                   "%(default)s)")
+    p.add_argument("--stages", type=int_list, default=[2, 4], metavar="K1,K2",
+                   help="DDG stage counts to compare with backprop (default: 2,4)")
+    p.add_argument("--out", default="runs/demo", metavar="DIR",
+                   help="parent folder of the runs and the plot (default: %(default)s)")
+    p.add_argument("--no-dni", action="store_true", help="skip the synthetic-gradient (DNI) run "
+                   "at the largest K")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("bench", help="throughput of DDG against backprop, DDP and GPipe/1F1B",
+                       description="Measure images/s of every configuration on the same model, "
+                       "batch and step count, interleaved in rounds (A B C ... A B C ...) so a "
+                       "noisy machine affects them alike; report per-round ratios to backprop "
+                       "with one thread, a table, bench.json, bench.png and the cost model's "
+                       "prediction.")
+    add_bench_arguments(p)
+    p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("experiment", help="grids of runs with a report: the paper's claims "
+                       "(paper), staleness compensation compared (staleness)",
+                       description="Train a grid of runs, two at a time with one thread each, "
+                       "then write results.md, summary.json and figures from the runs' files. "
+                       "Running the same command again skips the runs that finished.")
+    experiments = p.add_subparsers(dest="experiment", metavar="NAME", required=True,
+                                   help="the experiment to run: paper or staleness")
+    add_paper_arguments(experiments.add_parser(
+        "paper", help="BP vs DDG vs DNI under the paper's stochastic methods and momentum SGD",
+        description="Train backprop, DDG and DNI at K = 2, 3, 4 with several seeds under the "
+        "paper's two stochastic methods (constant and diminishing step size) and momentum SGD, "
+        "then write results.md, summary.json and figures. About 8 minutes on 2 cores; --quick "
+        "takes about one."))
+    add_staleness_arguments(experiments.add_parser(
+        "staleness", help="staleness compensations against plain DDG and backprop, momentum SGD",
+        description="With momentum SGD and backprop's hyperparameters unchanged for every "
+        "method and K, train backprop, plain DDG, DDG with each staleness compensation (sc, lwp, "
+        "dc, pipemare-lr), with sc,lwp, with FDG's gradient shrinking (beta 0.5), Features "
+        "Replay and FR + pipemare, at K = 2, 3, 4, 8 on ResNet-56/digits and "
+        "ResNet-20-1D/mnist1d, 3 seeds (part main); plain DDG at lr 0.05, 0.025, 0.0125 "
+        "(sweep); backprop and plain DDG with 3x the epochs at K = 4, first seed (budget). "
+        "Writes results.md (tables per benchmark and K, gaps to backprop, the goals each method "
+        "meets), summary.json and figures. The full grid is 274 runs, about 5.6 core-hours: "
+        "about 3 hours with 2 workers on 2 cores. An interrupted grid continues where it "
+        "stopped when the same command is run again. --quick takes well under a minute."))
+    p.set_defaults(func=cmd_experiment)
+
+    p = sub.add_parser("plot", help="learning curves (or a pipeline timeline) from run dirs",
+                       description="Draw PNG plots from the metrics files of finished runs.")
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories to plot")
+    p.add_argument("--out", metavar="PNG", help="output file (default: RUN_DIR/curves.png or "
+                   "RUN_DIR/timeline.png)")
+    p.add_argument("--timeline", action="store_true",
+                   help="draw the pipeline timeline recorded with `train --timeline`")
+    p.set_defaults(func=cmd_plot)
+    return parser
+
+
+def _apply_preset(parser, argv, args):
+    """Reparse with the preset as defaults, so flags the user typed still win."""
+    values = dict(PRESETS[args.preset])
+    model = args.model
+    if args.preset == "paper-cifar" and model == "resnet110":
+        values["warmup_epochs"] = 1
+    train_parser = next(a for a in parser._actions if a.dest == "command").choices["train"]
+    saved = {k: train_parser.get_default(k) for k in values}
+    train_parser.set_defaults(**values)
+    try:
+        return parser.parse_args(argv)
+    finally:
+        train_parser.set_defaults(**saved)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "preset", None):
+        args = _apply_preset(parser, argv, args)
+    try:
+        return args.func(args)
+    except UsageError as e:
+        print(f"ddgpipe: error: {e}", file=sys.stderr)
+        return 2
+    except WorkerError as e:
+        print(f"ddgpipe: error: worker {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("ddgpipe: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

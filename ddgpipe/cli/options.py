@@ -1,0 +1,337 @@
+"""The flags of every command: one function per command (and per group of ``train``'s)."""
+
+from __future__ import annotations
+
+import argparse
+import textwrap
+
+__all__ = ["PRESETS", "LineHelpFormatter", "add_train_arguments", "add_bench_arguments",
+           "add_paper_arguments", "add_staleness_arguments"]
+
+
+PRESETS = {
+    "paper-cifar": dict(data="cifar10", batch_size=128, optimizer="sgd", momentum=0.9,
+                        weight_decay=5e-4, lr=0.1, lr_schedule="multistep",
+                        milestones=[150, 225], lr_gamma=0.1, epochs=300),
+}
+
+
+class LineHelpFormatter(argparse.HelpFormatter):
+    """Keeps the line breaks of a help text that has them (one line per compensation)."""
+
+    def _split_lines(self, text: str, width: int) -> list[str]:
+        if "\n" not in text:
+            return super()._split_lines(text, width)
+        return [part for line in text.splitlines()
+                for part in (textwrap.wrap(line, width, subsequent_indent="    ") or [""])]
+
+
+def int_list(text: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers, got {text!r}"
+        ) from None
+
+
+def str_list(text: str) -> list[str]:
+    return [v.strip() for v in text.split(",") if v.strip()]
+
+
+def add_train_arguments(p: argparse.ArgumentParser, defaults_for_demo: bool = False) -> None:
+    """Every flag of ``train`` (the demo takes only the model and data ones)."""
+    _model_and_data(p)
+    if defaults_for_demo:
+        return
+    for group in (_method, _optimisation, _run, _checkpoints, _executors):
+        group(p)
+
+
+def _model_and_data(p: argparse.ArgumentParser) -> None:
+    from ddgpipe.data import DATASET_NAMES
+    from ddgpipe.models import MODEL_NAMES
+
+    g = p.add_argument_group("model and data")
+    g.add_argument("--model", default="resnet20", metavar="NAME",
+                   help=f"network: {', '.join(MODEL_NAMES)} (CIFAR ResNets of He et al. 2016 "
+                        "with option-A shortcuts; resnet1d-N: the same with 1-D convolutions, "
+                        "for mnist1d; or an MLP) (default: %(default)s)")
+    g.add_argument("--data", default="digits", metavar="NAME",
+                   help=f"data set: {', '.join(DATASET_NAMES)}; digits is scikit-learn's 1797 "
+                        "handwritten 8x8 digits, embedded; mnist1d is MNIST-1D (Greydanus "
+                        "2020), 1 x 40 signals generated offline on first use and cached in "
+                        "$DDGPIPE_CACHE (default ~/.cache/ddgpipe); cifar10/cifar100 need "
+                        "--data-dir; synthetic is random data for throughput only (default: "
+                        "%(default)s)")
+    g.add_argument("--data-dir", metavar="DIR",
+                   help="folder holding cifar-10-batches-py/ or cifar-100-python/ (the "
+                        "extracted official python archives)")
+
+
+def _method(p: argparse.ArgumentParser) -> None:
+    from ddgpipe.core.compensation import COMPENSATIONS
+    from ddgpipe.core.stash import STASH_MODES
+
+    g = p.add_argument_group("method")
+    g.add_argument("--method", default="bp", metavar="NAME",
+                   help="bp: backpropagation; ddg: decoupled parallel backprop (Huo, Gu, Yang, "
+                        "Huang, ICML 2018); fr: Features Replay (Huo, Gu, Huang, NeurIPS 2018), "
+                        "DDG's schedule replaying each delayed forward with current weights "
+                        "(= ddg --stash none); dni: synthetic gradients (Jaderberg et al., ICML "
+                        "2017) (default: %(default)s)")
+    g.add_argument("--stages", type=int, default=None, metavar="K",
+                   help="number of modules K the network is cut into (default: 1 for bp, "
+                        "2 otherwise)")
+    g.add_argument("--stash", default="graph", metavar="MODE",
+                   help=f"ddg weight stashing: {', '.join(STASH_MODES)}; graph keeps the "
+                        "autograd graph (exact, most memory), recompute keeps the input and "
+                        "weight version and reruns the forward (exact), none replays with "
+                        "current weights (approximate) (default: %(default)s)")
+    g.add_argument("--split", type=int_list, metavar="I,J",
+                   help="cut points by block index, e.g. 4,8 makes blocks [0,4) [4,8) [8,end); "
+                        "default: balance by --balance")
+    g.add_argument("--balance", default=None, choices=("params", "flops", "time", "pipeline"),
+                   help="how to cut the network when --split is not given: params "
+                        "(parameter count), flops (counted floating-point operations of each "
+                        "block's forward+backward), time (each block profiled), or pipeline: "
+                        "the profiled cut and each cut one block away run for a few clocks on "
+                        "copies of the model, and the fastest is kept (seconds to a minute at "
+                        "start-up). Default: the cut this machine timed before for the same "
+                        "model, batch shape, schedule, executor and devices (kept in the "
+                        "cache folder, $DDGPIPE_CACHE), timed once when there is none, so the "
+                        "same command and seed give the same numbers; --balance pipeline "
+                        "times it again. The reference executor uses the threaded executor's "
+                        "cut. The cut used is saved as split in RUN_DIR/config.json; pass it "
+                        "back with --split to repeat a run on another machine")
+    g.add_argument("--grad-shrink", type=float, default=1.0, metavar="BETA",
+                   help="scale stage k's delayed gradient by BETA**delay (gradient shrinking, "
+                        "from the authors' follow-up, Fully Decoupled Neural Network Learning "
+                        "Using Delayed Gradients, Zhuang et al. 2019); 1 is DDG "
+                        "(default: %(default)s)")
+    g.add_argument("--compensation", metavar="NAME[,NAME]",
+                   help="for --method ddg/fr, comma-separated; default none:\n" + "\n".join(
+                            f"  {name}: {line}" for name, line in COMPENSATIONS.items()))
+    g.add_argument("--dc-lambda", type=float, metavar="LAMBDA",
+                   help="dc: lambda_0 of the adaptive lambda (default 2); dc-c: the constant "
+                        "lambda (default 0.04)")
+    g.add_argument("--dc-decay", type=float, metavar="BETA",
+                   help="dc: decay of the gradient's mean square (default 0.95)")
+    g.add_argument("--pipemare-anneal", type=int, metavar="CLOCKS",
+                   help="pipemare, pipemare-lr: clocks (minibatches) over which each stage's "
+                        "lr ramps from lr/delay to lr (default: one epoch; PipeMare tunes it)")
+    g.add_argument("--pipemare-ema", type=float, metavar="GAMMA",
+                   help="pipemare: decay of the moving average of weight updates that "
+                        "estimates the forward's weights (default 0.9)")
+
+
+def _optimisation(p: argparse.ArgumentParser) -> None:
+    from ddgpipe.training.optim import LR_SCHEDULES, OPTIMIZERS
+
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--epochs", type=int, default=15, help="passes over the training set "
+                   "(default: %(default)s)")
+    g.add_argument("--batch-size", type=int, default=64, help="minibatch size; with "
+                   "--replicas R the global one, split into R equal shards (default: "
+                   "%(default)s)")
+    g.add_argument("--optimizer", default="sgd", choices=OPTIMIZERS,
+                   help="sgd (with --momentum, --nesterov) or adam (default: %(default)s)")
+    g.add_argument("--lr", type=float, default=0.1, help="base learning rate (default: "
+                   "%(default)s)")
+    g.add_argument("--momentum", type=float, default=0.9, help="SGD momentum; 0 is plain SGD "
+                   "as in the paper's analysis (default: %(default)s)")
+    g.add_argument("--nesterov", action="store_true", help="Nesterov momentum for SGD")
+    g.add_argument("--weight-decay", type=float, default=5e-4, help="L2 weight decay "
+                   "(default: %(default)s)")
+    g.add_argument("--lr-schedule", default="cosine", choices=LR_SCHEDULES,
+                   help="constant; multistep (x --lr-gamma at --milestones epochs); sqrt: "
+                        "lr/sqrt(1+t) and inverse: lr/(1+t), the diminishing step sizes, t in "
+                        "epochs; cosine (default: %(default)s)")
+    g.add_argument("--milestones", type=int_list, default=[], metavar="E1,E2",
+                   help="epochs at which multistep multiplies the lr by --lr-gamma")
+    g.add_argument("--lr-gamma", type=float, default=0.1, help="multistep factor (default: "
+                   "%(default)s)")
+    g.add_argument("--warmup-epochs", type=int, default=0, metavar="N",
+                   help="multiply the lr by --warmup-factor for the first N epochs (He et al.'s "
+                        "ResNet-110 recipe) (default: %(default)s)")
+    g.add_argument("--warmup-factor", type=float, default=0.1, help="lr multiplier during the "
+                   "warm-up epochs (default: %(default)s)")
+    g.add_argument("--preset", choices=tuple(PRESETS), help="a documented recipe; flags given "
+                   "explicitly override it. paper-cifar: the DDG paper's CIFAR schedule (data "
+                   "cifar10, batch 128, SGD momentum 0.9, weight decay 5e-4, lr 0.1 x0.1 at "
+                   "epochs 150 and 225, 300 epochs, crop+flip; lr 0.01 for the first epoch of "
+                   "resnet110)")
+
+
+def _run(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("run")
+    g.add_argument("--seed", type=int, default=0, help="seeds weights, data order and "
+                   "augmentation; same seed, same numbers (default: %(default)s)")
+    g.add_argument("--threads", type=int, help="torch intra-op threads per stage (default: "
+                   "this machine's cores divided by the number of stages)")
+    g.add_argument("--out", metavar="RUN_DIR", help="write config.json and metrics.jsonl here "
+                   "(default: runs/<method>-k<K>-s<seed>)")
+    g.add_argument("--log-every", type=int, default=0, metavar="N",
+                   help="also log the training loss every N iterations (default: epochs only)")
+    g.add_argument("--timeline", action="store_true",
+                   help="record every op's start/end to RUN_DIR/timeline.jsonl for "
+                        "`ddgpipe plot --timeline`")
+    g.add_argument("--label", help="name shown in tables and plots (default: e.g. 'DDG K=4')")
+    g.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+
+def _checkpoints(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("checkpoints")
+    g.add_argument("--checkpoint-every", type=int, default=0, metavar="N",
+                   help="save a checkpoint every N iterations into RUN_DIR/checkpoints: "
+                        "weights, optimizer, LR schedule, RNG, data position and the "
+                        "in-flight pipeline, written atomically (default: 0, never)")
+    g.add_argument("--checkpoint-every-epochs", type=int, default=0, metavar="N",
+                   help="save a checkpoint after every N epochs (default: 0, never)")
+    g.add_argument("--stop-after", type=int, metavar="N",
+                   help="save a checkpoint and stop cleanly after N iterations in all (for "
+                        "time-limited jobs); continue with --resume")
+    g.add_argument("--resume", metavar="RUN_DIR",
+                   help="continue the run in RUN_DIR from its newest complete checkpoint; give "
+                        "the same settings as the run that wrote it (checked). The resumed run "
+                        "ends with bitwise the weights of an uninterrupted one")
+
+
+def _executors(p: argparse.ArgumentParser) -> None:
+    from ddgpipe.core.precision import PRECISIONS
+    from ddgpipe.runtime.devices import DEVICE_CHOICES
+    from ddgpipe.runtime.placement import COMMS, EXECUTORS
+
+    g = p.add_argument_group("executors and devices")
+    g.add_argument("--executor", default=None, choices=EXECUTORS,
+                   help="threads: one thread per stage in this process (the default for "
+                        "--stages 2 or more); reference: every stage in turn on one thread, "
+                        "clock by clock (the spec: for debugging and timelines; bitwise the "
+                        "same numbers as threads); processes: one process per stage spawned "
+                        "here (gloo on 127.0.0.1, or nccl on GPUs). Under torchrun every rank "
+                        "runs one stage (processes) whatever this says")
+    g.add_argument("--replicas", type=int, default=1, metavar="R",
+                   help="data parallelism across pipelines: R copies of the K-stage pipeline, "
+                        "each on 1/R of every minibatch, the copies of a stage averaging their "
+                        "gradients before each step; K x R processes (--executor processes "
+                        "spawns them here; under torchrun, launch K x R ranks: rank r*K + k "
+                        "runs stage k of replica r). Implies --executor processes. --method ddg "
+                        "or fr (default: %(default)s)")
+    g.add_argument("--device", default="auto", metavar="DEVICE",
+                   help=f"where to compute: {DEVICE_CHOICES}; auto is CUDA when available, "
+                        "cuda spreads the stages over the GPUs (stage k on cuda:k mod count). "
+                        "Under torchrun each rank uses cuda:LOCAL_RANK (default: %(default)s)")
+    g.add_argument("--devices", type=str_list, metavar="D0,D1",
+                   help="one device per stage, e.g. cuda:0,cuda:1 (overrides --device)")
+    g.add_argument("--precision", default="fp32", choices=PRECISIONS,
+                   help="fp32; bf16: autocast to bfloat16 in every stage; fp16: autocast to "
+                        "float16 with dynamic loss scaling, the scale travelling with each "
+                        "minibatch's delayed gradient (default: %(default)s)")
+    g.add_argument("--comm", default="auto", choices=COMMS,
+                   help="--executor processes/torchrun on GPUs: auto sends GPU tensors with "
+                        "nccl; host stages them through host memory over gloo (needed when "
+                        "several ranks share one GPU, which nccl refuses) (default: "
+                        "%(default)s)")
+    g.add_argument("--timeout", type=float, default=300.0, metavar="SECONDS",
+                   help="how long a stage waits for a peer before the run stops with an "
+                        "error (default: %(default)s)")
+
+
+def add_bench_arguments(p: argparse.ArgumentParser) -> None:
+    from ddgpipe.models import MODEL_NAMES
+
+    p.add_argument("--model", default="resnet20", metavar="NAME",
+                   help=f"network: {', '.join(MODEL_NAMES)} (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=128, help="global minibatch size, the "
+                   "same for every configuration (default: %(default)s)")
+    p.add_argument("--stages", type=int, default=2, metavar="K",
+                   help="workers: DDG/pipeline stages, DDP ranks, backprop threads "
+                        "(default: %(default)s)")
+    p.add_argument("--steps", type=int, default=30, help="timed steps per configuration and "
+                   "round (default: %(default)s)")
+    p.add_argument("--warmup", type=int, default=5, help="untimed steps before the timed ones "
+                   "(default: %(default)s)")
+    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds; ratios are "
+                   "medians over rounds (default: %(default)s)")
+    p.add_argument("--microbatches", type=int_list, default=[2, 4, 8], metavar="M1,M2",
+                   help="microbatch counts tried for GPipe and 1F1B (default: 2,4,8)")
+    p.add_argument("--configs", type=lambda t: [c for c in t.split(",") if c], metavar="A,B",
+                   help="run only these configurations, e.g. bp-1t,ddg-graph (default: all)")
+    p.add_argument("--image-size", type=int, default=32, help="synthetic input height and "
+                   "width (default: %(default)s)")
+    p.add_argument("--replicas", type=int, default=1, metavar="R",
+                   help="with R >= 2, also run DDG with K stages x R replicas on the process "
+                        "runtime: ddg-graph-kKr1, ddg-graph-k1rR (one stage, R replicas: "
+                        "data parallelism through DDG's code) and ddg-graph-kKrR; rows with "
+                        "more processes than cores are reported as oversubscribed "
+                        "(default: %(default)s)")
+    p.add_argument("--link-gbps", type=float, default=None, metavar="GBIT_S",
+                   help="link bandwidth for the cost model's predictions (default: "
+                        "communication is free and overlapped; the K x R predictions, which "
+                        "a free link would make perfect, assume 10)")
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
+                   help="cpu, or cuda: every configuration on GPUs (stage or rank k on cuda:k "
+                        "mod count; DDP and torch's pipelines only with K GPUs), timed with "
+                        "CUDA events, with each GPU's peak memory (default: %(default)s)")
+    p.add_argument("--out", default="runs/bench", metavar="DIR", help="where bench.json and "
+                   "bench.png go (default: %(default)s)")
+    p.add_argument("--no-progress", action="store_true", help="hide the per-run progress lines")
+
+
+def add_paper_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--quick", action="store_true", help="a small smoke version (ResNet-20, "
+                   "2 epochs, one seed, K = 2 and 4, constant step size)")
+    p.add_argument("--model", help="override the network (default: resnet56; quick: resnet20)")
+    p.add_argument("--epochs", type=int, help="override the epochs per run (default: 15)")
+    p.add_argument("--seeds", type=int_list, metavar="S1,S2", help="override the seeds "
+                   "(default: 0,1,2)")
+    p.add_argument("--stages", type=int_list, metavar="K1,K2", help="override the K values "
+                   "(default: 2,3,4)")
+    p.add_argument("--grad-shrink", type=float, default=1.0, metavar="BETA",
+                   help="gradient shrinking for the DDG runs (FDG, Huo et al.): scale stage "
+                        "k's delayed gradient by BETA**delay (default: 1, plain DDG)")
+    p.add_argument("--workers", type=int, default=2, help="runs trained at once, one thread "
+                   "each (default: %(default)s)")
+    p.add_argument("--out", default="runs/paper", metavar="DIR", help="where runs, "
+                   "results.md and figures go (default: %(default)s)")
+    p.add_argument("--no-progress", action="store_true", help="hide the per-run lines")
+
+
+def add_staleness_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--quick", action="store_true",
+                   help="a smoke version: one seed, K = 2 and 4, BP, DDG and DDG + sc,lwp "
+                        "(sweep: lr 0.05 and 0.025), ResNet-20 on digits and ResNet-20-1D on "
+                        "mnist1d, one epoch at batch 128 (2 for the budget part); 20 runs")
+    p.add_argument("--seeds", type=int_list, metavar="S1,S2",
+                   help="seeds of every run (default: 0,1,2; quick: 0)")
+    p.add_argument("--stages", type=int_list, metavar="K1,K2",
+                   help="the K values, each >= 2 and at most the model's block count; "
+                        "backprop is always run (default: 2,3,4,8; quick: 2,4)")
+    p.add_argument("--benchmarks", type=str_list, metavar="B1,B2",
+                   help="digits (ResNet-56, 15 epochs) and/or mnist1d (ResNet-20-1D, 30 "
+                        "epochs) (default: digits,mnist1d)")
+    p.add_argument("--parts", type=str_list, metavar="P1,P2",
+                   help="main: every method at backprop's hyperparameters; sweep: plain DDG at "
+                        "lr 0.05, 0.025, 0.0125; budget: backprop and plain DDG with 3x the "
+                        "epochs (at --budget-stages, on --budget-seeds seeds). Each part also "
+                        "trains the backprop runs its gaps need; runs shared by parts are "
+                        "trained once (default: main,sweep,budget)")
+    p.add_argument("--budget-stages", type=int_list, metavar="K1,K2",
+                   help="the K values of the budget part; a long run costs as much as 3 short "
+                        "ones (default: 4; quick: 2,4)")
+    p.add_argument("--budget-seeds", type=int, metavar="N",
+                   help="the budget part trains the first N of --seeds; its table compares "
+                        "every method on those seeds only (default: 1)")
+    p.add_argument("--workers", type=int, default=2,
+                   help="runs trained at once, each a process with one torch thread on the "
+                        "reference executor (default: %(default)s)")
+    p.add_argument("--out", default="runs/staleness", metavar="DIR",
+                   help="where the runs (DIR/BENCHMARK/METHOD/kK-sSEED), results.md, "
+                        "summary.json and figures go; runs already finished there with the "
+                        "same settings are skipped (default: %(default)s)")
+    p.add_argument("--report-only", action="store_true",
+                   help="train nothing: write results.md, summary.json and the figures from "
+                        "the runs finished so far in --out, naming the missing ones")
+    p.add_argument("--no-progress", action="store_true", help="hide the per-run lines")
+
+

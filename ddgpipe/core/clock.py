@@ -1,0 +1,98 @@
+"""One clock of one stage: the schedule's actions turned into ``Stage`` calls.
+
+Every executor runs stages through :func:`run_stage_clock`; they differ only in their
+:class:`Links`, i.e. how an activation or a gradient reaches the neighbouring stage (a dict
+in the reference executor, queues between threads, torch.distributed between processes).
+That is what makes them agree bitwise: the computation is literally the same code.
+
+An activation travels with the fp16 overflow report of the stages before it, a gradient with
+the loss scale its minibatch used (see :mod:`ddgpipe.core.precision`); in fp32 these are
+``False`` and ``1.0``.
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import AbstractContextManager, nullcontext
+from typing import Protocol
+
+from torch import Tensor
+
+from ddgpipe.core.schedule import Action
+from ddgpipe.core.stage import LossFn, Stage
+from ddgpipe.core.timeline import Timeline
+
+__all__ = ["Links", "run_stage_clock"]
+
+
+class Links(Protocol):
+    """How a stage exchanges tensors with its neighbours and gets its data."""
+
+    def recv_activation(self, stage: Stage, minibatch: int) -> tuple[Tensor, bool]:
+        """The input of ``minibatch`` for ``stage`` (stage 0: the data) and the overflow report."""
+
+    def send_activation(self, stage: Stage, minibatch: int, out: Tensor, overflow: bool) -> None:
+        """Hand ``stage``'s output of ``minibatch`` to the next stage."""
+
+    def recv_gradient(self, stage: Stage, minibatch: int) -> tuple[Tensor, float]:
+        """The gradient of ``stage``'s output of ``minibatch`` and the loss scale it carries."""
+
+    def send_gradient(self, stage: Stage, minibatch: int, grad: Tensor, loss_scale: float) -> None:
+        """Hand the gradient w.r.t. ``stage``'s input of ``minibatch`` to the previous stage."""
+
+    def target(self, stage: Stage, minibatch: int) -> tuple[Tensor, LossFn]:
+        """The last stage's target and loss function for ``minibatch``."""
+
+
+def _no_guard(stage: Stage) -> AbstractContextManager:
+    return nullcontext()
+
+
+def run_stage_clock(stage: Stage, actions: list[Action], links: Links, *,
+                    guard=_no_guard, timeline: Timeline | None = None,
+                    on_loss=None) -> Tensor | None:
+    """Run ``actions`` (one clock of ``stage``) in order, then end the stage's clock.
+
+    ``guard(stage)`` is entered around each computation (not around waits for peers): the
+    threaded executor uses it to give a stage that draws random numbers its own stream.
+    ``on_loss(minibatch, loss)`` is called as soon as the last stage has the loss, before its
+    backward: the threaded executor hands it to the caller from there. Returns the loss when
+    the last stage ran a forward, else None.
+    """
+    loss = None
+    for action in actions:
+        start = time.perf_counter()
+        m = action.minibatch
+        if action.op == "F":
+            x, overflow = links.recv_activation(stage, m)
+            if stage.is_last:
+                y, loss_fn = links.target(stage, m)
+                with guard(stage):
+                    loss = stage.forward_loss(m, x, y, loss_fn, overflow)
+                if on_loss is not None:
+                    on_loss(m, loss)
+            else:
+                with guard(stage):
+                    out = stage.forward(m, x, overflow)
+                links.send_activation(stage, m, out, stage.take_overflow())
+        elif action.op == "B":
+            grad, scale = None, 1.0
+            if stage.gradient_op == "B" and not stage.is_last:
+                grad, scale = links.recv_gradient(stage, m)
+            with guard(stage):
+                grad_in = stage.backward(m, grad, scale)
+            if not stage.is_first:
+                links.send_gradient(stage, m, grad_in, stage.grad_loss_scale)
+        elif action.op == "S":
+            with guard(stage):
+                stage.step(m)
+        elif action.op == "G":
+            grad, _ = links.recv_gradient(stage, m)
+            with guard(stage):
+                stage.learn(m, grad)
+        else:
+            raise RuntimeError(f"no executor for op {action.op!r} ({action})")
+        if timeline is not None:
+            timeline.record(action, start, time.perf_counter())
+    stage.end_clock()
+    return loss

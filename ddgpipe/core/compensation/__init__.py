@@ -1,0 +1,189 @@
+"""Staleness compensation from the asynchronous-pipeline literature, by name.
+
+    pipe = ddgpipe.DDG(model, 4, optimizer, compensation="sc,lwp")
+    pipe = ddgpipe.DDG(model, 4, optimizer, compensation="dc",
+                       compensation_options={"dc_lambda": 1.0})
+
+=================  ===============================================  ============  ===========
+name               rule (file)                                      optimizer     stash
+=================  ===============================================  ============  ===========
+``sc``             spike compensation, Kosson et al. 2021           momentum SGD  any
+                   (``spike.py``)
+``lwp``            linear weight prediction, Kosson et al. 2021     momentum SGD  any
+                   (``prediction.py``)
+``dc``             DC-ASGD-a, adaptive lambda, Zheng et al. 2017    any           graph,
+                   (``delay.py``)                                                 recompute
+``dc-c``           DC-ASGD-c, constant lambda (``delay.py``)        any           graph,
+                                                                                  recompute
+``pipemare-lr``    PipeMare T1, lr rescheduling, Yang et al. 2021   any           any
+                   (``pipemare.py``)
+``pipemare``       PipeMare T1 + T2 (discrepancy correction of the  any           none
+                   replay's weights) (``pipemare.py``)
+=================  ===============================================  ============  ===========
+
+Names combine with commas when they change different phases of a step (see
+:mod:`ddgpipe.core.compensation.base`): ``sc,lwp`` is the combination Kosson et al. recommend;
+other combinations are well defined but were not studied by their authors. Every rule
+applies only to stages with a delay; the last stage and K = 1 stay plain backprop.
+
+Each file states its rule and derives it; ``tests/core/test_compensation.py`` checks each one
+against an independent float64 numpy implementation of that rule. The papers' equation
+numbers are not quoted because they were not checked against the papers' text; the rules
+follow the techniques as the papers name them, the DC-ASGD authors' public code, and the
+derivation in each file. Defaults that are ddgpipe's rather than a paper's say so.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+
+import torch
+
+from ddgpipe.core.compensation.base import PHASES, Compensation, Rule, Rules
+from ddgpipe.core.compensation.delay import DelayCompensation
+from ddgpipe.core.compensation.pipemare import PipeMareLR, PipeMareReplay
+from ddgpipe.core.compensation.prediction import LinearWeightPrediction
+from ddgpipe.core.compensation.spike import SpikeCompensation
+from ddgpipe.errors import UsageError
+
+__all__ = ["Compensation", "Rule", "Rules", "PHASES", "COMPENSATIONS", "OPTIONS",
+           "parse_compensation", "make_compensation"]
+
+#: every name, with the one line ``ddgpipe train --help`` shows
+COMPENSATIONS: dict[str, str] = {
+    "sc": "spike compensation (Kosson et al. 2021): momentum SGD applies a gradient late by D "
+          "steps as w -= lr (m^D v + (1-m^D)/(1-m) g); momentum SGD only",
+    "lwp": "linear weight prediction (Kosson et al. 2021): the forward (and the stash) uses "
+           "w - lr D v, where the weights will be when its gradient lands; momentum SGD only",
+    "dc": "DC-ASGD-a (Zheng et al. 2017): g + lambda_t g*g*(w - w_forward), lambda_t = "
+          "lambda0/sqrt(mean square of g); any optimizer; stash graph or recompute",
+    "dc-c": "DC-ASGD-c: the same with a constant lambda",
+    "pipemare-lr": "PipeMare T1 (Yang et al. 2021): each stage's lr starts at lr/delay and "
+                   "ramps to lr over --pipemare-anneal clocks; any optimizer",
+    "pipemare": "PipeMare T1 + T2: also replays each delayed forward at w - delay * "
+                "(moving average of updates), estimating the forward's weights; stash none only",
+}
+
+#: option name -> default (None: the rule's own default, or required)
+OPTIONS: dict[str, float | int | None] = {
+    "dc_lambda": None,  # dc: 2.0 (lambda_0 of DC-ASGD-a), dc-c: 0.04
+    "dc_decay": 0.95,
+    "pipemare_anneal": None,  # K, in clocks: required
+    "pipemare_ema": 0.9,  # gamma of T2's moving average: ddgpipe's default
+}
+
+DC_LAMBDA = {"dc": 2.0, "dc-c": 0.04}
+
+
+def parse_compensation(spec: str | Sequence[str] | None) -> tuple[str, ...]:
+    """``"sc,lwp"`` or ``["sc", "lwp"]`` -> ``("sc", "lwp")``; None or ``"none"`` -> ``()``."""
+    if spec is None:
+        return ()
+    parts = spec.split(",") if isinstance(spec, str) else list(spec)
+    names = tuple(p.strip() for p in parts if p and p.strip() and p.strip() != "none")
+    for name in names:
+        if name not in COMPENSATIONS:
+            raise UsageError(f"unknown compensation {name!r}; choose from "
+                             f"{', '.join(COMPENSATIONS)} (comma-separated)")
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise UsageError(f"compensation {', '.join(repeated)} given twice; name each once")
+    return names
+
+
+def _options(names: tuple[str, ...], given: Mapping[str, float] | None) -> dict:
+    given = dict(given or {})
+    unknown = sorted(set(given) - set(OPTIONS))
+    if unknown:
+        raise UsageError(f"unknown compensation option {', '.join(unknown)}; the options are "
+                         f"{', '.join(OPTIONS)}")
+    users = {"dc_lambda": ("dc", "dc-c"), "dc_decay": ("dc",),
+             "pipemare_anneal": ("pipemare", "pipemare-lr"), "pipemare_ema": ("pipemare",)}
+    for key in given:
+        if given[key] is not None and not set(users[key]) & set(names):
+            raise UsageError(f"option {key} only applies to compensation "
+                             f"{' or '.join(users[key])}, which is not selected; drop it or "
+                             f"add the compensation")
+    opts = {k: v for k, v in OPTIONS.items()} | {k: v for k, v in given.items() if v is not None}
+    lam = opts["dc_lambda"]
+    if lam is not None and not (lam > 0 and math.isfinite(lam)):
+        raise UsageError(f"dc_lambda must be a positive number (got {lam})")
+    if not 0 <= opts["dc_decay"] < 1:
+        raise UsageError(f"dc_decay must be in [0, 1) (got {opts['dc_decay']})")
+    if not 0 <= opts["pipemare_ema"] < 1:
+        raise UsageError(f"pipemare_ema must be in [0, 1) (got {opts['pipemare_ema']})")
+    anneal = opts["pipemare_anneal"]
+    if {"pipemare", "pipemare-lr"} & set(names):
+        if anneal is None:
+            raise UsageError(
+                "pipemare needs pipemare_anneal=K: the clocks over which each stage's lr "
+                "ramps from lr/delay to lr (PipeMare tunes K per task; e.g. one epoch of "
+                "minibatches); on the command line --pipemare-anneal defaults to one epoch"
+            )
+        if int(anneal) != anneal or anneal < 1:
+            raise UsageError(f"pipemare_anneal must be a whole number of clocks >= 1 "
+                             f"(got {anneal})")
+    return opts
+
+
+def _rules(names: tuple[str, ...], opts: dict) -> list[Rule]:
+    rules: list[Rule] = []
+    for name in names:
+        if name == "sc":
+            rules.append(SpikeCompensation())
+        elif name == "lwp":
+            rules.append(LinearWeightPrediction())
+        elif name in ("dc", "dc-c"):
+            lam = opts["dc_lambda"] if opts["dc_lambda"] is not None else DC_LAMBDA[name]
+            rules.append(DelayCompensation(name == "dc", lam, opts["dc_decay"]))
+        elif name == "pipemare-lr":
+            rules.append(PipeMareLR(int(opts["pipemare_anneal"])))
+        elif name == "pipemare":
+            rules += [PipeMareLR(int(opts["pipemare_anneal"])),
+                      PipeMareReplay(opts["pipemare_ema"])]
+    return rules
+
+
+def _check_stash(names: tuple[str, ...], stash: str) -> None:
+    for name in names:
+        if name in ("dc", "dc-c") and stash == "none":
+            raise UsageError(
+                f"compensation {name} corrects a gradient computed at the forward's (older) "
+                "weights, but stash none replays the backward at the live weights, so there "
+                "is no delay to compensate (w - w_forward = 0); use --stash graph or recompute "
+                f"with {name}"
+            )
+        if name == "pipemare" and stash != "none":
+            raise UsageError(
+                f"compensation pipemare includes T2, which corrects the weights a stash-none "
+                f"replay uses; with stash {stash} the backward already runs at the forward's "
+                "exact weights, so there is nothing to correct: use pipemare-lr (T1 alone) "
+                f"with stash {stash}, or --stash none (--method fr) for T1 + T2"
+            )
+
+
+def make_compensation(spec: str | Sequence[str] | None, stash: str = "graph",
+                      options: Mapping[str, float] | None = None,
+                      optimizer: torch.optim.Optimizer | None = None,
+                      ) -> Callable[[], Compensation]:
+    """A factory of fresh compensations (one per stage: each keeps its own state).
+
+    Unknown names, names undefined for ``stash``, and bad or unused options fail here, with
+    a :class:`UsageError`; a rule undefined for the optimizer fails here when ``optimizer``
+    (an instance like the stages' ones) is given, else when a stage binds it.
+    """
+    names = parse_compensation(spec)
+    opts = _options(names, options)
+    _check_stash(names, stash)
+    if not names:
+        return Compensation
+    rules = Rules(_rules(names, opts))  # two rules in one phase fail now, not in every stage
+    if optimizer is not None:
+        for rule in rules.rules:
+            rule.check(optimizer)
+
+    def build() -> Compensation:
+        return Rules(_rules(names, opts))
+
+    return build

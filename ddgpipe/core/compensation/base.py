@@ -1,0 +1,252 @@
+"""The hook a stage consults, and how several papers' rules share it.
+
+DDG's stage k learns at clock t from the gradient of minibatch t-d_k, computed at the weights
+that minibatch's forward used, d_k optimizer steps ago. The asynchronous-pipeline literature
+offers remedies for that staleness; each is a small object the :class:`~ddgpipe.core.stage.Stage`
+consults at three points of its clock, and knows nothing of executors or processes:
+
+* at F, :meth:`Compensation.forward_weights` may return the weights the forward should use
+  instead of the live ones (weight prediction); the stash then keeps *those* weights, so the
+  backward is exact at them;
+* at B, under stash mode ``none`` only, :meth:`Compensation.replay_weights` may return the
+  weights the replayed forward and its backward use instead of the live ones (an estimate of
+  the forward's weights: PipeMare's discrepancy correction);
+* at S, :meth:`Compensation.step` applies the gradient the backward left in ``p.grad``
+  (plain DDG: ``optimizer.step()``), given the weights that minibatch's forward used.
+
+The identity compensation below is plain DDG. A stage without delay (the last one, or K = 1)
+never consults its compensation, so backprop stays backprop bitwise.
+
+Each paper's rule is a :class:`Rule`: it changes one *phase* of the step (which weights the
+forward uses, which the replay uses, the gradient, the learning rate, or the update itself)
+and leaves the others alone. :class:`Rules` runs a set of rules, at most one per phase, in a
+fixed order, so ``sc,lwp`` (Kosson et al.'s best setting) is two rules, not a third one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Protocol
+
+import torch
+from torch import Tensor, nn
+
+from ddgpipe.errors import UsageError
+
+__all__ = ["Compensation", "Rule", "Rules", "PHASES", "StageView", "require_momentum_sgd",
+           "groups_by_param", "scaled_lr"]
+
+Weights = dict[str, Tensor]
+
+
+class StageView(Protocol):
+    """What a compensation sees of its stage (:class:`ddgpipe.core.stage.Stage` is one)."""
+
+    delay: int
+    steps: int
+    optimizer: torch.optim.Optimizer | None
+
+    @property
+    def params(self) -> dict[str, nn.Parameter]:
+        """The stage's trainable parameters by name."""
+        ...
+
+
+class Compensation:
+    """Plain DDG: forward with the live weights, step with the optimizer as given."""
+
+    name = "none"
+
+    def bind(self, stage: StageView) -> None:
+        """Called once when the stage is built: check the optimizer, keep what is needed."""
+        self.stage = stage
+
+    def forward_weights(self) -> Weights | None:
+        """The weights the next forward uses, by parameter name; None means the live ones."""
+        return None
+
+    def replay_weights(self) -> Weights | None:
+        """Stash mode ``none`` only: the weights the replay of the minibatch whose backward
+        runs now uses, by parameter name (fresh tensors); None means the live ones."""
+        return None
+
+    def step(self, forward_weights: Weights | None) -> None:
+        """Apply the delayed gradient in ``p.grad`` to the live parameters.
+
+        ``forward_weights`` are the weights the gradient's minibatch ran its forward with (the
+        stash's version; None when the stash keeps none, i.e. stash mode ``none``).
+        """
+        self.stage.optimizer.step()
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+#: the phases of a step a rule may change, in the order :class:`Rules` runs them
+PHASES = ("forward", "replay", "gradient", "lr", "update")
+
+
+class Rule:
+    """One paper's rule: it changes the phase ``phase`` of a stage's step and no other.
+
+    Subclasses override the method of their phase; the defaults are the identity.
+    """
+
+    name = ""
+    phase = ""
+    #: whether :meth:`after_update` wants the weights as they were before the update
+    wants_before = False
+
+    def check(self, optimizer: torch.optim.Optimizer) -> None:
+        """Raise :class:`UsageError` when the rule is undefined for this optimizer."""
+
+    def bind(self, stage: StageView) -> None:
+        self.stage = stage
+
+    @property
+    def delay(self) -> int:
+        return self.stage.delay
+
+    @property
+    def params(self) -> dict[str, torch.nn.Parameter]:
+        return self.stage.params
+
+    def forward_weights(self) -> Weights | None:  # phase "forward"
+        return None
+
+    def replay_weights(self) -> Weights | None:  # phase "replay"
+        return None
+
+    def correct_gradient(self, forward_weights: Weights | None) -> None:  # phase "gradient"
+        pass
+
+    def lr_factor(self) -> float:  # phase "lr"
+        return 1.0
+
+    def update(self) -> None:  # phase "update"
+        self.stage.optimizer.step()
+
+    def after_update(self, before: Weights) -> None:
+        """Called with the live weights as they were before the update, when ``wants_before``."""
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+class Rules(Compensation):
+    """Several rules, at most one per phase, run as one compensation.
+
+    A step runs: the gradient rule (corrects ``p.grad``), then the update rule (or
+    ``optimizer.step()``) with every learning rate scaled by the lr rule's factor, then
+    ``after_update`` of the rules that asked for the weights before the update.
+    """
+
+    def __init__(self, rules: list[Rule]):
+        by_phase: dict[str, Rule] = {}
+        for rule in rules:
+            if rule.phase in by_phase:
+                raise UsageError(
+                    f"compensations {by_phase[rule.phase].name} and {rule.name} both change "
+                    f"the {rule.phase} phase of a step; choose one of them"
+                )
+            by_phase[rule.phase] = rule
+        self.rules = rules
+        self.by_phase = by_phase
+        self.name = ",".join(r.name for r in rules) or "none"
+
+    def bind(self, stage: StageView) -> None:
+        super().bind(stage)
+        for rule in self.rules:
+            rule.check(stage.optimizer)
+            rule.bind(stage)
+
+    def forward_weights(self) -> Weights | None:
+        rule = self.by_phase.get("forward")
+        if rule is None:
+            return None
+        with scaled_lr(self.stage.optimizer, self._lr_factor()):  # predict with the step's lr
+            return rule.forward_weights()
+
+    def _lr_factor(self) -> float:
+        return self.by_phase["lr"].lr_factor() if "lr" in self.by_phase else 1.0
+
+    def replay_weights(self) -> Weights | None:
+        rule = self.by_phase.get("replay")
+        return rule.replay_weights() if rule else None
+
+    def step(self, forward_weights: Weights | None) -> None:
+        if "gradient" in self.by_phase:
+            self.by_phase["gradient"].correct_gradient(forward_weights)
+        watchers = [r for r in self.rules if r.wants_before]
+        before = {n: p.detach().clone() for n, p in self.stage.params.items()} \
+            if watchers else {}
+        with scaled_lr(self.stage.optimizer, self._lr_factor()):
+            if "update" in self.by_phase:
+                self.by_phase["update"].update()
+            else:
+                self.stage.optimizer.step()
+        for rule in watchers:
+            rule.after_update(before)
+
+    def state_dict(self) -> dict:
+        return {rule.name: rule.state_dict() for rule in self.rules}
+
+    def load_state_dict(self, state: dict) -> None:
+        for rule in self.rules:
+            rule.load_state_dict(state.get(rule.name, {}))
+
+
+@contextmanager
+def scaled_lr(optimizer: torch.optim.Optimizer, factor: float) -> Iterator[None]:
+    """Every group's lr times ``factor`` for the block; restored exactly after it."""
+    if factor == 1.0:
+        yield
+        return
+    saved = [group["lr"] for group in optimizer.param_groups]
+    for group in optimizer.param_groups:
+        group["lr"] = group["lr"] * factor
+    try:
+        yield
+    finally:
+        for group, lr in zip(optimizer.param_groups, saved):
+            group["lr"] = lr
+
+
+def require_momentum_sgd(optimizer: torch.optim.Optimizer, rule: str, why: str,
+                        nesterov_ok: bool = True) -> None:
+    """Refuse anything but SGD with momentum > 0 (no dampening, not maximising)."""
+    if not isinstance(optimizer, torch.optim.SGD):
+        raise UsageError(
+            f"compensation {rule} needs SGD with momentum, got {type(optimizer).__name__}: "
+            f"{why}; use --optimizer sgd --momentum 0.9, or a compensation that applies to "
+            f"any optimizer (dc, dc-c, pipemare-lr, pipemare)"
+        )
+    for group in optimizer.param_groups:
+        if not group["momentum"] > 0:
+            raise UsageError(
+                f"compensation {rule} needs SGD with momentum > 0 (got momentum "
+                f"{group['momentum']}): {why}; pass --momentum 0.9, or drop {rule}"
+            )
+        if group.get("dampening", 0) != 0 or group.get("maximize", False):
+            raise UsageError(
+                f"compensation {rule} is derived for v <- m v + g, w <- w - lr v; this SGD has "
+                f"dampening {group.get('dampening')} / maximize {group.get('maximize')}: "
+                "build it with dampening=0 and maximize=False"
+            )
+        if group.get("nesterov", False) and not nesterov_ok:
+            raise UsageError(
+                f"compensation {rule} replaces the momentum update, and Nesterov momentum is "
+                f"already its D = 1 case: drop --nesterov (nesterov=False), or drop {rule}"
+            )
+
+
+def groups_by_param(optimizer: torch.optim.Optimizer) -> dict[int, dict]:
+    """``id(param) -> its param group``."""
+    return {id(p): group for group in optimizer.param_groups for p in group["params"]}

@@ -1,0 +1,134 @@
+"""Random state: the process's, and one stream per pipeline stage.
+
+``rng_state()`` is the CPU generator's state plus, once CUDA is in use, the GPUs' (all of them,
+or the ones given). A block profile and a tuning run save and restore it, so neither leaves a
+trace in the numbers training draws; a stash replay restores the state its forward saw.
+
+Every stage draws its random numbers (dropout, a DNI gradient model's initial weights) from
+a stream of its own, started from the caller's state at the first clock: under the process
+runtime each stage is a process with its own generator, and the in-process executors must
+match it. torch has one CPU generator per process (and one per GPU), not one per thread, so
+:class:`StageStreams` swaps each stage's stream in around that stage's work and puts the
+caller's back afterwards. In the threaded executor stages compute at once; the swap then
+holds a lock, and only the stages that draw random numbers take it (see
+:mod:`ddgpipe.runtime.threads`), so stages without randomness never wait for each other.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+__all__ = ["rng_state", "set_rng_state", "rng_kept", "same_rng_state", "StageStreams",
+           "draws_random_numbers", "RANDOM_MODULES"]
+
+RANDOM_MODULES: tuple[type[nn.Module], ...] = (
+    nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
+    nn.FeatureAlphaDropout, nn.RReLU,
+)
+"""Modules of torch that draw from the global generator in training mode."""
+
+
+def _cuda_indices(devices: Iterable[torch.device] | None) -> list[int]:
+    if not torch.cuda.is_initialized():
+        return []
+    if devices is None:
+        return list(range(torch.cuda.device_count()))
+    return sorted({d.index if d.index is not None else torch.cuda.current_device()
+                   for d in devices if d.type == "cuda"})
+
+
+def rng_state(devices: Iterable[torch.device] | None = None) -> dict:
+    """The CPU generator's state and, when CUDA is initialised, that of ``devices``' GPUs
+    (None: every GPU)."""
+    state: dict = {"cpu": torch.get_rng_state()}
+    cuda = _cuda_indices(devices)
+    if cuda:
+        state["cuda"] = {i: torch.cuda.get_rng_state(i) for i in cuda}
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["cpu"])
+    for index, value in state.get("cuda", {}).items():
+        torch.cuda.set_rng_state(value, int(index))
+
+
+def same_rng_state(a: dict, b: dict) -> bool:
+    """Whether two states are equal: has anything been drawn between them?"""
+    if not torch.equal(a["cpu"], b["cpu"]):
+        return False
+    ca, cb = a.get("cuda", {}), b.get("cuda", {})
+    return ca.keys() == cb.keys() and all(torch.equal(ca[i], cb[i]) for i in ca)
+
+
+@contextmanager
+def rng_kept(devices: Iterable[torch.device] | None = None) -> Iterator[None]:
+    """Run the block, then put the random state (CPU, and ``devices``' GPUs) back as it was."""
+    saved = rng_state(devices)
+    try:
+        yield
+    finally:
+        set_rng_state(saved)
+
+
+def draws_random_numbers(module: nn.Module) -> bool:
+    """Whether ``module`` holds a layer known to draw random numbers when training.
+
+    A custom layer that draws (``torch.rand`` and the like in its forward) can say so with
+    an attribute ``draws_random_numbers = True``.
+    """
+    return any(isinstance(m, RANDOM_MODULES) or getattr(m, "draws_random_numbers", False)
+               for m in module.modules())
+
+
+_GENERATOR_LOCK = threading.RLock()
+"""Held while a stage's stream is swapped into the process's generator: one lock for every
+pipeline of the process, since they all share that generator."""
+
+
+class StageStreams:
+    """One random stream per stage, each started from the caller's state at the first clock.
+
+    The swap puts the caller's state back after each use; a caller that draws from (or seeds)
+    the global generator on another thread *while* stages of a threaded pipeline run races
+    with them, so callers wait for the pipeline first (``pipe.sync()``, ``pipe.eval()``).
+    """
+
+    def __init__(self, devices: list[torch.device]):
+        self.devices = devices
+        self.states: list[dict] | None = None
+        self.lock = _GENERATOR_LOCK
+
+    def start(self) -> None:
+        """Begin every stage's stream at the caller's current state (once)."""
+        if self.states is None:
+            state = rng_state(self.devices)
+            self.states = [state] * len(self.devices)
+
+    @contextmanager
+    def use(self, stage: int) -> Iterator[StreamUse]:
+        """Draw from ``stage``'s stream inside the block. The yielded record's ``drew`` says,
+        after the block, whether it drew any random number."""
+        with self.lock:
+            saved = rng_state(self.devices)
+            record = StreamUse()
+            before = self.states[stage]
+            set_rng_state(before)
+            try:
+                yield record
+            finally:
+                after = rng_state(self.devices)
+                self.states[stage] = after
+                record.drew = not same_rng_state(before, after)
+                set_rng_state(saved)
+
+
+class StreamUse:
+    """What :meth:`StageStreams.use` learnt about the block it ran."""
+
+    drew = False

@@ -1,0 +1,298 @@
+"""One pipeline stage: a slice of the network, its optimizer, LR schedule and weight stash.
+
+A stage computes on tensors and knows nothing of processes or threads: every executor (the
+reference, the threaded one, the process runtime) calls the very same methods, which is why
+they agree bitwise. A stage owns its device (its module lives there) and, on a GPU, a CUDA
+stream of its own; the executors move tensors between stages, never the stage.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections import deque
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from typing import Protocol
+
+import torch
+from torch import Tensor, nn
+
+from ddgpipe.core.compensation import Compensation
+from ddgpipe.core.precision import LossScaler, autocast, check_precision, unscale_
+from ddgpipe.core.stash import Pending, Stash
+from ddgpipe.core.streams import new_stream
+from ddgpipe.errors import UsageError
+
+__all__ = ["Stage", "StageFactory", "GradientAverager", "OptimizerFactory", "SchedulerFactory",
+           "LossFn"]
+
+OptimizerFactory = Callable[[list[nn.Parameter]], torch.optim.Optimizer]
+SchedulerFactory = Callable[[torch.optim.Optimizer], object]
+LossFn = Callable[[Tensor, Tensor], Tensor]
+
+
+class GradientAverager(Protocol):
+    """Averages a stage's gradients over its replicas between B and S
+    (:class:`ddgpipe.runtime.replicas.GradientAverager` is the one the process runtime sets)."""
+
+    def watching(self, leaves: dict[str, Tensor]) -> AbstractContextManager:
+        """Around the backward that writes into ``leaves``: start averaging as they fill."""
+        ...
+
+    def wait(self) -> None:
+        """Wait for the averages and write them into the gradients."""
+        ...
+
+
+class Stage:
+    """Stage ``index`` of ``num_stages``; its backward lags its forward by ``delay`` clocks.
+
+    ``grad_shrink`` (beta) scales the delayed gradient by ``beta ** delay`` before the step,
+    the gradient shrinking of the authors' follow-up FDG; 1.0 is the paper's DDG.
+    ``precision`` is ``fp32``, ``bf16`` or ``fp16`` (see :mod:`ddgpipe.core.precision`).
+    """
+
+    #: the op that consumes the gradient stage k+1 sends back: DDG's delayed backward
+    gradient_op = "B"
+
+    def __init__(
+        self,
+        index: int,
+        num_stages: int,
+        module: nn.Module,
+        optimizer: OptimizerFactory,
+        lr_scheduler: SchedulerFactory | None = None,
+        stash: str = "graph",
+        grad_shrink: float = 1.0,
+        delay: int | None = None,
+        compensation: Compensation | None = None,
+        device: torch.device | str = "cpu",
+        precision: str = "fp32",
+    ):
+        self.index = index
+        self.num_stages = num_stages
+        self.delay = num_stages - 1 - index if delay is None else delay
+        self.device = torch.device(device)
+        self.precision = check_precision(precision)
+        self.module = module.to(self.device)
+        self.stream = new_stream(self.device)
+        params = [p for p in module.parameters() if p.requires_grad]
+        # A stage without trainable parameters (a pooling head, say) only passes gradients on.
+        self.optimizer = optimizer(params) if params else None
+        self.lr_scheduler = lr_scheduler(self.optimizer) if lr_scheduler and params else None
+        self.stash = Stash(module, stash, self.delay, needs_input_grad=index > 0,
+                           device=self.device, compute_context=self._autocast)
+        self.grad_scale = grad_shrink**self.delay
+        self.inflight: deque[Pending] = deque()
+        self.steps = 0
+        self.compensation = compensation if compensation and params else Compensation()
+        self.compensation.bind(self)
+        self._forward_weights: dict[str, Tensor] | None = None  # of the minibatch B just ran
+        # fp16 loss scaling (see ddgpipe.core.precision): the last stage owns the scale; every
+        # stage skips a step whose gradients overflowed and reports it forward.
+        self.loss_scaler = LossScaler() if precision == "fp16" and self.is_last else None
+        self.grad_loss_scale = 1.0  # the scale the input gradient just returned carries
+        self.overflow_skips = 0
+        self._skip_step = False
+        self._overflow = False  # an overflow seen here or reported from before, not sent on
+        # Set by an executor running R > 1 replicas of this stage (see ddgpipe.runtime.replicas): it
+        # averages the gradients over the replicas between B and S.
+        self.averager: GradientAverager | None = None
+
+    def _autocast(self):
+        return autocast(self.precision, self.device)
+
+    @property
+    def params(self) -> dict[str, nn.Parameter]:
+        """The trainable parameters by name, as the stash and the compensations see them."""
+        return self.stash.params
+
+    @property
+    def is_first(self) -> bool:
+        return self.index == 0
+
+    @property
+    def is_last(self) -> bool:
+        return self.index == self.num_stages - 1
+
+    def _forward(self, minibatch: int, x: Tensor) -> tuple[Tensor, Pending]:
+        weights = self.compensation.forward_weights() if self.delay > 0 else None
+        try:
+            return self.stash.forward(minibatch, x, weights)
+        except RuntimeError as e:  # shape/dtype mismatches surface as RuntimeError in torch
+            if self.is_first or "shape" in str(e) or "size" in str(e):
+                raise UsageError(
+                    f"stage {self.index} cannot take an input of shape {tuple(x.shape)} "
+                    f"({str(e).splitlines()[0]}); check the data against the model's "
+                    "expected input"
+                ) from None
+            raise
+
+    def forward(self, minibatch: int, x: Tensor, overflow: bool = False) -> Tensor:
+        """F: run minibatch ``minibatch`` with the current weights; return the activation.
+
+        ``overflow`` is the fp16 overflow report that came with ``x`` (see :meth:`take_overflow`).
+        """
+        self._overflow |= overflow
+        out, pending = self._forward(minibatch, x)
+        pending.output_shape, pending.output_dtype = tuple(out.shape), out.dtype
+        self.inflight.append(pending)
+        return out.detach()
+
+    def forward_loss(self, minibatch: int, x: Tensor, y: Tensor, loss_fn: LossFn,
+                     overflow: bool = False) -> Tensor:
+        """F of the last stage: the forward and the loss, kept for this clock's backward."""
+        self._overflow |= overflow
+        out, pending = self._forward(minibatch, x)
+        with self._autocast():
+            loss = loss_fn(out, y)
+        if loss.dim() != 0:
+            raise ValueError(
+                f"loss_fn must return a scalar (got shape {tuple(loss.shape)}); "
+                "reduce it, e.g. F.cross_entropy(out, y) with reduction='mean'"
+            )
+        pending.output = loss
+        if self.loss_scaler is not None:
+            pending.loss_scale = self.loss_scaler.scale
+        self.inflight.append(pending)
+        return loss.detach()
+
+    def take_overflow(self) -> bool:
+        """The overflow report to send on with this clock's activation (and forget it)."""
+        report, self._overflow = self._overflow, False
+        return report
+
+    def backward(self, minibatch: int, grad_output: Tensor | None = None,
+                 loss_scale: float = 1.0) -> Tensor | None:
+        """B: backpropagate minibatch ``minibatch`` through its stashed weights.
+
+        ``grad_output`` is the gradient of the loss w.r.t. this stage's output (None for the
+        last stage, whose output is the loss), scaled by ``loss_scale`` under fp16. Returns
+        the gradient w.r.t. the input, or None for the first stage; it carries the same
+        scale, :attr:`grad_loss_scale`.
+        """
+        pending = self.inflight.popleft()
+        if pending.minibatch != minibatch:
+            raise RuntimeError(
+                f"stage {self.index}: backward of minibatch {minibatch} but the oldest "
+                f"in-flight minibatch is {pending.minibatch}"
+            )
+        replayed = self.delay > 0 and self.stash.mode == "none"
+        if replayed:  # None replays at the live weights; a compensation may estimate older ones
+            pending.weights = self.compensation.replay_weights()
+        output = self.stash.output_for_backward(pending)
+        if self.is_last:
+            loss_scale = pending.loss_scale
+            if self.precision == "fp16":  # d(scale * loss) / d(loss)
+                grad_output = torch.full_like(output, loss_scale)
+        if self.averager is None:
+            grad_in = self.stash.backward(pending, output, grad_output)
+        else:  # each bucket's average starts as soon as the backward has produced it
+            with self.averager.watching(self.stash.grad_leaves(pending)):
+                grad_in = self.stash.backward(pending, output, grad_output)
+        self._forward_weights = None if replayed else pending.weights
+        self.grad_loss_scale = loss_scale
+        return grad_in
+
+    def _finish_gradients(self) -> None:
+        """What turns the backward's gradients into the one the step applies, in S so that it
+        sees the replicas' average: fp16 unscaling (an overflow in any replica is in the
+        average, so every replica skips alike) and FDG's gradient shrinking."""
+        if self.averager is not None:
+            self.averager.wait()
+        if self.precision == "fp16":
+            grads = [p.grad for p in self.stash.params.values() if p.grad is not None]
+            self._skip_step = unscale_(grads, self.grad_loss_scale)
+            self._overflow |= self._skip_step
+        if self.grad_scale != 1.0:
+            for p in self.stash.params.values():
+                if p.grad is not None:
+                    p.grad.mul_(self.grad_scale)
+
+    def step(self, minibatch: int) -> None:
+        """S: apply the gradient of minibatch ``minibatch`` (through the compensation)."""
+        self._finish_gradients()
+        if self._skip_step:  # fp16 overflow: skip, as GradScaler does
+            self._skip_step = False
+            self.overflow_skips += 1
+        elif self.optimizer is None:
+            pass
+        elif self.delay > 0:
+            self.compensation.step(self._forward_weights)
+        else:
+            self.optimizer.step()
+        self._forward_weights = None
+        self.steps += 1
+
+    def end_clock(self) -> None:
+        """Advance the LR schedule: every stage advances every clock, so all share lr_t.
+
+        The last stage also updates the fp16 loss scale from this clock's overflow reports.
+        """
+        if self.loss_scaler is not None:
+            self.loss_scaler.update(self.take_overflow())
+        if self.lr_scheduler is None:
+            return
+        with warnings.catch_warnings():
+            # During warm-up a stage has not stepped yet; the schedule must still advance.
+            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)`")
+            self.lr_scheduler.step()
+
+    @property
+    def has_parameters(self) -> bool:
+        return self.optimizer is not None
+
+    @property
+    def lr(self) -> float:
+        """The learning rate of the next clock (NaN for a stage without parameters)."""
+        if self.optimizer is None:
+            return float("nan")
+        return float(self.optimizer.param_groups[0]["lr"])
+
+    def state_dict(self) -> dict:
+        state = {
+            "module": self.module.state_dict(),
+            "optimizer": self.optimizer.state_dict() if self.optimizer else None,
+            "lr_scheduler": self.lr_scheduler.state_dict() if self.lr_scheduler else None,
+            "steps": self.steps,
+            "compensation": self.compensation.state_dict(),
+        }
+        if self.precision == "fp16":
+            state["fp16"] = {"overflow": self._overflow, "skips": self.overflow_skips,
+                             "scaler": self.loss_scaler.state_dict() if self.loss_scaler
+                             else None}
+        return state
+
+    def pipeline_state(self) -> dict:
+        """``state_dict`` plus the in-flight minibatches: everything to resume mid-pipeline."""
+        return self.state_dict() | {"inflight": self.inflight_state()}
+
+    def load_pipeline_state(self, state: dict) -> None:
+        self.load_state_dict(state)
+        self.load_inflight_state(state["inflight"])
+
+    def inflight_state(self) -> list[dict]:
+        """The in-flight minibatches as plain tensors: what differs between the replicas of a
+        stage (their inputs are different shards), unlike :meth:`state_dict`."""
+        return [self.stash.export(p) for p in self.inflight]
+
+    def load_inflight_state(self, records: list[dict]) -> None:
+        self.inflight = deque(self.stash.restore(r) for r in records)
+
+    def load_state_dict(self, state: dict) -> None:
+        self.module.load_state_dict(state["module"])
+        if self.optimizer is not None:
+            self.optimizer.load_state_dict(state["optimizer"])
+        if self.lr_scheduler is not None and state.get("lr_scheduler") is not None:
+            self.lr_scheduler.load_state_dict(state["lr_scheduler"])
+        self.steps = state.get("steps", 0)
+        self.compensation.load_state_dict(state.get("compensation", {}))
+        fp16 = state.get("fp16")
+        if fp16 is not None:
+            self._overflow, self.overflow_skips = fp16["overflow"], fp16["skips"]
+            if self.loss_scaler is not None:
+                self.loss_scaler.load_state_dict(fp16["scaler"])
+
+
+StageFactory = Callable[[int, int, nn.Module, torch.device], Stage]
+"""``(index, num_stages, module, device) -> Stage``: how a method builds its stages."""

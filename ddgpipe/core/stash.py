@@ -1,0 +1,191 @@
+"""Weight stashing: what a stage keeps of a minibatch between its forward and its backward.
+
+DDG's update for module k at clock t (Huo et al. 2018, eq. 8-9)::
+
+    w_k^{t+1} = w_k^t - lr_t * g_k^t,
+    g_k^t     = d loss(x_{t-d_k}) / d w_k, backpropagated through w_k^{t-d_k}
+
+needs the gradient *through the weights the forward used*, d_k optimizer steps ago. The
+optimizer has changed the live parameters in place since, so each in-flight minibatch keeps
+its own weight version (PipeDream's "weight stashing"). Three ways to keep it:
+
+=============  ===========================================  ===============  ==========
+mode           kept per in-flight minibatch                 extra compute    gradient
+=============  ===========================================  ===============  ==========
+``graph``      autograd graph over a weight snapshot        none             exact
+``recompute``  input + weight snapshot (+ RNG state)        one forward      exact
+``none``       input only; replayed with *current* weights  one forward      approximate
+=============  ===========================================  ===============  ==========
+
+``none`` is what Features Replay (Huo et al. 2018b) does: the backward sees w_k^t instead of
+w_k^{t-d_k}, so it is *not* the DDG update; it trades exactness for memory.
+
+Replays (``recompute``/``none``) run the forward on throwaway copies of the buffers so that
+BatchNorm's running statistics are updated once per minibatch, at its forward, as in
+backprop; they restore the RNG state of the original forward (the CPU generator's and the
+stage's GPU's) so random layers replay alike, and they run under the same autocast as the
+forward, so mixed precision replays alike too.
+"""
+
+from __future__ import annotations
+
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from ddgpipe.core.rng import rng_kept, rng_state, set_rng_state
+
+__all__ = ["STASH_MODES", "Pending", "Stash"]
+
+STASH_MODES = ("graph", "recompute", "none")
+
+
+@dataclass
+class Pending:
+    """One in-flight minibatch at one stage: enough to run its backward later."""
+
+    minibatch: int
+    inputs: Tensor | None
+    output: Tensor | None = None  # graph-carrying output (graph mode, or no delay)
+    weights: dict[str, Tensor] | None = None  # snapshot leaves the graph or replay uses
+    rng_state: dict | None = None  # the random state the forward started from
+    output_shape: tuple[int, ...] | None = None  # what the gradient coming back will look like
+    output_dtype: torch.dtype = torch.float32
+    loss_scale: float = 1.0  # fp16: the scale the last stage applied to this minibatch's loss
+
+
+class Stash:
+    """Runs a stage's forward so that its backward can come ``delay`` optimizer steps later."""
+
+    def __init__(self, module: nn.Module, mode: str, delay: int, needs_input_grad: bool,
+                 device: torch.device | None = None,
+                 compute_context=nullcontext):
+        if mode not in STASH_MODES:
+            raise ValueError(f"stash mode {mode!r} is not one of {', '.join(STASH_MODES)}")
+        self.module = module
+        self.device = device or torch.device("cpu")
+        # How every forward and replay runs (the stage's autocast); a fresh context each time.
+        self.compute_context: type[AbstractContextManager] = compute_context
+        # A replay restores the random state of its forward. The threaded executor turns this
+        # off for stages that draw no random numbers, whose replays must not touch the
+        # process's generator while other stages draw from it.
+        self.restores_rng = True
+        # With no delay the backward runs before any step: the live weights are the right
+        # version, and plain autograd is both exact and cheapest whatever the mode.
+        self.mode = mode if delay > 0 else "live"
+        self.needs_input_grad = needs_input_grad
+        self.params = {n: p for n, p in module.named_parameters() if p.requires_grad}
+
+    def _leaf_input(self, x: Tensor) -> Tensor:
+        return x.detach().requires_grad_(self.needs_input_grad)
+
+    def _snapshot(self, requires_grad: bool,
+                  weights: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
+        source = self.params if weights is None else weights
+        return {n: source[n].detach().clone().requires_grad_(requires_grad) for n in self.params}
+
+    def forward(self, minibatch: int, x: Tensor,
+                weights: dict[str, Tensor] | None = None) -> tuple[Tensor, Pending]:
+        """Forward of one minibatch; returns (output, pending).
+
+        ``weights`` (by parameter name) replace the current ones in this forward and become
+        the version the stash keeps (weight prediction); None uses the current weights.
+        """
+        if self.mode == "live":
+            if weights is not None:
+                raise ValueError("a stage without delay has nothing to predict")
+            xin = self._leaf_input(x)
+            with self.compute_context():
+                out = self.module(xin)
+            return out, Pending(minibatch, xin, output=out)
+        rng = rng_state([self.device])  # the replay (or a checkpoint's rebuild) starts here
+        if self.mode == "graph":
+            xin = self._leaf_input(x)
+            weights = self._snapshot(requires_grad=True, weights=weights)
+            with self.compute_context():
+                out = functional_call(self.module, weights, (xin,), strict=False)
+            return out, Pending(minibatch, xin, output=out, weights=weights, rng_state=rng)
+        with torch.no_grad(), self.compute_context():
+            if weights is None:
+                out = self.module(x)
+            else:  # stash none replays with the *live* weights, whatever the forward used
+                out = functional_call(self.module, weights, (x,), strict=False)
+        kept = self._snapshot(requires_grad=False, weights=weights) \
+            if self.mode == "recompute" else None
+        return out, Pending(minibatch, x.detach(), weights=kept, rng_state=rng)
+
+    def replay(self, pending: Pending) -> Tensor:
+        """Recompute the forward of ``pending`` with grad enabled (``recompute``/``none``)."""
+        xin = self._leaf_input(pending.inputs)
+        if pending.weights is not None:  # recompute: the stashed version, as leaves
+            weights = {n: w.requires_grad_(True) for n, w in pending.weights.items()}
+        else:  # none: today's weights
+            weights = dict(self.params)
+        scratch_buffers = {n: b.clone() for n, b in self.module.named_buffers()}
+        with rng_kept([self.device]) if self.restores_rng else nullcontext():
+            if self.restores_rng:
+                set_rng_state(pending.rng_state)
+            with torch.enable_grad(), self.compute_context():
+                out = functional_call(self.module, {**weights, **scratch_buffers}, (xin,),
+                                      strict=False)
+        pending.inputs = xin
+        if pending.weights is None:  # `none` backpropagates straight into the live weights
+            return out
+        pending.weights = weights
+        return out
+
+    def grad_leaves(self, pending: Pending) -> dict[str, Tensor]:
+        """The tensors the backward of ``pending`` accumulates gradients into, by parameter
+        name: its weight version (``graph``; ``recompute`` once replayed) or the live
+        parameters (no delay, ``none``)."""
+        return self.params if pending.weights is None else pending.weights
+
+    def backward(
+        self, pending: Pending, output: Tensor, grad_output: Tensor | None
+    ) -> Tensor | None:
+        """Backpropagate into the live parameters' ``.grad``; return the input gradient."""
+        for p in self.params.values():
+            p.grad = None
+        torch.autograd.backward(output, grad_output)
+        if pending.weights is not None:
+            for name, p in self.params.items():
+                p.grad = pending.weights[name].grad
+        return pending.inputs.grad if self.needs_input_grad else None
+
+    def export(self, pending: Pending) -> dict:
+        """A pending minibatch as plain tensors, for a checkpoint.
+
+        A graph cannot be saved, but its input, weight version and RNG state can: restored,
+        the backward replays the forward from them (as ``recompute`` does), which gives
+        bitwise the gradients the kept graph would have given.
+        """
+        if pending.output is not None and self.mode == "live":
+            raise RuntimeError("a stage without delay has nothing in flight between clocks")
+        weights = None
+        if pending.weights is not None:
+            weights = {n: w.detach().clone() for n, w in pending.weights.items()}
+        return {"minibatch": pending.minibatch, "inputs": pending.inputs.detach().clone(),
+                "weights": weights, "rng_state": pending.rng_state,
+                "output_shape": list(pending.output_shape or []),
+                "output_dtype": str(pending.output_dtype).removeprefix("torch."),
+                "loss_scale": pending.loss_scale}
+
+    def restore(self, record: dict) -> Pending:
+        """The inverse of :meth:`export`: a pending minibatch whose backward will replay."""
+        weights = record["weights"]
+        if weights is not None:
+            weights = {n: w.to(self.device) for n, w in weights.items()}
+        return Pending(record["minibatch"], record["inputs"].to(self.device), weights=weights,
+                       rng_state=record["rng_state"],
+                       output_shape=tuple(record["output_shape"]) or None,
+                       output_dtype=getattr(torch, record["output_dtype"]),
+                       loss_scale=record.get("loss_scale", 1.0))
+
+    def output_for_backward(self, pending: Pending) -> Tensor:
+        """The graph-carrying output of ``pending``, replaying the forward if it was not kept."""
+        if pending.output is not None:
+            return pending.output
+        return self.replay(pending)

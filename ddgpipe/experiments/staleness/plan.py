@@ -1,0 +1,264 @@
+"""``ddgpipe experiment staleness``: do the staleness compensations close DDG's momentum gap?
+
+With momentum SGD, plain DDG falls behind backprop as K grows (``experiment paper``: ResNet-56
+on the digits, -1.9 / -2.9 / -11.1 points at K = 2 / 3 / 4). This experiment trains, with
+backprop's hyperparameters unchanged for every method and every K (no retuning per K):
+
+* ``main``: backprop; plain DDG; DDG with each compensation of :mod:`ddgpipe.core.compensation`
+  alone (``sc``, ``lwp``, ``dc``, ``pipemare-lr``); with Kosson et al.'s combination
+  ``sc,lwp``; FDG's gradient shrinking (:data:`GRAD_SHRINK`); Features Replay (``fr``), and
+  FR with ``pipemare`` (T1 + T2, defined only for FR's stash-none replay);
+* ``sweep``: plain DDG at a few learning rates per K (the baseline a compensation must beat:
+  DDG at its best rate);
+* ``budget``: backprop and plain DDG with ``BUDGET_FACTOR`` times the epochs (does the gap
+  close with budget?), beside the per-seed curves of the plain momentum runs. A long run costs
+  as much as ``BUDGET_FACTOR`` short ones, so by default this part trains only K = 4 (the
+  largest K the paper's claim covers) and only the first seed; its gap is measured against
+  backprop and plain DDG on the same seeds (:func:`.summary.budget_table`);
+
+at K = 2, 3, 4 and 8, on two benchmarks (:data:`BENCHMARKS`), over several seeds. The report
+(``results.md``: :mod:`.report`) says per benchmark and K how far each method is
+from backprop and whether it meets the goals, all computed (:mod:`.summary`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ddgpipe.errors import UsageError
+from ddgpipe.experiments.paper import SETTINGS
+from ddgpipe.training import TrainConfig
+
+__all__ = ["Benchmark", "Variant", "GridRun", "StalenessPlan", "BENCHMARKS", "QUICK_BENCHMARKS",
+           "MAIN_VARIANTS", "PARTS", "GRAD_SHRINK", "GRAD_SHRINK_WHY", "staleness_plan",
+           "plan_record"]
+
+#: the optimizer of every run: ``experiment paper``'s momentum SGD (lr 0.05, cosine, one
+#: warm-up epoch at 0.1x, weight decay 5e-4, momentum 0.9)
+RECIPE = SETTINGS["momentum"]
+BASE_LR = RECIPE["lr"]
+
+#: FDG's gradient-shrinking factor beta (stage k's delayed gradient times beta**delay)
+GRAD_SHRINK = 0.5
+GRAD_SHRINK_WHY = (
+    "FDG's gradient shrinking uses beta = 0.5 at every K. Zhuang et al. (Fully Decoupled Neural "
+    "Network Learning Using Delayed Gradients, 2019) tune beta per network and K: their public "
+    "code's README reports ResNet-56 on CIFAR-10 best at beta = 0.5 for K = 2, 0.2 for K = 3 "
+    "and 0.3 for K = 4, and 0.2-0.8 for other networks at K = 2. No method is retuned per K "
+    "here, so one beta for every K: 0.5, their ResNet-56 value at K = 2 and the value they "
+    "report most often.")
+BUDGET_FACTOR = 3
+#: the budget part's K values and how many of the plan's seeds (the first ones) it trains
+BUDGET_STAGES = (4,)
+BUDGET_SEEDS = 1
+PARTS = ("main", "sweep", "budget")
+
+
+@dataclass(frozen=True)
+class Benchmark:
+    """A network, a data set and a training length; the batch and recipe are shared."""
+
+    name: str
+    model: str
+    data: str
+    epochs: int
+    batch_size: int = 64
+    note: str = ""
+
+
+BENCHMARKS = {
+    "digits": Benchmark(
+        "digits", "resnet56", "digits", 15,
+        note="ResNet-56 on the embedded 8x8 digits, as `experiment paper` (15 epochs)"),
+    # ResNet-20-1D: backprop reaches 98.8% in 30 epochs at about 50 s on one core; its 11
+    # cuttable blocks (stem, 9 residual blocks, head) leave room for K = 8 (1-2 blocks per
+    # stage). ResNet-56-1D would triple the cost (2.5 min a run) for a grid of hundreds.
+    "mnist1d": Benchmark(
+        "mnist1d", "resnet1d-20", "mnist1d", 30,
+        note="ResNet-20-1D on MNIST-1D (4000 train / 4000 test signals), 30 epochs"),
+}
+QUICK_BENCHMARKS = {  # one epoch (all of it the warm-up): a smoke test, not a result
+    "digits": Benchmark("digits", "resnet20", "digits", 1, 128, note="smoke test"),
+    "mnist1d": Benchmark("mnist1d", "resnet1d-20", "mnist1d", 1, 128, note="smoke test"),
+}
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One way of training: a method, its compensation, and how it differs from backprop's
+    recipe (learning rate, epochs); ``baseline`` is the backprop variant it is compared to."""
+
+    name: str  # its runs' folder: BENCHMARK/NAME/kK-sSEED
+    label: str
+    method: str = "ddg"
+    compensation: str | None = None
+    grad_shrink: float = 1.0
+    lr: float = BASE_LR
+    epochs_factor: int = 1
+    baseline: str = "bp"
+
+
+MAIN_VARIANTS = (
+    Variant("bp", "BP", "bp"),
+    Variant("ddg", "DDG"),
+    Variant("ddg+sc", "DDG + sc", compensation="sc"),
+    Variant("ddg+lwp", "DDG + lwp", compensation="lwp"),
+    Variant("ddg+dc", "DDG + dc", compensation="dc"),
+    Variant("ddg+pipemare-lr", "DDG + pipemare-lr", compensation="pipemare-lr"),
+    Variant("ddg+sc+lwp", "DDG + sc,lwp", compensation="sc,lwp"),
+    Variant(f"ddg+shrink{GRAD_SHRINK:g}", f"DDG + shrink {GRAD_SHRINK:g} (FDG)",
+            grad_shrink=GRAD_SHRINK),
+    Variant("fr", "FR", "fr"),
+    Variant("fr+pipemare", "FR + pipemare", "fr", compensation="pipemare"),
+)
+VARIANTS_BY_NAME = {v.name: v for v in MAIN_VARIANTS}
+
+
+def sweep_variant(lr: float) -> Variant:
+    """Plain DDG at ``lr``; at backprop's rate it is the main part's plain DDG (same runs)."""
+    return VARIANTS_BY_NAME["ddg"] if lr == BASE_LR else Variant(f"ddg-lr{lr:g}",
+                                                                  f"DDG lr {lr:g}", lr=lr)
+
+
+def budget_variants(factor: int) -> tuple[Variant, Variant]:
+    return (Variant(f"bp-{factor}x", f"BP {factor}x epochs", "bp", epochs_factor=factor,
+                    baseline=f"bp-{factor}x"),
+            Variant(f"ddg-{factor}x", f"DDG {factor}x epochs", epochs_factor=factor,
+                    baseline=f"bp-{factor}x"))
+
+
+@dataclass(frozen=True)
+class GridRun:
+    """One run of the grid: where it sits in the report, and its training config."""
+
+    name: str  # BENCHMARK/VARIANT/kK-sSEED, relative to the output folder
+    benchmark: str
+    variant: Variant
+    stages: int
+    seed: int
+    config: TrainConfig = field(compare=False)
+
+
+@dataclass
+class StalenessPlan:
+    benchmarks: tuple[str, ...] = tuple(BENCHMARKS)
+    stage_counts: tuple[int, ...] = (2, 3, 4, 8)
+    seeds: tuple[int, ...] = (0, 1, 2)
+    parts: tuple[str, ...] = PARTS
+    variants: tuple[str, ...] = tuple(VARIANTS_BY_NAME)  # the main part's
+    sweep_lrs: tuple[float, ...] = (BASE_LR, BASE_LR / 2, BASE_LR / 4)
+    budget_factor: int = BUDGET_FACTOR
+    budget_stages: tuple[int, ...] = BUDGET_STAGES
+    budget_seeds: int = BUDGET_SEEDS
+    quick: bool = False
+    workers: int = 2
+
+    def benchmark(self, name: str) -> Benchmark:
+        return (QUICK_BENCHMARKS if self.quick else BENCHMARKS)[name]
+
+    def validate(self) -> None:
+        """Fail in one line, before any run starts, on anything the grid cannot train."""
+        from ddgpipe.models import build_model
+
+        for name, allowed, given in (("--benchmarks", BENCHMARKS, self.benchmarks),
+                                     ("--parts", PARTS, self.parts)):
+            unknown = [g for g in given if g not in allowed]
+            if unknown or not given:
+                raise UsageError(f"{name} takes a comma-separated subset of "
+                                 f"{','.join(allowed)} (got {','.join(given) or 'nothing'})")
+        for variant in self.variants:
+            if variant not in VARIANTS_BY_NAME:
+                raise UsageError(f"unknown variant {variant!r}; choose from "
+                                 f"{', '.join(VARIANTS_BY_NAME)}")
+        if not self.seeds:
+            raise UsageError("--seeds needs at least one seed")
+        if "budget" in self.parts and not 1 <= self.budget_seeds <= len(self.seeds):
+            raise UsageError(f"--budget-seeds must be between 1 and the number of seeds "
+                             f"({len(self.seeds)}); got {self.budget_seeds}")
+        for flag, values in (("--seeds", self.seeds), ("--stages", self.stage_counts),
+                             ("--budget-stages", self.budget_stages)):
+            if len(set(values)) != len(values):
+                raise UsageError(f"{flag} names a value twice (got {list(values)}); give each "
+                                 "once")
+        for flag, ks in (("--stages", self.stage_counts), ("--budget-stages",
+                                                            self.budget_stages)):
+            if not ks or any(k < 2 for k in ks):
+                raise UsageError(f"{flag} must all be >= 2 (got {list(ks)}); backprop "
+                                 "(K = 1) is always run")
+        if self.workers < 1:
+            raise UsageError(f"--workers must be >= 1 (got {self.workers})")
+        for name in self.benchmarks:
+            bench = self.benchmark(name)
+            blocks = len(build_model(bench.model))  # the cuttable entries of its stack
+            if max(self.stage_counts + self.budget_stages) > blocks:
+                raise UsageError(f"K = {max(self.stage_counts + self.budget_stages)} does not "
+                                 f"fit {bench.model} "
+                                 f"({name}): it has {blocks} blocks to cut between; use "
+                                 f"--stages up to {blocks}")
+
+    def part_variants(self, part: str) -> list[Variant]:
+        """The variants a part needs (backprop included where its gaps are measured)."""
+        if part == "main":  # backprop first: every gap is measured against it
+            return [VARIANTS_BY_NAME["bp"], *(VARIANTS_BY_NAME[v] for v in self.variants
+                                              if v != "bp")]
+        if part == "sweep":
+            return [VARIANTS_BY_NAME["bp"], *(sweep_variant(lr) for lr in self.sweep_lrs)]
+        bp, ddg = VARIANTS_BY_NAME["bp"], VARIANTS_BY_NAME["ddg"]
+        return [bp, ddg, *budget_variants(self.budget_factor)]
+
+    def part_scope(self, part: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """The seeds and K values a part trains."""
+        if part == "budget":
+            return self.seeds[:self.budget_seeds], self.budget_stages
+        return self.seeds, self.stage_counts
+
+    def runs(self, out: str | Path) -> list[GridRun]:
+        """Every run once, in the order a partial grid is most useful: part by part, seed by
+        seed, backprop before the methods of each seed."""
+        out = Path(out)
+        runs: dict[str, GridRun] = {}
+        for part in self.parts:
+            seeds, stage_counts = self.part_scope(part)
+            for seed in seeds:
+                for bench_name in self.benchmarks:
+                    bench = self.benchmark(bench_name)
+                    for variant in self.part_variants(part):
+                        for k in [1] if variant.method == "bp" else stage_counts:
+                            name = f"{bench_name}/{variant.name}/k{k}-s{seed}"
+                            if name not in runs:
+                                runs[name] = GridRun(name, bench_name, variant, k, seed,
+                                                     self._config(bench, variant, k, seed,
+                                                                  out / name))
+        return list(runs.values())
+
+    @staticmethod
+    def _config(bench: Benchmark, variant: Variant, k: int, seed: int, out: Path) -> TrainConfig:
+        return TrainConfig(
+            model=bench.model, data=bench.data, method=variant.method, stages=k,
+            compensation=variant.compensation, grad_shrink=variant.grad_shrink,
+            epochs=bench.epochs * variant.epochs_factor, batch_size=bench.batch_size,
+            seed=seed, balance="params", executor="reference", threads=1, progress=False,
+            out=str(out), **(RECIPE | {"lr": variant.lr}))
+
+
+def staleness_plan(quick: bool = False) -> StalenessPlan:
+    """The full grid, or a smoke version (one seed, K = 2 and 4, three variants, small
+    models, one epoch; two for the budget part) that the test suite runs."""
+    if quick:
+        return StalenessPlan(stage_counts=(2, 4), seeds=(0,), quick=True,
+                             variants=("bp", "ddg", "ddg+sc+lwp"),
+                             sweep_lrs=(BASE_LR, BASE_LR / 2), budget_factor=2,
+                             budget_stages=(2, 4))
+    return StalenessPlan()
+
+
+def plan_record(plan: StalenessPlan) -> dict:
+    """The plan as data: its fields, and the benchmarks and variants it resolves to."""
+    variants = {v.name: v for part in plan.parts for v in plan.part_variants(part)}
+    return dataclasses.asdict(plan) | {
+        "recipe": RECIPE, "grad_shrink": GRAD_SHRINK,
+        "benchmark_specs": {b: dataclasses.asdict(plan.benchmark(b)) for b in plan.benchmarks},
+        "variant_specs": {name: dataclasses.asdict(v) for name, v in variants.items()},
+    }

@@ -1,0 +1,102 @@
+"""The interface every executor implements, so methods and the training loop call methods.
+
+An executor runs a list of :class:`~ddgpipe.core.stage.Stage` clock by clock along the
+schedule of a method (``ddg`` or ``dni``). The three of this package differ only in where the
+stages run (``reference``: one thread in turn; ``threads``: a thread each; ``processes``: a
+rank each) and agree bitwise. What is not meaningful for an executor (stopping threads it does
+not have, summing over replicas it does not run) is the identity here.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from ddgpipe.core.stage import LossFn, Stage
+
+__all__ = ["Executor"]
+
+
+class Executor:
+    """Runs ``stages`` (this process's share of the pipeline) clock by clock.
+
+    ``split`` is the cut the stages came from and ``split_tuning`` how it was chosen (the
+    timed candidates), both set by :func:`ddgpipe.runtime.build.build_stages`.
+    """
+
+    #: ``reference``, ``threads`` or ``processes``: the ``--executor`` name
+    kind = ""
+    #: whether :meth:`feed` returns before the clock has run, so a caller may feed ahead
+    runs_ahead = False
+
+    def __init__(self, stages: list[Stage], method: str = "ddg"):
+        self.stages = stages
+        self.method = method
+        self.clock = 0  # the next clock to run
+        self.fed = 0  # minibatches fed so far
+        self.split: list[int] | None = None
+        self.split_tuning: dict | None = None
+        self._ready: dict[int, Tensor | None] = {}  # losses fed but not taken (synchronous)
+
+    @property
+    def num_stages(self) -> int:
+        """K, the stages of the whole pipeline (not only this process's)."""
+        return len(self.stages)
+
+    # --- training --------------------------------------------------------------------------
+
+    def step(self, x: Tensor | None, y: Tensor | None, loss_fn: LossFn | None) -> Tensor | None:
+        """One clock with a new minibatch; its loss (None where this process has no loss)."""
+        raise NotImplementedError
+
+    def feed(self, x: Tensor | None, y: Tensor | None, loss_fn: LossFn | None) -> int:
+        """Hand over one minibatch; its number, whose loss :meth:`loss` returns. A synchronous
+        executor runs the clock here; one that :attr:`runs_ahead` returns at once."""
+        loss = self.step(x, y, loss_fn)
+        self._ready[self.fed - 1] = loss
+        return self.fed - 1
+
+    def loss(self, minibatch: int) -> Tensor | None:
+        """The loss of a fed ``minibatch`` (the oldest not taken yet)."""
+        return self._ready.pop(minibatch)
+
+    def drain(self) -> None:
+        """Run the pending backwards and steps, no new forwards: training ends."""
+        raise NotImplementedError
+
+    def sync(self) -> None:
+        """Wait until every stage of this process has finished the clocks fed so far."""
+
+    def last_stage_idle(self) -> None:
+        """Wait until the last stage has finished the clocks fed so far (its lr is current)."""
+
+    def close(self) -> None:
+        """Stop whatever runs in the background; safe at any time, more than once."""
+
+    def request_stop(self) -> None:
+        """Ask the background work to stop without waiting (safe from any thread)."""
+
+    # --- what spans processes ----------------------------------------------------------------
+
+    def sum_over_replicas(self, values: list[float]) -> list[float]:
+        """Each number summed over the replicas of this process's stage (collective there)."""
+        return values
+
+    def barrier(self) -> None:
+        """Return when every process of the run got here (at once in one process)."""
+
+    def max_over_ranks(self, value: float) -> float:
+        """The largest ``value`` over the processes of the run (collective under processes)."""
+        return value
+
+    # --- inference and checkpoints -----------------------------------------------------------
+
+    def forward_only(self, x: Tensor | None) -> Tensor | None:
+        """Inference of one batch through every stage (eval mode is the caller's choice)."""
+        raise NotImplementedError
+
+    def checkpoint_state(self) -> dict:
+        """This process's whole state between two clocks, in-flight work included."""
+        raise NotImplementedError
+
+    def load_checkpoint_state(self, state: dict) -> None:
+        raise NotImplementedError

@@ -1,0 +1,95 @@
+"""The reference executor: every stage in one thread, clock by clock, walking the schedule.
+
+It is the definition the threaded executor and the process runtime are tested against
+(bitwise), so it stays simple: stage 0 .. K-1 run their clock in turn, activations of a clock
+flow forward through a dict, gradients wait one clock in another. Each stage draws its random
+numbers (dropout, a DNI gradient model's initial weights) from a stream of its own, as it does
+under the runtime where each stage is a process with its own generator; one shared stream
+would interleave the stages' draws in an order no parallel executor has. Each stage computes
+on its own device (and CUDA stream); tensors cross devices as in the threaded executor.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from ddgpipe.core.clock import run_stage_clock
+from ddgpipe.core.schedule import ACTIONS, num_clocks
+from ddgpipe.core.stage import LossFn, Stage
+from ddgpipe.core.streams import Handoff, on_stream, receive, send
+from ddgpipe.core.timeline import Timeline
+from ddgpipe.runtime.in_process import InProcessExecutor
+
+__all__ = ["ReferenceExecutor"]
+
+
+class ReferenceExecutor(InProcessExecutor):
+    """Runs ``stages`` in one thread following the schedule of ``method`` (ddg or dni)."""
+
+    kind = "reference"
+
+    def __init__(self, stages: list[Stage], method: str = "ddg",
+                 timeline: Timeline | None = None):
+        super().__init__(stages, method)
+        self.actions_at = ACTIONS[method]
+        self.timeline = timeline
+        self._acts: dict[tuple[int, int], tuple[Handoff, bool]] = {}
+        self._grads: dict[tuple[int, int], tuple[Handoff, float]] = {}
+        self._target: tuple[Handoff, LossFn] | None = None
+
+    def step(self, x: Tensor, y: Tensor, loss_fn: LossFn) -> Tensor:
+        """One clock with a new minibatch; returns its loss (computed by the last stage)."""
+        if self.clock != self.fed:
+            raise RuntimeError(
+                "this pipeline was drained; drain() ends training, so build a new DDG to go on "
+                "(evaluation needs no drain: use pipe.eval() and pipe.model)"
+            )
+        self._acts[(0, self.fed)] = (send(x), False)
+        self._target = (send(y), loss_fn)
+        loss = self._run_clock(None)
+        self.fed += 1
+        return loss
+
+    def drain(self) -> None:
+        """Run the pending backwards and steps; no new forwards."""
+        while self.clock < num_clocks(self.num_stages, self.fed, self.method):
+            self._run_clock(self.fed)
+
+    def checkpoint_state(self) -> dict:
+        """Between two clocks: every stage's state and the gradients waiting for a stage."""
+        self._check_ddg()
+        return self._state([[k, m, h.tensor, scale] for (k, m), (h, scale) in self._grads.items()])
+
+    def load_checkpoint_state(self, state: dict) -> None:
+        self._grads = {(k, m): (Handoff(g), scale) for k, m, g, scale in self._load_state(state)}
+
+    def _run_clock(self, total: int | None) -> Tensor | None:
+        self.streams.start()
+        loss = None
+        for stage in self.stages:
+            actions = self.actions_at(stage.index, self.num_stages, self.clock, total)
+            with self.streams.use(stage.index), on_stream(stage.device, stage.stream):
+                out = run_stage_clock(stage, actions, self, timeline=self.timeline)
+            loss = out if out is not None else loss
+        self.clock += 1
+        return loss
+
+    # --- links: in-process dicts ------------------------------------------------------------
+
+    def recv_activation(self, stage: Stage, minibatch: int) -> tuple[Tensor, bool]:
+        handoff, overflow = self._acts.pop((stage.index, minibatch))
+        return receive(handoff, stage.device), overflow
+
+    def send_activation(self, stage: Stage, minibatch: int, out: Tensor, overflow: bool) -> None:
+        self._acts[(stage.index + 1, minibatch)] = (send(out), overflow)
+
+    def recv_gradient(self, stage: Stage, minibatch: int) -> tuple[Tensor, float]:
+        handoff, scale = self._grads.pop((stage.index, minibatch))
+        return receive(handoff, stage.device), scale
+
+    def send_gradient(self, stage: Stage, minibatch: int, grad: Tensor, loss_scale: float) -> None:
+        self._grads[(stage.index - 1, minibatch)] = (send(grad), loss_scale)
+
+    def target(self, stage: Stage, minibatch: int) -> tuple[Tensor, LossFn]:
+        handoff, loss_fn = self._target
+        return receive(handoff, stage.device), loss_fn

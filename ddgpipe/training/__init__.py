@@ -1,0 +1,6 @@
+"""Training runs: the config, the loop, checkpoints, optimizers, metrics and plots."""
+
+from ddgpipe.training.config import TrainConfig, TrainResult
+from ddgpipe.training.loop import evaluate, train, train_worker
+
+__all__ = ["TrainConfig", "TrainResult", "train", "train_worker", "evaluate"]

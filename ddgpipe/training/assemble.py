@@ -1,0 +1,72 @@
+"""A run's pieces from its config: the method (backprop, DDG, DNI) and a check that the model
+and the data fit together."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from ddgpipe.core.timeline import Timeline
+from ddgpipe.data import Dataset
+from ddgpipe.errors import UsageError
+from ddgpipe.methods import DDG, Backprop, Method
+from ddgpipe.methods.dni import DNI
+from ddgpipe.training.config import TrainConfig, compensation_options
+from ddgpipe.training.optim import make_lr_scheduler, make_optimizer
+
+__all__ = ["build_method", "check_model_accepts"]
+
+
+def build_method(config: TrainConfig, model: nn.Module, steps_per_epoch: int,
+                 timeline: Timeline | None, sample_input: Tensor | None = None) -> Method:
+    """The method ``config`` names, its optimizer and LR schedule, placed as it says."""
+    optimizer = make_optimizer(
+        config.optimizer, config.lr, config.momentum, config.nesterov, config.weight_decay
+    )
+    scheduler = make_lr_scheduler(
+        config.lr_schedule, steps_per_epoch, config.epochs, config.milestones, config.lr_gamma,
+        warmup_epochs=config.warmup_epochs, warmup_factor=config.warmup_factor,
+    )
+    if config.method == "bp":
+        return Backprop(model, optimizer, lr_scheduler=scheduler, device=config.device,
+                        precision=config.precision)
+    placement = config.placement()
+    if config.method == "dni":
+        return DNI(model, config.stages, optimizer, lr_scheduler=scheduler,
+                   sample_input=sample_input, timeline=timeline, precision=config.precision,
+                   placement=placement)
+    # Features Replay (Huo et al., NeurIPS 2018) is DDG's schedule with the forward of
+    # each delayed minibatch replayed from its stashed input with the *current* weights:
+    # exactly stash mode "none".
+    stash = "none" if config.method == "fr" else config.stash
+    return DDG(model, config.stages, optimizer, lr_scheduler=scheduler, stash=stash,
+               sample_input=sample_input, grad_shrink=config.grad_shrink,
+               compensation=config.compensation,
+               compensation_options=compensation_options(config, steps_per_epoch),
+               timeline=timeline, precision=config.precision, placement=placement)
+
+
+
+def check_model_accepts(model: nn.Module, data: Dataset, config: TrainConfig) -> None:
+    """Fail early, in one line, when the model and the data do not fit together."""
+    sample = data.train_x[:2]
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = model(sample)
+    except RuntimeError as e:
+        first = str(e).splitlines()[0]
+        raise UsageError(
+            f"model {config.model} cannot take {data.name} inputs of shape "
+            f"{tuple(sample.shape[1:])} ({first}); build it for this data's channels and size"
+        ) from None
+    finally:
+        model.train(was_training)
+    if out.shape != (2, data.num_classes):
+        raise UsageError(
+            f"model {config.model} outputs shape {tuple(out.shape[1:])} but {data.name} has "
+            f"{data.num_classes} classes; build it with num_classes={data.num_classes}"
+        )
+
+

@@ -1,0 +1,308 @@
+"""Checkpoints that are written atomically and resume a pipeline bitwise.
+
+Layout under ``RUN_DIR/checkpoints/``::
+
+    iter-000120/rank-0.pt ... rank-{N-1}.pt   one file per process: its own state (the whole
+                                              run for the in-process executors: rank-0.pt)
+    iter-000120/stage-0.pt ... stage-{K-1}.pt the process runtime: each stage's weights,
+                                              optimizer, LR schedule, written once, by
+                                              replica 0 of the stage
+    iter-000120/manifest.json                 iteration, clock, epoch position, files + sha256
+    latest.json                               which set is complete: written last
+
+Under the process runtime with R replicas, the R copies of a stage are identical (they
+average their gradients and BatchNorm statistics), so the set keeps one copy per stage;
+what differs between replicas (the in-flight minibatches of their shards, the gradients on
+the way, the random state, the loop's running sums) goes to each rank's own file. Every
+replica resumes from its stage's copy plus its own file.
+
+Every file goes to a temporary name, is fsynced and renamed over its final name, so a crash
+leaves either the old or the new file, never half of one. ``latest.json`` is replaced only
+after every file of a set and its manifest are on disk, and loading checks each file
+against the manifest's digest: a half-written set is never loaded. Files are read with
+``torch.load(weights_only=True)``, which cannot run code.
+
+:class:`Checkpoints` is what the training loop sees: ``restore`` once at the start, ``save``
+at a clock boundary; the choreography between the ranks (who writes what, who publishes,
+the barrier) stays here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import json
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from ddgpipe.core.rng import rng_state, set_rng_state
+from ddgpipe.errors import UsageError
+
+__all__ = [
+    "Checkpoints",
+    "LoopState",
+    "atomic_write_bytes",
+    "atomic_torch_save",
+    "write_rank_file",
+    "publish",
+    "load_manifest",
+    "load_rank_file",
+    "check_compatible",
+    "COMPAT_FIELDS",
+]
+
+FORMAT = 4  # 2: each stage's RNG stream; 3: GPU random states, fp16 scales, any executor;
+#             4: the process runtime keeps one copy of each stage (stage-k.pt), replicas
+READABLE = (3, 4)  # a format-3 set has no stage files and one pipeline: it still resumes
+KEEP = 2  # complete sets kept on disk
+
+# Settings a resumed run must share with the checkpoint, or its numbers would change.
+COMPAT_FIELDS = (
+    "model", "data", "method", "stages", "stash", "batch_size", "seed", "optimizer", "lr",
+    "momentum", "nesterov", "weight_decay", "lr_schedule", "milestones", "lr_gamma",
+    "warmup_epochs", "warmup_factor", "epochs", "grad_shrink", "compensation",
+    "compensation_options", "precision", "replicas",
+)
+DEFAULTS = {"replicas": 1}  # what a set written before a setting existed had
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def atomic_torch_save(obj, path: Path) -> str:
+    """Save ``obj`` atomically; return the sha256 of the bytes written."""
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    data = buf.getvalue()
+    atomic_write_bytes(path, data)
+    return hashlib.sha256(data).hexdigest()
+
+
+def set_dir(run_dir: Path, iteration: int) -> Path:
+    return Path(run_dir) / "checkpoints" / f"iter-{iteration:06d}"
+
+
+def write_rank_file(run_dir: Path, iteration: int, rank: int, state: dict) -> dict:
+    """Write this process's file of the set for ``iteration``; return its manifest entry."""
+    return _write_file(run_dir, iteration, f"rank-{rank}.pt", {"rank": rank, **state})
+
+
+def write_stage_file(run_dir: Path, iteration: int, stage: int, state: dict) -> dict:
+    """Write the one copy of stage ``stage``'s shared state; return its manifest entry."""
+    return _write_file(run_dir, iteration, f"stage-{stage}.pt", {"stage": stage, "state": state})
+
+
+def _write_file(run_dir: Path, iteration: int, name: str, content: dict) -> dict:
+    folder = set_dir(run_dir, iteration)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        digest = atomic_torch_save({"format": FORMAT, **content}, folder / name)
+    except OSError as e:
+        raise UsageError(
+            f"cannot write checkpoint {folder / name} ({e.strerror}); the previous checkpoint "
+            "is intact: free space or fix permissions, then --resume"
+        ) from None
+    return {"name": name, "sha256": digest}
+
+
+def publish(run_dir: Path, iteration: int, entries: list[dict], info: dict) -> Path:
+    """Write the manifest, then point ``latest.json`` at the set; prune older sets."""
+    folder = set_dir(run_dir, iteration)
+    manifest = {"format": FORMAT, "iteration": iteration, "files": entries, **info}
+    root = folder.parent
+    try:
+        atomic_write_bytes(folder / "manifest.json", json.dumps(manifest, indent=2).encode())
+        atomic_write_bytes(root / "latest.json",
+                           json.dumps({"set": folder.name, "iteration": iteration}).encode())
+    except OSError as e:
+        raise UsageError(
+            f"cannot write the checkpoint index in {root} ({e.strerror}); the previous "
+            "checkpoint is intact: free space or fix permissions, then --resume"
+        ) from None
+    sets = sorted(p for p in root.glob("iter-*") if p.is_dir())
+    for old in sets[:-KEEP]:
+        shutil.rmtree(old, ignore_errors=True)
+    return folder
+
+
+def load_manifest(run_dir: str | Path) -> tuple[dict, Path]:
+    """The newest complete set of ``run_dir``: (manifest, folder)."""
+    root = Path(run_dir) / "checkpoints"
+    latest = root / "latest.json"
+    if not latest.exists():
+        raise UsageError(f"{run_dir} has no checkpoint ({latest} is missing); train with "
+                         "--checkpoint-every N to write them")
+    try:
+        pointer = json.loads(latest.read_text())
+        folder = root / pointer["set"]
+        manifest = json.loads((folder / "manifest.json").read_text())
+    except (OSError, ValueError, KeyError) as e:
+        raise UsageError(f"the checkpoint index in {root} is unreadable ({e}); resume from an "
+                         "intact run directory") from None
+    if manifest.get("format") not in READABLE:
+        raise UsageError(f"{folder} has checkpoint format {manifest.get('format')}, this "
+                         f"ddgpipe reads formats {', '.join(map(str, READABLE))}")
+    return manifest, folder
+
+
+def load_rank_file(folder: Path, manifest: dict, rank: int) -> dict:
+    """This process's file of the set, after checking it against the manifest."""
+    return _load_file(folder, manifest, f"rank-{rank}.pt", f"rank {rank}")
+
+
+def load_stage_file(folder: Path, manifest: dict, stage: int) -> dict:
+    """The shared state of stage ``stage`` (written by its replica 0), checked."""
+    return _load_file(folder, manifest, f"stage-{stage}.pt", f"stage {stage}")["state"]
+
+
+def _load_file(folder: Path, manifest: dict, name: str, what: str) -> dict:
+    entry = next((e for e in manifest["files"] if e["name"] == name), None)
+    if entry is None:
+        ranks = sum(e["name"].startswith("rank-") for e in manifest["files"])
+        raise UsageError(f"checkpoint {folder} has no file for {what}: it was written by "
+                         f"{ranks} processes; resume with as many")
+    path = folder / entry["name"]
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise UsageError(f"cannot read checkpoint file {path} ({e.strerror})") from None
+    if hashlib.sha256(data).hexdigest() != entry["sha256"]:
+        raise UsageError(f"checkpoint file {path} does not match its manifest (damaged or "
+                         "replaced); resume from an intact run directory")
+    try:
+        state = torch.load(io.BytesIO(data), weights_only=True, map_location="cpu")
+    except Exception as e:
+        raise UsageError(f"cannot load checkpoint file {path} ({type(e).__name__}); it is not "
+                         "a ddgpipe checkpoint") from None
+    return state
+
+
+def check_compatible(saved: dict, current: dict, run_dir: str | Path) -> None:
+    """Refuse to resume with settings that would change the numbers."""
+    def setting(config: dict, k: str):
+        return config.get(k, DEFAULTS.get(k))
+
+    diffs = [f"{k}: {setting(saved, k)!r} in the checkpoint, {setting(current, k)!r} now"
+             for k in COMPAT_FIELDS if setting(saved, k) != setting(current, k)]
+    if diffs:
+        raise UsageError(f"cannot resume {run_dir} with different settings ({'; '.join(diffs)}); "
+                         "resume with the command that started it, or start a new run")
+
+
+@dataclass
+class LoopState:
+    """Where the training loop stands, saved with every checkpoint."""
+
+    iteration: int = 0
+    epoch: int = 0
+    batch: int = 0  # batches of ``epoch`` already done
+    seen: int = 0
+    train_time: float = 0.0
+    epoch_elapsed: float = 0.0
+    stats: list = field(default_factory=lambda: [0.0, 0, 0])
+    metrics_lines: int = 0
+
+
+class Checkpoints:
+    """The checkpoints of one run, as this process sees them.
+
+    Built before the model (``config`` is a ``TrainConfig``): when ``config.resume`` names a
+    run, its newest complete set is found and checked against this run's settings, process
+    count and, since the cut is part of the state, its cut (``config.split`` is set to it).
+    Then the loop calls :meth:`restore` once and :meth:`save` at clock boundaries; every rank
+    calls both.
+    """
+
+    def __init__(self, config, rank: int = 0, world: int = 1):
+        self.config = config
+        self.rank, self.world = rank, world
+        self.reporter = rank == world - 1  # the last rank publishes each set
+        self.manifest: dict | None = None
+        self.folder: Path | None = None
+        if config.resume:
+            self.manifest, self.folder = load_manifest(config.resume)
+            check_compatible(self.manifest["config"], dataclasses.asdict(config), config.resume)
+            if self.manifest["world"] != world:
+                raise UsageError(
+                    f"the checkpoint in {config.resume} was written by {self.manifest['world']} "
+                    f"processes but this run has {world}; resume with the same launcher and "
+                    "process count")
+            config.split = self.manifest["split"]
+
+    @property
+    def resuming(self) -> bool:
+        return self.manifest is not None
+
+    def restore(self, method, run_dir: Path | None = None) -> LoopState:
+        """Load this rank's state into ``method`` and the random generator; return where the
+        loop stands (a fresh :class:`LoopState` when not resuming). The reporter's metrics
+        file in ``run_dir`` loses the records written after the checkpoint."""
+        if not self.resuming:
+            return LoopState()
+        state = load_rank_file(self.folder, self.manifest, self.rank)
+        own = state["method"]
+        if "stage_index" in own:  # the process runtime: the stage's one copy comes apart
+            own["shared"] = load_stage_file(self.folder, self.manifest, own["stage_index"])
+        method.load_checkpoint_state(own)
+        set_rng_state(state["rng"])
+        loop = LoopState(**state["loop"])
+        if run_dir is not None:
+            truncate_metrics(run_dir / "metrics.jsonl", loop.metrics_lines)
+        return loop
+
+    def save(self, method, loop: LoopState) -> None:
+        """Write this rank's files of the set for ``loop.iteration``; the reporter publishes
+        the set once every rank's files are on disk, and no rank goes on before that."""
+        out = Path(self.config.out)
+        state = method.checkpoint_state()
+        shared = state.pop("shared", None)
+        entries = []
+        if shared is not None:
+            entries.append(write_stage_file(out, loop.iteration, state["stage_index"], shared))
+        entries.append(write_rank_file(out, loop.iteration, self.rank, {
+            "method": state, "rng": rng_state(), "loop": dataclasses.asdict(loop)}))
+        if self.world > 1:
+            gathered = [None] * self.world if self.reporter else None
+            dist.gather_object(entries, gathered, dst=self.world - 1)
+            entries = [e for part in gathered or [] for e in part]
+        if self.reporter:
+            publish(out, loop.iteration, entries, {
+                "world": self.world, "split": method.split,
+                "epoch": loop.epoch, "batch": loop.batch,
+                "config": {k: v for k, v in dataclasses.asdict(self.config).items()
+                           if k in COMPAT_FIELDS},
+            })
+        if self.world > 1:
+            dist.barrier()  # nobody runs ahead of a set that is not yet published
+
+
+def truncate_metrics(path: Path, lines: int) -> None:
+    """Drop the records a crashed run wrote after its last checkpoint."""
+    if not path.exists():
+        return
+    kept = path.read_text().splitlines(keepends=True)[:lines]
+    atomic_write_bytes(path, "".join(kept).encode())

@@ -1,0 +1,178 @@
+"""The throughput bench: a tiny real run, the ratio arithmetic, and input checks.
+
+Nothing here asserts a timing or a speedup: the machine is shared and noisy.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+
+import pytest
+
+from ddgpipe.bench import (
+    CONFIG_NAMES,
+    BenchConfig,
+    config_names,
+    format_bench_table,
+    run_bench,
+    summarise,
+)
+from ddgpipe.bench.workers import stage_profile
+from ddgpipe.errors import UsageError
+
+TINY = dict(model="mlp", in_channels=1, image_size=8, batch_size=16, stages=2, steps=2,
+            warmup=1, rounds=1)
+SUBSET = ("bp-1t", "bp-2t", "ddp", "gpipe-m2", "1f1b-m2", "ddg-graph-threads",
+          "ddg-graph-processes")
+
+
+def test_tiny_end_to_end_run(tmp_path, capsys):
+    result = run_bench(BenchConfig(**TINY, configs=SUBSET), out_dir=tmp_path)
+
+    rows = {row["name"]: row for row in result["rows"]}
+    assert list(rows) == list(SUBSET)
+    for name, row in rows.items():
+        assert "error" not in row, row.get("error")
+        assert math.isfinite(row["images_per_s"]) and row["images_per_s"] > 0
+        one_process = name.startswith("bp-") or name.endswith("-threads")
+        assert len(row["peak_mem_mb"]) == (1 if one_process else 2)
+        assert all(m > 0 for m in row["peak_mem_mb"])
+    assert rows["bp-1t"]["ratio_median"] == 1.0
+    assert rows["bp-1t"]["ratio_min"] == rows["bp-1t"]["ratio_max"] == 1.0
+    assert rows["bp-2t"]["ratio_vs_bp_Kt_median"] == 1.0
+    for name in ("ddg-graph-threads", "ddg-graph-processes"):
+        profile = rows[name]["stage_profile"]
+        assert [p["stage"] for p in profile] == [0, 1]
+        assert all(p["waits_logged"] and p["f_ms"] > 0 and p["b_ms"] > 0 for p in profile)
+    assert len(result["split_threads"]) == 1
+    assert result["best_sync_pipeline"]["name"] in ("gpipe-m2", "1f1b-m2")
+    assert len(result["split"]) == 1 and 0 < result["split"][0] < result["blocks"]
+    assert result["rounds"][0].keys() == set(SUBSET)
+    assert "hostname" not in json.dumps(result["machine"]).lower()
+
+    saved = json.loads((tmp_path / "bench.json").read_text())
+    assert [row["name"] for row in saved["rows"]] == list(SUBSET)
+    if importlib.util.find_spec("ddgpipe.training.plots") is not None:
+        assert (tmp_path / "bench.png").stat().st_size > 0
+
+    err = capsys.readouterr().err
+    assert sum(line.startswith("round 1/1") for line in err.splitlines()) == len(SUBSET)
+    table = format_bench_table(result)
+    assert all(name in table for name in SUBSET)
+
+
+def test_tiny_replica_rows(tmp_path):
+    """K x R rows through the same code: one stage in two replicas (data parallelism) and two
+    stages in two replicas, four processes on this machine's cores."""
+    config = BenchConfig(**TINY, replicas=2,
+                         configs=("bp-1t", "ddg-graph-k1r2", "ddg-graph-k2r2"))
+    result = run_bench(config, progress=False)
+    rows = {row["name"]: row for row in result["rows"]}
+    for name, processes in (("ddg-graph-k1r2", 2), ("ddg-graph-k2r2", 4)):
+        row = rows[name]
+        assert "error" not in row, row.get("error")
+        assert row["images_per_s"] > 0 and row["processes"] == processes
+        assert row["replicas"] == 2 and len(row["stage_profile"]) == processes
+        assert row["oversubscribed"] == (processes > (os.cpu_count() or 1))
+    assert sorted((p["stage"], p["replica"]) for p in rows["ddg-graph-k2r2"]["stage_profile"]) \
+        == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    table = format_bench_table(result)
+    if rows["ddg-graph-k2r2"]["oversubscribed"]:
+        assert "ddg-graph-k2r2: 4 processes (2 stages x 2 replicas)" in table
+        assert "oversubscribed" in table
+
+
+def test_summarise_medians_and_ratios_per_round():
+    rounds = [
+        {"bp-1t": 100.0, "bp-2t": 200.0, "x": 50.0},
+        {"bp-1t": 200.0, "bp-2t": 200.0, "x": 300.0},
+        {"bp-1t": 100.0, "bp-2t": 100.0, "x": None},  # x failed in this round
+    ]
+    s = summarise(rounds, "bp-1t", "bp-2t")
+    assert s["bp-1t"]["images_per_s"] == 100.0
+    assert (s["bp-1t"]["ratio_median"], s["bp-1t"]["ratio_min"], s["bp-1t"]["ratio_max"]) == (
+        1.0, 1.0, 1.0)
+    assert s["bp-2t"]["images_per_s"] == 200.0
+    assert (s["bp-2t"]["ratio_median"], s["bp-2t"]["ratio_min"], s["bp-2t"]["ratio_max"]) == (
+        1.0, 1.0, 2.0)
+    assert s["x"]["images_per_s"] == 175.0
+    assert s["x"]["images_per_s_rounds"] == [50.0, 300.0, None]
+    assert (s["x"]["ratio_median"], s["x"]["ratio_min"], s["x"]["ratio_max"]) == (1.0, 0.5, 1.5)
+    assert s["x"]["ratio_vs_bp_Kt_median"] == 0.875  # median of 0.25 and 1.5
+    assert summarise(rounds, "bp-1t")["x"]["ratio_vs_bp_Kt_median"] is None
+
+
+def test_summarise_without_baseline_gives_no_ratio():
+    s = summarise([{"bp-1t": None, "y": 10.0}])
+    assert s["y"]["images_per_s"] == 10.0
+    assert s["y"]["ratio_median"] is None and s["bp-1t"]["images_per_s"] is None
+
+
+def test_stage_profile_subtracts_waits_and_keeps_the_window():
+    records = [
+        {"stage": 0, "op": "F", "minibatch": 1, "start": 0.0, "end": 1.0},
+        {"stage": 0, "op": "B", "minibatch": 0, "start": 1.0, "end": 2.0},
+        {"stage": 0, "op": "S", "minibatch": 0, "start": 2.0, "end": 2.25},
+        {"stage": 0, "op": "F", "minibatch": 2, "start": 2.5, "end": 3.0},
+        {"stage": 0, "op": "F", "minibatch": 3, "start": 4.0, "end": 5.0},  # after the window
+    ]
+    p = stage_profile(records, [(1.0, 1.5)], t0=0.0, t1=4.0, clocks=2, rank=0)
+    assert (p["f_ms"], p["b_ms"], p["s_ms"], p["wait_ms"]) == (750.0, 250.0, 125.0, 250.0)
+    assert (p["busy_s"], p["wall_s"], p["utilisation"]) == (2.25, 4.0, 0.5625)
+    assert p["waits_logged"] is True
+    assert stage_profile(records, None, 0.0, 4.0, 2, 0)["waits_logged"] is False
+
+
+def test_config_names_follow_batch_and_stages():
+    ddg = ("ddg-graph-threads", "ddg-recompute-threads", "ddg-none-threads",
+           "ddg-graph-processes", "ddg-recompute-processes", "ddg-none-processes")
+    assert CONFIG_NAMES == ("bp-1t", "bp-2t", "ddp", "gpipe-m2", "gpipe-m4", "gpipe-m8",
+                            "1f1b-m2", "1f1b-m4", "1f1b-m8", *ddg)
+    names = config_names(BenchConfig(batch_size=12, stages=3, microbatches=(2, 3, 8)))
+    assert names == ("bp-1t", "bp-3t", "ddp", "gpipe-m2", "gpipe-m3", "1f1b-m3", *ddg)
+    names = config_names(BenchConfig(replicas=4))
+    assert names[-3:] == ("ddg-graph-k2r1", "ddg-graph-k1r4", "ddg-graph-k2r4")
+
+
+@pytest.mark.parametrize("changes, message", [
+    (dict(configs=("bp-1t", "nope")), "unknown bench config 'nope'"),
+    (dict(batch_size=15, configs=("ddp",)), "not divisible by 2"),
+    (dict(batch_size=15), "not divisible by 2"),  # all configs include ddp
+    (dict(stages=1), "the bench compares K >= 2 workers"),
+    (dict(steps=0), "steps must be an integer >= 1"),
+    (dict(rounds=0), "rounds must be an integer >= 1"),
+    (dict(model="resnet7"), "unknown model 'resnet7'"),
+    (dict(configs=("1f1b-m1",)), "needs at least as many microbatches as stages"),
+    (dict(configs=("gpipe-m3",)), "3 microbatches do not divide the batch of 16"),
+    (dict(configs="ddp"), "configs must be a tuple of names"),
+    (dict(configs=("ddg-graph",)), "unknown bench config 'ddg-graph'"),
+    (dict(device="tpu"), "bench device must be cpu or cuda"),
+    (dict(replicas=3, configs=("ddg-graph-k2r3",)), "not divisible by 3"),
+    (dict(configs=("ddg-graph-k3r2",)), "a K x R row runs K = 1 or the bench's K = 2"),
+    (dict(replicas=0), "replicas must be an integer >= 1"),
+])
+def test_bad_input_raises_usage_error(changes, message):
+    with pytest.raises(UsageError, match=message):
+        run_bench(BenchConfig(**{**TINY, **changes}), progress=False)
+
+
+def test_format_table_of_a_failed_row():
+    result = {
+        "config": {"model": "m", "batch_size": 4, "stages": 2, "steps": 1, "rounds": 1},
+        "split": [1],
+        "rows": [
+            {"name": "bp-1t", "images_per_s": 10.0, "ratio_median": 1.0, "ratio_min": 1.0,
+             "ratio_max": 1.0, "ratio_vs_bp_Kt_median": None, "peak_mem_mb": [300.0]},
+            {"name": "ddp", "images_per_s": None, "ratio_median": None, "ratio_min": None,
+             "ratio_max": None, "ratio_vs_bp_Kt_median": None, "peak_mem_mb": [],
+             "error": "rank 1: boom"},
+        ],
+        "best_sync_pipeline": None,
+    }
+    lines = format_bench_table(result).splitlines()
+    assert lines[3].split() == ["bp-1t", "10.0", "1.00", "[1.00-1.00]", "-", "300"]
+    assert lines[4].split()[:5] == ["ddp", "-", "-", "-", "-"]
+    assert lines[4].endswith("error: rank 1: boom")

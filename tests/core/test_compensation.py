@@ -1,0 +1,419 @@
+"""Staleness compensation checked against references it cannot fake.
+
+1. Each rule against an independent float64 numpy implementation of its paper's rule: a
+   small tanh network, one layer per stage, forward and backward by hand, DDG's delays and
+   weight versions, momentum SGD with weight decay and a changing lr; K = 2 and 3, to 1e-10.
+2. K = 1 with any compensation is backprop, bitwise.
+3. The multi-process runtime equals the reference executor, bitwise, with each one on.
+4. Checkpoint/resume mid-pipeline is bitwise the uninterrupted run, compensation state
+   included (and the state matters: dropping it changes the weights).
+5. Clear errors: unknown names, bp/dni, Adam where a rule needs momentum SGD, stash modes
+   where a rule is undefined, conflicting names, options nobody reads.
+"""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import ddgpipe
+from ddgpipe.cli import main
+from ddgpipe.runtime.launch import run_workers
+from tests.runtime_helpers import assert_runtime_matches_reference, local_stage_arrays, run_clocks
+from tests.methods.test_oracles import (
+    assert_state_equal,
+    digits_like_batches,
+    numpy_params,
+    resnet,
+    sgd,
+    tanh_net,
+)
+
+LR, MOMENTUM, DECAY = 0.1, 0.9, 0.01
+ANNEAL = 4  # PipeMare's K for the oracle: the lr ramp ends inside the run
+
+
+def lr_factor(clock: int) -> float:
+    return 1.0 / (1.0 + 0.3 * clock)
+
+
+# --- 1. the rules, independently in numpy ----------------------------------------------------
+
+def layer_forward(h, w, b, last):
+    z = h @ w.T + b
+    return z if last else np.tanh(z)
+
+
+def layer_backward(h, w, b, last, grad_out):
+    """Gradients of <grad_out, layer(h)> w.r.t. W, b and h, at weights (w, b)."""
+    z = h @ w.T + b
+    dz = grad_out if last else grad_out * (1.0 - np.tanh(z) ** 2)
+    return [dz.T @ h, dz.sum(axis=0)], dz @ w
+
+
+def numpy_pipeline(params, batches, rule=(), stash="graph"):
+    """DDG clock by clock, one layer per stage, with the compensation rules written out.
+
+    Stage k (delay d = K-1-k) at clock t: forward of minibatch t; backward of minibatch t-d
+    with the gradient stage k+1 produced at clock t-1, through the weights and input the
+    forward kept (stash graph) or, stash none, the input and the live/corrected weights;
+    then the update with lr_t, momentum m, weight decay wd:
+
+      plain:  g' = g + wd w,  v = m v + g' (v = g' at first),  w -= lr v
+      sc:     w -= lr (m^d v + (1 - m^d)/(1 - m) g')                  (Kosson et al.)
+      lwp:    the forward uses w - lr d v                              (Kosson et al.)
+      dc:     g <- g + lam g*g*(w - w_fwd) before the update; dc-c: lam = 0.04;
+              dc: s = 0.95 s + 0.05 g*g, lam = 2 / sqrt(s + 1e-7)     (Zheng et al.)
+      pipemare-lr: lr -> lr d^-max(0, 1 - t/ANNEAL)                    (Yang et al., T1)
+      pipemare: T1, and a stash-none replay at w - d delta, with
+              delta = 0.9 delta + 0.1 (w_new - w_old) after each update (Yang et al., T2)
+    """
+    K, T = len(params), len(batches)
+    delays = [K - 1 - k for k in range(K)]
+    w = [[a.copy() for a in p] for p in params]
+    v: list = [None] * K
+    mean_square: list = [None] * K
+    delta: list = [None] * K
+    kept, grads = {}, {}
+    for t in range(T + K - 1):
+        lr = [LR * lr_factor(t)] * K  # each stage's lr at clock t
+        if "pipemare-lr" in rule or "pipemare" in rule:
+            lr = [a * d ** -max(0.0, 1.0 - t / ANNEAL) if d > 0 else a
+                  for a, d in zip(lr, delays)]
+
+        if t < T:
+            h = batches[t][0]
+            for k in range(K):
+                u = [a.copy() for a in w[k]]
+                if "lwp" in rule and delays[k] > 0 and v[k] is not None:
+                    u = [a - lr[k] * delays[k] * va for a, va in zip(w[k], v[k])]
+                kept[(k, t)] = (h, u)
+                h = layer_forward(h, *u, last=k == K - 1)
+        for k in range(K):
+            d, s = delays[k], t - delays[k]
+            if not 0 <= s < T:
+                continue
+            h, u = kept.pop((k, s))
+            if k == K - 1:
+                y = batches[s][1]
+                grad_out = 2.0 * (layer_forward(h, *u, last=True) - y) / y.size
+            else:
+                grad_out = grads.pop((k, s))
+            at = u
+            if stash == "none" and d > 0:
+                at = w[k]
+                if "pipemare" in rule and delta[k] is not None:
+                    at = [a - d * da for a, da in zip(w[k], delta[k])]
+            g, grad_in = layer_backward(h, *at, last=k == K - 1, grad_out=grad_out)
+            if k > 0:
+                grads[(k - 1, s)] = grad_in
+            if d > 0 and ("dc" in rule or "dc-c" in rule):
+                if "dc" in rule:
+                    if mean_square[k] is None:
+                        mean_square[k] = [np.zeros_like(a) for a in g]
+                    mean_square[k] = [0.95 * ms + 0.05 * gi * gi
+                                      for ms, gi in zip(mean_square[k], g)]
+                    lam = [2.0 / np.sqrt(ms + 1e-7) for ms in mean_square[k]]
+                else:
+                    lam = [0.04, 0.04]
+                g = [gi + li * gi * gi * (wi - ui) for gi, li, wi, ui in zip(g, lam, w[k], u)]
+            g = [gi + DECAY * wi for gi, wi in zip(g, w[k])]
+            v[k] = [gi.copy() for gi in g] if v[k] is None else \
+                [MOMENTUM * vi + gi for vi, gi in zip(v[k], g)]
+            old = [a.copy() for a in w[k]]
+            if "sc" in rule and d > 0:
+                a_, b_ = MOMENTUM**d, (1 - MOMENTUM**d) / (1 - MOMENTUM)
+                w[k] = [wi - lr[k] * (a_ * vi + b_ * gi) for wi, vi, gi in zip(w[k], v[k], g)]
+            else:
+                w[k] = [wi - lr[k] * vi for wi, vi in zip(w[k], v[k])]
+            if "pipemare" in rule and d > 0:
+                if delta[k] is None:
+                    delta[k] = [np.zeros_like(a) for a in w[k]]
+                delta[k] = [0.9 * da + 0.1 * (wn - wo) for da, wn, wo in zip(delta[k], w[k], old)]
+    return w
+
+
+def torch_pipeline(stages, batches, compensation, stash="graph", options=None):
+    widths = [5, 7, 6, 3][: stages + 1]
+    model = tanh_net(widths, seed=3)
+    start = numpy_params(model)
+    pipe = ddgpipe.DDG(
+        model, stages, lambda ps: torch.optim.SGD(ps, lr=LR, momentum=MOMENTUM,
+                                                  weight_decay=DECAY),
+        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_factor),
+        stash=stash, compensation=compensation, compensation_options=options)
+    for x, y in batches:
+        pipe.step(torch.from_numpy(x), torch.from_numpy(y), F.mse_loss)
+    pipe.drain()
+    return start, numpy_params(model)
+
+
+def oracle_batches(stages):
+    widths = [5, 7, 6, 3][: stages + 1]
+    rng = np.random.default_rng(0)
+    return [(rng.normal(size=(4, widths[0])), rng.normal(size=(4, widths[-1])))
+            for _ in range(7)]
+
+
+ORACLE_CASES = [  # (compensation, stash)
+    (None, "graph"), (None, "none"), ("sc", "graph"), ("lwp", "graph"), ("lwp", "none"),
+    ("sc,lwp", "graph"), ("dc", "graph"), ("dc-c", "recompute"), ("pipemare-lr", "graph"),
+    ("pipemare", "none"),
+]
+
+
+@pytest.mark.parametrize("stages", [2, 3])
+@pytest.mark.parametrize("compensation,stash", ORACLE_CASES)
+def test_rule_matches_independent_numpy(compensation, stash, stages):
+    batches = oracle_batches(stages)
+    options = {"pipemare_anneal": ANNEAL} if compensation and "pipemare" in compensation \
+        else None
+    start, got = torch_pipeline(stages, batches, compensation, stash, options)
+    rule = tuple(compensation.split(",")) if compensation else ()
+    expected = numpy_pipeline(start, batches, rule, stash)
+    for (w, b), (ew, eb) in zip(got, expected):
+        np.testing.assert_allclose(w, ew, rtol=0, atol=1e-10)
+        np.testing.assert_allclose(b, eb, rtol=0, atol=1e-10)
+    plain = numpy_pipeline(start, batches, (), stash)
+    moved = max(np.abs(g[0] - p[0]).max() for g, p in zip(got, plain))
+    if compensation == "pipemare-lr" and stages == 2:
+        assert moved < 1e-12  # T1 rescales by delay^-p: nothing at delay 1
+    elif compensation is not None:
+        assert moved > 1e-6, "the compensation did not change the update"
+
+
+def test_spike_compensation_at_delay_one_is_nesterov():
+    """Kosson et al.: for D = 1, a = m and b = 1, PyTorch's Nesterov momentum."""
+    from ddgpipe.core.compensation.spike import spike_coefficients
+
+    assert spike_coefficients(0.9, 1) == (0.9, 1.0)
+    a, b = spike_coefficients(0.9, 3)
+    assert a / (1 - 0.9) + b == pytest.approx(1 / (1 - 0.9))  # the total step is unchanged
+
+
+# --- 2. K = 1 is backprop --------------------------------------------------------------------
+
+K1_CASES = [("sc", "graph"), ("lwp", "graph"), ("sc,lwp", "graph"), ("dc", "graph"),
+            ("dc-c", "recompute"), ("pipemare-lr", "graph"), ("pipemare", "none")]
+
+
+@pytest.mark.parametrize("compensation,stash", K1_CASES)
+def test_k1_with_compensation_equals_backprop_bitwise(compensation, stash):
+    data = digits_like_batches(3)
+    bp_model, ddg_model = resnet(), resnet()
+    bp = ddgpipe.Backprop(bp_model, sgd())
+    pipe = ddgpipe.DDG(ddg_model, stages=1, optimizer=sgd(), stash=stash,
+                       compensation=compensation, compensation_options={"pipemare_anneal": 2}
+                       if "pipemare" in compensation else None)
+    for x, y in data:
+        assert torch.equal(bp.step(x, y, F.cross_entropy), pipe.step(x, y, F.cross_entropy))
+    pipe.drain()
+    assert_state_equal(bp_model, ddg_model)
+
+
+# --- 3. the runtime equals the reference -----------------------------------------------------
+
+RUNTIME_CASES = {  # name -> (compensation, stash, options)
+    "sc,lwp": ("sc,lwp", "graph", None),
+    "dc": ("dc", "graph", None),
+    "dc-c": ("dc-c", "recompute", None),
+    "pipemare-lr": ("pipemare-lr", "graph", {"pipemare_anneal": 3}),
+    "pipemare": ("pipemare", "none", {"pipemare_anneal": 3}),
+}
+RUNTIME_CLOCKS = 5
+
+
+def build_runtime_pipe(case: str, executor: str | None = None, stages: int = 2):
+    from tests.runtime.test_processes import make_model, optimizer, scheduler
+
+    compensation, stash, options = RUNTIME_CASES[case]
+    return ddgpipe.DDG(make_model(), stages, optimizer, lr_scheduler=scheduler, stash=stash,
+                       compensation=compensation, compensation_options=options,
+                       peer_timeout_s=30, executor=executor, threads=1)
+
+
+def every_case_worker(rank, world):
+    """All cases in one process group, one after another: one spawn for the whole test."""
+    from tests.runtime.test_processes import batches
+
+    results = {}
+    for case in RUNTIME_CASES:
+        pipe = build_runtime_pipe(case)
+        losses = run_clocks(pipe, rank, world, batches(RUNTIME_CLOCKS))
+        results[case] = {"state": local_stage_arrays(pipe), "losses": losses}
+    return results
+
+
+@pytest.fixture(scope="module")
+def runtime_results():
+    return run_workers(every_case_worker, 2, timeout_s=120, threads=1)
+
+
+@pytest.mark.parametrize("case", list(RUNTIME_CASES))
+def test_runtime_matches_reference_bitwise(case, runtime_results):
+    from tests.runtime.test_processes import batches
+
+    assert_runtime_matches_reference([r[case] for r in runtime_results],
+                                     lambda: build_runtime_pipe(case, "reference"),
+                                     batches(RUNTIME_CLOCKS))
+
+
+@pytest.mark.parametrize("case", list(RUNTIME_CASES))
+def test_threads_match_reference_bitwise(case):
+    """A thread per stage, with each compensation, at K = 3 (two delayed stages)."""
+    from tests.runtime.test_processes import batches
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        runs = []
+        for executor in ("reference", "threads"):
+            torch.manual_seed(3)
+            pipe = build_runtime_pipe(case, executor, stages=3)
+            losses = run_clocks(pipe, 0, 1, batches(RUNTIME_CLOCKS + 2))
+            runs.append((losses, pipe.model.state_dict()))
+    finally:
+        torch.set_num_threads(threads)
+    assert runs[0][0] == runs[1][0]
+    for name, value in runs[0][1].items():
+        assert torch.equal(value, runs[1][1][name]), name
+
+
+# --- 4. checkpoint/resume keeps the compensation's state -------------------------------------
+
+def dropout_pipe(compensation, stash):
+    from torch import nn
+
+    torch.manual_seed(0)
+    blocks = [nn.Sequential(nn.Linear(6, 6), nn.ReLU(), nn.Dropout(0.3)) for _ in range(3)]
+    model = nn.Sequential(*blocks, nn.Linear(6, 3))
+    return ddgpipe.DDG(model, 3, sgd(lr=0.1), split=[1, 2], stash=stash,
+                       compensation=compensation,
+                       compensation_options={"pipemare_anneal": 6}
+                       if "pipemare" in compensation else None)
+
+
+@pytest.mark.parametrize("compensation,stash,state_key", [
+    ("dc", "graph", "mean_square"), ("sc,lwp", "graph", None),
+    ("pipemare", "none", "delta"), ("dc-c", "recompute", None)])
+def test_resume_mid_pipeline_is_bitwise(compensation, stash, state_key):
+    g = torch.Generator().manual_seed(1)
+    data = [(torch.randn(4, 6, generator=g), torch.randint(0, 3, (4,), generator=g))
+            for _ in range(9)]
+    uninterrupted = dropout_pipe(compensation, stash)
+    for x, y in data:
+        uninterrupted.step(x, y, F.cross_entropy)
+    uninterrupted.drain()
+
+    first = dropout_pipe(compensation, stash)
+    for x, y in data[:5]:
+        first.step(x, y, F.cross_entropy)
+    saved = io.BytesIO()
+    torch.save(first.checkpoint_state(), saved)
+
+    def resume(drop_state: bool):
+        pipe = dropout_pipe(compensation, stash)
+        state = torch.load(io.BytesIO(saved.getvalue()), weights_only=True)
+        if drop_state:
+            for stage in state["stages"]:
+                stage["compensation"] = {}
+        pipe.load_checkpoint_state(state)
+        for x, y in data[5:]:
+            pipe.step(x, y, F.cross_entropy)
+        pipe.drain()
+        return pipe.model.state_dict()
+
+    resumed = resume(drop_state=False)
+    for name, value in uninterrupted.model.state_dict().items():
+        assert torch.equal(value, resumed[name]), name
+    if state_key is not None:  # the saved state is what made it bitwise
+        saved_stage = first.checkpoint_state()["stages"][0]["compensation"]
+        assert any(state_key in rule_state for rule_state in saved_stage.values())
+        forgetful = resume(drop_state=True)
+        assert any(not torch.equal(v, forgetful[n])
+                   for n, v in uninterrupted.model.state_dict().items())
+
+
+def test_resume_refuses_another_compensation(tmp_path, capsys):
+    args = ["train", "--model", "mlp", "--data", "digits", "--epochs", "1", "--batch-size",
+            "128", "--threads", "1", "--no-progress", "--method", "ddg", "--stages", "2",
+            "--compensation", "sc,lwp", "--out", str(tmp_path / "run"), "--stop-after", "3"]
+    assert main(args) == 0
+    config = (tmp_path / "run" / "config.json").read_text()
+    assert '"compensation": "sc,lwp"' in config
+    capsys.readouterr()
+    resume = args[:-4] + ["--compensation", "dc", "--resume", str(tmp_path / "run")]
+    assert main(resume) == 2
+    assert "compensation: 'sc,lwp' in the checkpoint, 'dc' now" in capsys.readouterr().err
+
+
+# --- 5. errors that name the problem and the fix ---------------------------------------------
+
+def adam(ps):
+    return torch.optim.Adam(ps, lr=1e-3)
+
+
+def build(compensation, optimizer=None, stash="graph", options=None, stages=2):
+    return ddgpipe.DDG(resnet(), stages, optimizer or sgd(), stash=stash,
+                       compensation=compensation, compensation_options=options)
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(compensation="sc,spike"), "unknown compensation 'spike'; choose from sc, lwp"),
+    (dict(compensation=["sc", "sc"]), "compensation sc given twice"),
+    (dict(compensation="sc", optimizer=adam), "needs SGD with momentum, got Adam"),
+    (dict(compensation="lwp", optimizer=adam), "needs SGD with momentum, got Adam"),
+    (dict(compensation="sc", optimizer=sgd(momentum=0.0)), "needs SGD with momentum > 0"),
+    (dict(compensation="sc", optimizer=lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9,
+                                                                  nesterov=True)),
+     "drop --nesterov"),
+    (dict(compensation="dc", stash="none"), "use --stash graph or recompute with dc"),
+    (dict(compensation="dc-c", stash="none"), "no delay to compensate"),
+    (dict(compensation="pipemare", stash="graph", options={"pipemare_anneal": 5}),
+     "use pipemare-lr (T1 alone) with stash graph"),
+    (dict(compensation="pipemare-lr"), "pipemare needs pipemare_anneal=K"),
+    (dict(compensation="dc,dc-c"), "dc and dc-c both change the gradient phase"),
+    (dict(compensation="pipemare,pipemare-lr", stash="none", options={"pipemare_anneal": 5}),
+     "both change the lr phase"),
+    (dict(compensation="sc", options={"dc_lambda": 1.0}), "option dc_lambda only applies to"),
+    (dict(compensation="dc", options={"lambda": 1.0}), "unknown compensation option lambda"),
+    (dict(compensation="dc", options={"dc_lambda": -1.0}), "dc_lambda must be a positive"),
+])
+def test_clear_errors(kwargs, message):
+    with pytest.raises(ddgpipe.UsageError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        build(**kwargs)
+
+
+def test_rules_that_apply_to_adam_run_with_adam():
+    data = digits_like_batches(3)
+    for compensation, stash, options in [("dc", "graph", None), ("dc-c", "recompute", None),
+                                         ("pipemare", "none", {"pipemare_anneal": 2})]:
+        pipe = build(compensation, adam, stash, options, stages=3)
+        for x, y in data:
+            pipe.step(x, y, F.cross_entropy)
+        pipe.drain()
+
+
+@pytest.mark.parametrize("method", ["bp", "dni"])
+def test_cli_refuses_compensation_for_bp_and_dni(method, capsys):
+    code = main(["train", "--method", method, "--compensation", "sc", "--no-progress",
+                 "--out", "unused"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1
+    assert f"--method {method} has none to correct" in err
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--method", "fr", "--compensation", "dc"], "no delay to compensate"),
+    (["--method", "ddg", "--optimizer", "adam", "--compensation", "sc,lwp"],
+     "compensation sc needs SGD with momentum, got Adam"),
+    (["--method", "ddg", "--dc-lambda", "1"], "option dc_lambda only applies to"),
+])
+def test_cli_refuses_bad_compensation_before_training(args, message, capsys):
+    code = main(["train", *args, "--stages", "2", "--no-progress", "--out", "unused"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and message in err

@@ -1,0 +1,128 @@
+"""The parallel runtime against the reference executor: bitwise, and failures that never hang.
+
+Workers run over gloo on 127.0.0.1 with a free port, one thread each, and are always reaped
+by ``run_workers`` (which also bounds every test in time).
+"""
+
+import multiprocessing as mp
+import os
+import signal
+import time
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import ddgpipe
+from ddgpipe.methods.dni import DNI
+from ddgpipe.runtime.launch import WorkerError, run_workers
+from tests.runtime_helpers import (
+    assert_runtime_matches_reference,
+    local_stage_arrays,
+    run_clocks,
+)
+
+
+def make_model():
+    """Dropout in every block, so every stage draws random numbers whatever the cut."""
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                      nn.Dropout(0.2)),
+        nn.Sequential(nn.Conv2d(8, 8, 3, padding=1, stride=2), nn.BatchNorm2d(8), nn.ReLU(),
+                      nn.Dropout(0.2)),
+        nn.Sequential(nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.Dropout(0.2)),
+        nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(0.2), nn.Linear(16, 10)),
+    )
+
+
+def batches(n):
+    g = torch.Generator().manual_seed(1)
+    sizes = [8, 8, 7, 8, 5, 8, 8]  # ragged batches: shapes travel with the activations
+    return [(torch.randn(sizes[i % 7], 1, 8, 8, generator=g),
+             torch.randint(0, 10, (sizes[i % 7],), generator=g)) for i in range(n)]
+
+
+def optimizer(ps):
+    return torch.optim.SGD(ps, lr=0.05, momentum=0.9, weight_decay=5e-4)
+
+
+def scheduler(opt):
+    return torch.optim.lr_scheduler.StepLR(opt, step_size=3, gamma=0.5)
+
+
+def build(method, stages, stash, executor=None):
+    model = make_model()
+    if method == "dni":
+        return DNI(model, stages, optimizer, lr_scheduler=scheduler, peer_timeout_s=30,
+                   executor=executor)
+    return ddgpipe.DDG(model, stages, optimizer, lr_scheduler=scheduler, stash=stash,
+                       peer_timeout_s=30, executor=executor)
+
+
+def stage_worker(rank, world, method, stash, clocks):
+    torch.manual_seed(1234)  # must not matter: models are built from their own seed
+    pipe = build(method, world, stash)
+    losses = run_clocks(pipe, rank, world, batches(clocks))
+    state = local_stage_arrays(pipe)
+    return {"state": state, "losses": losses}
+
+
+@pytest.mark.parametrize("method,stages,stash", [
+    ("ddg", 2, "graph"), ("ddg", 2, "recompute"), ("ddg", 3, "graph"), ("ddg", 3, "recompute"),
+    ("dni", 2, None), ("dni", 3, None),
+])
+def test_runtime_matches_reference_bitwise(method, stages, stash):
+    clocks = 7
+    results = run_workers(stage_worker, stages, (method, stash, clocks), timeout_s=120,
+                          threads=1)
+    assert_runtime_matches_reference(results, lambda: build(method, stages, stash, "reference"),
+                                     batches(clocks))
+
+
+def failing_worker(rank, world, how):
+    pipe = build("ddg", world, "graph")
+    for i, (x, y) in enumerate(batches(50)):
+        if rank == 1 and i == 3:
+            if how == "raise":
+                raise RuntimeError("injected failure in stage 1")
+            os.kill(os.getpid(), signal.SIGKILL)
+        pipe.step(x, y, F.cross_entropy)
+        time.sleep(0.01)
+    pipe.drain()
+    return "finished"
+
+
+@pytest.mark.parametrize("how,expected", [("raise", "injected failure"), ("kill", "SIGKILL")])
+def test_a_dead_stage_stops_every_worker(how, expected):
+    start = time.monotonic()
+    with pytest.raises(WorkerError) as info:
+        run_workers(failing_worker, 3, (how,), timeout_s=60, peer_timeout_s=20, threads=1)
+    assert info.value.rank == 1 and expected in str(info.value)
+    assert time.monotonic() - start < 30
+    assert mp.active_children() == []
+
+
+def nan_worker(rank, world):
+    pipe = build("ddg", world, "graph")
+    for i, (x, y) in enumerate(batches(10)):
+        if i == 4:
+            x = x * float("nan")
+        pipe.step(x, y, F.cross_entropy)
+    return "finished"
+
+
+def test_nan_loss_stops_all_stages_with_a_clear_message():
+    with pytest.raises(ddgpipe.UsageError, match="loss is nan at minibatch 4"):
+        run_workers(nan_worker, 2, timeout_s=60, peer_timeout_s=20, threads=1)
+    assert mp.active_children() == []
+
+
+def wrong_world_worker(rank, world):
+    build("ddg", 3, "graph")
+
+
+def test_stage_count_must_match_processes():
+    with pytest.raises(ddgpipe.UsageError, match="2 processes but 3 stages"):
+        run_workers(wrong_world_worker, 2, timeout_s=60, threads=1)
