@@ -19,11 +19,13 @@ demo: $(STAMP)
 	$(BIN)/ddgpipe demo --out runs/demo
 
 test: $(STAMP)
-	$(BIN)/ruff check ddgpipe tests
+	$(BIN)/ruff check ddgpipe tests examples
+	$(BIN)/mypy
 	$(BIN)/python -m pytest
 
 lint: $(STAMP)
-	$(BIN)/ruff check ddgpipe tests
+	$(BIN)/ruff check ddgpipe tests examples
+	$(BIN)/mypy
 
 bench: $(STAMP)
 	$(BIN)/ddgpipe bench --model resnet20 --batch-size 128 --stages 2 --steps 30 --out runs/bench

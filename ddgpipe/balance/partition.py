@@ -14,12 +14,14 @@ uses to propose a cut before timing its neighbours).
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Sequence
+from typing import cast
 
-import torch
-from torch import Tensor, nn
+from torch import nn
 
 from ddgpipe.balance.profile import profile_blocks
+from ddgpipe.core.values import Blocks, Value, as_args, check_value, grad_probe, handed_on, leaves
 from ddgpipe.errors import UsageError
 
 __all__ = [
@@ -27,7 +29,9 @@ __all__ = [
     "partition",
     "balanced_split",
     "block_costs",
+    "as_blocks",
     "check_model",
+    "check_disjoint",
     "check_split",
     "param_costs",
     "flop_costs",
@@ -40,14 +44,15 @@ BALANCE_MODES = ("params", "flops", "time")
 
 
 def partition(
-    model: nn.Module,
+    model: nn.Sequential,
     stages: int,
     *,
     split: Sequence[int] | None = None,
     balance: str = "params",
-    sample_input: Tensor | None = None,
-) -> list[nn.Sequential]:
-    """Return ``stages`` slices of ``model`` that share its parameters.
+    sample_input: Value | None = None,
+) -> list[Blocks]:
+    """Return ``stages`` slices of ``model`` that share its parameters (each a
+    :class:`~ddgpipe.core.values.Blocks`, which passes tuples between its blocks).
 
     ``split`` gives the cut points as block indices (``[4, 8]`` makes blocks 0-3, 4-7, 8-end);
     without it the cut balances ``balance`` costs ("params", or "time" profiled on
@@ -59,7 +64,38 @@ def partition(
     else:
         cuts = balanced_split(block_costs(model, balance, sample_input), stages)
     bounds = [0, *cuts, blocks]
-    return [model[bounds[i]: bounds[i + 1]] for i in range(stages)]
+    items = list(model._modules.items())
+    slices = [Blocks(OrderedDict(items[bounds[i]: bounds[i + 1]])) for i in range(stages)]
+    check_disjoint(slices, cuts)
+    return slices
+
+
+def check_disjoint(stages: Sequence[nn.Module], cuts: Sequence[int] = ()) -> None:
+    """Refuse a parameter or buffer that lands in two stages (a tied embedding and output
+    projection, say): each stage would apply its own update, at its own delay, to one tensor,
+    and stage threads would race on it. Names both uses, the stages and the fixes."""
+    seen: dict[int, tuple[int, str]] = {}
+    for k, stage in enumerate(stages):
+        named = [*stage.named_parameters(remove_duplicate=False),
+                 *stage.named_buffers(remove_duplicate=False)]
+        for name, tensor in named:
+            first = seen.setdefault(id(tensor), (k, name))
+            if first[0] == k:
+                continue
+            kind = "parameter" if isinstance(tensor, nn.Parameter) else "buffer"
+            where = f" (cut at {','.join(map(str, cuts))})" if cuts else ""
+            raise UsageError(
+                f"{kind} {first[1]!r} of stage {first[0]} is also {name!r} of stage {k}{where}: "
+                "one tensor in two stages would get two updates at two different delays (and "
+                "two stage threads would race on it); untie it (give each use its own copy, "
+                "e.g. a fresh nn.Parameter), or cut the model so that both uses are in one "
+                "stage")
+
+
+def as_blocks(model: nn.Module, stages: int) -> nn.Sequential:
+    """``model`` as the ``nn.Sequential`` of blocks it must be, checked for ``stages``."""
+    check_model(model, stages)
+    return cast(nn.Sequential, model)
 
 
 def check_model(model: nn.Module, stages: int) -> int:
@@ -80,7 +116,7 @@ def check_model(model: nn.Module, stages: int) -> int:
     return blocks
 
 
-def block_costs(model: nn.Sequential, balance: str, sample_input: Tensor | None) -> list[float]:
+def block_costs(model: nn.Sequential, balance: str, sample_input: Value | None) -> list[float]:
     """Each block's cost under ``balance``: its parameters, or its profiled seconds."""
     if balance not in BALANCE_MODES:
         raise UsageError(f"unknown balance {balance!r}; choose one of {', '.join(BALANCE_MODES)}")
@@ -160,7 +196,7 @@ def param_costs(model: nn.Sequential) -> list[float]:
             for b in model]
 
 
-def flop_costs(model: nn.Sequential, sample_input: Tensor) -> list[float]:
+def flop_costs(model: nn.Sequential, sample_input: Value) -> list[float]:
     """Floating-point operations of each block's forward and backward on ``sample_input``.
 
     Counted by ``torch.utils.flop_counter`` (matrix products and convolutions), so the same
@@ -177,13 +213,15 @@ def flop_costs(model: nn.Sequential, sample_input: Tensor) -> list[float]:
         with rng_kept():
             model.train()
             x = sample_input
-            for block in model:
-                inp = x.detach().requires_grad_(True)
+            for i, block in enumerate(model):
+                inp = leaves(handed_on(x, floating=True), grad=i > 0)
                 with FlopCounterMode(display=False) as counter:
-                    out = block(inp)
-                    out.backward(torch.ones_like(out))
+                    out = check_value(block(*as_args(inp)), f"block {i} ({type(block).__name__})")
+                    probe = grad_probe(out)
+                    if probe is not None:
+                        probe.backward()
                 costs.append(max(1.0, float(counter.get_total_flops())))
-                x = out.detach()
+                x = handed_on(out)
     finally:
         model.load_state_dict(saved)
         model.zero_grad(set_to_none=True)
@@ -192,7 +230,7 @@ def flop_costs(model: nn.Sequential, sample_input: Tensor) -> list[float]:
 
 
 def profile_costs(
-    model: nn.Sequential, sample_input: Tensor, repeats: int = 5, warmup: int = 2
+    model: nn.Sequential, sample_input: Value, repeats: int = 5, warmup: int = 2
 ) -> list[float]:
     """Median forward+backward seconds of each block on ``sample_input``.
 

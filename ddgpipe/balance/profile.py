@@ -6,10 +6,18 @@ import statistics
 import time
 from dataclasses import dataclass
 
-import torch
-from torch import Tensor, nn
+from torch import nn
 
 from ddgpipe.core.rng import rng_state, set_rng_state
+from ddgpipe.core.values import (
+    Value,
+    as_args,
+    check_value,
+    grad_probe,
+    handed_on,
+    leaves,
+    tensors,
+)
 
 __all__ = ["BlockProfile", "profile_blocks"]
 
@@ -26,7 +34,7 @@ class BlockProfile:
 
 
 def profile_blocks(
-    model: nn.Sequential, sample_input: Tensor, repeats: int = 5, warmup: int = 2
+    model: nn.Sequential, sample_input: Value, repeats: int = 5, warmup: int = 2
 ) -> list[BlockProfile]:
     """Median forward and backward time per block (weights, stats and RNG left untouched)."""
     saved = {k: v.clone() for k, v in model.state_dict().items()}
@@ -40,17 +48,20 @@ def profile_blocks(
         for rep in range(warmup + repeats):
             x = sample_input
             for i, block in enumerate(model):
-                inp = x.detach().requires_grad_(True)
+                # floating inputs carry gradients, except the data into the first block
+                inp = leaves(handed_on(x, floating=True), grad=i > 0)
                 t0 = time.perf_counter()
-                out = block(inp)
+                out = check_value(block(*as_args(inp)), f"block {i} ({type(block).__name__})")
                 t1 = time.perf_counter()
-                out.backward(torch.ones_like(out))
+                probe = grad_probe(out)
+                if probe is not None:
+                    probe.backward()
                 t2 = time.perf_counter()
                 if rep >= warmup:
                     fwd[i].append(t1 - t0)
                     bwd[i].append(t2 - t1)
-                sizes[i] = out.numel() * out.element_size()
-                x = out.detach()
+                sizes[i] = sum(t.numel() * t.element_size() for t in tensors(out))
+                x = handed_on(out)
     finally:
         model.load_state_dict(saved)
         set_rng_state(rng)

@@ -48,10 +48,10 @@ def summarise(rounds: list[dict[str, float | None]], baseline: str = "bp-1t",
     names = list(dict.fromkeys(n for r in rounds for n in r))
     out: dict[str, dict] = {}
     for name in names:
-        values = [r[name] for r in rounds if r.get(name)]
-        ratios = [r[name] / r[baseline] for r in rounds if r.get(name) and r.get(baseline)]
-        vs_ref = [r[name] / r[reference] for r in rounds
-                  if reference and r.get(name) and r.get(reference)]
+        values = [v for r in rounds if (v := r.get(name))]
+        ratios = [v / b for r in rounds if (v := r.get(name)) and (b := r.get(baseline))]
+        vs_ref = [v / b for r in rounds
+                  if reference and (v := r.get(name)) and (b := r.get(reference))]
         out[name] = {
             "images_per_s": statistics.median(values) if values else None,
             "images_per_s_rounds": [r.get(name) for r in rounds],

@@ -14,6 +14,7 @@ import itertools
 import resource
 import time
 from collections.abc import Callable
+from typing import cast
 
 import torch
 import torch.distributed as dist
@@ -21,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ddgpipe.bench.config import BenchConfig, ConfigSpec
+from ddgpipe.runtime.processes import ProcessExecutor
 
 __all__ = ["LR", "MOMENTUM", "profile_split_worker", "threaded_split_worker",
            "run_config_worker"]
@@ -73,7 +75,7 @@ def _gpu_sync(cfg: BenchConfig) -> None:
             torch.cuda.synchronize(index)
 
 
-def _timed(step: Callable[[], None], cfg: BenchConfig, world_size: int,
+def _timed(step: Callable[[], object], cfg: BenchConfig, world_size: int,
            settle: Callable[[], None] = lambda: None) -> tuple[float, float]:
     """Warm up, then time ``cfg.steps`` steps; returns the window's (start, end) seconds.
 
@@ -260,7 +262,7 @@ def _run_ddg_replicas(rank, world_size, cfg, spec, split) -> dict:
     pipe = DDG(_model(cfg), stages=spec.stages, optimizer=_optimizer, stash=spec.stash,
                split=list(split), timeline=timeline, device=device, comm=comm,
                replicas=spec.replicas)
-    layout = pipe.executor.layout
+    layout = cast(ProcessExecutor, pipe.executor).layout
     t0, t1 = _timed(lambda: pipe.step(x, y, F.cross_entropy), cfg, world_size)
     pipe.drain()
     waits = [(a, b) for _, a, b in timeline.waits]

@@ -118,10 +118,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
                              progress=not args.no_progress)
         print(f"training {config.display_label()} ({args.model} on {args.data}, "
               f"{args.epochs} epochs) ...", flush=True)
-        results.append(train(config))
+        result = train(config)
+        assert result is not None, "one process trains every stage here"
+        results.append(result)
     print()
     print(format_results(results))
-    png = plot_learning_curves([r.run_dir for r in results], out / "curves.png",
+    png = plot_learning_curves([str(r.run_dir) for r in results], out / "curves.png",
                                title=f"{args.model} on {args.data}: backprop, DDG and DNI")
     print(f"\nlearning curves: {png}")
     return 0

@@ -21,27 +21,38 @@ from torch import Tensor
 from ddgpipe.core.schedule import Action
 from ddgpipe.core.stage import LossFn, Stage
 from ddgpipe.core.timeline import Timeline
+from ddgpipe.core.values import Value
 
-__all__ = ["Links", "run_stage_clock"]
+__all__ = ["Links", "Grads", "run_stage_clock"]
+
+
+Grads = tuple[Tensor, ...]
+"""The gradients of a stage's marked outputs (or inputs), in order."""
 
 
 class Links(Protocol):
     """How a stage exchanges tensors with its neighbours and gets its data."""
 
-    def recv_activation(self, stage: Stage, minibatch: int) -> tuple[Tensor, bool]:
+    def recv_activation(self, stage: Stage, minibatch: int) -> tuple[Value, bool]:
         """The input of ``minibatch`` for ``stage`` (stage 0: the data) and the overflow report."""
+        ...
 
-    def send_activation(self, stage: Stage, minibatch: int, out: Tensor, overflow: bool) -> None:
+    def send_activation(self, stage: Stage, minibatch: int, out: Value, overflow: bool) -> None:
         """Hand ``stage``'s output of ``minibatch`` to the next stage."""
+        ...
 
-    def recv_gradient(self, stage: Stage, minibatch: int) -> tuple[Tensor, float]:
-        """The gradient of ``stage``'s output of ``minibatch`` and the loss scale it carries."""
+    def recv_gradient(self, stage: Stage, minibatch: int) -> tuple[Grads, float]:
+        """The gradients of ``stage``'s output of ``minibatch`` and the loss scale they carry."""
+        ...
 
-    def send_gradient(self, stage: Stage, minibatch: int, grad: Tensor, loss_scale: float) -> None:
-        """Hand the gradient w.r.t. ``stage``'s input of ``minibatch`` to the previous stage."""
+    def send_gradient(self, stage: Stage, minibatch: int, grads: Grads,
+                      loss_scale: float) -> None:
+        """Hand the gradients w.r.t. ``stage``'s input of ``minibatch`` to the previous stage."""
+        ...
 
     def target(self, stage: Stage, minibatch: int) -> tuple[Tensor, LossFn]:
         """The last stage's target and loss function for ``minibatch``."""
+        ...
 
 
 def _no_guard(stage: Stage) -> AbstractContextManager:
@@ -76,12 +87,14 @@ def run_stage_clock(stage: Stage, actions: list[Action], links: Links, *,
                     out = stage.forward(m, x, overflow)
                 links.send_activation(stage, m, out, stage.take_overflow())
         elif action.op == "B":
-            grad, scale = None, 1.0
+            grad: Grads | None = None
+            scale = 1.0
             if stage.gradient_op == "B" and not stage.is_last:
                 grad, scale = links.recv_gradient(stage, m)
             with guard(stage):
                 grad_in = stage.backward(m, grad, scale)
             if not stage.is_first:
+                assert grad_in is not None, "a stage after the first returns input gradients"
                 links.send_gradient(stage, m, grad_in, stage.grad_loss_scale)
         elif action.op == "S":
             with guard(stage):

@@ -16,6 +16,7 @@ holds a lock, and only the stages that draw random numbers take it (see
 
 from __future__ import annotations
 
+import hashlib
 import threading
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -24,7 +25,7 @@ import torch
 from torch import nn
 
 __all__ = ["rng_state", "set_rng_state", "rng_kept", "same_rng_state", "StageStreams",
-           "draws_random_numbers", "RANDOM_MODULES"]
+           "stage_stream", "draws_random_numbers", "RANDOM_MODULES"]
 
 RANDOM_MODULES: tuple[type[nn.Module], ...] = (
     nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
@@ -91,8 +92,29 @@ _GENERATOR_LOCK = threading.RLock()
 pipeline of the process, since they all share that generator."""
 
 
+def stage_stream(base: dict, stage: int) -> dict:
+    """Stage ``stage``'s random stream, derived from ``base`` (the caller's state at the first
+    clock) and the stage's index, so no two stages draw the same numbers.
+
+    Stage 0 keeps ``base`` itself: with one stage, DDG draws exactly what backprop draws.
+    Stage k >= 1 starts every generator (the CPU's and each GPU's in ``base``) from a seed
+    hashed from the CPU state's bytes and k: the same on every executor and in every process
+    that starts from the same state.
+    """
+    if stage == 0:
+        return base
+    digest = hashlib.sha256(base["cpu"].numpy().tobytes() + stage.to_bytes(4, "little"))
+    seed = int.from_bytes(digest.digest()[:8], "little") & ((1 << 63) - 1)
+    derived: dict = {"cpu": torch.Generator().manual_seed(seed).get_state()}
+    if "cuda" in base:
+        derived["cuda"] = {i: torch.Generator(device=f"cuda:{int(i)}").manual_seed(seed)
+                           .get_state() for i in base["cuda"]}
+    return derived
+
+
 class StageStreams:
-    """One random stream per stage, each started from the caller's state at the first clock.
+    """One random stream per stage, each derived at the first clock from the caller's state
+    and the stage's index (:func:`stage_stream`).
 
     The swap puts the caller's state back after each use; a caller that draws from (or seeds)
     the global generator on another thread *while* stages of a threaded pipeline run races
@@ -103,19 +125,32 @@ class StageStreams:
         self.devices = devices
         self.states: list[dict] | None = None
         self.lock = _GENERATOR_LOCK
+        # the caller's CPU state as the last swap put it back: if it has moved when the next
+        # swap begins, someone drew from the process's generator outside the swaps
+        self._restored: torch.Tensor | None = None
+        self.foreign_draws = False
 
     def start(self) -> None:
-        """Begin every stage's stream at the caller's current state (once)."""
+        """Derive every stage's stream from the caller's current state (once)."""
         if self.states is None:
-            state = rng_state(self.devices)
-            self.states = [state] * len(self.devices)
+            base = rng_state(self.devices)
+            self.states = [stage_stream(base, k) for k in range(len(self.devices))]
+
+    def idle(self) -> None:
+        """No stage runs now (the caller waited for them): draws until the next swap are the
+        caller's own business, not a race."""
+        with self.lock:
+            self._restored = None
 
     @contextmanager
     def use(self, stage: int) -> Iterator[StreamUse]:
         """Draw from ``stage``'s stream inside the block. The yielded record's ``drew`` says,
         after the block, whether it drew any random number."""
+        assert self.states is not None, "start() derives the streams first"
         with self.lock:
             saved = rng_state(self.devices)
+            if self._restored is not None and not torch.equal(saved["cpu"], self._restored):
+                self.foreign_draws = True
             record = StreamUse()
             before = self.states[stage]
             set_rng_state(before)
@@ -126,6 +161,7 @@ class StageStreams:
                 self.states[stage] = after
                 record.drew = not same_rng_state(before, after)
                 set_rng_state(saved)
+                self._restored = saved["cpu"]
 
 
 class StreamUse:

@@ -12,23 +12,25 @@ import warnings
 from collections import deque
 from collections.abc import Callable
 from contextlib import AbstractContextManager
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
+from torch.optim.lr_scheduler import LRScheduler
 
 from ddgpipe.core.compensation import Compensation
 from ddgpipe.core.precision import LossScaler, autocast, check_precision, unscale_
 from ddgpipe.core.stash import Pending, Stash
 from ddgpipe.core.streams import new_stream
+from ddgpipe.core.values import Value, describe, handed_on, tensors
 from ddgpipe.errors import UsageError
 
 __all__ = ["Stage", "StageFactory", "GradientAverager", "OptimizerFactory", "SchedulerFactory",
            "LossFn"]
 
 OptimizerFactory = Callable[[list[nn.Parameter]], torch.optim.Optimizer]
-SchedulerFactory = Callable[[torch.optim.Optimizer], object]
-LossFn = Callable[[Tensor, Tensor], Tensor]
+SchedulerFactory = Callable[[torch.optim.Optimizer], LRScheduler]
+LossFn = Callable[[Any, Tensor], Tensor]  # (the last stage's output, the target) -> loss
 
 
 class GradientAverager(Protocol):
@@ -79,7 +81,8 @@ class Stage:
         params = [p for p in module.parameters() if p.requires_grad]
         # A stage without trainable parameters (a pooling head, say) only passes gradients on.
         self.optimizer = optimizer(params) if params else None
-        self.lr_scheduler = lr_scheduler(self.optimizer) if lr_scheduler and params else None
+        self.lr_scheduler = lr_scheduler(self.optimizer) \
+            if lr_scheduler and self.optimizer is not None else None
         self.stash = Stash(module, stash, self.delay, needs_input_grad=index > 0,
                            device=self.device, compute_context=self._autocast)
         self.grad_scale = grad_shrink**self.delay
@@ -115,31 +118,37 @@ class Stage:
     def is_last(self) -> bool:
         return self.index == self.num_stages - 1
 
-    def _forward(self, minibatch: int, x: Tensor) -> tuple[Tensor, Pending]:
+    def _forward(self, minibatch: int, x: Value) -> tuple[Value, Pending]:
         weights = self.compensation.forward_weights() if self.delay > 0 else None
         try:
             return self.stash.forward(minibatch, x, weights)
         except RuntimeError as e:  # shape/dtype mismatches surface as RuntimeError in torch
             if self.is_first or "shape" in str(e) or "size" in str(e):
+                given = f"an input of shape {tuple(x.shape)}" if isinstance(x, Tensor) \
+                    else f"an input of {describe(x)}"
                 raise UsageError(
-                    f"stage {self.index} cannot take an input of shape {tuple(x.shape)} "
+                    f"stage {self.index} cannot take {given} "
                     f"({str(e).splitlines()[0]}); check the data against the model's "
                     "expected input"
                 ) from None
             raise
 
-    def forward(self, minibatch: int, x: Tensor, overflow: bool = False) -> Tensor:
-        """F: run minibatch ``minibatch`` with the current weights; return the activation.
+    def forward(self, minibatch: int, x: Value, overflow: bool = False) -> Value:
+        """F: run minibatch ``minibatch`` with the current weights; return the activation,
+        detached, each tensor marked with whether its gradient will come back.
 
         ``overflow`` is the fp16 overflow report that came with ``x`` (see :meth:`take_overflow`).
         """
         self._overflow |= overflow
         out, pending = self._forward(minibatch, x)
-        pending.output_shape, pending.output_dtype = tuple(out.shape), out.dtype
+        sent = handed_on(out, floating=self.stash.mode in ("recompute", "none"))
+        pending.output_marks = [t.requires_grad for t in tensors(sent)]
+        pending.grad_shapes = [(tuple(t.shape), t.dtype) for t in tensors(sent)
+                               if t.requires_grad]
         self.inflight.append(pending)
-        return out.detach()
+        return sent
 
-    def forward_loss(self, minibatch: int, x: Tensor, y: Tensor, loss_fn: LossFn,
+    def forward_loss(self, minibatch: int, x: Value, y: Tensor, loss_fn: LossFn,
                      overflow: bool = False) -> Tensor:
         """F of the last stage: the forward and the loss, kept for this clock's backward."""
         self._overflow |= overflow
@@ -162,14 +171,14 @@ class Stage:
         report, self._overflow = self._overflow, False
         return report
 
-    def backward(self, minibatch: int, grad_output: Tensor | None = None,
-                 loss_scale: float = 1.0) -> Tensor | None:
+    def backward(self, minibatch: int, grad_output: tuple[Tensor, ...] | None = None,
+                 loss_scale: float = 1.0) -> tuple[Tensor, ...] | None:
         """B: backpropagate minibatch ``minibatch`` through its stashed weights.
 
-        ``grad_output`` is the gradient of the loss w.r.t. this stage's output (None for the
-        last stage, whose output is the loss), scaled by ``loss_scale`` under fp16. Returns
-        the gradient w.r.t. the input, or None for the first stage; it carries the same
-        scale, :attr:`grad_loss_scale`.
+        ``grad_output`` holds the gradients of the loss w.r.t. this stage's marked outputs
+        (None for the last stage, whose output is the loss), scaled by ``loss_scale`` under
+        fp16. Returns the gradients w.r.t. the marked inputs, or None for the first stage;
+        they carry the same scale, :attr:`grad_loss_scale`.
         """
         pending = self.inflight.popleft()
         if pending.minibatch != minibatch:
@@ -181,18 +190,24 @@ class Stage:
         if replayed:  # None replays at the live weights; a compensation may estimate older ones
             pending.weights = self.compensation.replay_weights()
         output = self.stash.output_for_backward(pending)
+        grads: tuple[Tensor, ...] | Tensor | None = grad_output
         if self.is_last:
             loss_scale = pending.loss_scale
-            if self.precision == "fp16":  # d(scale * loss) / d(loss)
-                grad_output = torch.full_like(output, loss_scale)
+            assert isinstance(output, Tensor), "the last stage's output is the loss"
+            # fp16: d(scale * loss) / d(loss); fp32: the loss's own gradient
+            grads = torch.full_like(output, loss_scale) if self.precision == "fp16" else None
         if self.averager is None:
-            grad_in = self.stash.backward(pending, output, grad_output)
+            grad_in = self.stash.backward(pending, output, grads)
         else:  # each bucket's average starts as soon as the backward has produced it
             with self.averager.watching(self.stash.grad_leaves(pending)):
-                grad_in = self.stash.backward(pending, output, grad_output)
+                grad_in = self.stash.backward(pending, output, grads)
         self._forward_weights = None if replayed else pending.weights
         self.grad_loss_scale = loss_scale
         return grad_in
+
+    def learn(self, minibatch: int, true_grad: tuple[Tensor, ...]) -> None:
+        """G: a DNI stage's gradient-model update; DDG's stages learn in B and S."""
+        raise NotImplementedError(f"{type(self).__name__} has no op G")
 
     def _finish_gradients(self) -> None:
         """What turns the backward's gradients into the one the step applies, in S so that it

@@ -29,14 +29,16 @@ forward, so mixed precision replays alike too.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
 from ddgpipe.core.rng import rng_kept, rng_state, set_rng_state
+from ddgpipe.core.values import Value, as_args, handed_on, leaves, tensors
 
 __all__ = ["STASH_MODES", "Pending", "Stash"]
 
@@ -48,12 +50,13 @@ class Pending:
     """One in-flight minibatch at one stage: enough to run its backward later."""
 
     minibatch: int
-    inputs: Tensor | None
-    output: Tensor | None = None  # graph-carrying output (graph mode, or no delay)
+    inputs: Value | None  # as received, each tensor marked with whether a gradient goes back
+    output: Value | None = None  # graph-carrying output (graph mode, or no delay)
     weights: dict[str, Tensor] | None = None  # snapshot leaves the graph or replay uses
     rng_state: dict | None = None  # the random state the forward started from
-    output_shape: tuple[int, ...] | None = None  # what the gradient coming back will look like
-    output_dtype: torch.dtype = torch.float32
+    # which output tensors were handed on marked for a gradient, and those gradients' shapes
+    output_marks: list[bool] = field(default_factory=list)
+    grad_shapes: list[tuple[tuple[int, ...], torch.dtype]] = field(default_factory=list)
     loss_scale: float = 1.0  # fp16: the scale the last stage applied to this minibatch's loss
 
 
@@ -62,13 +65,13 @@ class Stash:
 
     def __init__(self, module: nn.Module, mode: str, delay: int, needs_input_grad: bool,
                  device: torch.device | None = None,
-                 compute_context=nullcontext):
+                 compute_context: Callable[[], AbstractContextManager] = nullcontext):
         if mode not in STASH_MODES:
             raise ValueError(f"stash mode {mode!r} is not one of {', '.join(STASH_MODES)}")
         self.module = module
         self.device = device or torch.device("cpu")
         # How every forward and replay runs (the stage's autocast); a fresh context each time.
-        self.compute_context: type[AbstractContextManager] = compute_context
+        self.compute_context = compute_context
         # A replay restores the random state of its forward. The threaded executor turns this
         # off for stages that draw no random numbers, whose replays must not touch the
         # process's generator while other stages draw from it.
@@ -79,16 +82,18 @@ class Stash:
         self.needs_input_grad = needs_input_grad
         self.params = {n: p for n, p in module.named_parameters() if p.requires_grad}
 
-    def _leaf_input(self, x: Tensor) -> Tensor:
-        return x.detach().requires_grad_(self.needs_input_grad)
-
     def _snapshot(self, requires_grad: bool,
                   weights: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
-        source = self.params if weights is None else weights
+        source: dict[str, Tensor] = dict(self.params) if weights is None else weights
         return {n: source[n].detach().clone().requires_grad_(requires_grad) for n in self.params}
 
-    def forward(self, minibatch: int, x: Tensor,
-                weights: dict[str, Tensor] | None = None) -> tuple[Tensor, Pending]:
+    def _run(self, weights: dict[str, Tensor] | None, x: Value) -> Value:
+        if weights is None:
+            return self.module(*as_args(x))
+        return functional_call(self.module, weights, as_args(x), strict=False)
+
+    def forward(self, minibatch: int, x: Value,
+                weights: dict[str, Tensor] | None = None) -> tuple[Value, Pending]:
         """Forward of one minibatch; returns (output, pending).
 
         ``weights`` (by parameter name) replace the current ones in this forward and become
@@ -97,29 +102,28 @@ class Stash:
         if self.mode == "live":
             if weights is not None:
                 raise ValueError("a stage without delay has nothing to predict")
-            xin = self._leaf_input(x)
+            xin = leaves(x, self.needs_input_grad)
             with self.compute_context():
-                out = self.module(xin)
+                out = self._run(None, xin)
             return out, Pending(minibatch, xin, output=out)
         rng = rng_state([self.device])  # the replay (or a checkpoint's rebuild) starts here
         if self.mode == "graph":
-            xin = self._leaf_input(x)
+            xin = leaves(x, self.needs_input_grad)
             weights = self._snapshot(requires_grad=True, weights=weights)
             with self.compute_context():
-                out = functional_call(self.module, weights, (xin,), strict=False)
+                out = self._run(weights, xin)
             return out, Pending(minibatch, xin, output=out, weights=weights, rng_state=rng)
         with torch.no_grad(), self.compute_context():
-            if weights is None:
-                out = self.module(x)
-            else:  # stash none replays with the *live* weights, whatever the forward used
-                out = functional_call(self.module, weights, (x,), strict=False)
+            # stash none replays with the *live* weights, whatever the forward used
+            out = self._run(weights, x)
         kept = self._snapshot(requires_grad=False, weights=weights) \
             if self.mode == "recompute" else None
-        return out, Pending(minibatch, x.detach(), weights=kept, rng_state=rng)
+        return out, Pending(minibatch, handed_on(x), weights=kept, rng_state=rng)
 
-    def replay(self, pending: Pending) -> Tensor:
+    def replay(self, pending: Pending) -> Value:
         """Recompute the forward of ``pending`` with grad enabled (``recompute``/``none``)."""
-        xin = self._leaf_input(pending.inputs)
+        assert pending.inputs is not None, "a replay needs the stashed input"
+        xin = leaves(pending.inputs, self.needs_input_grad)
         if pending.weights is not None:  # recompute: the stashed version, as leaves
             weights = {n: w.requires_grad_(True) for n, w in pending.weights.items()}
         else:  # none: today's weights
@@ -127,10 +131,10 @@ class Stash:
         scratch_buffers = {n: b.clone() for n, b in self.module.named_buffers()}
         with rng_kept([self.device]) if self.restores_rng else nullcontext():
             if self.restores_rng:
+                assert pending.rng_state is not None
                 set_rng_state(pending.rng_state)
             with torch.enable_grad(), self.compute_context():
-                out = functional_call(self.module, {**weights, **scratch_buffers}, (xin,),
-                                      strict=False)
+                out = self._run({**weights, **scratch_buffers}, xin)
         pending.inputs = xin
         if pending.weights is None:  # `none` backpropagates straight into the live weights
             return out
@@ -141,19 +145,35 @@ class Stash:
         """The tensors the backward of ``pending`` accumulates gradients into, by parameter
         name: its weight version (``graph``; ``recompute`` once replayed) or the live
         parameters (no delay, ``none``)."""
-        return self.params if pending.weights is None else pending.weights
+        return dict(self.params) if pending.weights is None else pending.weights
 
-    def backward(
-        self, pending: Pending, output: Tensor, grad_output: Tensor | None
-    ) -> Tensor | None:
-        """Backpropagate into the live parameters' ``.grad``; return the input gradient."""
+    def backward(self, pending: Pending, output: Value,
+                 grad_output: tuple[Tensor, ...] | Tensor | None) -> tuple[Tensor, ...] | None:
+        """Backpropagate into the live parameters' ``.grad``; return the gradients w.r.t. the
+        input's marked tensors (None for a stage that needs none: the first).
+
+        ``grad_output`` is the loss's own (None, or the fp16 scale) for the last stage, else
+        one gradient per output marked for one, in order.
+        """
         for p in self.params.values():
             p.grad = None
-        torch.autograd.backward(output, grad_output)
+        if isinstance(grad_output, tuple):
+            marked = [t for t, m in zip(tensors(output), pending.output_marks, strict=True) if m]
+            # a replay's output may need no gradient where the forward assumed one
+            pairs = [(t, g) for t, g in zip(marked, grad_output, strict=True) if t.requires_grad]
+            if pairs:
+                torch.autograd.backward([t for t, _ in pairs], [g for _, g in pairs])
+        else:
+            assert isinstance(output, Tensor), "the last stage's output is the loss"
+            torch.autograd.backward(output, grad_output)
         if pending.weights is not None:
             for name, p in self.params.items():
                 p.grad = pending.weights[name].grad
-        return pending.inputs.grad if self.needs_input_grad else None
+        if not self.needs_input_grad:
+            return None
+        assert pending.inputs is not None
+        return tuple(torch.zeros_like(t) if t.grad is None else t.grad
+                     for t in tensors(pending.inputs) if t.requires_grad)
 
     def export(self, pending: Pending) -> dict:
         """A pending minibatch as plain tensors, for a checkpoint.
@@ -164,13 +184,19 @@ class Stash:
         """
         if pending.output is not None and self.mode == "live":
             raise RuntimeError("a stage without delay has nothing in flight between clocks")
+        assert pending.inputs is not None
         weights = None
         if pending.weights is not None:
             weights = {n: w.detach().clone() for n, w in pending.weights.items()}
-        return {"minibatch": pending.minibatch, "inputs": pending.inputs.detach().clone(),
+        inputs = tensors(pending.inputs)
+        return {"minibatch": pending.minibatch,
+                "inputs": [t.detach().clone() for t in inputs],
+                "inputs_tuple": isinstance(pending.inputs, tuple),
+                "input_marks": [t.requires_grad for t in inputs],
                 "weights": weights, "rng_state": pending.rng_state,
-                "output_shape": list(pending.output_shape or []),
-                "output_dtype": str(pending.output_dtype).removeprefix("torch."),
+                "output_marks": list(pending.output_marks),
+                "grad_shapes": [[list(shape), _dtype_name(dtype)]
+                                for shape, dtype in pending.grad_shapes],
                 "loss_scale": pending.loss_scale}
 
     def restore(self, record: dict) -> Pending:
@@ -178,14 +204,28 @@ class Stash:
         weights = record["weights"]
         if weights is not None:
             weights = {n: w.to(self.device) for n, w in weights.items()}
-        return Pending(record["minibatch"], record["inputs"].to(self.device), weights=weights,
-                       rng_state=record["rng_state"],
-                       output_shape=tuple(record["output_shape"]) or None,
-                       output_dtype=getattr(torch, record["output_dtype"]),
+        if "grad_shapes" in record:
+            parts = [t.to(self.device).requires_grad_(mark)
+                     for t, mark in zip(record["inputs"], record["input_marks"], strict=True)]
+            inputs: Value = tuple(parts) if record["inputs_tuple"] else parts[0]
+            shapes = [(tuple(shape), getattr(torch, dtype)) for shape, dtype in
+                      record["grad_shapes"]]
+            marks = list(record["output_marks"])
+        else:  # format 4 and before: one tensor in, one gradient back (none from the last)
+            inputs = record["inputs"].to(self.device).requires_grad_(self.needs_input_grad)
+            shapes = [(tuple(record["output_shape"]), getattr(torch, record["output_dtype"]))] \
+                if record["output_shape"] else []
+            marks = [bool(shapes)]
+        return Pending(record["minibatch"], inputs, weights=weights,
+                       rng_state=record["rng_state"], output_marks=marks, grad_shapes=shapes,
                        loss_scale=record.get("loss_scale", 1.0))
 
-    def output_for_backward(self, pending: Pending) -> Tensor:
+    def output_for_backward(self, pending: Pending) -> Value:
         """The graph-carrying output of ``pending``, replaying the forward if it was not kept."""
         if pending.output is not None:
             return pending.output
         return self.replay(pending)
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")

@@ -26,6 +26,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ddgpipe.core.values import Value, map_tensors, tensors
+
 __all__ = ["Handoff", "new_stream", "on_stream", "send", "receive"]
 
 
@@ -51,26 +53,32 @@ def on_stream(device: torch.device, stream=None):
 
 @dataclass
 class Handoff:
-    """A tensor on its way to another stage, with what the receiver needs to use it safely."""
+    """Tensors on their way to another stage, with what the receiver needs to use them safely."""
 
-    tensor: Tensor
-    event: Any | None = None  # recorded on the producer's stream after the tensor was written
+    value: Value
+    event: Any | None = None  # recorded on the producer's stream after the tensors were written
     stream: Any | None = None  # the producer's stream (CUDA), where cross-device copies go
 
 
-def send(tensor: Tensor) -> Handoff:
-    """Wrap ``tensor`` produced on this thread's current stream for another stage."""
-    if tensor.device.type != "cuda":
-        return Handoff(tensor)
-    stream = torch.cuda.current_stream(tensor.device)
+def send(value: Value) -> Handoff:
+    """Wrap ``value`` (a tensor or a tuple), produced on this thread's current stream, for
+    another stage."""
+    parts = tensors(value)
+    if not parts or parts[0].device.type != "cuda":  # on the host, or no tensor at all
+        return Handoff(value)
+    device = parts[0].device
+    stream = torch.cuda.current_stream(device)
     event = torch.cuda.Event()
     event.record(stream)
-    return Handoff(tensor, event, stream)
+    return Handoff(value, event, stream)
 
 
-def receive(handoff: Handoff, device: torch.device) -> Tensor:
-    """The tensor on ``device``, safe to use on this thread's current stream there."""
-    tensor = handoff.tensor
+def receive(handoff: Handoff, device: torch.device) -> Value:
+    """The tensors on ``device``, safe to use on this thread's current stream there."""
+    return map_tensors(handoff.value, lambda t: _arrive(t, handoff, device))
+
+
+def _arrive(tensor: Tensor, handoff: Handoff, device: torch.device) -> Tensor:
     if tensor.device == device:
         if device.type == "cuda" and handoff.event is not None:
             here = torch.cuda.current_stream(device)
@@ -81,6 +89,7 @@ def receive(handoff: Handoff, device: torch.device) -> Tensor:
     if tensor.device.type == "cpu":  # a batch from the host: asynchronous when pinned
         return tensor.to(device, non_blocking=tensor.is_pinned())
     if device.type == "cpu":  # a GPU stage before a CPU stage: wait for it, then copy
+        assert handoff.event is not None, "a GPU tensor is sent with its event"
         handoff.event.synchronize()
         return tensor.to(device)
     # GPU to GPU: copy on the producer's stream, after its kernels; the copy itself makes the

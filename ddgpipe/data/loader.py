@@ -36,8 +36,7 @@ def random_crop_flip(x: Tensor, generator: torch.Generator, pad: int = 4) -> Ten
     cols = dx[:, None] + torch.arange(w)[None, :]                          # n x w
     cols = torch.where(flip[:, None], cols.flip(1), cols)
     batch = torch.arange(n)[:, None, None]
-    index = (batch, rows[:, :, None], cols[:, None, :])
-    index = tuple(i.to(x.device) for i in index)
+    index = tuple(i.to(x.device) for i in (batch, rows[:, :, None], cols[:, None, :]))
     out = padded.permute(0, 2, 3, 1)[index]                                # n x h x w x c
     return out.permute(0, 3, 1, 2).contiguous()
 

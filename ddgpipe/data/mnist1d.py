@@ -144,7 +144,7 @@ def _read(path: Path, args: dict) -> dict[str, np.ndarray]:
 def _write_atomic(path: Path, arrays: dict[str, np.ndarray], args: dict) -> None:
     """Write the npz to a temporary file in the same folder, fsync it, rename it into place."""
     buf = io.BytesIO()
-    np.savez(buf, fingerprint=np.array(_fingerprint(args)), **arrays)
+    np.savez(buf, fingerprint=np.array(_fingerprint(args)), **arrays)  # type: ignore[arg-type]
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:

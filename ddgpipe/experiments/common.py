@@ -59,7 +59,7 @@ def config_matches(config: TrainConfig, run_dir: Path) -> bool:
 def read_outcome(config: TrainConfig) -> dict | None:
     """The run's outcome from its folder, or None when it has not run to an end with this
     config (never started, stopped halfway, or trained with other settings)."""
-    run_dir = Path(config.out)
+    run_dir = Path(str(config.out))
     if not config_matches(config, run_dir):
         return None
     outcome = {"out": str(run_dir), "method": config.method, "stages": config.stages,
@@ -85,14 +85,14 @@ def read_outcome(config: TrainConfig) -> dict | None:
 
 def _train_one(config: TrainConfig) -> str:
     """One run in a worker process; a diverged loss is recorded, anything else raises."""
-    run_dir = Path(config.out)
+    run_dir = Path(str(config.out))
     (run_dir / DIVERGED_FILE).unlink(missing_ok=True)  # an old outcome of other settings
     try:
         train(config)
     except NonFiniteLossError as e:
         atomic_write_bytes(run_dir / DIVERGED_FILE, (json.dumps(
             {"error": str(e), "minibatch": e.minibatch}) + "\n").encode())
-    return config.out
+    return str(run_dir)
 
 
 def _describe(outcome: dict | None) -> str:

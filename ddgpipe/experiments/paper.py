@@ -116,7 +116,7 @@ def summarise_runs(results: list[dict], plan: ExperimentPlan) -> dict:
             continue
         setting = Path(r["out"]).parent.name
         groups.setdefault((setting, r["method"], r["stages"]), []).append(r)
-    rows = []
+    rows: list[dict] = []
     for (setting, method, k), runs in sorted(groups.items()):
         acc = [100 * r["test_acc"] for r in runs]
         loss = [r["train_loss"] for r in runs]

@@ -6,6 +6,7 @@ import math
 
 import torch
 from torch import Tensor, nn
+from torch.optim.lr_scheduler import LRScheduler
 
 from ddgpipe.core.precision import autocast, check_precision
 from ddgpipe.core.stage import LossFn, OptimizerFactory, SchedulerFactory
@@ -43,7 +44,8 @@ class Backprop:
         self.precision = check_precision(precision)
         self.model = model.to(self.device)
         self.optimizer = optimizer([p for p in model.parameters() if p.requires_grad])
-        self.lr_scheduler = lr_scheduler(self.optimizer) if lr_scheduler else None
+        self.lr_scheduler: LRScheduler | None = \
+            lr_scheduler(self.optimizer) if lr_scheduler else None
         self.scaler = torch.amp.GradScaler(self.device.type) if precision == "fp16" else None
         self.check_finite = check_finite
         self.fed = 0

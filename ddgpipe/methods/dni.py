@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from ddgpipe.core.precision import check_precision
 from ddgpipe.core.stage import OptimizerFactory, SchedulerFactory, Stage
 from ddgpipe.core.timeline import Timeline
+from ddgpipe.core.values import Value, describe
 from ddgpipe.errors import UsageError
 from ddgpipe.methods.pipeline import PipelineMethod
 from ddgpipe.runtime.build import build_stages
@@ -37,6 +38,7 @@ __all__ = ["DNI", "DNIStage", "synthetic_gradient_model"]
 
 def synthetic_gradient_model(sample_output: Tensor, hidden: int = 64) -> nn.Module:
     """A small network mapping an activation to a same-shaped gradient estimate."""
+    last: nn.Conv2d | nn.Linear
     if sample_output.dim() == 4:
         channels = sample_output.shape[1]
         last = nn.Conv2d(hidden, channels, 3, padding=1)
@@ -48,7 +50,7 @@ def synthetic_gradient_model(sample_output: Tensor, hidden: int = 64) -> nn.Modu
         net = nn.Sequential(nn.Flatten(), nn.Linear(features, hidden * 4), nn.ReLU(), last,
                             nn.Unflatten(1, tuple(sample_output.shape[1:])))
     nn.init.zeros_(last.weight)
-    nn.init.zeros_(last.bias)
+    nn.init.zeros_(last.bias)  # type: ignore[arg-type]  # both layers have a bias
     return net
 
 
@@ -57,36 +59,50 @@ class DNIStage(Stage):
 
     gradient_op = "G"
 
-    def __init__(self, *args, sg_lr: float = 1e-3, **kwargs):
-        super().__init__(*args, delay=0, **kwargs)
+    def __init__(self, *args: Any, sg_lr: float = 1e-3, **kwargs: Any):
+        super().__init__(*args, **kwargs | {"delay": 0})
         self.sg_lr = sg_lr
-        self.sg_model: nn.Module | None = None
-        self.sg_optimizer: torch.optim.Optimizer | None = None
+        self._sg: tuple[nn.Module, torch.optim.Optimizer] | None = None
         self._outputs: dict[int, Tensor] = {}  # minibatch -> output, until its true gradient
 
-    def forward(self, minibatch: int, x: Tensor, overflow: bool = False) -> Tensor:
-        out = super().forward(minibatch, x, overflow)
-        if self.sg_model is None:
-            self.sg_model = synthetic_gradient_model(out).to(self.device)
-            self.sg_optimizer = torch.optim.Adam(self.sg_model.parameters(), lr=self.sg_lr)
-        self._outputs[minibatch] = out
-        return out
+    def _gradient_model(self, out: Tensor) -> tuple[nn.Module, torch.optim.Optimizer]:
+        """The gradient model and its Adam, built for the shape of the first output."""
+        if self._sg is None:
+            model = synthetic_gradient_model(out).to(self.device)
+            self._sg = model, torch.optim.Adam(model.parameters(), lr=self.sg_lr)
+        return self._sg
 
-    def backward(self, minibatch: int, grad_output: Tensor | None = None,
-                 loss_scale: float = 1.0) -> Tensor | None:
+    @property
+    def sg_model(self) -> nn.Module | None:
+        return None if self._sg is None else self._sg[0]
+
+    def forward(self, minibatch: int, x: Value, overflow: bool = False) -> Value:
+        sent = super().forward(minibatch, x, overflow)
+        if not isinstance(sent, Tensor):
+            raise UsageError(f"dni stage {self.index} outputs {describe(sent)}, but a gradient "
+                             "model predicts the gradient of one tensor: end the stage on a "
+                             "block that returns one tensor, or use --method ddg")
+        out = sent.detach()
+        self._gradient_model(out)
+        self._outputs[minibatch] = out
+        return sent
+
+    def backward(self, minibatch: int, grad_output: tuple[Tensor, ...] | None = None,
+                 loss_scale: float = 1.0) -> tuple[Tensor, ...] | None:
         if not self.is_last:
             out = self._outputs[minibatch]
             with torch.no_grad():
-                grad_output = self.sg_model(out) / out.shape[0]
+                grad_output = (self._gradient_model(out)[0](out) / out.shape[0],)
         return super().backward(minibatch, grad_output, loss_scale)
 
-    def learn(self, minibatch: int, true_grad: Tensor) -> None:
+    def learn(self, minibatch: int, true_grad: tuple[Tensor, ...]) -> None:
         """G: regress the gradient model onto the gradient stage k+1 sent back."""
         out = self._outputs.pop(minibatch)
-        loss = F.mse_loss(self.sg_model(out), true_grad * out.shape[0])
-        self.sg_optimizer.zero_grad(set_to_none=True)
+        model, optimizer = self._gradient_model(out)
+        loss = F.mse_loss(model(out), true_grad[0] * out.shape[0])
+        optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        self.sg_optimizer.step()
+        optimizer.step()
         self.last_sg_loss = loss.item()
 
 

@@ -5,12 +5,13 @@ from __future__ import annotations
 import math
 import weakref
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Generator, Iterable
 
 import torch
 from torch import Tensor, nn
 
 from ddgpipe.core.stage import LossFn
+from ddgpipe.core.values import Value
 from ddgpipe.errors import NonFiniteLossError, UsageError
 from ddgpipe.runtime.executor import Executor
 
@@ -86,7 +87,7 @@ class PipelineMethod:
             raise
 
     def run(self, batches: Iterable[tuple[Tensor, Tensor]], loss_fn: LossFn,
-            ahead: int | None = None) -> Iterator[Tensor | None]:
+            ahead: int | None = None) -> Generator[Tensor | None, None, None]:
         """Feed every ``(x, y)`` of ``batches`` and yield each one's loss, in order.
 
         The same as calling :meth:`step` for each, except that the threaded executor queues
@@ -154,7 +155,7 @@ class PipelineMethod:
         return self
 
     @torch.no_grad()
-    def predict(self, x: Tensor | None) -> Tensor | None:
+    def predict(self, x: Value | None) -> Value | None:
         """The model's output for ``x``, through the stages and their devices (in the mode
         the model is in). Under the process runtime every rank calls it; the first gives
         ``x`` and the last gets the output."""

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from ddgpipe.balance.cutcache import cached_cut, cut_key, remember_cut
 from ddgpipe.balance.partition import (
+    as_blocks,
     balanced_split,
     block_costs,
     check_model,
@@ -53,42 +54,43 @@ def build_stages(model: nn.Module, stages: int, make_stage: StageFactory, method
     """
     placement.check()
     kind = choose_executor(placement.executor, stages, placement.replicas)
-    check_model(model, stages)
+    blocks = as_blocks(model, stages)
     remembered = placement.balance is None and sample_input is not None and stages > 1
     balance = placement.balance or ("pipeline" if remembered else "params")
     profiled = "time" if balance == "pipeline" else balance  # pipeline starts from it
     if kind == "processes":
-        return _rank_pipeline(model, stages, make_stage, method, placement, balance, profiled,
+        return _rank_pipeline(blocks, stages, make_stage, method, placement, balance, profiled,
                               remembered, sample_input, timeline, schedule)
     devices = stage_devices(stages, placement.device, placement.devices)
     threads = placement.threads or cores_per_stage(stages)
 
-    def threaded(of: nn.Module, cut: list[int]) -> ThreadedExecutor:
+    def threaded(of: nn.Sequential, cut: list[int]) -> ThreadedExecutor:
         modules = partition(of, stages, split=cut)
         return ThreadedExecutor([make_stage(k, stages, m, devices[k])
                                  for k, m in enumerate(modules)], method=method,
-                                timeline=timeline if of is model else None,
+                                timeline=timeline if of is blocks else None,
                                 timeout_s=placement.peer_timeout_s, threads=threads)
 
     split = None if placement.split is None else list(placement.split)
     tuning = None
     if split is None and balance == "pipeline" and stages > 1:
-        key = cut_key(model, sample_input, stages, method, *schedule, "threads",
+        sample = _needs_sample(sample_input)
+        key = cut_key(blocks, sample, stages, method, *schedule, "threads",
                       [str(d) for d in devices], threads)
         tuning = cached_cut(key) if remembered else None
         if tuning is None:
-            proposed = cut_points(partition(model, stages, balance=profiled,
-                                            sample_input=sample_input))
-            tuning = _time_cuts(model, proposed, sample_input,
-                                lambda cut: threaded(copy.deepcopy(model), cut))
+            proposed = cut_points(partition(blocks, stages, balance=profiled,
+                                            sample_input=sample))
+            tuning = _time_cuts(blocks, proposed, sample,
+                                lambda cut: threaded(copy.deepcopy(blocks), cut))
             remember_cut(key, tuning)
         split = tuning["split"]
     if split is None:
-        split = cut_points(partition(model, stages, balance=profiled, sample_input=sample_input))
+        split = cut_points(partition(blocks, stages, balance=profiled, sample_input=sample_input))
     if kind == "threads":
-        executor: Executor = threaded(model, split)
+        executor: Executor = threaded(blocks, split)
     else:
-        modules = partition(model, stages, split=split)
+        modules = partition(blocks, stages, split=split)
         executor = ReferenceExecutor([make_stage(k, stages, m, devices[k])
                                       for k, m in enumerate(modules)], method=method,
                                      timeline=timeline)
@@ -96,7 +98,7 @@ def build_stages(model: nn.Module, stages: int, make_stage: StageFactory, method
     return executor
 
 
-def _rank_pipeline(model: nn.Module, stages: int, make_stage: StageFactory, method: str,
+def _rank_pipeline(model: nn.Sequential, stages: int, make_stage: StageFactory, method: str,
                    placement: Placement, balance: str, profiled: str, remembered: bool,
                    sample_input: Tensor | None, timeline: Timeline | None,
                    schedule: tuple[str, str]) -> Executor:
@@ -108,7 +110,8 @@ def _rank_pipeline(model: nn.Module, stages: int, make_stage: StageFactory, meth
     here = rank_device(placement.device, placement.devices)
     layout = process_layout(stages, replicas, here.type, placement.comm)  # world = K x R
 
-    def rank_stage(of: nn.Module, cut: list[int], record: Timeline | None) -> ProcessExecutor:
+    def rank_stage(of: nn.Sequential, cut: list[int],
+                   record: Timeline | None) -> ProcessExecutor:
         module = partition(of, stages, split=cut)[layout.stage]
         return ProcessExecutor(make_stage(layout.stage, stages, module, here), method=method,
                                timeline=record, timeout_s=placement.peer_timeout_s,
@@ -117,15 +120,16 @@ def _rank_pipeline(model: nn.Module, stages: int, make_stage: StageFactory, meth
     split = None if placement.split is None else list(placement.split)
     tuning = None
     if split is None and balance == "pipeline":
-        key = cut_key(model, sample_input, stages, method, *schedule, "processes",
+        sample = _needs_sample(sample_input)
+        key = cut_key(model, sample, stages, method, *schedule, "processes",
                       [here.type] * (stages * replicas), torch.get_num_threads())
         # rank 0's memory decides, so every rank (every node) uses the same cut
         shared = [cached_cut(key) if remembered and layout.rank == 0 else None]
         dist.broadcast_object_list(shared, src=0)
         tuning = shared[0]
         if tuning is None:
-            proposed = agreed_split(model, stages, profiled, sample_input)
-            tuning = _time_cuts(model, proposed, sample_input,
+            proposed = agreed_split(model, stages, profiled, sample)
+            tuning = _time_cuts(model, proposed, sample,
                                 lambda cut: rank_stage(copy.deepcopy(model), cut, None))
             if layout.rank == 0:
                 remember_cut(key, tuning)
@@ -137,12 +141,16 @@ def _rank_pipeline(model: nn.Module, stages: int, make_stage: StageFactory, meth
     return executor
 
 
-def _time_cuts(model: nn.Module, proposed: list[int], sample_input: Tensor | None,
-               build: Callable[[list[int]], Executor]) -> dict:
-    """Time the proposed cut and its neighbours as pipelines ``build`` makes; the choice."""
+def _needs_sample(sample_input: Tensor | None) -> Tensor:
     if sample_input is None:
         raise UsageError('balance="pipeline" runs the pipeline on a sample batch and needs a '
                          "sample_input")
+    return sample_input
+
+
+def _time_cuts(model: nn.Sequential, proposed: list[int], sample_input: Tensor,
+               build: Callable[[list[int]], Executor]) -> dict:
+    """Time the proposed cut and its neighbours as pipelines ``build`` makes; the choice."""
     split, clock_ms = fastest_cut(proposed, len(model),
                                   lambda cut: clock_seconds(build(cut), sample_input))
     return {"split": split, "profiled_split": proposed, "clock_ms": clock_ms}
@@ -174,7 +182,7 @@ def clock_seconds(executor: Executor, sample_input: Tensor, *, clocks: int = 4,
     return executor.max_over_ranks(elapsed) / clocks
 
 
-def agreed_split(model: nn.Module, stages: int, balance: str,
+def agreed_split(model: nn.Sequential, stages: int, balance: str,
                  sample_input: Tensor | None) -> list[int]:
     """The cut every rank of the process group uses when none is given: every rank measures
     the block costs at the same time, and all cut on the mean (why: ``docs/design.md``)."""
@@ -182,6 +190,6 @@ def agreed_split(model: nn.Module, stages: int, balance: str,
     costs = block_costs(model, balance, sample_input)
     gathered: list[list[float] | None] = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, costs)
-    mean = [sum(c) / len(gathered) for c in zip(*gathered, strict=True)]  # type: ignore[misc]
+    mean = [sum(c) / len(gathered) for c in zip(*gathered, strict=True)]
     return balanced_split(mean, stages)
 

@@ -12,8 +12,37 @@ from __future__ import annotations
 from torch import Tensor
 
 from ddgpipe.core.stage import LossFn, Stage
+from ddgpipe.core.values import Value, describe, tensors
+from ddgpipe.errors import UsageError
 
-__all__ = ["Executor"]
+__all__ = ["Executor", "check_feed", "check_input", "tensor_of", "tensors_of"]
+
+
+def check_input(x: object) -> Value:
+    """The first stage's input: a tensor or a tuple of tensors (refused otherwise)."""
+    if isinstance(x, Tensor):
+        return x
+    if isinstance(x, tuple) and x and all(isinstance(t, Tensor) for t in x):
+        return x
+    raise UsageError(f"x must be a tensor or a tuple of tensors (got {describe(x)}); pass the "
+                     "first block's inputs as a tuple, in the order its forward takes them")
+
+
+def check_feed(x: object, y: Tensor | None,
+               loss_fn: LossFn | None) -> tuple[Value, Tensor, LossFn]:
+    """A minibatch as an executor that runs every stage takes it: input, target, loss."""
+    if y is None or loss_fn is None:
+        raise ValueError("the last stage needs the target y and loss_fn")
+    return check_input(x), y, loss_fn
+
+
+def tensor_of(value: Value) -> Tensor:
+    assert isinstance(value, Tensor), "one tensor expected"
+    return value
+
+
+def tensors_of(value: Value) -> tuple[Tensor, ...]:
+    return tuple(tensors(value))
 
 
 class Executor:
@@ -44,11 +73,11 @@ class Executor:
 
     # --- training --------------------------------------------------------------------------
 
-    def step(self, x: Tensor | None, y: Tensor | None, loss_fn: LossFn | None) -> Tensor | None:
+    def step(self, x: Value | None, y: Tensor | None, loss_fn: LossFn | None) -> Tensor | None:
         """One clock with a new minibatch; its loss (None where this process has no loss)."""
         raise NotImplementedError
 
-    def feed(self, x: Tensor | None, y: Tensor | None, loss_fn: LossFn | None) -> int:
+    def feed(self, x: Value | None, y: Tensor | None, loss_fn: LossFn | None) -> int:
         """Hand over one minibatch; its number, whose loss :meth:`loss` returns. A synchronous
         executor runs the clock here; one that :attr:`runs_ahead` returns at once."""
         loss = self.step(x, y, loss_fn)
@@ -90,7 +119,7 @@ class Executor:
 
     # --- inference and checkpoints -----------------------------------------------------------
 
-    def forward_only(self, x: Tensor | None) -> Tensor | None:
+    def forward_only(self, x: Value | None) -> Value | None:
         """Inference of one batch through every stage (eval mode is the caller's choice)."""
         raise NotImplementedError
 

@@ -14,7 +14,8 @@ from torch import Tensor
 from ddgpipe.core.rng import StageStreams
 from ddgpipe.core.stage import Stage
 from ddgpipe.core.streams import on_stream, receive, send
-from ddgpipe.runtime.executor import Executor
+from ddgpipe.core.values import Value, as_args, tensors
+from ddgpipe.runtime.executor import Executor, check_input
 
 __all__ = ["InProcessExecutor"]
 
@@ -39,20 +40,22 @@ class InProcessExecutor(Executor):
                 "stages": [s.pipeline_state() for s in self.stages],
                 "stage_rng": self.streams.states}
 
-    def _load_state(self, state: dict) -> list[tuple[int, int, Tensor, float]]:
+    def _load_state(self, state: dict) -> list[tuple[int, int, tuple[Tensor, ...], float]]:
         for stage, s in zip(self.stages, state["stages"], strict=True):
             stage.load_pipeline_state(s)
         self.clock, self.fed = state["clock"], state["fed"]
         self.streams.states = state["stage_rng"]
-        return [(k, m, g.to(self.stages[k].device), float(scale))
+        # format 4 and before sent one gradient tensor; now a list of them
+        return [(k, m, tuple(t.to(self.stages[k].device) for t in
+                             (g if isinstance(g, list | tuple) else [g])), float(scale))
                 for k, m, g, scale in state["grads"]]
 
     @torch.no_grad()
-    def forward_only(self, x: Tensor | None) -> Tensor | None:
+    def forward_only(self, x: Value | None) -> Value | None:
         """Inference of one batch through every stage (eval mode is the caller's choice)."""
-        handoff = send(x)  # wrapped where it was made: on the caller's stream
+        handoff = send(check_input(x))  # wrapped where it was made: on the caller's stream
         for stage in self.stages:
             with on_stream(stage.device, stage.stream), stage._autocast():
-                out = stage.module(receive(handoff, stage.device))
+                out = stage.module(*as_args(receive(handoff, stage.device)))
                 handoff = send(out)
-        return receive(handoff, out.device)  # usable on the caller's stream
+        return receive(handoff, tensors(out)[0].device)  # usable on the caller's stream

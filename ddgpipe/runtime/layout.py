@@ -24,8 +24,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-from torch import Tensor
 
+from ddgpipe.core.values import Value, shard_value, tensors
 from ddgpipe.errors import UsageError
 
 __all__ = ["Layout", "process_layout", "check_world"]
@@ -101,7 +101,7 @@ class Layout:
         """The process group of this stage's replicas (None when R = 1 or without processes)."""
         if self.mesh is None or self.replicas == 1:
             return None
-        return self.mesh.get_group("data")
+        return self.mesh.get_group("data")  # type: ignore[attr-defined]  # a DeviceMesh
 
     @property
     def last_rank(self) -> int:
@@ -113,7 +113,7 @@ class Layout:
         """Whether this rank writes its stage's shared state into a checkpoint (replica 0)."""
         return self.replica == 0
 
-    def shard(self, batch: Tensor) -> Tensor:
+    def shard(self, batch: Value) -> Value:
         """This replica's share of a global minibatch: rows ``[r n/R, (r+1) n/R)``.
 
         The loader's order depends on (seed, epoch) only, so the shard of replica r depends on
@@ -122,14 +122,13 @@ class Layout:
         """
         if self.replicas == 1:
             return batch
-        n = batch.shape[0]
+        n = tensors(batch)[0].shape[0]
         if n % self.replicas:
             raise UsageError(
                 f"a minibatch of {n} samples cannot be split into {self.replicas} equal shards "
                 f"(one per replica); pass a batch size that is a multiple of {self.replicas}"
             )
-        size = n // self.replicas
-        return batch[self.replica * size: (self.replica + 1) * size]
+        return shard_value(batch, self.replica, self.replicas)
 
     def describe(self) -> str:
         return f"rank {self.rank} (stage {self.stage} of replica {self.replica})"
@@ -181,9 +180,9 @@ def process_layout(stages: int, replicas: int, device_type: str = "cpu",
     cached = _MESHES.get(key)
     if cached is not None and cached[0] is default:
         return cached[1]
-    override = {"data": "gloo", "pipe": "gloo"} if comm == "host" else None
+    override: dict = {"data": "gloo", "pipe": "gloo"} if comm == "host" else {}
     mesh = init_device_mesh(device_type, (replicas, stages), mesh_dim_names=("data", "pipe"),
-                            backend_override=override)
+                            backend_override=override or None)
     ranks = tuple(tuple(int(r) for r in row) for row in mesh.mesh.tolist())
     layout = Layout(stages, replicas, dist.get_rank(), ranks, mesh)
     _MESHES[key] = (default, layout)

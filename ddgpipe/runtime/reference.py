@@ -13,11 +13,13 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from ddgpipe.core.clock import run_stage_clock
+from ddgpipe.core.clock import Grads, run_stage_clock
 from ddgpipe.core.schedule import ACTIONS, num_clocks
 from ddgpipe.core.stage import LossFn, Stage
 from ddgpipe.core.streams import Handoff, on_stream, receive, send
 from ddgpipe.core.timeline import Timeline
+from ddgpipe.core.values import Value, tensors
+from ddgpipe.runtime.executor import check_feed, tensor_of, tensors_of
 from ddgpipe.runtime.in_process import InProcessExecutor
 
 __all__ = ["ReferenceExecutor"]
@@ -37,8 +39,9 @@ class ReferenceExecutor(InProcessExecutor):
         self._grads: dict[tuple[int, int], tuple[Handoff, float]] = {}
         self._target: tuple[Handoff, LossFn] | None = None
 
-    def step(self, x: Tensor, y: Tensor, loss_fn: LossFn) -> Tensor:
+    def step(self, x: Value | None, y: Tensor | None, loss_fn: LossFn | None) -> Tensor | None:
         """One clock with a new minibatch; returns its loss (computed by the last stage)."""
+        x, y, loss_fn = check_feed(x, y, loss_fn)
         if self.clock != self.fed:
             raise RuntimeError(
                 "this pipeline was drained; drain() ends training, so build a new DDG to go on "
@@ -58,7 +61,8 @@ class ReferenceExecutor(InProcessExecutor):
     def checkpoint_state(self) -> dict:
         """Between two clocks: every stage's state and the gradients waiting for a stage."""
         self._check_ddg()
-        return self._state([[k, m, h.tensor, scale] for (k, m), (h, scale) in self._grads.items()])
+        return self._state([[k, m, list(tensors(h.value)), scale]
+                            for (k, m), (h, scale) in self._grads.items()])
 
     def load_checkpoint_state(self, state: dict) -> None:
         self._grads = {(k, m): (Handoff(g), scale) for k, m, g, scale in self._load_state(state)}
@@ -76,20 +80,22 @@ class ReferenceExecutor(InProcessExecutor):
 
     # --- links: in-process dicts ------------------------------------------------------------
 
-    def recv_activation(self, stage: Stage, minibatch: int) -> tuple[Tensor, bool]:
+    def recv_activation(self, stage: Stage, minibatch: int) -> tuple[Value, bool]:
         handoff, overflow = self._acts.pop((stage.index, minibatch))
         return receive(handoff, stage.device), overflow
 
-    def send_activation(self, stage: Stage, minibatch: int, out: Tensor, overflow: bool) -> None:
+    def send_activation(self, stage: Stage, minibatch: int, out: Value, overflow: bool) -> None:
         self._acts[(stage.index + 1, minibatch)] = (send(out), overflow)
 
-    def recv_gradient(self, stage: Stage, minibatch: int) -> tuple[Tensor, float]:
+    def recv_gradient(self, stage: Stage, minibatch: int) -> tuple[Grads, float]:
         handoff, scale = self._grads.pop((stage.index, minibatch))
-        return receive(handoff, stage.device), scale
+        return tensors_of(receive(handoff, stage.device)), scale
 
-    def send_gradient(self, stage: Stage, minibatch: int, grad: Tensor, loss_scale: float) -> None:
-        self._grads[(stage.index - 1, minibatch)] = (send(grad), loss_scale)
+    def send_gradient(self, stage: Stage, minibatch: int, grads: Grads,
+                      loss_scale: float) -> None:
+        self._grads[(stage.index - 1, minibatch)] = (send(grads), loss_scale)
 
     def target(self, stage: Stage, minibatch: int) -> tuple[Tensor, LossFn]:
+        assert self._target is not None, "a target is fed with every minibatch"
         handoff, loss_fn = self._target
-        return receive(handoff, stage.device), loss_fn
+        return tensor_of(receive(handoff, stage.device)), loss_fn

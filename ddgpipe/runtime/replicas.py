@@ -32,7 +32,7 @@ clock gives the moving average of the replicas' mean batch statistics, however o
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from datetime import timedelta
 
@@ -53,7 +53,7 @@ large enough that each all-reduce moves more than its latency's worth."""
 class _Bucket:
     """Some parameters' gradients, flattened into one buffer that is all-reduced at once."""
 
-    def __init__(self, names: list[str], params: dict[str, Tensor], wire: torch.device):
+    def __init__(self, names: list[str], params: Mapping[str, Tensor], wire: torch.device):
         self.names = names
         sizes = [params[n].numel() for n in names]
         offsets = [sum(sizes[:i]) for i in range(len(sizes))]
@@ -78,7 +78,7 @@ class GradientAverager:
     host); ``record_wait(start, end)`` is told how long :meth:`wait` blocked.
     """
 
-    def __init__(self, params: dict[str, Tensor], group: dist.ProcessGroup, replicas: int,
+    def __init__(self, params: Mapping[str, Tensor], group: dist.ProcessGroup, replicas: int,
                  *, wire: torch.device | None = None, timeout_s: float = 300.0,
                  bucket_bytes: int = BUCKET_BYTES, describe: str = "",
                  record_wait: Callable[[float, float], None] | None = None):
@@ -120,6 +120,7 @@ class GradientAverager:
         def on_grad(name: str) -> Callable[[Tensor], None]:
             def hook(leaf: Tensor) -> None:
                 bucket = self.bucket_of[name]
+                assert leaf.grad is not None, "the hook runs once the gradient is accumulated"
                 if bucket.add(name, leaf.grad):
                     self._launch(bucket)
             return hook
@@ -144,6 +145,7 @@ class GradientAverager:
         start = time.perf_counter()
         try:
             for bucket in self._launched:
+                assert bucket.work is not None, "a launched bucket has its all-reduce"
                 try:
                     bucket.work.wait(self.timeout)
                 except Exception as e:  # gloo raises RuntimeError subclasses with C++ text

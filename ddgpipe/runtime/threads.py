@@ -32,19 +32,22 @@ from __future__ import annotations
 import queue
 import threading
 import time
+import warnings
 from contextlib import contextmanager, nullcontext
 
 import torch
 from torch import Tensor
 
-from ddgpipe.core.clock import run_stage_clock
+from ddgpipe.core.clock import Grads, run_stage_clock
 from ddgpipe.core.rng import draws_random_numbers
 from ddgpipe.core.schedule import ACTIONS, num_clocks
 from ddgpipe.core.stage import LossFn, Stage
 from ddgpipe.core.streams import Handoff, on_stream, receive, send
 from ddgpipe.core.timeline import Timeline
+from ddgpipe.core.values import Value, tensors
 from ddgpipe.errors import StageError, UsageError
 from ddgpipe.runtime.devices import cores_per_stage
+from ddgpipe.runtime.executor import check_feed, tensor_of, tensors_of
 from ddgpipe.runtime.in_process import InProcessExecutor
 
 __all__ = ["ThreadedExecutor"]
@@ -76,7 +79,7 @@ class ThreadedExecutor(InProcessExecutor):
         self._grads: list[queue.Queue] = [queue.Queue() for _ in range(k)]
         self._targets: queue.Queue = queue.Queue()
         self._losses: queue.Queue = queue.Queue()
-        self._input: list[tuple[Tensor, bool] | None] = [None] * k  # this clock's activation
+        self._input: list[tuple[Value, bool] | None] = [None] * k  # this clock's activation
         self._random: list[bool | None] = [None] * k  # None until the stage's first clock
         self._done = [0] * k  # clocks each stage has completed
         self._done_changed = threading.Condition()
@@ -84,10 +87,11 @@ class ThreadedExecutor(InProcessExecutor):
         self._failure: tuple[int, BaseException] | None = None
         self._threads: list[threading.Thread] = []
         self._ended = False  # drain() was called: no more minibatches
+        self._warned_generator = False
 
     # --- the caller's side ------------------------------------------------------------------
 
-    def step(self, x: Tensor, y: Tensor, loss_fn: LossFn) -> Tensor:
+    def step(self, x: Value | None, y: Tensor | None, loss_fn: LossFn | None) -> Tensor:
         """Feed one minibatch; return its loss as soon as the last stage has computed it.
 
         The stages go on with the clock's backwards meanwhile; the next ``step`` can feed the
@@ -97,13 +101,15 @@ class ThreadedExecutor(InProcessExecutor):
         m = self.feed(x, y, loss_fn)
         return self.loss(m)
 
-    def feed(self, x: Tensor, y: Tensor, loss_fn: LossFn) -> int:
+    def feed(self, x: Value | None, y: Tensor | None, loss_fn: LossFn | None) -> int:
         """Queue one minibatch without waiting; returns its number (see :meth:`loss`)."""
+        x, y, loss_fn = check_feed(x, y, loss_fn)
         self._raise_failure()
         if self._ended:
             raise RuntimeError("this pipeline was drained; drain() ends training, so build a "
                                "new DDG to go on (evaluation needs no drain)")
         self._start()
+        self._watch_caller_generator()
         m = self.fed
         self._targets.put((m, send(y), loss_fn))
         self._acts[0].put((m, send(x), False))
@@ -114,10 +120,26 @@ class ThreadedExecutor(InProcessExecutor):
         """The loss of the oldest fed minibatch whose loss was not taken yet: ``minibatch``."""
         got, handoff = self._await(self._losses, f"the loss of minibatch {minibatch}")
         assert got == minibatch, f"loss of minibatch {got} arrived for {minibatch}"
+        loss = tensor_of(handoff.value)
         if handoff.event is not None:  # the caller may read it at once, on any stream
             handoff.event.synchronize()
-            handoff.tensor.record_stream(torch.cuda.current_stream(handoff.tensor.device))
-        return handoff.tensor
+            loss.record_stream(torch.cuda.current_stream(loss.device))
+        return loss
+
+    def _watch_caller_generator(self) -> None:
+        """Warn once when the caller drew from torch's global generator while stages that
+        draw random numbers ran: the draws interleave with theirs (seen by the stage streams'
+        swaps, which find the generator moved between two of them)."""
+        if self._warned_generator or not self.streams.foreign_draws:
+            return
+        self._warned_generator = True
+        warnings.warn(
+            "the caller drew from torch's global random generator while the stage threads "
+            "ran (between two minibatches fed to the threaded executor); stages that draw "
+            "random numbers swap their own streams into that generator, so the caller's "
+            "draws and theirs interleave and the numbers differ from the reference "
+            "executor's and from run to run: give the data pipeline a torch.Generator of "
+            "its own, or call pipe.sync() before drawing", RuntimeWarning, stacklevel=4)
 
     def last_stage_idle(self) -> None:
         """Wait until the last stage has finished every clock fed so far (its LR is current)."""
@@ -133,12 +155,12 @@ class ThreadedExecutor(InProcessExecutor):
         self._acts[0].put(_END)
         deadline = time.monotonic() + self.timeout_s
         try:
-            for thread in self._threads:
+            for k, thread in enumerate(self._threads):
                 while thread.is_alive():
                     thread.join(_POLL_S)
                     self._raise_failure()
                     if time.monotonic() > deadline:
-                        raise StageError(thread.stage_index, f"did not finish draining within "
+                        raise StageError(k, f"did not finish draining within "
                                          f"{self.timeout_s:.0f} s")
             self._raise_failure()
         finally:
@@ -151,6 +173,7 @@ class ThreadedExecutor(InProcessExecutor):
         self._wait_done(lambda done: min(done) >= self.fed)
         self._synchronize_devices()
         self.clock = self.fed
+        self.streams.idle()
 
     def _wait_done(self, finished) -> None:
         self._raise_failure()
@@ -191,7 +214,7 @@ class ThreadedExecutor(InProcessExecutor):
         grads = []
         for k, q in enumerate(self._grads):
             with q.mutex:
-                grads += [[k, m, h.tensor, scale] for m, h, scale in q.queue]
+                grads += [[k, m, list(tensors(h.value)), scale] for m, h, scale in q.queue]
         return self._state(grads)
 
     def load_checkpoint_state(self, state: dict) -> None:
@@ -202,7 +225,7 @@ class ThreadedExecutor(InProcessExecutor):
         self._done = [self.clock] * self.num_stages
 
     @torch.no_grad()
-    def forward_only(self, x: Tensor) -> Tensor:
+    def forward_only(self, x: Value | None) -> Value | None:
         self.sync()
         return super().forward_only(x)
 
@@ -214,7 +237,6 @@ class ThreadedExecutor(InProcessExecutor):
         for stage in self.stages:
             thread = threading.Thread(target=self._stage_main, args=(stage,), daemon=True,
                                       name=f"ddgpipe-stage-{stage.index}")
-            thread.stage_index = stage.index
             self._threads.append(thread)
             thread.start()
 
@@ -281,8 +303,8 @@ class ThreadedExecutor(InProcessExecutor):
             run_stage_clock(stage, actions, self, guard=self._guard, timeline=self.timeline,
                             on_loss=self._hand_loss)
             if self._random[k] is None:  # its first clock ran under the lock: did it draw?
-                self._random[k] = draws_random_numbers(stage.module)
-                stage.stash.restores_rng = self._random[k]
+                self._random[k] = draws = draws_random_numbers(stage.module)
+                stage.stash.restores_rng = draws
             clock += 1
             with self._done_changed:
                 self._done[k] = clock
@@ -326,25 +348,27 @@ class ThreadedExecutor(InProcessExecutor):
 
     # --- links: queues between threads --------------------------------------------------------
 
-    def recv_activation(self, stage: Stage, minibatch: int) -> tuple[Tensor, bool]:
+    def recv_activation(self, stage: Stage, minibatch: int) -> tuple[Value, bool]:
         item, self._input[stage.index] = self._input[stage.index], None
+        assert item is not None, "the stage's thread received this clock's input"
         return item
 
-    def send_activation(self, stage: Stage, minibatch: int, out: Tensor, overflow: bool) -> None:
+    def send_activation(self, stage: Stage, minibatch: int, out: Value, overflow: bool) -> None:
         self._acts[stage.index + 1].put((minibatch, send(out), overflow))
 
-    def recv_gradient(self, stage: Stage, minibatch: int) -> tuple[Tensor, float]:
+    def recv_gradient(self, stage: Stage, minibatch: int) -> tuple[Grads, float]:
         m, handoff, scale = self._get(self._grads[stage.index], stage,
                                       f"the gradient of minibatch {minibatch}")
         if m != minibatch:
             raise RuntimeError(f"stage {stage.index} expected the gradient of minibatch "
                                f"{minibatch} and got that of {m}")
-        return receive(handoff, stage.device), scale
+        return tensors_of(receive(handoff, stage.device)), scale
 
-    def send_gradient(self, stage: Stage, minibatch: int, grad: Tensor, loss_scale: float) -> None:
-        self._grads[stage.index - 1].put((minibatch, send(grad), loss_scale))
+    def send_gradient(self, stage: Stage, minibatch: int, grads: Grads,
+                      loss_scale: float) -> None:
+        self._grads[stage.index - 1].put((minibatch, send(grads), loss_scale))
 
     def target(self, stage: Stage, minibatch: int) -> tuple[Tensor, LossFn]:
         m, handoff, loss_fn = self._get(self._targets, stage, f"the target of minibatch "
                                         f"{minibatch}")
-        return receive(handoff, stage.device), loss_fn
+        return tensor_of(receive(handoff, stage.device)), loss_fn

@@ -43,6 +43,7 @@ import torch.distributed as dist
 
 from ddgpipe.core.rng import rng_state, set_rng_state
 from ddgpipe.errors import UsageError
+from ddgpipe.methods import Method
 
 __all__ = [
     "Checkpoints",
@@ -257,11 +258,11 @@ class Checkpoints:
     def resuming(self) -> bool:
         return self.manifest is not None
 
-    def restore(self, method, run_dir: Path | None = None) -> LoopState:
+    def restore(self, method: Method, run_dir: Path | None = None) -> LoopState:
         """Load this rank's state into ``method`` and the random generator; return where the
         loop stands (a fresh :class:`LoopState` when not resuming). The reporter's metrics
         file in ``run_dir`` loses the records written after the checkpoint."""
-        if not self.resuming:
+        if self.manifest is None or self.folder is None:
             return LoopState()
         state = load_rank_file(self.folder, self.manifest, self.rank)
         own = state["method"]
@@ -274,7 +275,7 @@ class Checkpoints:
             truncate_metrics(run_dir / "metrics.jsonl", loop.metrics_lines)
         return loop
 
-    def save(self, method, loop: LoopState) -> None:
+    def save(self, method: Method, loop: LoopState) -> None:
         """Write this rank's files of the set for ``loop.iteration``; the reporter publishes
         the set once every rank's files are on disk, and no rank goes on before that."""
         out = Path(self.config.out)
@@ -286,7 +287,7 @@ class Checkpoints:
         entries.append(write_rank_file(out, loop.iteration, self.rank, {
             "method": state, "rng": rng_state(), "loop": dataclasses.asdict(loop)}))
         if self.world > 1:
-            gathered = [None] * self.world if self.reporter else None
+            gathered: list | None = [None] * self.world if self.reporter else None
             dist.gather_object(entries, gathered, dst=self.world - 1)
             entries = [e for part in gathered or [] for e in part]
         if self.reporter:

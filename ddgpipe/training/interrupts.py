@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import signal
 import threading
+from typing import Any
 
 __all__ = ["InterruptGuard"]
 
@@ -18,7 +19,7 @@ class InterruptGuard:
 
     def __init__(self) -> None:
         self.requested = False
-        self._previous = None
+        self._previous: Any = None  # the handler this one replaced
 
     def __enter__(self) -> InterruptGuard:
         if (threading.current_thread() is threading.main_thread()

@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 from ddgpipe.core.timeline import Timeline
 from ddgpipe.data import BatchLoader, Dataset, load_dataset
+from ddgpipe.errors import UsageError
 from ddgpipe.methods import Method
 from ddgpipe.models import build_model
 from ddgpipe.runtime.allocator import tune_allocator
@@ -51,11 +52,14 @@ def evaluate(method: Method, x: Tensor, y: Tensor, batch_size: int) -> tuple[flo
     loss_sum, correct, answered = 0.0, 0, False
     with torch.no_grad():
         for i in range(0, len(x), batch_size):
-            logits = method.predict(x[i : i + batch_size])
-            if logits is None:
+            out = method.predict(x[i : i + batch_size])
+            if out is None:
                 continue
+            if not isinstance(out, Tensor):
+                raise UsageError("the model ends on a tuple of tensors; evaluation needs one "
+                                 "tensor of logits from the last block")
             answered = True
-            logits = logits.float()
+            logits = out.float()
             target = y[i : i + batch_size].to(logits.device)
             loss_sum += F.cross_entropy(logits, target, reduction="sum").item()
             correct += int((logits.argmax(1) == target).sum())
@@ -116,7 +120,7 @@ def train(config: TrainConfig, dataset: Dataset | None = None, *,
         method.close()  # never leave a stage thread behind, whatever happened
 
 
-def _train_loop(config: TrainConfig, data: Dataset, model: nn.Module, loader: BatchLoader,
+def _train_loop(config: TrainConfig, data: Dataset, model: nn.Sequential, loader: BatchLoader,
                 method: Method, timeline: Timeline | None, checkpoints: Checkpoints,
                 run_dir: Path | None, world: int, reporter: bool,
                 interrupts: InterruptGuard) -> TrainResult | None:

@@ -123,9 +123,9 @@ def plot_bench(rows: list[dict], out_png: str | Path, title: str | None = None) 
     rows = [r for r in rows if r.get("ratio_median") is not None]  # failed configurations
     names = [str(r["name"]) for r in rows]
     med = [float(r["ratio_median"]) for r in rows]
-    low = [float(r.get("ratio_min") if r.get("ratio_min") is not None else m)
+    low = [m if r.get("ratio_min") is None else float(r["ratio_min"])
            for m, r in zip(med, rows, strict=True)]
-    high = [float(r.get("ratio_max") if r.get("ratio_max") is not None else m)
+    high = [m if r.get("ratio_max") is None else float(r["ratio_max"])
             for m, r in zip(med, rows, strict=True)]
     err = [[m - lo for m, lo in zip(med, low, strict=True)],
            [hi - m for m, hi in zip(med, high, strict=True)]]
@@ -225,9 +225,9 @@ def plot_accuracy_panels(panels: list[tuple[str, float | None, list[Series]]],
     backprop as a dashed line, each series with its seeds' standard deviation as error bars."""
     fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5), squeeze=False)
     for ax, (panel_title, bp, series) in zip(axes[0], panels, strict=True):
-        ks = sorted({k for _, _, points in series for k, _, _ in points})
-        if ks:
-            ax.set_xticks(ks)
+        all_k = sorted({k for _, _, points in series for k, _, _ in points})
+        if all_k:
+            ax.set_xticks(all_k)
         if bp is not None:
             ax.axhline(bp, color="C0", ls="--", label="BP")
         for label, colour, points in series:
@@ -250,9 +250,9 @@ def plot_loss_by_k(setting_dir: str | Path, stage_counts, out_png: str | Path,
     the run directories in ``exclude`` (runs that diverged) are left out."""
     setting_dir = Path(setting_dir)
     skip = {Path(d).resolve() for d in exclude}
-    panels = []
+    panels: list[tuple[str, list[Line]]] = []
     for k in stage_counts:
-        lines = []
+        lines: list[Line] = []
         for method, colour in PAPER_COLOURS.items():
             stages = 1 if method == "bp" else k
             runs = [r for r in sorted(setting_dir.glob(f"{method}-k{stages}-s*"))
@@ -266,11 +266,11 @@ def plot_loss_by_k(setting_dir: str | Path, stage_counts, out_png: str | Path,
 def plot_accuracy_vs_k(summary: dict, out_png: str | Path) -> Path:
     """Final test accuracy against K per setting: DDG and DNI, backprop as the reference."""
     rows = summary["rows"]
-    panels = []
+    panels: list[tuple[str, float | None, list[Series]]] = []
     for setting in sorted({r["setting"] for r in rows}):
         mine = [r for r in rows if r["setting"] == setting]
         bp = next((r["test_acc_mean"] for r in mine if r["method"] == "bp"), None)
-        series = [(method.upper(), colour,
+        series: list[Series] = [(method.upper(), colour,
                    [(r["stages"], r["test_acc_mean"], r["test_acc_std"]) for r in mine
                     if r["method"] == method])
                   for method, colour in PAPER_COLOURS.items() if method != "bp"]

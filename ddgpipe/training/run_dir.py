@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
+from typing import overload
 
 import torch.distributed as dist
 from torch import Tensor, nn
@@ -15,7 +16,12 @@ from ddgpipe.training.checkpoints import atomic_torch_save
 __all__ = ["prepare_out_dir", "save_final_model", "gather_to_last"]
 
 
+@overload
+def prepare_out_dir(out: str, keep: bool = False) -> Path: ...
+@overload
+def prepare_out_dir(out: None, keep: bool = False) -> None: ...
 def prepare_out_dir(out: str | None, keep: bool = False) -> Path | None:
+    """``out`` made (a writable folder, cleared of an older run's files unless ``keep``)."""
     if out is None:
         return None
     path = Path(out)

@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch import nn
 
+import ddgpipe
 from ddgpipe.balance.partition import (
     balanced_split,
     param_costs,
@@ -14,6 +15,7 @@ from ddgpipe.balance.partition import (
     stage_costs,
 )
 from ddgpipe.errors import UsageError
+from ddgpipe.losses import token_cross_entropy
 
 
 def brute_force_best(costs, stages):
@@ -108,3 +110,62 @@ def test_partition_errors(kwargs, message):
 def test_non_sequential_model_is_refused():
     with pytest.raises(UsageError, match="DDG cuts an nn.Sequential of blocks, but got Linear"):
         partition(nn.Linear(2, 2), 1)
+
+
+class TokenBlock(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(16, 8)
+
+    def forward(self, ids):
+        return self.embed(ids)
+
+
+def language_model():
+    torch.manual_seed(0)
+    return nn.Sequential(TokenBlock(), nn.Linear(8, 8), nn.GELU(), nn.Linear(8, 8),
+                         nn.Linear(8, 16))
+
+
+@pytest.mark.parametrize("balance", ["params", "flops", "time", "pipeline"])
+def test_token_ids_can_be_the_sample_input_of_every_balance_mode(balance):
+    ids = torch.randint(0, 16, (4, 6))
+    pipe = ddgpipe.DDG(language_model(), 2, lambda ps: torch.optim.SGD(ps, lr=0.1),
+                       balance=balance, sample_input=ids, executor="reference", threads=1)
+    assert len(pipe.split) == 1
+    loss = pipe.step(ids, torch.randint(0, 16, (4, 6)), token_cross_entropy)
+    assert loss.isfinite()
+
+
+def tied_model():
+    torch.manual_seed(0)
+    embed, head = nn.Embedding(16, 8), nn.Linear(8, 16, bias=False)
+    head.weight = embed.weight  # the tied input/output embedding of a language model
+    return nn.Sequential(embed, nn.Linear(8, 8), nn.Linear(8, 8), head)
+
+
+def test_a_parameter_shared_by_two_stages_is_refused_naming_both_uses():
+    with pytest.raises(UsageError, match=r"parameter '0.weight' of stage 0 is also '3.weight' "
+                                         r"of stage 1 \(cut at 2\): .*untie it .* or cut the "
+                                         r"model so that both uses are in one stage"):
+        ddgpipe.DDG(tied_model(), 2, lambda ps: torch.optim.SGD(ps, lr=0.1), split=[2])
+
+
+def test_a_parameter_shared_within_one_stage_is_fine():
+    torch.manual_seed(0)
+    a, b = nn.Linear(4, 4), nn.Linear(4, 4)
+    b.weight = a.weight
+    model = nn.Sequential(nn.Linear(4, 4), a, b, nn.Linear(4, 2))
+    assert len(partition(model, 2, split=[1])) == 2  # both uses in stage 1
+    assert len(partition(tied_model(), 1)) == 1  # K = 1 is backprop: one stage holds all
+    with pytest.raises(UsageError, match="parameter '1.weight' of stage 0 is also '2.weight'"):
+        partition(model, 2, split=[2])
+
+
+def test_a_buffer_shared_by_two_stages_is_refused():
+    torch.manual_seed(0)
+    first, second = nn.BatchNorm1d(4), nn.BatchNorm1d(4)
+    second.running_mean = first.running_mean
+    with pytest.raises(UsageError, match=r"buffer '0.running_mean' of stage 0 is also "
+                                         r"'1.running_mean' of stage 1"):
+        partition(nn.Sequential(first, second), 2)

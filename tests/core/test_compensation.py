@@ -23,7 +23,6 @@ import torch.nn.functional as F
 import ddgpipe
 from ddgpipe.cli import main
 from ddgpipe.runtime.launch import run_workers
-from tests.runtime_helpers import assert_runtime_matches_reference, local_stage_arrays, run_clocks
 from tests.methods.test_oracles import (
     assert_state_equal,
     digits_like_batches,
@@ -32,6 +31,7 @@ from tests.methods.test_oracles import (
     sgd,
     tanh_net,
 )
+from tests.runtime_helpers import assert_runtime_matches_reference, local_stage_arrays, run_clocks
 
 LR, MOMENTUM, DECAY = 0.1, 0.9, 0.01
 ANNEAL = 4  # PipeMare's K for the oracle: the lr ramp ends inside the run

@@ -250,3 +250,25 @@ def test_threads_is_the_default_for_several_stages():
         ddgpipe.DDG(deterministic_model(), 2, optimizer, executor="processes")
     with pytest.raises(ddgpipe.UsageError, match="unknown executor"):
         ddgpipe.DDG(deterministic_model(), 2, optimizer, executor="fibers")
+
+
+def test_drawing_from_the_global_generator_while_stages_run_is_warned_about_once():
+    """Stages with dropout swap their streams into torch's one generator; a caller drawing
+    from it between feeds races with them, which the executor sees and says, once."""
+    data = batches(6)
+    with build("threads", stages=2) as pipe:
+        with pytest.warns(RuntimeWarning, match="drew from torch's global random generator") \
+                as caught:
+            for x, y in data:
+                pipe.step(x, y, F.cross_entropy)
+                torch.rand(3)  # e.g. a data pipeline without a generator of its own
+        assert len([w for w in caught if issubclass(w.category, RuntimeWarning)]) == 1
+
+
+def test_a_caller_with_its_own_generator_is_not_warned(recwarn):
+    g = torch.Generator().manual_seed(0)
+    with build("threads", stages=2) as pipe:
+        for x, y in batches(6):
+            pipe.step(x, y, F.cross_entropy)
+            torch.rand(3, generator=g)
+    assert not [w for w in recwarn if "global random generator" in str(w.message)]

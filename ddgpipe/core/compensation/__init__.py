@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import torch
 
@@ -105,7 +106,7 @@ def _options(names: tuple[str, ...], given: Mapping[str, float] | None) -> dict:
             raise UsageError(f"option {key} only applies to compensation "
                              f"{' or '.join(users[key])}, which is not selected; drop it or "
                              f"add the compensation")
-    opts = {k: v for k, v in OPTIONS.items()} | {k: v for k, v in given.items() if v is not None}
+    opts: dict[str, Any] = dict(OPTIONS) | {k: v for k, v in given.items() if v is not None}
     lam = opts["dc_lambda"]
     if lam is not None and not (lam > 0 and math.isfinite(lam)):
         raise UsageError(f"dc_lambda must be a positive number (got {lam})")

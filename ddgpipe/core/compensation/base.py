@@ -34,7 +34,8 @@ from torch import Tensor, nn
 
 from ddgpipe.errors import UsageError
 
-__all__ = ["Compensation", "Rule", "Rules", "PHASES", "StageView", "require_momentum_sgd",
+__all__ = ["Compensation", "Rule", "Rules", "PHASES", "StageView", "optimizer_of",
+           "require_momentum_sgd",
            "groups_by_param", "scaled_lr"]
 
 Weights = dict[str, Tensor]
@@ -53,6 +54,13 @@ class StageView(Protocol):
         ...
 
 
+def optimizer_of(stage: StageView) -> torch.optim.Optimizer:
+    """The stage's optimizer; a stage without parameters has none and steps nothing."""
+    if stage.optimizer is None:
+        raise RuntimeError("a stage without trainable parameters has no optimizer to step")
+    return stage.optimizer
+
+
 class Compensation:
     """Plain DDG: forward with the live weights, step with the optimizer as given."""
 
@@ -61,6 +69,10 @@ class Compensation:
     def bind(self, stage: StageView) -> None:
         """Called once when the stage is built: check the optimizer, keep what is needed."""
         self.stage = stage
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer:
+        return optimizer_of(self.stage)
 
     def forward_weights(self) -> Weights | None:
         """The weights the next forward uses, by parameter name; None means the live ones."""
@@ -77,7 +89,7 @@ class Compensation:
         ``forward_weights`` are the weights the gradient's minibatch ran its forward with (the
         stash's version; None when the stash keeps none, i.e. stash mode ``none``).
         """
-        self.stage.optimizer.step()
+        self.optimizer.step()
 
     def state_dict(self) -> dict:
         return {}
@@ -108,6 +120,10 @@ class Rule:
         self.stage = stage
 
     @property
+    def optimizer(self) -> torch.optim.Optimizer:
+        return optimizer_of(self.stage)
+
+    @property
     def delay(self) -> int:
         return self.stage.delay
 
@@ -128,7 +144,7 @@ class Rule:
         return 1.0
 
     def update(self) -> None:  # phase "update"
-        self.stage.optimizer.step()
+        self.optimizer.step()
 
     def after_update(self, before: Weights) -> None:
         """Called with the live weights as they were before the update, when ``wants_before``."""
@@ -164,14 +180,14 @@ class Rules(Compensation):
     def bind(self, stage: StageView) -> None:
         super().bind(stage)
         for rule in self.rules:
-            rule.check(stage.optimizer)
+            rule.check(optimizer_of(stage))
             rule.bind(stage)
 
     def forward_weights(self) -> Weights | None:
         rule = self.by_phase.get("forward")
         if rule is None:
             return None
-        with scaled_lr(self.stage.optimizer, self._lr_factor()):  # predict with the step's lr
+        with scaled_lr(self.optimizer, self._lr_factor()):  # predict with the step's lr
             return rule.forward_weights()
 
     def _lr_factor(self) -> float:
@@ -187,11 +203,11 @@ class Rules(Compensation):
         watchers = [r for r in self.rules if r.wants_before]
         before = {n: p.detach().clone() for n, p in self.stage.params.items()} \
             if watchers else {}
-        with scaled_lr(self.stage.optimizer, self._lr_factor()):
+        with scaled_lr(self.optimizer, self._lr_factor()):
             if "update" in self.by_phase:
                 self.by_phase["update"].update()
             else:
-                self.stage.optimizer.step()
+                self.optimizer.step()
         for rule in watchers:
             rule.after_update(before)
 

@@ -65,6 +65,7 @@ class DelayCompensation(Rule):
             if g is None:
                 continue
             g2 = g * g
+            lam: Tensor | float
             if self.adaptive:
                 ms = self.mean_square.get(name)
                 if ms is None:

@@ -48,11 +48,11 @@ class LinearWeightPrediction(Rule):
 
     def bind(self, stage) -> None:
         super().bind(stage)
-        self.groups = groups_by_param(stage.optimizer)
+        self.groups = groups_by_param(self.optimizer)
 
     @torch.no_grad()
     def forward_weights(self) -> dict[str, Tensor]:
-        optimizer, groups = self.stage.optimizer, self.groups
+        optimizer, groups = self.optimizer, self.groups
         predicted = {}
         for name, p in self.params.items():
             v = optimizer.state[p].get("momentum_buffer") if p in optimizer.state else None

@@ -52,7 +52,7 @@ class SpikeCompensation(Rule):
 
     @torch.no_grad()
     def update(self) -> None:
-        optimizer = self.stage.optimizer
+        optimizer = self.optimizer
         for group in optimizer.param_groups:
             a, b = spike_coefficients(group["momentum"], self.delay)
             lr, decay = group["lr"], group["weight_decay"]

@@ -225,8 +225,8 @@ def _goals_section(summary: dict, plan: StalenessPlan) -> list[str]:
                  for c in goal["per_k"]]
         met = {True: "**yes**", False: "no", None: "n/a"}[goal["met"]]
         lines.append(f"| {goal['benchmark']} | {goal['label']} | {' | '.join(cells)} | {met} |")
-    met = [f"{g['label']} ({g['benchmark']})" for g in summary["goals"] if g["met"]]
-    lines += ["", "Meeting the goals: " + (", ".join(met) if met else "none") + ".", ""]
+    meeting = [f"{g['label']} ({g['benchmark']})" for g in summary["goals"] if g["met"]]
+    lines += ["", "Meeting the goals: " + (", ".join(meeting) if meeting else "none") + ".", ""]
     return lines
 
 

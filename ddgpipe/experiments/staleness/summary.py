@@ -17,6 +17,8 @@ Goals, per benchmark and method, all computed here:
 
 from __future__ import annotations
 
+from typing import Any
+
 from ddgpipe.experiments.common import FINISHED, mean_std
 from ddgpipe.experiments.staleness.plan import (
     VARIANTS_BY_NAME,
@@ -53,7 +55,7 @@ def summary_rows(outcomes: list[dict], variants: dict[str, Variant]) -> list[dic
     groups: dict[tuple[str, str, int], list[dict]] = {}
     for o in outcomes:
         groups.setdefault((o["benchmark"], o["variant"], o["stages"]), []).append(o)
-    rows = []
+    rows: list[dict[str, Any]] = []
     for (bench, name, k), runs in groups.items():
         variant = variants[name]
         done = [r for r in runs if r["status"] == FINISHED]
@@ -92,10 +94,10 @@ def _usable(row: dict | None) -> bool:
 
 def sweep_table(rows: list[dict], plan: StalenessPlan) -> list[dict]:
     """Per benchmark and K: plain DDG at every swept rate, and the best of them."""
-    table = []
+    table: list[dict[str, Any]] = []
     for bench in plan.benchmarks:
         for k in plan.stage_counts:
-            rates = []
+            rates: list[dict[str, Any]] = []
             for lr in plan.sweep_lrs:
                 row = find(rows, bench, sweep_variant(lr).name, k)
                 rates.append({"lr": lr, "variant": sweep_variant(lr).name,
@@ -142,7 +144,7 @@ def budget_table(rows: list[dict], plan: StalenessPlan) -> list[dict]:
     after."""
     bp_long, ddg_long = budget_variants(plan.budget_factor)
     seeds, stage_counts = plan.part_scope("budget")
-    table = []
+    table: list[dict[str, Any]] = []
     for bench in plan.benchmarks:
         pairs = [("bp", bp_long.name, 1)] + [("ddg", ddg_long.name, k) for k in stage_counts]
         for short, long, k in pairs:
@@ -161,17 +163,17 @@ def budget_table(rows: list[dict], plan: StalenessPlan) -> list[dict]:
 
 def goals_table(rows: list[dict], sweep: list[dict], plan: StalenessPlan) -> list[dict]:
     """Per benchmark and main-part method: each goal at each K, and whether all are met."""
-    table = []
+    table: list[dict[str, Any]] = []
     for bench in plan.benchmarks:
         for name in plan.variants:
             if VARIANTS_BY_NAME[name].method == "bp":
                 continue
-            per_k = []
+            per_k: list[dict[str, Any]] = []
             for k in plan.stage_counts:
                 row = find(rows, bench, name, k)
                 tuned = next((s for s in sweep if s["benchmark"] == bench and s["stages"] == k),
                              None)
-                gap = row and row["gap_to_bp_pp"]
+                gap = None if row is None else row["gap_to_bp_pp"]
                 within = None if row is None else (
                     _usable(row) and gap is not None and gap >= -tolerance_pp(k))
                 margin = not_worse = None
