@@ -12,6 +12,7 @@ __all__ = ["cmd_train", "cmd_demo", "cmd_bench", "cmd_experiment", "cmd_plot",
 
 
 def config_from_args(args: argparse.Namespace):
+    from ddgpipe.cli.options import model_defaults
     from ddgpipe.training import TrainConfig
 
     stages = args.stages if args.stages is not None else (1 if args.method == "bp" else 2)
@@ -22,17 +23,33 @@ def config_from_args(args: argparse.Namespace):
     executor = args.executor
     if args.replicas > 1 and executor is None:  # replicas live in processes of their own
         executor = "processes"
+    defaults = model_defaults(args.model)
+
+    def given(name: str):  # the flag, else this model's default
+        value = getattr(args, name)
+        return defaults[name] if value is None else value
+
+    # an explicit --epochs sets the length, unless --iterations is given too
+    iterations = args.iterations if args.iterations is not None or args.epochs is not None \
+        else defaults["iterations"]
+    warmup = given("warmup_iters")
+    if args.warmup_iters is None and iterations:  # the default warm-up: at most a tenth
+        warmup = min(warmup, iterations // 10)
     return TrainConfig(
-        model=args.model, data=args.data, data_dir=args.data_dir, method=args.method,
+        model=args.model, data=given("data"), data_dir=args.data_dir, method=args.method,
         stages=stages, replicas=args.replicas, stash=args.stash, split=args.split,
         balance=args.balance,
-        grad_shrink=args.grad_shrink, compensation=args.compensation,
-        compensation_options=_compensation_options(args),
-        epochs=args.epochs, batch_size=args.batch_size,
-        optimizer=args.optimizer, lr=args.lr, momentum=args.momentum, nesterov=args.nesterov,
-        weight_decay=args.weight_decay, lr_schedule=args.lr_schedule,
+        grad_shrink=args.grad_shrink, clip_grad=given("clip_grad"),
+        compensation=args.compensation, compensation_options=_compensation_options(args),
+        epochs=given("epochs"), iterations=iterations, batch_size=given("batch_size"),
+        eval_every=given("eval_every"),
+        optimizer=given("optimizer"), lr=given("lr"), momentum=args.momentum,
+        nesterov=args.nesterov, beta1=args.beta1, beta2=given("beta2"),
+        weight_decay=given("weight_decay"), lr_schedule=args.lr_schedule,
         milestones=args.milestones, lr_gamma=args.lr_gamma, seed=args.seed,
         warmup_epochs=args.warmup_epochs, warmup_factor=args.warmup_factor,
+        warmup_iters=warmup, context=args.context, width=args.width,
+        heads=args.heads, dropout=args.dropout, tie_embeddings=args.tie_embeddings,
         threads=args.threads, log_every=args.log_every, timeline=args.timeline,
         label=args.label, out=out, progress=not args.no_progress, executor=executor,
         device=args.device, devices=args.devices, precision=args.precision, comm=args.comm,
@@ -50,9 +67,17 @@ def _compensation_options(args: argparse.Namespace) -> dict | None:
 
 
 def format_results(results) -> str:
-    """A small table a person can read: method, test accuracy, loss, time, throughput."""
-    rows = [("method", "test acc", "test loss", "train loss", "train time", "images/s")]
-    for r in results:
+    """A small table a person can read: method, test accuracy (or a language model's held-out
+    loss in bits per byte), loss, time, throughput."""
+    if all(r.val_bits_per_byte is not None for r in results):
+        rows = [("method", "val loss", "bits/byte", "train loss", "train time", "tokens/s")]
+        for r in results:
+            rows.append((r.label, f"{r.test_loss:.4f}", f"{r.val_bits_per_byte:.4f}",
+                         f"{r.train_loss:.4f}", f"{r.train_time_s:.1f}s",
+                         f"{r.tokens_per_s:.0f}"))
+    else:
+        rows = [("method", "test acc", "test loss", "train loss", "train time", "images/s")]
+    for r in results if rows[0][1] == "test acc" else []:
         rows.append((r.label, f"{100 * r.test_acc:.2f}%", f"{r.test_loss:.4f}",
                      f"{r.train_loss:.4f}", f"{r.train_time_s:.1f}s", f"{r.images_per_s:.0f}"))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
@@ -105,6 +130,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         raise UsageError(f"--stages for the demo must be >= 2 (got {args.stages}); "
                          "K=1 is backprop, which the demo always runs")
     out = Path(args.out)
+    args.data = args.data or "digits"
     runs = [("bp", 1)] + [("ddg", k) for k in args.stages]
     if not args.no_dni:
         runs.append(("dni", max(args.stages)))

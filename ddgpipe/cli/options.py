@@ -6,7 +6,7 @@ import argparse
 import textwrap
 
 __all__ = ["PRESETS", "LineHelpFormatter", "add_train_arguments", "add_bench_arguments",
-           "add_paper_arguments", "add_staleness_arguments"]
+           "add_paper_arguments", "add_staleness_arguments", "model_defaults"]
 
 
 PRESETS = {
@@ -44,7 +44,7 @@ def add_train_arguments(p: argparse.ArgumentParser, defaults_for_demo: bool = Fa
     _model_and_data(p)
     if defaults_for_demo:
         return
-    for group in (_method, _optimisation, _run, _checkpoints, _executors):
+    for group in (_method, _optimisation, _language_model, _run, _checkpoints, _executors):
         group(p)
 
 
@@ -56,14 +56,16 @@ def _model_and_data(p: argparse.ArgumentParser) -> None:
     g.add_argument("--model", default="resnet20", metavar="NAME",
                    help=f"network: {', '.join(MODEL_NAMES)} (CIFAR ResNets of He et al. 2016 "
                         "with option-A shortcuts; resnet1d-N: the same with 1-D convolutions, "
-                        "for mnist1d; or an MLP) (default: %(default)s)")
-    g.add_argument("--data", default="digits", metavar="NAME",
+                        "for mnist1d; an MLP; gpt-L: a decoder-only transformer of L blocks, "
+                        "e.g. gpt-8) (default: %(default)s)")
+    g.add_argument("--data", metavar="NAME",
                    help=f"data set: {', '.join(DATASET_NAMES)}; digits is scikit-learn's 1797 "
                         "handwritten 8x8 digits, embedded; mnist1d is MNIST-1D (Greydanus "
                         "2020), 1 x 40 signals generated offline on first use and cached in "
                         "$DDGPIPE_CACHE (default ~/.cache/ddgpipe); cifar10/cifar100 need "
-                        "--data-dir; synthetic is random data for throughput only (default: "
-                        "%(default)s)")
+                        "--data-dir; shakespeare is 5.3 MB of Shakespeare's plays as byte "
+                        "tokens, for language models (shipped in a pinned package); synthetic "
+                        f"is random data for throughput only {_both('data')}")
     g.add_argument("--data-dir", metavar="DIR",
                    help="folder holding cifar-10-batches-py/ or cifar-100-python/ (the "
                         "extracted official python archives)")
@@ -125,32 +127,72 @@ def _method(p: argparse.ArgumentParser) -> None:
                         "estimates the forward's weights (default 0.9)")
 
 
+# Flags whose default depends on the model: a language model (gpt-L) trains on the text
+# corpus with AdamW for a number of iterations; the image and signal networks with SGD for
+# epochs. An explicit flag (or a preset) always wins.
+NETWORK_DEFAULTS = {"data": "digits", "optimizer": "sgd", "lr": 0.1, "weight_decay": 5e-4,
+                    "batch_size": 64, "epochs": 15, "iterations": None, "beta2": None,
+                    "clip_grad": None, "warmup_iters": 0, "eval_every": 0}
+LANGUAGE_MODEL_DEFAULTS = {"data": "shakespeare", "optimizer": "adamw", "lr": 1e-3,
+                           "weight_decay": 0.1, "batch_size": 16, "epochs": 1,
+                           "iterations": 1000, "beta2": 0.95, "clip_grad": 1.0,
+                           "warmup_iters": 100, "eval_every": 100}
+
+
+def model_defaults(model: str) -> dict:
+    from ddgpipe.models import is_language_model
+
+    return LANGUAGE_MODEL_DEFAULTS if is_language_model(model) else NETWORK_DEFAULTS
+
+
+def _both(flag: str) -> str:
+    """The two defaults of ``flag``, for its help line."""
+    a, b = NETWORK_DEFAULTS[flag], LANGUAGE_MODEL_DEFAULTS[flag]
+    return f"(default: {'none' if a is None else a}; for gpt-L {'none' if b is None else b})"
+
+
 def _optimisation(p: argparse.ArgumentParser) -> None:
     from ddgpipe.training.optim import LR_SCHEDULES, OPTIMIZERS
 
     g = p.add_argument_group("optimisation")
-    g.add_argument("--epochs", type=int, default=15, help="passes over the training set "
-                   "(default: %(default)s)")
-    g.add_argument("--batch-size", type=int, default=64, help="minibatch size; with "
-                   "--replicas R the global one, split into R equal shards (default: "
-                   "%(default)s)")
-    g.add_argument("--optimizer", default="sgd", choices=OPTIMIZERS,
-                   help="sgd (with --momentum, --nesterov) or adam (default: %(default)s)")
-    g.add_argument("--lr", type=float, default=0.1, help="base learning rate (default: "
-                   "%(default)s)")
+    g.add_argument("--epochs", type=int, help=f"passes over the training set {_both('epochs')}")
+    g.add_argument("--iterations", type=int, metavar="N",
+                   help="the run's length in minibatches instead of epochs (the LR schedule "
+                        f"spans them) {_both('iterations')}")
+    g.add_argument("--batch-size", type=int, help="minibatch size; with --replicas R the "
+                   f"global one, split into R equal shards {_both('batch_size')}")
+    g.add_argument("--optimizer", choices=OPTIMIZERS,
+                   help="sgd (with --momentum, --nesterov; L2 weight decay); adam (L2 weight "
+                        "decay on every parameter); adamw and nadam (decoupled weight decay on "
+                        "matrices only, none on biases and norms, as nanoGPT; nadam is "
+                        "torch's NAdam, Nesterov momentum with its momentum schedule); muon "
+                        "(torch.optim.Muon for the matrices inside the network, AdamW for "
+                        f"embeddings, the output layer, biases and norms) {_both('optimizer')}")
+    g.add_argument("--lr", type=float, help=f"base learning rate {_both('lr')}")
     g.add_argument("--momentum", type=float, default=0.9, help="SGD momentum; 0 is plain SGD "
                    "as in the paper's analysis (default: %(default)s)")
     g.add_argument("--nesterov", action="store_true", help="Nesterov momentum for SGD")
-    g.add_argument("--weight-decay", type=float, default=5e-4, help="L2 weight decay "
-                   "(default: %(default)s)")
+    g.add_argument("--beta1", type=float, help="adamw, nadam, muon: the first moment's decay "
+                   "(default: 0.9)")
+    g.add_argument("--beta2", type=float, help="adamw, nadam, muon: the second moment's decay "
+                   f"{_both('beta2').replace('none', 'torch: 0.999')}")
+    g.add_argument("--weight-decay", type=float, help=f"weight decay {_both('weight_decay')}")
+    g.add_argument("--clip-grad", type=float, metavar="NORM",
+                   help="clip the gradient norm before every step. DDG's stages learn from "
+                        "different minibatches, so each stage clips its own gradient (a norm "
+                        "across stages would mix minibatches); with one stage it is backprop's "
+                        f"global clip {_both('clip_grad')}")
     g.add_argument("--lr-schedule", default="cosine", choices=LR_SCHEDULES,
                    help="constant; multistep (x --lr-gamma at --milestones epochs); sqrt: "
                         "lr/sqrt(1+t) and inverse: lr/(1+t), the diminishing step sizes, t in "
-                        "epochs; cosine (default: %(default)s)")
+                        "epochs; cosine, to 0 at the end of the run (default: %(default)s)")
     g.add_argument("--milestones", type=int_list, default=[], metavar="E1,E2",
                    help="epochs at which multistep multiplies the lr by --lr-gamma")
     g.add_argument("--lr-gamma", type=float, default=0.1, help="multistep factor (default: "
                    "%(default)s)")
+    g.add_argument("--warmup-iters", type=int, metavar="N",
+                   help="raise the lr linearly over the first N iterations, then run the "
+                        f"schedule over the rest (nanoGPT's warm-up) {_both('warmup_iters')}")
     g.add_argument("--warmup-epochs", type=int, default=0, metavar="N",
                    help="multiply the lr by --warmup-factor for the first N epochs (He et al.'s "
                         "ResNet-110 recipe) (default: %(default)s)")
@@ -161,6 +203,24 @@ def _optimisation(p: argparse.ArgumentParser) -> None:
                    "cifar10, batch 128, SGD momentum 0.9, weight decay 5e-4, lr 0.1 x0.1 at "
                    "epochs 150 and 225, 300 epochs, crop+flip; lr 0.01 for the first epoch of "
                    "resnet110)")
+
+
+def _language_model(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("language models (--model gpt-L)")
+    g.add_argument("--context", type=int, default=128, metavar="T",
+                   help="tokens per window, and the model's positions (default: %(default)s)")
+    g.add_argument("--width", type=int, help="the residual stream's width (default: 256)")
+    g.add_argument("--heads", type=int, help="attention heads (default: 4)")
+    g.add_argument("--dropout", type=float, help="dropout on embeddings, attention and "
+                   "residuals (default: 0.1)")
+    g.add_argument("--tie-embeddings", action="store_true",
+                   help="share the token embedding with the output projection (GPT-2's "
+                        "tying). They sit in the first and the last stage, where one tensor "
+                        "would get two updates at two delays, so it is refused with more than "
+                        "one stage; untied is the default")
+    g.add_argument("--eval-every", type=int, metavar="N",
+                   help="score the held-out set every N iterations (an eval record in "
+                        f"metrics.jsonl) {_both('eval_every')}")
 
 
 def _run(p: argparse.ArgumentParser) -> None:

@@ -26,7 +26,7 @@ from ddgpipe.core.values import Value, describe, handed_on, tensors
 from ddgpipe.errors import UsageError
 
 __all__ = ["Stage", "StageFactory", "GradientAverager", "OptimizerFactory", "SchedulerFactory",
-           "LossFn"]
+           "LossFn", "check_clip"]
 
 OptimizerFactory = Callable[[list[nn.Parameter]], torch.optim.Optimizer]
 SchedulerFactory = Callable[[torch.optim.Optimizer], LRScheduler]
@@ -51,6 +51,9 @@ class Stage:
 
     ``grad_shrink`` (beta) scales the delayed gradient by ``beta ** delay`` before the step,
     the gradient shrinking of the authors' follow-up FDG; 1.0 is the paper's DDG.
+    ``clip_grad`` clips the global norm of *this stage's* gradient before the step: the
+    stages learn from different minibatches, so a norm across stages would mean nothing;
+    with one stage it is backprop's global clip.
     ``precision`` is ``fp32``, ``bf16`` or ``fp16`` (see :mod:`ddgpipe.core.precision`).
     """
 
@@ -70,6 +73,7 @@ class Stage:
         compensation: Compensation | None = None,
         device: torch.device | str = "cpu",
         precision: str = "fp32",
+        clip_grad: float | None = None,
     ):
         self.index = index
         self.num_stages = num_stages
@@ -86,6 +90,7 @@ class Stage:
         self.stash = Stash(module, stash, self.delay, needs_input_grad=index > 0,
                            device=self.device, compute_context=self._autocast)
         self.grad_scale = grad_shrink**self.delay
+        self.clip_grad = check_clip(clip_grad)
         self.inflight: deque[Pending] = deque()
         self.steps = 0
         self.compensation = compensation if compensation and params else Compensation()
@@ -180,12 +185,13 @@ class Stage:
         fp16. Returns the gradients w.r.t. the marked inputs, or None for the first stage;
         they carry the same scale, :attr:`grad_loss_scale`.
         """
-        pending = self.inflight.popleft()
-        if pending.minibatch != minibatch:
+        if not self.inflight or self.inflight[0].minibatch != minibatch:
+            oldest = self.inflight[0].minibatch if self.inflight else None
             raise RuntimeError(
                 f"stage {self.index}: backward of minibatch {minibatch} but the oldest "
-                f"in-flight minibatch is {pending.minibatch}"
+                f"in-flight minibatch is {oldest}"
             )
+        pending = self.inflight.popleft()
         replayed = self.delay > 0 and self.stash.mode == "none"
         if replayed:  # None replays at the live weights; a compensation may estimate older ones
             pending.weights = self.compensation.replay_weights()
@@ -212,13 +218,15 @@ class Stage:
     def _finish_gradients(self) -> None:
         """What turns the backward's gradients into the one the step applies, in S so that it
         sees the replicas' average: fp16 unscaling (an overflow in any replica is in the
-        average, so every replica skips alike) and FDG's gradient shrinking."""
+        average, so every replica skips alike), the stage's clipping, FDG's shrinking."""
         if self.averager is not None:
             self.averager.wait()
         if self.precision == "fp16":
             grads = [p.grad for p in self.stash.params.values() if p.grad is not None]
             self._skip_step = unscale_(grads, self.grad_loss_scale)
             self._overflow |= self._skip_step
+        if self.clip_grad is not None and not self._skip_step:
+            torch.nn.utils.clip_grad_norm_(list(self.stash.params.values()), self.clip_grad)
         if self.grad_scale != 1.0:
             for p in self.stash.params.values():
                 if p.grad is not None:
@@ -311,3 +319,11 @@ class Stage:
 
 StageFactory = Callable[[int, int, nn.Module, torch.device], Stage]
 """``(index, num_stages, module, device) -> Stage``: how a method builds its stages."""
+
+
+def check_clip(clip_grad: float | None) -> float | None:
+    """A gradient-norm bound: None (no clipping) or a positive number."""
+    if clip_grad is not None and not clip_grad > 0:
+        raise UsageError(f"the gradient clip must be a positive norm (got {clip_grad}); "
+                         "leave it out not to clip")
+    return clip_grad

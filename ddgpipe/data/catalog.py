@@ -17,14 +17,19 @@ from ddgpipe.errors import UsageError
 
 __all__ = ["DATASET_NAMES", "load_dataset", "digits", "synthetic"]
 
-DATASET_NAMES = ("digits", "mnist1d", "cifar10", "cifar100", "synthetic")
+DATASET_NAMES = ("digits", "mnist1d", "cifar10", "cifar100", "shakespeare", "synthetic")
 
 
-def load_dataset(name: str, data_dir: str | None = None) -> Dataset:
+def load_dataset(name: str, data_dir: str | None = None, context: int = 128) -> Dataset:
     """Load a data set by name; CIFAR needs ``data_dir`` (the extracted official archive).
 
-    mnist1d is generated on first use and then read from the cache (``mnist1d.py``).
+    mnist1d is generated on first use and then read from the cache (``mnist1d.py``);
+    shakespeare is a byte corpus in windows of ``context`` tokens (``text.py``).
     """
+    if name == "shakespeare":
+        from ddgpipe.data.text import load_text
+
+        return load_text(name, context)
     if name == "digits":
         return digits()
     if name == "synthetic":

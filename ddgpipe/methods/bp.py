@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 
 import torch
 from torch import Tensor, nn
 from torch.optim.lr_scheduler import LRScheduler
 
 from ddgpipe.core.precision import autocast, check_precision
-from ddgpipe.core.stage import LossFn, OptimizerFactory, SchedulerFactory
+from ddgpipe.core.stage import LossFn, OptimizerFactory, SchedulerFactory, check_clip
+from ddgpipe.core.values import Blocks, Value, as_args, map_tensors
 from ddgpipe.errors import NonFiniteLossError
 from ddgpipe.runtime.devices import resolve_device
+from ddgpipe.runtime.executor import check_input
 
 __all__ = ["Backprop"]
 
@@ -20,7 +23,8 @@ class Backprop:
     """``zero_grad; forward; loss; backward; step; scheduler.step`` once per call to ``step``.
 
     ``device`` holds the model (inputs and targets are moved there); ``precision`` ``bf16``
-    or ``fp16`` runs the forward under autocast, fp16 with ``torch.amp.GradScaler``.
+    or ``fp16`` runs the forward under autocast, fp16 with ``torch.amp.GradScaler``;
+    ``clip_grad`` clips the gradients' global norm before every step.
     """
 
     num_stages = 1
@@ -34,6 +38,7 @@ class Backprop:
         optimizer: OptimizerFactory,
         *,
         lr_scheduler: SchedulerFactory | None = None,
+        clip_grad: float | None = None,
         check_finite: bool = True,
         device: str | torch.device = "cpu",
         precision: str = "fp32",
@@ -43,31 +48,49 @@ class Backprop:
             self.device = torch.device("cuda", 0)
         self.precision = check_precision(precision)
         self.model = model.to(self.device)
-        self.optimizer = optimizer([p for p in model.parameters() if p.requires_grad])
+        self._blocks: nn.Module = Blocks(OrderedDict(model._modules)) \
+            if isinstance(model, nn.Sequential) else model
+        self._params = [p for p in model.parameters() if p.requires_grad]
+        self.optimizer = optimizer(self._params)
+        self.clip_grad = check_clip(clip_grad)
         self.lr_scheduler: LRScheduler | None = \
             lr_scheduler(self.optimizer) if lr_scheduler else None
         self.scaler = torch.amp.GradScaler(self.device.type) if precision == "fp16" else None
         self.check_finite = check_finite
         self.fed = 0
 
-    def step(self, x: Tensor, y: Tensor, loss_fn: LossFn) -> Tensor:
+    def step(self, x: Value, y: Tensor, loss_fn: LossFn) -> Tensor:
         self.optimizer.zero_grad(set_to_none=True)
-        x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+        x = map_tensors(check_input(x), lambda t: t.to(self.device, non_blocking=True))
+        y = y.to(self.device, non_blocking=True)
         with autocast(self.precision, self.device):
-            loss = loss_fn(self.model(x), y)
+            loss = loss_fn(self._forward(x), y)
         if self.check_finite and not math.isfinite(loss.item()):
             raise NonFiniteLossError(loss.item(), self.fed)
         if self.scaler is None:
             loss.backward()
+            self._clip()
             self.optimizer.step()
         else:
             self.scaler.scale(loss).backward()
+            if self.clip_grad is not None:
+                self.scaler.unscale_(self.optimizer)  # clip what the step will apply
+                self._clip()
             self.scaler.step(self.optimizer)
             self.scaler.update()
         if self.lr_scheduler is not None:
             self.lr_scheduler.step()
         self.fed += 1
         return loss.detach()
+
+    def _forward(self, x: Value) -> Value:
+        """The model on ``x``; an ``nn.Sequential`` runs as DDG runs its blocks (a tuple
+        passed on as positional arguments, every output checked)."""
+        return self._blocks(*as_args(x))
+
+    def _clip(self) -> None:
+        if self.clip_grad is not None:
+            torch.nn.utils.clip_grad_norm_(self._params, self.clip_grad)
 
     def run(self, batches, loss_fn: LossFn):
         """:meth:`step` on every ``(x, y)`` of ``batches``, yielding the losses."""
@@ -88,10 +111,10 @@ class Backprop:
         return values
 
     @torch.no_grad()
-    def predict(self, x: Tensor) -> Tensor:
+    def predict(self, x: Value) -> Value:
         """The model's output for ``x`` (in the mode the model is in)."""
         with autocast(self.precision, self.device):
-            return self.model(x.to(self.device))
+            return self._forward(map_tensors(check_input(x), lambda t: t.to(self.device)))
 
     @property
     def devices(self) -> list[torch.device]:

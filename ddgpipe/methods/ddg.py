@@ -59,6 +59,9 @@ class DDG(PipelineMethod):
             forward) or ``none`` (replay with current weights: approximate).
         sample_input: a batch like the training ones, to profile and time cuts on.
         grad_shrink: beta; delayed gradients of stage k are scaled by beta**d_k (FDG).
+        clip_grad: clip each stage's gradient to this global norm before its step. The
+            stages learn from different minibatches, so the norm is per stage; with K = 1
+            it is backprop's clip.
         compensation: staleness compensation by name, e.g. ``"sc,lwp"`` or ``["dc"]``
             (see :mod:`ddgpipe.core.compensation`); None is plain DDG.
         compensation_options: its hyperparameters, e.g. ``{"dc_lambda": 1.0}``
@@ -104,6 +107,7 @@ class DDG(PipelineMethod):
         stash: str = "graph",
         sample_input: Tensor | None = None,
         grad_shrink: float = 1.0,
+        clip_grad: float | None = None,
         compensation: str | Sequence[str] | None = None,
         compensation_options: Mapping[str, float] | None = None,
         timeline: Timeline | None = None,
@@ -124,7 +128,8 @@ class DDG(PipelineMethod):
 
         def make_stage(k: int, num_stages: int, module: nn.Module, device: torch.device) -> Stage:
             return Stage(k, num_stages, module, optimizer, lr_scheduler, stash, grad_shrink,
-                         compensation=new_compensation(), device=device, precision=precision)
+                         clip_grad=clip_grad, compensation=new_compensation(), device=device,
+                         precision=precision)
 
         placed = Placement.of(placement, **where)
         executor = build_stages(model, stages, make_stage, "ddg", placed,

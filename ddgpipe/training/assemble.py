@@ -18,18 +18,21 @@ __all__ = ["build_method", "check_model_accepts"]
 
 
 def build_method(config: TrainConfig, model: nn.Module, steps_per_epoch: int,
-                 timeline: Timeline | None, sample_input: Tensor | None = None) -> Method:
+                 timeline: Timeline | None, sample_input: Tensor | None = None,
+                 total_iterations: int | None = None) -> Method:
     """The method ``config`` names, its optimizer and LR schedule, placed as it says."""
     optimizer = make_optimizer(
-        config.optimizer, config.lr, config.momentum, config.nesterov, config.weight_decay
+        config.optimizer, config.lr, config.momentum, config.nesterov, config.weight_decay,
+        betas=config.betas, adamw_only=muon_exclusions(model),
     )
     scheduler = make_lr_scheduler(
         config.lr_schedule, steps_per_epoch, config.epochs, config.milestones, config.lr_gamma,
         warmup_epochs=config.warmup_epochs, warmup_factor=config.warmup_factor,
+        warmup_iters=config.warmup_iters, total_iterations=total_iterations,
     )
     if config.method == "bp":
-        return Backprop(model, optimizer, lr_scheduler=scheduler, device=config.device,
-                        precision=config.precision)
+        return Backprop(model, optimizer, lr_scheduler=scheduler, clip_grad=config.clip_grad,
+                        device=config.device, precision=config.precision)
     placement = config.placement()
     if config.method == "dni":
         return DNI(model, config.stages, optimizer, lr_scheduler=scheduler,
@@ -41,10 +44,18 @@ def build_method(config: TrainConfig, model: nn.Module, steps_per_epoch: int,
     stash = "none" if config.method == "fr" else config.stash
     return DDG(model, config.stages, optimizer, lr_scheduler=scheduler, stash=stash,
                sample_input=sample_input, grad_shrink=config.grad_shrink,
-               compensation=config.compensation,
+               clip_grad=config.clip_grad, compensation=config.compensation,
                compensation_options=compensation_options(config, steps_per_epoch),
                timeline=timeline, precision=config.precision, placement=placement)
 
+
+def muon_exclusions(model: nn.Module) -> frozenset[int]:
+    """The matrices Muon leaves to AdamW, as its authors do: embeddings, and the output
+    layer (the last linear layer of the last block)."""
+    embeddings = [m.weight for m in model.modules() if isinstance(m, nn.Embedding)]
+    last = list(model.children())[-1] if isinstance(model, nn.Sequential) else model
+    outputs = [m.weight for m in last.modules() if isinstance(m, nn.Linear)][-1:]
+    return frozenset(id(p) for p in embeddings + outputs)
 
 
 def check_model_accepts(model: nn.Module, data: Dataset, config: TrainConfig) -> None:
@@ -63,10 +74,13 @@ def check_model_accepts(model: nn.Module, data: Dataset, config: TrainConfig) ->
         ) from None
     finally:
         model.train(was_training)
-    if out.shape != (2, data.num_classes):
+    expected = (2, *data.train_y.shape[1:], data.num_classes)
+    if not isinstance(out, Tensor) or out.shape != expected:
+        got = tuple(out.shape[1:]) if isinstance(out, Tensor) else type(out).__name__
         raise UsageError(
-            f"model {config.model} outputs shape {tuple(out.shape[1:])} but {data.name} has "
-            f"{data.num_classes} classes; build it with num_classes={data.num_classes}"
+            f"model {config.model} outputs {got} but {data.name} needs "
+            f"{expected[1:]} ({data.num_classes} classes); build it with "
+            f"num_classes={data.num_classes}"
         )
 
 

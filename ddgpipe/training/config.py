@@ -9,12 +9,18 @@ from torch import nn
 
 from ddgpipe.core.compensation import make_compensation, parse_compensation
 from ddgpipe.core.precision import check_precision
+from ddgpipe.core.stage import check_clip
+from ddgpipe.data.text import CORPORA
 from ddgpipe.errors import UsageError
+from ddgpipe.models import GPTConfig, is_language_model
 from ddgpipe.runtime.devices import cores_per_stage
 from ddgpipe.runtime.placement import COMMS, EXECUTORS, Placement
 from ddgpipe.training.optim import make_optimizer
 
-__all__ = ["TrainConfig", "TrainResult", "METHODS", "compensation_options", "stage_threads"]
+__all__ = ["TrainConfig", "TrainResult", "METHODS", "TEXT_DATA", "compensation_options",
+           "stage_threads"]
+
+TEXT_DATA = tuple(CORPORA)  # the data sets of token windows
 
 METHODS = ("bp", "ddg", "fr", "dni")
 
@@ -33,21 +39,32 @@ class TrainConfig:
     split: list[int] | None = None
     balance: str | None = None
     grad_shrink: float = 1.0
+    clip_grad: float | None = None  # per stage: each stage clips its own gradient's norm
     compensation: str | None = None  # e.g. "sc,lwp": ddgpipe.core.compensation
     compensation_options: dict | None = None  # e.g. {"dc_lambda": 1.0}
     epochs: int = 15
+    iterations: int | None = None  # the run's length in minibatches, instead of epochs
     batch_size: int = 64
     eval_batch_size: int = 512
+    eval_every: int = 0  # evaluate on the held-out set every N iterations (0: per epoch)
     optimizer: str = "sgd"
     lr: float = 0.1
     momentum: float = 0.9
     nesterov: bool = False
+    beta1: float | None = None  # adamw, nadam, muon (None: torch's 0.9, 0.999)
+    beta2: float | None = None
     weight_decay: float = 5e-4
     lr_schedule: str = "cosine"
     milestones: list[int] = field(default_factory=list)
     lr_gamma: float = 0.1
     warmup_epochs: int = 0
     warmup_factor: float = 0.1
+    warmup_iters: int = 0  # linear warm-up from 0 over N iterations, then the schedule
+    context: int = 128  # language models: tokens per window
+    width: int | None = None  # gpt-L: None is GPTConfig's
+    heads: int | None = None
+    dropout: float | None = None
+    tie_embeddings: bool = False
     seed: int = 0
     executor: str | None = None  # reference | threads | processes; None: the natural one
     device: str = "auto"
@@ -65,6 +82,25 @@ class TrainConfig:
     checkpoint_every_epochs: int = 0
     stop_after: int | None = None
     resume: str | None = None
+
+    @property
+    def is_language_model(self) -> bool:
+        return is_language_model(self.model)
+
+    def model_options(self) -> dict:
+        """What ``build_model`` takes beyond the data's shape: a GPT's width, heads, ..."""
+        if not self.is_language_model:
+            return {}
+        given = {"width": self.width, "heads": self.heads, "dropout": self.dropout,
+                 "context": self.context, "tie_embeddings": self.tie_embeddings}
+        return {k: v for k, v in given.items() if v is not None}
+
+    @property
+    def betas(self) -> tuple[float, float] | None:
+        if self.beta1 is None and self.beta2 is None:
+            return None
+        return (0.9 if self.beta1 is None else self.beta1,
+                0.999 if self.beta2 is None else self.beta2)
 
     def placement(self) -> Placement:
         """Where the stages run, as ``DDG(..., placement=)`` takes it."""
@@ -129,11 +165,19 @@ class TrainConfig:
                 f"--method {self.method} has none to correct (bp has no delay, dni learns from "
                 "synthetic gradients): drop --compensation and its options, or use --method ddg"
             )
+        probe = make_optimizer(self.optimizer, self.lr, self.momentum, self.nesterov,
+                               self.weight_decay, betas=self.betas)  # bad settings fail here
         if compensated:  # names, options, stash mode and optimizer fail here, before workers
-            probe = make_optimizer(self.optimizer, self.lr, self.momentum, self.nesterov,
-                                   self.weight_decay)([nn.Parameter(torch.zeros(1))])
             make_compensation(self.compensation, "none" if self.method == "fr" else self.stash,
-                              compensation_options(self, steps_per_epoch=1), probe)
+                              compensation_options(self, steps_per_epoch=1),
+                              probe([nn.Parameter(torch.zeros(1))]))
+        check_clip(self.clip_grad)
+        if self.iterations is not None and self.iterations < 1:
+            raise UsageError(f"--iterations must be >= 1 (got {self.iterations})")
+        if self.eval_every < 0 or self.warmup_iters < 0:
+            raise UsageError(f"--eval-every and --warmup-iters must be >= 0 (got "
+                             f"{self.eval_every}, {self.warmup_iters})")
+        self._validate_model_and_data()
         if self.warmup_epochs < 0 or not 0 < self.warmup_factor <= 1:
             raise UsageError(f"--warmup-epochs must be >= 0 and --warmup-factor in (0, 1] "
                              f"(got {self.warmup_epochs}, {self.warmup_factor})")
@@ -148,6 +192,32 @@ class TrainConfig:
             raise UsageError("checkpoints need an output directory; pass --out")
         if self.log_every < 0:
             raise UsageError(f"--log-every must be >= 0 (got {self.log_every})")
+
+    def _validate_model_and_data(self) -> None:
+        text = self.data in TEXT_DATA
+        if self.is_language_model and not text:
+            raise UsageError(f"--model {self.model} is a language model of token windows: use it "
+                             f"with --data {' or '.join(TEXT_DATA)}")
+        if text and not self.is_language_model:
+            raise UsageError(f"--data {self.data} holds windows of byte tokens for a language "
+                             "model: use it with --model gpt-L, e.g. --model gpt-8")
+        lm_only = {"--width": self.width, "--heads": self.heads, "--dropout": self.dropout,
+                   "--tie-embeddings": self.tie_embeddings or None}
+        given = [flag for flag, value in lm_only.items() if value is not None]
+        if given and not self.is_language_model:
+            raise UsageError(f"{', '.join(given)} shape a language model (--model gpt-L); "
+                             f"--model {self.model} has no such setting: drop them")
+        if self.tie_embeddings and self.method != "bp" and self.stages > 1:
+            raise UsageError(
+                "--tie-embeddings shares the token embedding (in the first stage) with the "
+                "output projection (in the last), and one tensor in two stages would get two "
+                f"updates at two different delays; with --stages {self.stages} drop "
+                "--tie-embeddings (untied is the default), or train it with --method bp")
+        if self.is_language_model:
+            width = self.width or GPTConfig.width
+            GPTConfig(width=width, heads=self.heads or GPTConfig.heads, context=self.context,
+                      dropout=GPTConfig.dropout if self.dropout is None else self.dropout
+                      ).check()
 
     def _validate_replicas(self) -> None:
         r = self.replicas
@@ -185,8 +255,8 @@ class TrainResult:
     images_per_s: float
     run_dir: str | None
     stopped: bool = False
-
-
+    tokens_per_s: float | None = None  # language models
+    val_bits_per_byte: float | None = None
 
 def compensation_options(config: TrainConfig, steps_per_epoch: int) -> dict:
     """The compensation's options; PipeMare's anneal period defaults to one epoch here."""

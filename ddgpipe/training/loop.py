@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
+import math
 import os
 import sys
 import time
@@ -23,7 +24,7 @@ from tqdm import tqdm
 
 from ddgpipe.core.timeline import Timeline
 from ddgpipe.data import BatchLoader, Dataset, load_dataset
-from ddgpipe.errors import UsageError
+from ddgpipe.losses import token_cross_entropy
 from ddgpipe.methods import Method
 from ddgpipe.models import build_model
 from ddgpipe.runtime.allocator import tune_allocator
@@ -32,41 +33,13 @@ from ddgpipe.runtime.placement import world_size
 from ddgpipe.training.assemble import build_method, check_model_accepts
 from ddgpipe.training.checkpoints import Checkpoints, LoopState
 from ddgpipe.training.config import TrainConfig, TrainResult, stage_threads
+from ddgpipe.training.evaluation import bits_per_byte, evaluate
 from ddgpipe.training.interrupts import InterruptGuard
 from ddgpipe.training.metrics import MetricsWriter, RunningStats
 from ddgpipe.training.optim import schedule_factor
 from ddgpipe.training.run_dir import gather_to_last, prepare_out_dir, save_final_model
 
-__all__ = ["train", "train_worker", "evaluate"]
-
-
-def evaluate(method: Method, x: Tensor, y: Tensor, batch_size: int) -> tuple[float, float]:
-    """Mean cross-entropy and accuracy of ``method.model`` in eval mode (BatchNorm running
-    stats), through ``method.predict``: across the stages' devices, or, under the process
-    runtime, through the ranks, where only the last rank gets the numbers (the others NaN).
-    """
-    model = method.model
-    method.sync()
-    was_training = model.training
-    model.eval()
-    loss_sum, correct, answered = 0.0, 0, False
-    with torch.no_grad():
-        for i in range(0, len(x), batch_size):
-            out = method.predict(x[i : i + batch_size])
-            if out is None:
-                continue
-            if not isinstance(out, Tensor):
-                raise UsageError("the model ends on a tuple of tensors; evaluation needs one "
-                                 "tensor of logits from the last block")
-            answered = True
-            logits = out.float()
-            target = y[i : i + batch_size].to(logits.device)
-            loss_sum += F.cross_entropy(logits, target, reduction="sum").item()
-            correct += int((logits.argmax(1) == target).sum())
-    model.train(was_training)
-    if not answered:
-        return float("nan"), float("nan")
-    return loss_sum / len(x), correct / len(x)
+__all__ = ["train", "train_worker"]
 
 
 def train_worker(rank: int, world: int, config: TrainConfig) -> TrainResult | None:
@@ -101,17 +74,19 @@ def train(config: TrainConfig, dataset: Dataset | None = None, *,
     # The last stage has the loss: it writes the metrics and shows progress.
     reporter = rank == world - 1
     checkpoints = Checkpoints(config, rank, world)  # a run to resume from is checked first
-    data = dataset or load_dataset(config.data, config.data_dir)
+    data = dataset or load_dataset(config.data, config.data_dir, context=config.context)
     run_dir = prepare_out_dir(config.out, keep=checkpoints.resuming) if reporter else None
 
     torch.manual_seed(config.seed)
-    model = build_model(config.model, num_classes=data.num_classes, input_shape=data.input_shape)
+    model = build_model(config.model, num_classes=data.num_classes, input_shape=data.input_shape,
+                        **config.model_options())
     check_model_accepts(model, data, config)
     loader = BatchLoader(data.train_x, data.train_y, config.batch_size, shuffle=True,
                          seed=config.seed, augment=data.augment, name=data.name)
     timeline = Timeline(rank=rank if world > 1 else None) if config.timeline else None
     method = build_method(config, model, len(loader), timeline,
-                          sample_input=data.train_x[: config.batch_size])
+                          sample_input=data.train_x[: config.batch_size],
+                          total_iterations=total_iterations(config, len(loader)))
     try:
         with InterruptGuard() as interrupts:
             return _train_loop(config, data, model, loader, method, timeline, checkpoints,
@@ -126,7 +101,6 @@ def _train_loop(config: TrainConfig, data: Dataset, model: nn.Sequential, loader
                 interrupts: InterruptGuard) -> TrainResult | None:
     # Batches are gathered (and augmented) where the first stage computes.
     loader.to(method.devices[0])
-
     loop = checkpoints.restore(method, run_dir)
     if not checkpoints.resuming and run_dir is not None:
         saved = dataclasses.asdict(config) | {"label": config.display_label(),
@@ -136,14 +110,21 @@ def _train_loop(config: TrainConfig, data: Dataset, model: nn.Sequential, loader
                                               "stage_devices": [str(d) for d in
                                                                 method.devices],
                                               "threads_per_stage": stage_threads(config)}
+        if data.info:
+            saved["data_info"] = data.info
+        if config.is_language_model:
+            saved["parameters"] = sum(p.numel() for p in model.parameters())
         (run_dir / "config.json").write_text(json.dumps(saved, indent=2) + "\n")
     metrics = MetricsWriter(run_dir / "metrics.jsonl") if run_dir is not None else None
 
-    stats = RunningStats()
+    stats, recent = RunningStats(), RunningStats()  # this epoch's, and since the last eval
+    criterion = token_cross_entropy if data.tokens else F.cross_entropy
+    tokens_per_sample = data.train_x.shape[1] if data.tokens else 1
 
     def loss_fn(logits: Tensor, target: Tensor) -> Tensor:
-        loss = F.cross_entropy(logits, target)
-        stats.add(loss.detach(), logits.detach(), target)  # no host sync: it may run on a GPU
+        loss = criterion(logits, target)
+        for s in (stats, recent):  # no host sync: it may run on a GPU
+            s.add(loss.detach(), logits.detach(), target)
         return loss
 
     def checkpoint(epoch: int, batch: int, elapsed: float) -> None:
@@ -152,32 +133,55 @@ def _train_loop(config: TrainConfig, data: Dataset, model: nn.Sequential, loader
             epoch_elapsed=elapsed, stats=stats.state(),
             metrics_lines=metrics.lines if metrics else 0))
 
-    factor = schedule_factor(config.lr_schedule, len(loader), config.epochs, config.milestones,
+    total = total_iterations(config, len(loader))
+    epochs = math.ceil(total / len(loader))
+    factor = schedule_factor(config.lr_schedule, len(loader), epochs, config.milestones,
                              config.lr_gamma, warmup_epochs=config.warmup_epochs,
-                             warmup_factor=config.warmup_factor)
+                             warmup_factor=config.warmup_factor,
+                             warmup_iters=config.warmup_iters, total_iterations=total)
 
     def lr_at(iteration: int) -> float:  # every stage's lr at a clock: the schedule's
         return config.lr * factor(iteration)
 
+    def held_out(epoch: int, window_s: float, wall: float) -> tuple[float, float]:
+        """Score the held-out set now; record it as an "eval" record of the window since the
+        last one (language models, or every --eval-every iterations)."""
+        val_loss, val_acc = evaluate(method, data.test_x, data.test_y, config.eval_batch_size)
+        recent.load_state(method.sum_over_replicas(recent.state()))
+        if metrics:
+            record = dict(iteration=iteration, epoch=epoch + 1, train_loss=recent.loss,
+                          val_loss=val_loss, val_acc=val_acc, lr=method.lr, wall_time=wall,
+                          samples=seen_so_far(), samples_per_s=recent.seen / max(window_s, 1e-9))
+            if data.tokens:
+                record |= dict(tokens=seen_so_far() * tokens_per_sample,
+                               tokens_per_s=recent.seen * tokens_per_sample / max(window_s, 1e-9),
+                               val_bits_per_byte=bits_per_byte(val_loss))
+            metrics.write("eval", **record)
+        recent.reset()
+        return val_loss, val_acc
+
     test_loss, test_acc = float("nan"), 0.0
     iteration, seen, train_time = loop.iteration, loop.seen, loop.train_time
+    seen_so_far = lambda: seen + stats.seen  # noqa: E731
     show = reporter and config.progress and sys.stderr.isatty() and not os.environ.get("CI")
-    for epoch in range(loop.epoch, config.epochs):
+    for epoch in range(loop.epoch, epochs):
         first_batch = loop.batch if epoch == loop.epoch else 0
         stats.reset()
         if epoch == loop.epoch:
             stats.load_state(loop.stats)
         method.train()
         start = time.perf_counter() - (loop.epoch_elapsed if epoch == loop.epoch else 0.0)
-        bar = tqdm(total=len(loader), initial=first_batch, disable=not show, leave=False,
-                   desc=f"{config.display_label()} epoch {epoch + 1}/{config.epochs}")
+        window_start, evals_s = time.perf_counter(), 0.0
+        last_batch = min(len(loader), total - epoch * len(loader))
+        bar = tqdm(total=last_batch, initial=first_batch, disable=not show, leave=False,
+                   desc=f"{config.display_label()} epoch {epoch + 1}/{epochs}")
         batches = loader.epoch(epoch, start=first_batch)
         batch = first_batch
-        while batch < len(loader):
+        while batch < last_batch:
             interrupts.check()
-            # Feed up to the next checkpoint (a clock boundary), so a pipeline that runs ahead
-            # of its losses never holds minibatches beyond it when the checkpoint is taken.
-            segment = min(len(loader) - batch, until_checkpoint(config, iteration))
+            # Feed up to the next checkpoint or evaluation (a clock boundary), so a pipeline
+            # that runs ahead of its losses holds no minibatch beyond it when it comes.
+            segment = min(last_batch - batch, until_checkpoint(config, iteration))
             for loss in method.run(itertools.islice(batches, segment), loss_fn):
                 interrupts.check()
                 iteration += 1
@@ -187,9 +191,9 @@ def _train_loop(config: TrainConfig, data: Dataset, model: nn.Sequential, loader
                     metrics.write("iter", iteration=iteration, epoch=epoch + 1, loss=loss,
                                   lr=lr_at(iteration - 1))
                 if show and iteration % 5 == 0:
-                    seconds = time.perf_counter() - start
-                    bar.set_postfix(loss=f"{stats.loss:.3f}",
-                                    img_s=f"{stats.seen / seconds:.0f}")
+                    rate = stats.seen * tokens_per_sample / (time.perf_counter() - start - evals_s)
+                    bar.set_postfix({"loss": f"{stats.loss:.3f}",
+                                     "tok/s" if data.tokens else "img/s": f"{rate:.0f}"})
             stop = config.stop_after is not None and iteration >= config.stop_after
             if stop or (config.checkpoint_every and iteration % config.checkpoint_every == 0):
                 checkpoint(epoch, batch, time.perf_counter() - start)
@@ -198,15 +202,25 @@ def _train_loop(config: TrainConfig, data: Dataset, model: nn.Sequential, loader
                 if metrics:
                     metrics.close()
                 return stopped_result(config, iteration, run_dir) if reporter else None
+            if config.eval_every and iteration % config.eval_every == 0 and iteration < total:
+                now = time.perf_counter()
+                wall = train_time + now - start - evals_s
+                held_out(epoch, now - window_start, wall)
+                evals_s += time.perf_counter() - now
+                window_start = time.perf_counter()
         bar.close()
-        if epoch == config.epochs - 1:
+        if iteration >= total:
             method.drain()  # the last delayed gradients are learned before the final test
-        seconds = time.perf_counter() - start
+        seconds = time.perf_counter() - start - evals_s
+        window_s = time.perf_counter() - window_start
         train_time += seconds
         stats.load_state(method.sum_over_replicas(stats.state()))  # every replica's shard
+        if data.tokens or (config.eval_every and iteration >= total):
+            test_loss, test_acc = held_out(epoch, window_s, train_time)
+        else:
+            test_loss, test_acc = evaluate(method, data.test_x, data.test_y,
+                                           config.eval_batch_size)
         seen += stats.seen
-        test_loss, test_acc = evaluate(method, data.test_x, data.test_y,
-                                       config.eval_batch_size)
         if metrics:
             metrics.write(
                 "epoch", epoch=epoch + 1, iteration=iteration, train_loss=stats.loss,
@@ -214,7 +228,7 @@ def _train_loop(config: TrainConfig, data: Dataset, model: nn.Sequential, loader
                 images_per_s=stats.seen / seconds, wall_time=train_time,
             )
         every = config.checkpoint_every_epochs
-        if every and (epoch + 1) % every == 0 and epoch + 1 < config.epochs:
+        if every and (epoch + 1) % every == 0 and epoch + 1 < epochs:
             stats.reset()
             checkpoint(epoch + 1, 0, 0.0)
     if metrics:
@@ -227,12 +241,19 @@ def _train_loop(config: TrainConfig, data: Dataset, model: nn.Sequential, loader
     save_final_model(model, method, run_dir, world)
     if not reporter:
         return None
+    per_s = seen / max(train_time, 1e-9)
     return TrainResult(
         label=config.display_label(), method=config.method, stages=config.stages,
         test_acc=test_acc, test_loss=test_loss, train_loss=stats.loss,
-        train_time_s=train_time, images_per_s=seen / max(train_time, 1e-9),
-        run_dir=str(run_dir) if run_dir else None,
+        train_time_s=train_time, images_per_s=per_s, run_dir=str(run_dir) if run_dir else None,
+        tokens_per_s=per_s * tokens_per_sample if data.tokens else None,
+        val_bits_per_byte=bits_per_byte(test_loss) if data.tokens else None,
     )
+
+
+def total_iterations(config: TrainConfig, steps_per_epoch: int) -> int:
+    """The run's length in minibatches: ``--iterations``, else every batch of every epoch."""
+    return config.iterations or config.epochs * steps_per_epoch
 
 
 def stopped_result(config: TrainConfig, iteration: int, run_dir: Path | None) -> TrainResult:
@@ -246,10 +267,11 @@ def stopped_result(config: TrainConfig, iteration: int, run_dir: Path | None) ->
 
 
 def until_checkpoint(config: TrainConfig, iteration: int) -> int:
-    """Iterations from ``iteration`` to the next one that checkpoints or stops (or a lot)."""
+    """Iterations from ``iteration`` to the next one that checkpoints, evaluates or stops."""
     ahead = [2**62]
-    if config.checkpoint_every:
-        ahead.append(config.checkpoint_every - iteration % config.checkpoint_every)
+    for every in (config.checkpoint_every, config.eval_every):
+        if every:
+            ahead.append(every - iteration % every)
     if config.stop_after is not None:
         ahead.append(max(1, config.stop_after - iteration))
     return min(ahead)

@@ -60,15 +60,18 @@ class RunningStats:
         self._loss_sum = 0.0
         self._correct = 0
         self.seen = 0
+        self.predictions = 0  # samples, or tokens for [B, T, V] logits
 
     def add(self, loss, logits, targets) -> None:
-        """Count one minibatch: its mean ``loss`` (a 0-dim tensor or a float)."""
+        """Count one minibatch: its mean ``loss`` (a 0-dim tensor or a float); accuracy over
+        samples (``[B, C]`` logits) or over tokens (``[B, T, V]`` against ``[B, T]``)."""
         n = targets.shape[0]
         loss = loss.detach().double() if hasattr(loss, "detach") else float(loss)
         self._loss_sum = self._loss_sum + loss * n
         self.seen += n
-        if logits.dim() == 2 and targets.dim() == 1:
-            self._correct = self._correct + (logits.argmax(dim=1) == targets).sum()
+        if logits.dim() == targets.dim() + 1 and logits.shape[:-1] == targets.shape:
+            self._correct = self._correct + (logits.argmax(dim=-1) == targets).sum()
+            self.predictions += targets.numel()
 
     @property
     def loss_sum(self) -> float:
@@ -79,11 +82,12 @@ class RunningStats:
         return int(self._correct)
 
     def state(self) -> list:
-        """``[loss_sum, correct, seen]`` as plain numbers, for a checkpoint."""
-        return [self.loss_sum, self.correct, self.seen]
+        """``[loss_sum, correct, seen, predictions]`` as plain numbers, for a checkpoint."""
+        return [self.loss_sum, self.correct, self.seen, self.predictions]
 
     def load_state(self, state: list) -> None:
         self._loss_sum, self._correct, self.seen = float(state[0]), int(state[1]), int(state[2])
+        self.predictions = int(state[3]) if len(state) > 3 else self.seen  # format 4: samples
 
     @property
     def loss(self) -> float:
@@ -91,4 +95,4 @@ class RunningStats:
 
     @property
     def accuracy(self) -> float:
-        return self.correct / max(self.seen, 1)
+        return self.correct / max(self.predictions, 1)

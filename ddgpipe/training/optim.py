@@ -11,14 +11,57 @@ import math
 from collections.abc import Callable, Sequence
 
 import torch
+from torch import nn
 
 from ddgpipe.errors import UsageError
 
 __all__ = ["OPTIMIZERS", "LR_SCHEDULES", "make_optimizer", "make_lr_scheduler", "lr_factor",
-           "schedule_factor"]
+           "schedule_factor", "decay_groups", "MuonAdamW"]
 
-OPTIMIZERS = ("sgd", "adam")
+OPTIMIZERS = ("sgd", "adam", "adamw", "nadam", "muon")
 LR_SCHEDULES = ("constant", "multistep", "sqrt", "inverse", "cosine")
+
+
+def decay_groups(params: list[nn.Parameter], weight_decay: float) -> list[dict]:
+    """nanoGPT's grouping: weight decay on every matrix (2-D and up: linear weights and
+    embeddings), none on vectors (biases, LayerNorm and BatchNorm scales)."""
+    return [g for g in ({"params": [p for p in params if p.dim() >= 2],
+                         "weight_decay": weight_decay},
+                        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0})
+            if g["params"]]
+
+
+class MuonAdamW(torch.optim.Optimizer):
+    """``torch.optim.Muon`` for the matrix weights inside the network, AdamW (nanoGPT's decay
+    groups) for the rest: embeddings, the output projection (``adamw_only``), biases, norms.
+    Muon's step is scaled to AdamW's RMS (``adjust_lr_fn="match_rms_adamw"``), so one lr and
+    one weight decay serve both; its momentum is its own (0.95, Nesterov)."""
+
+    def __init__(self, params: list[nn.Parameter], lr: float, betas: tuple[float, float],
+                 eps: float, weight_decay: float, adamw_only: frozenset[int] = frozenset()):
+        matrices = [p for p in params if p.dim() == 2 and id(p) not in adamw_only]
+        rest = [p for p in params if p.dim() != 2 or id(p) in adamw_only]
+        self.muon = torch.optim.Muon(matrices, lr=lr, weight_decay=weight_decay,
+                                     adjust_lr_fn="match_rms_adamw") if matrices else None
+        self.adamw = torch.optim.AdamW(decay_groups(rest, weight_decay), lr=lr, betas=betas,
+                                       eps=eps) if rest else None
+        inner = [o for o in (self.muon, self.adamw) if o is not None]
+        super().__init__([p for o in inner for g in o.param_groups for p in g["params"]],
+                         {"lr": lr})
+        self.param_groups = [g for o in inner for g in o.param_groups]  # the inner ones
+        self._inner = inner
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for optimizer in self._inner:
+            optimizer.step()
+
+    def state_dict(self) -> dict:
+        return {"inner": [o.state_dict() for o in self._inner]}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        for optimizer, state in zip(self._inner, state_dict["inner"], strict=True):
+            optimizer.load_state_dict(state)
 
 
 def make_optimizer(
@@ -27,8 +70,19 @@ def make_optimizer(
     momentum: float = 0.9,
     nesterov: bool = False,
     weight_decay: float = 0.0,
+    *,
+    betas: tuple[float, float] | None = None,
+    eps: float = 1e-8,
+    adamw_only: frozenset[int] = frozenset(),
 ) -> Callable[[list], torch.optim.Optimizer]:
-    """A ``params -> optimizer`` factory: DDG builds one optimizer per stage with it."""
+    """A ``params -> optimizer`` factory: DDG builds one optimizer per stage with it.
+
+    ``sgd`` (L2 weight decay, momentum, Nesterov) and ``adam`` (L2 weight decay) decay every
+    parameter; ``adamw``, ``nadam`` (NAdam with decoupled weight decay, torch's momentum
+    schedule) and ``muon`` (:class:`MuonAdamW`) decay matrices only (:func:`decay_groups`).
+    ``betas`` default to torch's (0.9, 0.999); ``adamw_only`` are ids of matrices Muon leaves
+    to AdamW (embeddings, the output projection).
+    """
     if name not in OPTIMIZERS:
         raise UsageError(f"unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}")
     if not lr > 0 or not math.isfinite(lr):
@@ -39,11 +93,25 @@ def make_optimizer(
         raise UsageError(f"weight decay must be >= 0 (got --weight-decay {weight_decay})")
     if nesterov and (name != "sgd" or momentum == 0):
         raise UsageError("--nesterov needs --optimizer sgd with --momentum > 0")
+    if betas is not None and not all(0 <= b < 1 for b in betas):
+        raise UsageError(f"--beta1 and --beta2 must be in [0, 1) (got {betas[0]}, {betas[1]})")
+    if betas is not None and name in ("sgd", "adam"):
+        raise UsageError(f"--beta1/--beta2 are for adamw, nadam and muon; {name} uses "
+                         + ("--momentum" if name == "sgd" else "torch's (0.9, 0.999)"))
+    b = betas or (0.9, 0.999)
     if name == "sgd":
         return lambda ps: torch.optim.SGD(
             ps, lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay
         )
-    return lambda ps: torch.optim.Adam(ps, lr=lr, weight_decay=weight_decay)
+    if name == "adam":
+        return lambda ps: torch.optim.Adam(ps, lr=lr, weight_decay=weight_decay)
+    if name == "adamw":
+        return lambda ps: torch.optim.AdamW(decay_groups(ps, weight_decay), lr=lr, betas=b,
+                                            eps=eps)
+    if name == "nadam":
+        return lambda ps: torch.optim.NAdam(decay_groups(ps, weight_decay), lr=lr, betas=b,
+                                            eps=eps, decoupled_weight_decay=True)
+    return lambda ps: MuonAdamW(list(ps), lr, b, eps, weight_decay, adamw_only)
 
 
 def lr_factor(
@@ -86,14 +154,18 @@ def make_lr_scheduler(
     *,
     warmup_epochs: int = 0,
     warmup_factor: float = 0.1,
+    warmup_iters: int = 0,
+    total_iterations: int | None = None,
 ) -> Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LambdaLR]:
     """An ``optimizer -> LambdaLR`` factory stepped once per iteration/clock.
 
     ``warmup_epochs`` multiply the lr by ``warmup_factor`` for the first epochs: He et al.
     train ResNet-110 at 0.01 before switching to 0.1, and so does the DDG paper.
+    ``warmup_iters`` ramps it linearly instead (see :func:`schedule_factor`).
     """
     factor = schedule_factor(schedule, steps_per_epoch, epochs, milestones, gamma,
-                             warmup_epochs=warmup_epochs, warmup_factor=warmup_factor)
+                             warmup_epochs=warmup_epochs, warmup_factor=warmup_factor,
+                             warmup_iters=warmup_iters, total_iterations=total_iterations)
     return lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
 
@@ -106,9 +178,15 @@ def schedule_factor(
     *,
     warmup_epochs: int = 0,
     warmup_factor: float = 0.1,
+    warmup_iters: int = 0,
+    total_iterations: int | None = None,
 ) -> Callable[[int], float]:
     """The multiplier of the base lr at each iteration: what :func:`make_lr_scheduler` runs,
-    so ``base_lr * schedule_factor(...)(t)`` is exactly the lr every stage uses at clock t."""
+    so ``base_lr * schedule_factor(...)(t)`` is exactly the lr every stage uses at clock t.
+
+    ``total_iterations`` (default: every batch of every epoch) is where cosine reaches 0.
+    ``warmup_iters`` > 0 is nanoGPT's warm-up: the factor rises linearly, ``(t + 1) / W``,
+    over the first W iterations, and the schedule then runs over the remaining ones."""
     if schedule not in LR_SCHEDULES:
         raise UsageError(
             f"unknown LR schedule {schedule!r}; choose one of {', '.join(LR_SCHEDULES)}"
@@ -118,12 +196,20 @@ def schedule_factor(
         raise UsageError(f"LR milestones must be epochs >= 1 (got {bad})")
     if not 0 < gamma <= 1:
         raise UsageError(f"--lr-gamma must be in (0, 1] (got {gamma})")
-    total = steps_per_epoch * epochs
+    total = total_iterations or steps_per_epoch * epochs
     milestones = tuple(milestones)
-
+    if not 0 <= warmup_iters < total:
+        raise UsageError(f"--warmup-iters {warmup_iters} must be below the run's {total} "
+                         "iterations")
     warmup_iterations = warmup_epochs * steps_per_epoch
 
     def factor(i: int) -> float:
+        if warmup_iters:
+            if i < warmup_iters:
+                return (i + 1) / warmup_iters
+            i -= warmup_iters
+            return lr_factor(schedule, i, steps_per_epoch, total - warmup_iters, milestones,
+                             gamma)
         scale = warmup_factor if i < warmup_iterations else 1.0
         return scale * lr_factor(schedule, i, steps_per_epoch, total, milestones, gamma)
 

@@ -59,7 +59,7 @@ def test_errors_reach_the_shell_without_a_traceback(tmp_path):
     assert proc.stderr.strip().splitlines() == [
         "ddgpipe: error: unknown model 'resnet21'; choose one of resnet20, resnet32, resnet44, "
         "resnet56, resnet110, resnet1d-20, resnet1d-32, resnet1d-44, resnet1d-56, resnet1d-110, "
-        "mlp"
+        "mlp, gpt-L"
     ]
 
 
@@ -167,7 +167,7 @@ def test_paper_cifar_preset_warms_up_resnet110():
     assert (args.warmup_epochs, args.warmup_factor, args.epochs) == (1, 0.1, 300)
     argv = ["train", "--preset", "paper-cifar", "--model", "resnet56"]
     assert _apply_preset(parser, argv, parser.parse_args(argv)).warmup_epochs == 0
-    assert parser.parse_args(["train"]).batch_size == 64  # the preset does not leak
+    assert parser.parse_args(["train"]).batch_size is None  # the preset does not leak
 
 
 def test_features_replay_is_ddg_with_stash_none(capsys, tmp_path):

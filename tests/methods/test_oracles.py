@@ -86,8 +86,17 @@ def numpy_gradients(params, x, y):
     return grads
 
 
-def numpy_ddg(params, batches, lr, delays):
-    """w_k^{t+1} = w_k^t - lr * grad_k loss(x_{t-d_k}; weights of clock t-d_k)."""
+def clipped(g, max_norm):
+    """One stage's gradient (weight, bias) scaled as torch's clip_grad_norm_ scales it."""
+    if max_norm is None:
+        return g
+    norm = np.sqrt(sum((part**2).sum() for part in g))
+    return tuple(part * min(1.0, max_norm / (norm + 1e-6)) for part in g)
+
+
+def numpy_ddg(params, batches, lr, delays, clip=None):
+    """w_k^{t+1} = w_k^t - lr * grad_k loss(x_{t-d_k}; weights of clock t-d_k), each stage's
+    gradient clipped to the norm ``clip`` on its own."""
     history = [params]  # history[t] = all weights at clock t
     T = len(batches)
     for t in range(T + max(delays)):
@@ -96,7 +105,7 @@ def numpy_ddg(params, batches, lr, delays):
         for k, d in enumerate(delays):
             s = t - d
             if 0 <= s < T:
-                g = numpy_gradients(history[s], *batches[s])[k]
+                g = clipped(numpy_gradients(history[s], *batches[s])[k], clip)
                 new.append((current[k][0] - lr * g[0], current[k][1] - lr * g[1]))
             else:
                 new.append(current[k])
@@ -126,6 +135,40 @@ def test_oracle2_matches_hand_derived_update(stages, stash):
     # And it is not simply backprop: the delayed rule moves the weights elsewhere.
     bp = numpy_ddg(numpy_params(tanh_net(widths, seed=3)), batches, lr=0.1, delays=[0] * stages)
     assert max(np.abs(g[0] - e[0]).max() for g, e in zip(got, bp)) > 1e-6
+
+
+@pytest.mark.parametrize("stages", [2, 3])
+def test_each_stage_clips_its_own_gradient(stages):
+    """--clip-grad in DDG: stage k's delayed gradient is clipped to the norm on its own (the
+    stages learn from different minibatches, so there is no norm across them)."""
+    widths = [5, 7, 6, 3][: stages + 1]
+    rng = np.random.default_rng(1)
+    batches = [(rng.normal(size=(4, widths[0])) * 3, rng.normal(size=(4, widths[-1])))
+               for _ in range(6)]
+    model = tanh_net(widths, seed=3)
+    delays = [stages - 1 - k for k in range(stages)]
+    expected = numpy_ddg(numpy_params(model), batches, lr=0.1, delays=delays, clip=0.5)
+    pipe = ddgpipe.DDG(model, stages=stages, clip_grad=0.5,
+                       optimizer=lambda ps: torch.optim.SGD(ps, lr=0.1))
+    for x, y in batches:
+        pipe.step(torch.from_numpy(x), torch.from_numpy(y), F.mse_loss)
+    pipe.drain()
+    for (w, b), (ew, eb) in zip(numpy_params(model), expected):
+        np.testing.assert_allclose(w, ew, rtol=0, atol=1e-10)
+        np.testing.assert_allclose(b, eb, rtol=0, atol=1e-10)
+    unclipped = numpy_ddg(numpy_params(tanh_net(widths, seed=3)), batches, 0.1, delays)
+    assert max(np.abs(g[0] - e[0]).max() for g, e in zip(numpy_params(model), unclipped)) > 1e-3
+
+
+def test_one_stage_clipping_is_backprops_global_clip_bitwise():
+    data = digits_like_batches(4)
+    bp_model, ddg_model = resnet(), resnet()
+    bp = ddgpipe.Backprop(bp_model, sgd(), clip_grad=0.1)
+    pipe = ddgpipe.DDG(ddg_model, stages=1, optimizer=sgd(), clip_grad=0.1)
+    for x, y in data:
+        assert torch.equal(bp.step(x, y, F.cross_entropy), pipe.step(x, y, F.cross_entropy))
+    pipe.drain()
+    assert_state_equal(bp_model, ddg_model)
 
 
 # --- oracle 3: stash modes ----------------------------------------------------------------------
