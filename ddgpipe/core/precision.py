@@ -1,21 +1,6 @@
 """Mixed precision for pipeline stages: autocast per stage, and loss scaling that survives delay.
 
-``fp32`` is plain float32, bitwise as without this module. ``bf16`` runs each stage's forward
-(and its replay) under ``torch.autocast`` with bfloat16: same exponent range as float32, so no
-loss scaling. ``fp16`` autocasts to float16, whose gradients underflow unless the loss is
-scaled up before the backward and the gradients scaled down before the step — what
-``torch.amp.GradScaler`` does for backprop.
-
-In DDG a minibatch's gradient reaches stage k d_k clocks after its loss was computed, and
-the scale may have changed in between. So the scale travels *with the gradient*: the last
-stage scales minibatch t's loss by S_t, every stage unscales t's parameter gradients by the
-same S_t when they arrive, and passes S_t on with the input gradient. A stage whose unscaled
-gradients hold an inf or NaN skips that step (its optimizer state untouched), as GradScaler
-does, and reports the overflow *forward* with its next activation; reports ride along the
-activations to the last stage, which owns the scale and updates it once per clock with
-GradScaler's rule: halve on any overflow, double after ``growth_interval`` clean clocks. The
-feedback is at most one clock late whatever K is, because every stage forwards the reports it
-received in the same clock it received them.
+Why and how: ``docs/design.md``, "Mixed precision and delayed loss scaling".
 """
 
 from __future__ import annotations

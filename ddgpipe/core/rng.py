@@ -1,17 +1,6 @@
 """Random state: the process's, and one stream per pipeline stage.
 
-``rng_state()`` is the CPU generator's state plus, once CUDA is in use, the GPUs' (all of them,
-or the ones given). A block profile and a tuning run save and restore it, so neither leaves a
-trace in the numbers training draws; a stash replay restores the state its forward saw.
-
-Every stage draws its random numbers (dropout, a DNI gradient model's initial weights) from
-a stream of its own, started from the caller's state at the first clock: under the process
-runtime each stage is a process with its own generator, and the in-process executors must
-match it. torch has one CPU generator per process (and one per GPU), not one per thread, so
-:class:`StageStreams` swaps each stage's stream in around that stage's work and puts the
-caller's back afterwards. In the threaded executor stages compute at once; the swap then
-holds a lock, and only the stages that draw random numbers take it (see
-:mod:`ddgpipe.runtime.threads`), so stages without randomness never wait for each other.
+Why and how: ``docs/design.md``, "Random streams".
 """
 
 from __future__ import annotations

@@ -1,24 +1,6 @@
 """What every stage does at every clock: a pure description shared by all executors.
 
-DDG (Huo et al. 2018) with K stages gives stage k the delay ``d_k = K-1-k``. At clock t
-stage k runs, in this order:
-
-* ``F t``        forward of minibatch t with its current weights (stage 0 reads the data;
-                 the last stage also computes the loss);
-* ``B t-d_k``    backward of minibatch t-d_k, through the weights that minibatch's
-                 forward used, with the gradient stage k+1 produced at clock t-1;
-* ``S t-d_k``    the optimizer step that consumes that gradient.
-
-Before clock d_k stage k has no gradient yet and does not step (warm-up). After the last
-minibatch T-1 the pipeline *drains*: clocks T .. T+K-2 run the pending backwards and steps
-and no forward, so every minibatch is learned from exactly once. K = 1 is backprop.
-
-The reference executor (``local.py``), the multi-process runtime, the timeline plot and the
-cost model all walk these lists; nothing here knows about tensors or processes.
-
-DNI (synthetic gradients, Jaderberg et al. 2017) is scheduled here too: stage k updates at
-once from a synthetic gradient (``B t`` + ``S t``) and, one clock later, trains its gradient
-model on the true gradient of minibatch t-1 that stage k+1 sent back (``G t-1``).
+Why and how: ``docs/design.md``, "The schedule".
 
 Example:
     >>> [str(a) for a in ddg_actions(stage=0, stages=2, clock=1)]

@@ -20,7 +20,7 @@ from torch.optim.lr_scheduler import LRScheduler
 
 from ddgpipe.core.compensation import Compensation
 from ddgpipe.core.precision import LossScaler, autocast, check_precision, unscale_
-from ddgpipe.core.stash import Pending, Stash
+from ddgpipe.core.stash import Pending, Stash, updates_unseen
 from ddgpipe.core.streams import new_stream
 from ddgpipe.core.values import Value, describe, handed_on, tensors
 from ddgpipe.errors import UsageError
@@ -89,6 +89,7 @@ class Stage:
             if lr_scheduler and self.optimizer is not None else None
         self.stash = Stash(module, stash, self.delay, needs_input_grad=index > 0,
                            device=self.device, compute_context=self._autocast)
+        self.stash.shares_snapshots = not updates_unseen(self.optimizer)
         self.grad_scale = grad_shrink**self.delay
         self.clip_grad = check_clip(clip_grad)
         self.inflight: deque[Pending] = deque()
@@ -246,6 +247,13 @@ class Stage:
             self.optimizer.step()
         self._forward_weights = None
         self.steps += 1
+
+    def finish(self) -> None:
+        """At the end of training, after the drain's last clock: the compensation applies
+        what it still holds back (``accumulate``'s leftover gradients). A stage without delay
+        never consults its compensation, nor does this."""
+        if self.delay > 0 and self.optimizer is not None:
+            self.compensation.finish()
 
     def end_clock(self) -> None:
         """Advance the LR schedule: every stage advances every clock, so all share lr_t.

@@ -20,6 +20,19 @@ mode           kept per in-flight minibatch                 extra compute    gra
 ``none`` is what Features Replay (Huo et al. 2018b) does: the backward sees w_k^t instead of
 w_k^{t-d_k}, so it is *not* the DDG update; it trades exactness for memory.
 
+Only the versions still needed are kept: when no parameter changed since the last snapshot
+(each parameter's identity, storage and autograd ``_version`` counter are those recorded when
+it was taken; every in-place update, an optimizer's step included, bumps the counter) and a
+minibatch still in flight holds that snapshot, the next forward shares it instead of copying
+the weights again: during warm-up, after an fp16 skip, and between the steps of
+``accumulate``. A shared snapshot holds the same numbers, so the gradients are bitwise those
+of a fresh copy: in ``graph`` mode its leaves' ``.grad`` is cleared before each backward
+writes into them, and a ``recompute`` replay backpropagates into fresh leaves over the kept
+tensors (``detach``), so neither carries a gradient or a requires-grad flag from another
+minibatch. Changes that bypass the version counter (through ``p.data``, or torch's
+``fused=True`` optimizer kernels, which the stage detects and then turns sharing off for)
+would make a shared snapshot stale; ddgpipe makes none.
+
 Replays (``recompute``/``none``) run the forward on throwaway copies of the buffers so that
 BatchNorm's running statistics are updated once per minibatch, at its forward, as in
 backprop; they restore the RNG state of the original forward (the CPU generator's and the
@@ -29,6 +42,7 @@ forward, so mixed precision replays alike too.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
@@ -40,9 +54,19 @@ from torch.func import functional_call
 from ddgpipe.core.rng import rng_kept, rng_state, set_rng_state
 from ddgpipe.core.values import Value, as_args, handed_on, leaves, tensors
 
-__all__ = ["STASH_MODES", "Pending", "Stash"]
+__all__ = ["STASH_MODES", "Pending", "Stash", "Snapshot", "updates_unseen"]
 
 STASH_MODES = ("graph", "recompute", "none")
+
+
+def updates_unseen(optimizer: torch.optim.Optimizer | None) -> bool:
+    """Whether ``optimizer`` may change its parameters without bumping their version
+    counters: torch's ``fused=True`` kernels do (torch 2.13: SGD, Adam, AdamW)."""
+    return optimizer is not None and any(g.get("fused") for g in optimizer.param_groups)
+
+
+class Snapshot(dict[str, Tensor]):
+    """A weight version by parameter name (a dict that a weak reference can point to)."""
 
 
 @dataclass
@@ -81,11 +105,35 @@ class Stash:
         self.mode = mode if delay > 0 else "live"
         self.needs_input_grad = needs_input_grad
         self.params = {n: p for n, p in module.named_parameters() if p.requires_grad}
+        # Share a snapshot while no parameter changed (see the module's docstring). The stage
+        # turns this off for optimizers that update in place without bumping the version
+        # counters (torch's fused=True kernels).
+        self.shares_snapshots = True
+        # the last snapshot of the live weights (while a minibatch holds it) and what the
+        # parameters were when it was taken
+        self._last: weakref.ref[Snapshot] | None = None
+        self._last_seen: list[tuple[Tensor, int, int]] = []
+
+    def _seen(self) -> list[tuple[Tensor, int, int]]:
+        return [(p, p._version, p.data_ptr()) for p in self.params.values()]
+
+    def _unchanged(self) -> bool:
+        return len(self._last_seen) == len(self.params) and all(
+            q is p and v == p._version and ptr == p.data_ptr()
+            for (q, v, ptr), p in zip(self._last_seen, self.params.values()))
 
     def _snapshot(self, requires_grad: bool,
                   weights: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
-        source: dict[str, Tensor] = dict(self.params) if weights is None else weights
-        return {n: source[n].detach().clone().requires_grad_(requires_grad) for n in self.params}
+        if weights is not None:  # given weights (a prediction) are copied, never shared
+            return {n: weights[n].detach().clone().requires_grad_(requires_grad)
+                    for n in self.params}
+        last = self._last() if self._last is not None and self.shares_snapshots else None
+        if last is not None and self._unchanged():
+            return last
+        snapshot = Snapshot((n, p.detach().clone().requires_grad_(requires_grad))
+                            for n, p in self.params.items())
+        self._last, self._last_seen = weakref.ref(snapshot), self._seen()
+        return snapshot
 
     def _run(self, weights: dict[str, Tensor] | None, x: Value) -> Value:
         if weights is None:
@@ -124,8 +172,9 @@ class Stash:
         """Recompute the forward of ``pending`` with grad enabled (``recompute``/``none``)."""
         assert pending.inputs is not None, "a replay needs the stashed input"
         xin = leaves(pending.inputs, self.needs_input_grad)
-        if pending.weights is not None:  # recompute: the stashed version, as leaves
-            weights = {n: w.requires_grad_(True) for n, w in pending.weights.items()}
+        if pending.weights is not None:  # recompute: the stashed version, as fresh leaves
+            # (the version may be shared with other minibatches: no flag or grad on it)
+            weights = {n: w.detach().requires_grad_(True) for n, w in pending.weights.items()}
         else:  # none: today's weights
             weights = dict(self.params)
         scratch_buffers = {n: b.clone() for n, b in self.module.named_buffers()}
@@ -157,6 +206,9 @@ class Stash:
         """
         for p in self.params.values():
             p.grad = None
+        if pending.weights is not None:  # a version shared with another minibatch: no grad
+            for w in pending.weights.values():
+                w.grad = None
         if isinstance(grad_output, tuple):
             marked = [t for t, m in zip(tensors(output), pending.output_marks, strict=True) if m]
             # a replay's output may need no gradient where the forward assumed one

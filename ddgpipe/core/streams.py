@@ -1,20 +1,6 @@
 """Tensors that cross from one stage to the next, on one GPU, across GPUs, or on the CPU.
 
-On a GPU every stage of the threaded executor issues its work on a CUDA stream of its own, so
-one stage's kernels do not queue behind another's. A tensor handed from a producer stream to
-a consumer stream then needs two things (torchgpipe's ``stream.py``/``copy.py`` solve the
-same problem):
-
-* ordering: the consumer must not read it before the producer's kernels wrote it. The
-  producer records an event after its work; the consumer's stream waits on that event
-  (same device), or the copy to another device is issued on the producer's stream, where it
-  runs after the producer's kernels, and PyTorch's cross-device copy makes the consumer's
-  stream wait for the copy;
-* lifetime: the caching allocator recycles a freed block for the next allocation *on the
-  stream it was allocated on*. A tensor read on another stream is announced with
-  ``record_stream``, so its block is not recycled before that stream's work is done.
-
-On the CPU none of this applies: a hand-off is the tensor itself, no copy.
+Why and how: ``docs/design.md``, "Tensors between stages on GPUs".
 """
 
 from __future__ import annotations

@@ -37,6 +37,17 @@ class Timeline:
     def record_wait(self, stage: int, start: float, end: float) -> None:
         self.waits.append((stage, start, end))
 
+    def busy_s(self, stage: int, start: float, end: float) -> float:
+        """Seconds ``stage`` computed between ``start`` and ``end``: its ops that ran there,
+        less the waits for peers inside them."""
+        waits = [(a, b) for k, a, b in self.waits if k == stage]
+        busy = 0.0
+        for r in self.records:
+            if r["stage"] == stage and r["start"] >= start and r["end"] <= end:
+                inside = sum(max(0.0, min(r["end"], b) - max(r["start"], a)) for a, b in waits)
+                busy += max(0.0, r["end"] - r["start"] - inside)
+        return busy
+
     def write(self, path: str | Path, append: bool = False) -> Path:
         path = Path(path)
         with path.open("a" if append else "w") as f:

@@ -54,9 +54,12 @@ class ReferenceExecutor(InProcessExecutor):
         return loss
 
     def drain(self) -> None:
-        """Run the pending backwards and steps; no new forwards."""
+        """Run the pending backwards and steps; no new forwards; then each stage's finish."""
         while self.clock < num_clocks(self.num_stages, self.fed, self.method):
             self._run_clock(self.fed)
+        for stage in self.stages:
+            with on_stream(stage.device, stage.stream):
+                stage.finish()
 
     def checkpoint_state(self) -> dict:
         """Between two clocks: every stage's state and the gradients waiting for a stage."""

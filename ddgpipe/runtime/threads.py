@@ -309,6 +309,7 @@ class ThreadedExecutor(InProcessExecutor):
             with self._done_changed:
                 self._done[k] = clock
                 self._done_changed.notify_all()
+        stage.finish()  # the drain's last clock ran: apply what the compensation holds back
 
     def _get(self, q: queue.Queue, stage: Stage, what: str, due=lambda: True):
         """The next item of ``q`` for ``stage``. The timeout counts only while ``due()``: a

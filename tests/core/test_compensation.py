@@ -198,7 +198,9 @@ def test_spike_compensation_at_delay_one_is_nesterov():
 # --- 2. K = 1 is backprop --------------------------------------------------------------------
 
 K1_CASES = [("sc", "graph"), ("lwp", "graph"), ("sc,lwp", "graph"), ("dc", "graph"),
-            ("dc-c", "recompute"), ("pipemare-lr", "graph"), ("pipemare", "none")]
+            ("dc-c", "recompute"), ("pipemare-lr", "graph"), ("pipemare", "none"),
+            ("stage-momentum", "graph"), ("delay-lr", "graph"), ("accumulate", "graph"),
+            ("accumulate,dc", "recompute"), ("stage-momentum,delay-lr,accumulate", "none")]
 
 
 @pytest.mark.parametrize("compensation,stash", K1_CASES)
@@ -223,6 +225,13 @@ RUNTIME_CASES = {  # name -> (compensation, stash, options)
     "dc-c": ("dc-c", "recompute", None),
     "pipemare-lr": ("pipemare-lr", "graph", {"pipemare_anneal": 3}),
     "pipemare": ("pipemare", "none", {"pipemare_anneal": 3}),
+    "stage-momentum": ("stage-momentum", "graph", None),
+    "delay-lr": ("delay-lr", "graph", {"delay_lr_c": 0.5}),
+    # a leftover at the end: finish() runs in the rank, the stage thread, the reference
+    "accumulate": ("accumulate", "graph", {"accumulate_steps": 2}),
+    "accumulate,dc,delay-lr": ("accumulate,dc,delay-lr", "recompute",
+                               {"accumulate_steps": 3, "delay_lr_c": 0.5}),
+    "stage-momentum,accumulate": ("stage-momentum,accumulate", "none", None),
 }
 RUNTIME_CLOCKS = 5
 
@@ -299,7 +308,9 @@ def dropout_pipe(compensation, stash):
 
 @pytest.mark.parametrize("compensation,stash,state_key", [
     ("dc", "graph", "mean_square"), ("sc,lwp", "graph", None),
-    ("pipemare", "none", "delta"), ("dc-c", "recompute", None)])
+    ("pipemare", "none", "delta"), ("dc-c", "recompute", None),
+    ("accumulate", "graph", "sums"), ("accumulate,dc,delay-lr", "recompute", "sums"),
+    ("stage-momentum", "graph", None)])
 def test_resume_mid_pipeline_is_bitwise(compensation, stash, state_key):
     g = torch.Generator().manual_seed(1)
     data = [(torch.randn(4, 6, generator=g), torch.randint(0, 3, (4,), generator=g))

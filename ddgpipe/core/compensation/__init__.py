@@ -4,33 +4,43 @@
     pipe = ddgpipe.DDG(model, 4, optimizer, compensation="dc",
                        compensation_options={"dc_lambda": 1.0})
 
-=================  ===============================================  ============  ===========
-name               rule (file)                                      optimizer     stash
-=================  ===============================================  ============  ===========
-``sc``             spike compensation, Kosson et al. 2021           momentum SGD  any
-                   (``spike.py``)
-``lwp``            linear weight prediction, Kosson et al. 2021     momentum SGD  any
-                   (``prediction.py``)
-``dc``             DC-ASGD-a, adaptive lambda, Zheng et al. 2017    any           graph,
-                   (``delay.py``)                                                 recompute
-``dc-c``           DC-ASGD-c, constant lambda (``delay.py``)        any           graph,
-                                                                                  recompute
-``pipemare-lr``    PipeMare T1, lr rescheduling, Yang et al. 2021   any           any
-                   (``pipemare.py``)
-``pipemare``       PipeMare T1 + T2 (discrepancy correction of the  any           none
-                   replay's weights) (``pipemare.py``)
-=================  ===============================================  ============  ===========
+==================  ===============================================  ============  ===========
+name                rule (file)                                      optimizer     stash
+==================  ===============================================  ============  ===========
+``sc``              spike compensation, Kosson et al. 2021           momentum SGD  any
+                    (``spike.py``)
+``lwp``             linear weight prediction, Kosson et al. 2021     momentum SGD  any
+                    (``prediction.py``)
+``dc``              DC-ASGD-a, adaptive lambda, Zheng et al. 2017    any           graph,
+                    (``delay.py``)                                                 recompute
+``dc-c``            DC-ASGD-c, constant lambda (``delay.py``)        any           graph,
+                                                                                   recompute
+``pipemare-lr``     PipeMare T1, lr rescheduling, Yang et al. 2021   any           any
+                    (``pipemare.py``)
+``pipemare``        PipeMare T1 + T2 (discrepancy correction of the  any           none
+                    replay's weights) (``pipemare.py``)
+``stage-momentum``  beta1_k = b0 + d_k (bmax - b0) / K, Ajanthan et   SGD with      any
+                    al. 2025 (AsyncPP) (``stage_momentum.py``)       momentum,
+                                                                     Adam(W),
+                                                                     NAdam, Muon
+``delay-lr``        lr min(1, c / d_k), Mishchenko et al. 2022       any           any
+                    (``delay_lr.py``)
+``accumulate``      step every A delayed gradients with their mean,  any           any
+                    PipeDream-2BW / PACI (``accumulate.py``)
+==================  ===============================================  ============  ===========
 
 Names combine with commas when they change different phases of a step (see
 :mod:`ddgpipe.core.compensation.base`): ``sc,lwp`` is the combination Kosson et al. recommend;
 other combinations are well defined but were not studied by their authors. Every rule
 applies only to stages with a delay; the last stage and K = 1 stay plain backprop.
 
-Each file states its rule and derives it; ``tests/core/test_compensation.py`` checks each one
-against an independent float64 numpy implementation of that rule. The papers' equation
-numbers are not quoted because they were not checked against the papers' text; the rules
-follow the techniques as the papers name them, the DC-ASGD authors' public code, and the
-derivation in each file. Defaults that are ddgpipe's rather than a paper's say so.
+Each file states its rule and derives it; ``tests/core/test_compensation.py`` and
+``tests/core/test_compensation_delay.py`` check each one against an independent float64
+numpy implementation of that rule. The papers' equation numbers are not quoted because they
+were not checked against the papers' text; the rules follow the techniques as the papers
+name them, the authors' public code (DC-ASGD, AsyncPP, Mishchenko et al.'s notebook, PACI,
+PipeDream-2BW), and the derivation in each file. Defaults that are ddgpipe's rather than a
+paper's say so.
 """
 
 from __future__ import annotations
@@ -41,11 +51,14 @@ from typing import Any
 
 import torch
 
+from ddgpipe.core.compensation.accumulate import Accumulate
 from ddgpipe.core.compensation.base import PHASES, Compensation, Rule, Rules
 from ddgpipe.core.compensation.delay import DelayCompensation
+from ddgpipe.core.compensation.delay_lr import DelayAdaptiveLR
 from ddgpipe.core.compensation.pipemare import PipeMareLR, PipeMareReplay
 from ddgpipe.core.compensation.prediction import LinearWeightPrediction
 from ddgpipe.core.compensation.spike import SpikeCompensation
+from ddgpipe.core.compensation.stage_momentum import StageMomentum
 from ddgpipe.errors import UsageError
 
 __all__ = ["Compensation", "Rule", "Rules", "PHASES", "COMPENSATIONS", "OPTIONS",
@@ -64,6 +77,13 @@ COMPENSATIONS: dict[str, str] = {
                    "ramps to lr over --pipemare-anneal clocks; any optimizer",
     "pipemare": "PipeMare T1 + T2: also replays each delayed forward at w - delay * "
                 "(moving average of updates), estimating the forward's weights; stash none only",
+    "stage-momentum": "stage-dependent momentum (Ajanthan et al. 2025, AsyncPP): beta1 of "
+                      "stage k = b0 + d_k (--stage-momentum-max - b0) / K; Adam, AdamW, NAdam, "
+                      "Muon, or momentum SGD (as Nesterov, lr scaled to keep the step)",
+    "delay-lr": "delay-adaptive lr (Mishchenko et al. 2022): stage k's lr times "
+                "min(1, --delay-lr-c / d_k); any optimizer",
+    "accumulate": "bounded staleness (PipeDream-2BW, PACI): a delayed stage steps once every "
+                  "--accumulate-steps gradients with their mean; any optimizer",
 }
 
 #: option name -> default (None: the rule's own default, or required)
@@ -72,7 +92,11 @@ OPTIONS: dict[str, float | int | None] = {
     "dc_decay": 0.95,
     "pipemare_anneal": None,  # K, in clocks: required
     "pipemare_ema": 0.9,  # gamma of T2's moving average: ddgpipe's default
+    "stage_momentum_max": 0.99,  # bmax, hard-coded in AsyncPP
+    "delay_lr_c": 1.0,  # c of min(1, c / d_k): ddgpipe's default (lr / d_k)
+    "accumulate_steps": 4,  # A: ddgpipe's default (PACI's is 8)
 }
+
 
 DC_LAMBDA = {"dc": 2.0, "dc-c": 0.04}
 
@@ -100,7 +124,9 @@ def _options(names: tuple[str, ...], given: Mapping[str, float] | None) -> dict:
         raise UsageError(f"unknown compensation option {', '.join(unknown)}; the options are "
                          f"{', '.join(OPTIONS)}")
     users = {"dc_lambda": ("dc", "dc-c"), "dc_decay": ("dc",),
-             "pipemare_anneal": ("pipemare", "pipemare-lr"), "pipemare_ema": ("pipemare",)}
+             "pipemare_anneal": ("pipemare", "pipemare-lr"), "pipemare_ema": ("pipemare",),
+             "stage_momentum_max": ("stage-momentum",), "delay_lr_c": ("delay-lr",),
+             "accumulate_steps": ("accumulate",)}
     for key in given:
         if given[key] is not None and not set(users[key]) & set(names):
             raise UsageError(f"option {key} only applies to compensation "
@@ -125,6 +151,21 @@ def _options(names: tuple[str, ...], given: Mapping[str, float] | None) -> dict:
         if int(anneal) != anneal or anneal < 1:
             raise UsageError(f"pipemare_anneal must be a whole number of clocks >= 1 "
                              f"(got {anneal})")
+    top = opts["stage_momentum_max"]
+    if not 0 < top < 1:
+        raise UsageError(f"stage_momentum_max must be in (0, 1) (got {top}); AsyncPP uses 0.99")
+    c = opts["delay_lr_c"]
+    if not (c > 0 and math.isfinite(c)):
+        raise UsageError(f"delay_lr_c must be a positive number (got {c}); with c >= K-1 "
+                         "delay-lr changes nothing")
+    steps = opts["accumulate_steps"]
+    if isinstance(steps, bool) or int(steps) != steps or steps < 2:
+        raise UsageError(f"accumulate_steps must be a whole number >= 2 (got {steps}); "
+                         "1 is plain DDG: drop accumulate")
+    if {"stage-momentum", "sc"} <= set(names):
+        raise UsageError("compensations stage-momentum and sc both set how momentum applies a "
+                         "late gradient (sc replaces momentum SGD's update for the delay); "
+                         "choose one of them")
     return opts
 
 
@@ -143,6 +184,12 @@ def _rules(names: tuple[str, ...], opts: dict) -> list[Rule]:
         elif name == "pipemare":
             rules += [PipeMareLR(int(opts["pipemare_anneal"])),
                       PipeMareReplay(opts["pipemare_ema"])]
+        elif name == "stage-momentum":
+            rules.append(StageMomentum(float(opts["stage_momentum_max"])))
+        elif name == "delay-lr":
+            rules.append(DelayAdaptiveLR(float(opts["delay_lr_c"])))
+        elif name == "accumulate":
+            rules.append(Accumulate(int(opts["accumulate_steps"])))
     return rules
 
 

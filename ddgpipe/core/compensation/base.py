@@ -12,20 +12,24 @@ consults at three points of its clock, and knows nothing of executors or process
   weights the replayed forward and its backward use instead of the live ones (an estimate of
   the forward's weights: PipeMare's discrepancy correction);
 * at S, :meth:`Compensation.step` applies the gradient the backward left in ``p.grad``
-  (plain DDG: ``optimizer.step()``), given the weights that minibatch's forward used.
+  (plain DDG: ``optimizer.step()``), given the weights that minibatch's forward used;
+* once, at the end of training (the end of the executor's drain),
+  :meth:`Compensation.finish` applies whatever the rule still holds back (the leftover
+  gradients of ``accumulate``).
 
 The identity compensation below is plain DDG. A stage without delay (the last one, or K = 1)
 never consults its compensation, so backprop stays backprop bitwise.
 
-Each paper's rule is a :class:`Rule`: it changes one *phase* of the step (which weights the
-forward uses, which the replay uses, the gradient, the learning rate, or the update itself)
-and leaves the others alone. :class:`Rules` runs a set of rules, at most one per phase, in a
+Each paper's rule is a :class:`Rule`: it changes one *phase* of the step (the optimizer's
+own coefficients, set once when the stage is built; which weights the forward uses, which
+the replay uses, the gradient, the learning rate, or the update itself) and leaves the others
+alone. :class:`Rules` runs a set of rules, at most one per phase, in a
 fixed order, so ``sc,lwp`` (Kosson et al.'s best setting) is two rules, not a third one.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Protocol
 
@@ -45,6 +49,7 @@ class StageView(Protocol):
     """What a compensation sees of its stage (:class:`ddgpipe.core.stage.Stage` is one)."""
 
     delay: int
+    num_stages: int
     steps: int
     optimizer: torch.optim.Optimizer | None
 
@@ -91,6 +96,9 @@ class Compensation:
         """
         self.optimizer.step()
 
+    def finish(self) -> None:
+        """At the end of training: apply what the compensation still holds back."""
+
     def state_dict(self) -> dict:
         return {}
 
@@ -99,7 +107,7 @@ class Compensation:
 
 
 #: the phases of a step a rule may change, in the order :class:`Rules` runs them
-PHASES = ("forward", "replay", "gradient", "lr", "update")
+PHASES = ("optimizer", "forward", "replay", "gradient", "lr", "update")
 
 
 class Rule:
@@ -131,6 +139,11 @@ class Rule:
     def params(self) -> dict[str, torch.nn.Parameter]:
         return self.stage.params
 
+    def lr_scales(self) -> list[float] | None:  # phase "optimizer"
+        """A constant factor of each param group's lr (in order), set with the coefficients
+        the rule changed when it was bound; None: all 1."""
+        return None
+
     def forward_weights(self) -> Weights | None:  # phase "forward"
         return None
 
@@ -149,6 +162,11 @@ class Rule:
     def after_update(self, before: Weights) -> None:
         """Called with the live weights as they were before the update, when ``wants_before``."""
 
+    def finish(self) -> bool:
+        """At the end of training: apply what the rule holds back; True if it updated the
+        weights (then the rules that watch updates see it)."""
+        return False
+
     def state_dict(self) -> dict:
         return {}
 
@@ -159,9 +177,11 @@ class Rule:
 class Rules(Compensation):
     """Several rules, at most one per phase, run as one compensation.
 
-    A step runs: the gradient rule (corrects ``p.grad``), then the update rule (or
-    ``optimizer.step()``) with every learning rate scaled by the lr rule's factor, then
-    ``after_update`` of the rules that asked for the weights before the update.
+    Binding runs the optimizer rule first (it changes the optimizer's coefficients, which
+    the others then see). A step runs: the gradient rule (corrects ``p.grad``), then the
+    update rule (or ``optimizer.step()``) with every learning rate scaled by the lr rule's
+    factor (times the optimizer rule's constant per-group scale), then ``after_update`` of
+    the rules that asked for the weights before the update.
     """
 
     def __init__(self, rules: list[Rule]):
@@ -181,6 +201,7 @@ class Rules(Compensation):
         super().bind(stage)
         for rule in self.rules:
             rule.check(optimizer_of(stage))
+        for rule in sorted(self.rules, key=lambda r: PHASES.index(r.phase)):
             rule.bind(stage)
 
     def forward_weights(self) -> Weights | None:
@@ -190,8 +211,11 @@ class Rules(Compensation):
         with scaled_lr(self.optimizer, self._lr_factor()):  # predict with the step's lr
             return rule.forward_weights()
 
-    def _lr_factor(self) -> float:
-        return self.by_phase["lr"].lr_factor() if "lr" in self.by_phase else 1.0
+    def _lr_factor(self) -> float | list[float]:
+        factor = self.by_phase["lr"].lr_factor() if "lr" in self.by_phase else 1.0
+        scales = self.by_phase["optimizer"].lr_scales() if "optimizer" in self.by_phase \
+            else None
+        return factor if scales is None else [factor * s for s in scales]
 
     def replay_weights(self) -> Weights | None:
         rule = self.by_phase.get("replay")
@@ -211,6 +235,17 @@ class Rules(Compensation):
         for rule in watchers:
             rule.after_update(before)
 
+    def finish(self) -> None:
+        watchers = [r for r in self.rules if r.wants_before]
+        before = {n: p.detach().clone() for n, p in self.stage.params.items()} \
+            if watchers else {}
+        updated = False
+        for rule in self.rules:
+            updated |= rule.finish()
+        if updated:
+            for rule in watchers:
+                rule.after_update(before)
+
     def state_dict(self) -> dict:
         return {rule.name: rule.state_dict() for rule in self.rules}
 
@@ -220,14 +255,20 @@ class Rules(Compensation):
 
 
 @contextmanager
-def scaled_lr(optimizer: torch.optim.Optimizer, factor: float) -> Iterator[None]:
-    """Every group's lr times ``factor`` for the block; restored exactly after it."""
-    if factor == 1.0:
+def scaled_lr(optimizer: torch.optim.Optimizer,
+              factor: float | Sequence[float]) -> Iterator[None]:
+    """Every group's lr times ``factor`` (one for all, or one per group in order) for the
+    block; restored exactly after it."""
+    groups = optimizer.param_groups
+    factors = [factor] * len(groups) if isinstance(factor, float | int) else list(factor)
+    if len(factors) != len(groups):
+        raise RuntimeError(f"{len(factors)} lr factors for {len(groups)} param groups")
+    if all(f == 1.0 for f in factors):
         yield
         return
-    saved = [group["lr"] for group in optimizer.param_groups]
-    for group in optimizer.param_groups:
-        group["lr"] = group["lr"] * factor
+    saved = [group["lr"] for group in groups]
+    for group, f in zip(groups, factors):
+        group["lr"] = group["lr"] * f
     try:
         yield
     finally:
