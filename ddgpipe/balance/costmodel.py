@@ -1,31 +1,6 @@
 """Predict DDG throughput from the schedule and measured per-stage times.
 
-The model replays :func:`ddgpipe.core.schedule.ddg_actions` as an event simulation: each stage
-runs its actions in schedule order, one at a time; a forward waits for the previous stage's
-activation of that minibatch, a backward for the next stage's gradient; a message takes
-``bytes / bandwidth + latency`` and does not block the sender (the runtime uses isend).
-Nothing else is assumed, so when the prediction and a measurement disagree the difference
-is a cost the model leaves out (thread contention, stash copies, scheduler noise) — which is
-what a profile should then look for.
-
-With per-block times (forward, backward, output size) the same model predicts any K: the
-blocks are cut as the runtime cuts them (min-max on forward+backward time) and summed per
-stage. That is how the bench predicts K = 8 and 16 from one profile.
-
-Replicas (K stages x R replicas, :func:`predict_replicas`) add what data parallelism costs
-and saves, under these assumptions:
-
-* each replica computes on B/R of the global batch B, and a stage's compute time scales
-  linearly with its batch (optimistic for small per-replica batches on CPUs, whose kernels
-  are less efficient there);
-* before each step a stage's R replicas average its gradient with a ring all-reduce, which
-  moves 2(R-1)/R times the stage's parameter bytes over each device's link, in
-  2(R-1) steps of ``latency_s`` each: ``T = 2(R-1)/R * P / bandwidth + 2(R-1) * latency``;
-* the all-reduce runs bucket by bucket while the backward produces the gradient (see
-  :mod:`ddgpipe.runtime.replicas`), on a link of its own (the pipeline's messages go to other
-  peers): the step starts at ``max(B end + T / buckets, B start + T)`` — the last bucket
-  cannot start before the backward ends, and the rest hides behind the backward when T is
-  short enough. Under stash ``recompute``/``none`` the replayed forward is part of B.
+Why and how: ``docs/design.md``, "The cost model".
 """
 
 from __future__ import annotations

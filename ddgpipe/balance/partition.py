@@ -1,15 +1,6 @@
 """Cut an ``nn.Sequential`` into K contiguous stages.
 
-DDG's speed is bounded by its slowest stage (every clock waits for it), so the default cut
-minimises the cost of the most expensive stage. With per-block costs c_1..c_n that is the
-classic min-max contiguous partition, solved exactly here by dynamic programming — O(K n^2)
-on at most a few hundred blocks, so there is no reason to settle for a greedy guess.
-
-Costs are parameter counts (free, deterministic: the default for the in-process executors),
-counted floating-point operations of forward+backward per block on a sample batch
-(deterministic too, and close to time for conv nets, where activations rather than parameters
-dominate the compute), or measured forward+backward time per block (what the process runtime
-uses to propose a cut before timing its neighbours).
+Why and how: ``docs/design.md``, "Where to cut: the partition".
 """
 
 from __future__ import annotations

@@ -1,26 +1,6 @@
 """What the bench runs: the settings, the configuration names, and their validation.
 
-Every configuration trains the same model on the same global batch for the same number of
-steps; they differ only in how the work is spread over processes and threads:
-
-* ``bp-1t``       plain backprop, one process, one thread: the baseline every ratio uses
-                  (``bp-1gpu`` on GPUs: backprop on one GPU);
-* ``bp-{K}t``     plain backprop, one process, K threads (intra-op parallelism; CPU only);
-* ``ddp``         DistributedDataParallel, K ranks, each 1/K of the batch (data parallelism);
-* ``gpipe-m{M}``  torch.distributed.pipelining's GPipe schedule, K stages, M microbatches;
-* ``1f1b-m{M}``   the same with the 1F1B schedule (needs M >= K);
-* ``ddg-{stash}-threads``   DDG with K stages on the threaded executor (one process, a thread
-                  per stage) and the given stash mode;
-* ``ddg-{stash}-processes`` DDG with K stages on the process runtime (one rank per stage);
-* ``ddg-graph-k{K}r{R}``  with ``replicas`` R > 1: DDG with K stages x R replicas on the
-                  process runtime (K x R ranks, each replica on 1/R of the batch, gradients
-                  averaged over replicas): ``k{K}r1``, ``k1r{R}`` (one stage in R replicas:
-                  data parallelism like DDP, through DDG's code) and ``k{K}r{R}``. Rows with
-                  more processes than cores run oversubscribed, and the report says so.
-
-On GPUs (``device="cuda"``) every worker computes on them: stage or rank k on
-``cuda:(k mod count)``; DDP and torch's pipelines need K GPUs and are left out with fewer; the
-DDG process rows then stage their messages through host memory (``comm="host"``).
+Why and how: ``docs/design.md``, "The bench's configurations".
 """
 
 from __future__ import annotations
@@ -70,6 +50,8 @@ class BenchConfig:
     timeout_s: float = 600.0
     device: str = "cpu"  # or "cuda": every configuration on GPUs
     replicas: int = 1
+    context: int = 128  # language models (gpt-L): tokens per sample
+    width: int | None = None  # gpt-L: None is GPTConfig's
 
 
 def baseline(config: BenchConfig) -> str:

@@ -1,16 +1,6 @@
 """The cost model applied to a bench: predicted against measured DDG throughput, and K beyond
-the cores at hand.
 
-Two predictions, both from :func:`ddgpipe.balance.costmodel.simulate_ddg`:
-
-* per measured DDG row, from the F/B/step milliseconds each stage spent per clock in that
-  very run (waits for peers excluded) — does the schedule explain the throughput, or is time
-  lost somewhere the model does not see?
-* for K = 2, 4, 8, 16, from a one-thread profile of every block, cut as the runtime cuts —
-  what a machine with K free cores (or K devices) and the given link would reach;
-* for K x R (K = 4, 8; R = 1, 2, 4, 8, 16) from the same profile, with the gradient
-  average's ring all-reduce on a link of the given bandwidth (what is assumed:
-  :mod:`ddgpipe.balance.costmodel`) — K x R free devices.
+Why and how: ``docs/design.md``, "The cost model applied to a bench".
 """
 
 from __future__ import annotations
@@ -27,7 +17,8 @@ from ddgpipe.balance.costmodel import (
     stage_times_from_blocks,
 )
 from ddgpipe.balance.profile import BlockProfile, profile_blocks
-from ddgpipe.models import build_model
+from ddgpipe.bench.config import BenchConfig
+from ddgpipe.bench.workload import bench_batch, bench_model
 
 __all__ = ["predict_measured", "predict_scaling", "predicted_stage_ms", "REPLICA_LINK_GBPS"]
 
@@ -58,20 +49,19 @@ def predict_measured(row: dict, batch_size: int, activation_bytes: list[int],
             "measured_over_predicted": row["images_per_s"] / predicted}
 
 
-def predict_scaling(model_name: str, batch_size: int, image_size: int, in_channels: int,
-                    num_classes: int, stage_counts=(2, 4, 8, 16),
-                    bandwidth_bytes_per_s: float = math.inf, seed: int = 0,
+def predict_scaling(config: BenchConfig, stage_counts=(2, 4, 8, 16),
+                    bandwidth_bytes_per_s: float = math.inf,
                     replica_stage_counts=(4, 8), replica_counts=(1, 2, 4, 8, 16),
                     replica_bandwidth_bytes_per_s: float | None = None) -> dict:
     """Predicted DDG speedup over one-thread backprop for several K, and for K x R, from a
     block profile. The replica rows use ``replica_bandwidth_bytes_per_s`` (default: the
     given bandwidth, or :data:`REPLICA_LINK_GBPS` when that is infinite)."""
+    batch_size = config.batch_size
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        torch.manual_seed(seed)
-        model = build_model(model_name, in_channels, image_size, num_classes)
-        x = torch.randn(batch_size, in_channels, image_size, image_size)
+        model = bench_model(config)
+        x, _ = bench_batch(config)
         blocks = profile_blocks(model, x, repeats=3, warmup=1)
     finally:
         torch.set_num_threads(threads)

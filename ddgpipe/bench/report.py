@@ -10,13 +10,16 @@ def _ratio(value: float | None) -> str:
 
 
 def format_bench_table(result: dict) -> str:
-    """One line per configuration: img/s, x bp-1t median [min-max], x bp-Kt, peak MB."""
+    """One line per configuration: img/s (tok/s for a language model), x bp-1t median
+    [min-max], x bp-Kt, peak MB."""
     cfg = result["config"]
     k = cfg["stages"]
-    header = ["config", "img/s", "x bp-1t median [min-max]", f"x bp-{k}t", "peak MB/process"]
+    per = result.get("tokens_per_sample", 1)
+    header = ["config", "tok/s" if per > 1 else "img/s", "x bp-1t median [min-max]",
+              f"x bp-{k}t", "peak MB/process"]
     lines = []
     for row in result["rows"]:
-        ips = "-" if row["images_per_s"] is None else f"{row['images_per_s']:.1f}"
+        ips = "-" if row["images_per_s"] is None else f"{row['images_per_s'] * per:.1f}"
         if row["ratio_median"] is None:
             ratio = "-"
         else:

@@ -26,6 +26,7 @@ from ddgpipe.bench.workers import (
     run_config_worker,
     threaded_split_worker,
 )
+from ddgpipe.bench.workload import bench_model, tokens_per_sample
 from ddgpipe.errors import UsageError, WorkerError
 from ddgpipe.runtime.allocator import allocator_setting
 from ddgpipe.runtime.devices import cores_per_stage
@@ -136,11 +137,8 @@ def run_bench(config: BenchConfig, out_dir: str | Path | None = None,
     stderr, one line per finished configuration run. Raises :class:`UsageError` for bad
     settings; a configuration whose workers fail is reported with an ``error`` field.
     """
-    from ddgpipe.models import build_model
-
     specs = resolve(config)
-    blocks = len(build_model(config.model, in_channels=config.in_channels,
-                             image_size=config.image_size, num_classes=config.num_classes))
+    blocks = len(bench_model(config))
     if config.stages > blocks:
         raise UsageError(f"{config.model} has {blocks} blocks, too few for {config.stages} "
                          f"stages; pass stages={blocks} or fewer")
@@ -219,6 +217,7 @@ def run_bench(config: BenchConfig, out_dir: str | Path | None = None,
         "machine": machine_info(),
         "optimizer": {"name": "SGD", "lr": LR, "momentum": MOMENTUM},
         "blocks": blocks,
+        "tokens_per_sample": tokens_per_sample(config),  # samples/s times this: tokens/s
         "split": cuts.get("processes", {}).get("split"),
         "split_threads": cuts.get("threads", {}).get("split"),
         "split_choice": {kind: {k: v for k, v in cut.items() if k != "allocator"}

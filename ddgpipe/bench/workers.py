@@ -18,10 +18,9 @@ from typing import cast
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
-from torch import nn
 
 from ddgpipe.bench.config import BenchConfig, ConfigSpec
+from ddgpipe.bench.workload import bench_batch, bench_loss, bench_model
 from ddgpipe.runtime.processes import ProcessExecutor
 
 __all__ = ["LR", "MOMENTUM", "profile_split_worker", "threaded_split_worker",
@@ -35,12 +34,7 @@ def _optimizer(params) -> torch.optim.Optimizer:
     return torch.optim.SGD(params, lr=LR, momentum=MOMENTUM)
 
 
-def _model(cfg: BenchConfig) -> nn.Sequential:
-    from ddgpipe.models import build_model
-
-    torch.manual_seed(cfg.seed)
-    return build_model(cfg.model, in_channels=cfg.in_channels, image_size=cfg.image_size,
-                       num_classes=cfg.num_classes)
+_model = bench_model
 
 
 def _device(cfg: BenchConfig, rank: int = 0) -> torch.device:
@@ -49,15 +43,7 @@ def _device(cfg: BenchConfig, rank: int = 0) -> torch.device:
     return torch.device("cuda", rank % torch.cuda.device_count())
 
 
-def _batch(cfg: BenchConfig, device: torch.device | None = None
-           ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One synthetic batch from a seeded generator, reused at every step."""
-    gen = torch.Generator().manual_seed(cfg.seed + 1)
-    x = torch.randn(cfg.batch_size, cfg.in_channels, cfg.image_size, cfg.image_size,
-                    generator=gen)
-    y = torch.randint(0, cfg.num_classes, (cfg.batch_size,), generator=gen)
-    device = device or torch.device("cpu")
-    return x.to(device), y.to(device)
+_batch = bench_batch
 
 
 def _peak_mem_mb() -> float:
@@ -172,7 +158,7 @@ def _run_bp(rank, world_size, cfg, spec, split) -> dict:
 
     x, y = _batch(cfg, _device(cfg))
     method = Backprop(_model(cfg), _optimizer, device=_device(cfg))
-    t0, t1 = _timed(lambda: method.step(x, y, F.cross_entropy), cfg, world_size)
+    t0, t1 = _timed(lambda: method.step(x, y, bench_loss(cfg)), cfg, world_size)
     return {"elapsed_s": t1 - t0}
 
 
@@ -188,7 +174,7 @@ def _run_ddp(rank, world_size, cfg, spec, split) -> dict:
 
     def step() -> None:
         opt.zero_grad(set_to_none=True)
-        F.cross_entropy(model(x), y).backward()
+        bench_loss(cfg)(model(x), y).backward()
         opt.step()
 
     t0, t1 = _timed(step, cfg, world_size)
@@ -208,7 +194,7 @@ def _run_sync_pipe(rank, world_size, cfg, spec, split) -> dict:
     schedule_cls = ScheduleGPipe if spec.kind == "gpipe" else Schedule1F1B
     # scale_grads (the default) divides each microbatch's mean loss gradient by M, so the
     # accumulated gradient is that of the whole batch's mean loss, as in the other configs.
-    schedule = schedule_cls(stage, n_microbatches=spec.microbatches, loss_fn=F.cross_entropy)
+    schedule = schedule_cls(stage, n_microbatches=spec.microbatches, loss_fn=bench_loss(cfg))
     opt = _optimizer(module.parameters())
     first, last = rank == 0, rank == world_size - 1
 
@@ -236,7 +222,7 @@ def _run_ddg(rank, world_size, cfg, spec, split) -> dict:
     pipe = DDG(_model(cfg), stages=world_size, optimizer=_optimizer, stash=spec.stash,
                split=list(split), timeline=timeline, device=device, comm=_comm(cfg))
     first, last = rank == 0, rank == world_size - 1
-    xs, ys, loss_fn = (x if first else None), (y if last else None), F.cross_entropy
+    xs, ys, loss_fn = (x if first else None), (y if last else None), bench_loss(cfg)
 
     t0, t1 = _timed(lambda: pipe.step(xs, ys, loss_fn if last else None), cfg, world_size)
     pipe.drain()  # after the timed window: only so every process exits cleanly
@@ -263,7 +249,7 @@ def _run_ddg_replicas(rank, world_size, cfg, spec, split) -> dict:
                split=list(split), timeline=timeline, device=device, comm=comm,
                replicas=spec.replicas)
     layout = cast(ProcessExecutor, pipe.executor).layout
-    t0, t1 = _timed(lambda: pipe.step(x, y, F.cross_entropy), cfg, world_size)
+    t0, t1 = _timed(lambda: pipe.step(x, y, bench_loss(cfg)), cfg, world_size)
     pipe.drain()
     waits = [(a, b) for _, a, b in timeline.waits]
     profile = stage_profile(timeline.records, waits, t0, t1, cfg.steps, layout.stage)
@@ -283,7 +269,7 @@ def _run_ddg_threads(rank, world_size, cfg, spec, split) -> dict:
              split=list(split), timeline=timeline, executor="threads", threads=spec.threads,
              device=cfg.device) as pipe:
         # As the training loop feeds it: minibatches queued ahead of the losses it awaits.
-        losses = pipe.run(itertools.repeat((x, y)), F.cross_entropy)
+        losses = pipe.run(itertools.repeat((x, y)), bench_loss(cfg))
         t0, t1 = _timed(lambda: next(losses), cfg, world_size, settle=pipe.sync)
         losses.close()
         pipe.drain()

@@ -62,7 +62,9 @@ def config_from_args(args: argparse.Namespace):
 def _compensation_options(args: argparse.Namespace) -> dict | None:
     """The hyperparameter flags given, by option name; None when none was."""
     given = {"dc_lambda": args.dc_lambda, "dc_decay": args.dc_decay,
-             "pipemare_anneal": args.pipemare_anneal, "pipemare_ema": args.pipemare_ema}
+             "pipemare_anneal": args.pipemare_anneal, "pipemare_ema": args.pipemare_ema,
+             "stage_momentum_max": args.stage_momentum_max, "delay_lr_c": args.delay_lr_c,
+             "accumulate_steps": args.accumulate_steps}
     return {k: v for k, v in given.items() if v is not None} or None
 
 
@@ -90,7 +92,7 @@ def format_results(results) -> str:
 def cmd_train(args: argparse.Namespace) -> int:
     from ddgpipe.runtime.launch import init_from_env, process_backend, run_workers, under_torchrun
     from ddgpipe.training import train, train_worker
-    from ddgpipe.training.plots import plot_learning_curves
+    from ddgpipe.training.lm_plots import plot_runs
     from ddgpipe.training.run_dir import prepare_out_dir
 
     config = config_from_args(args)
@@ -117,14 +119,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     if result.stopped:
         return 0
     print(format_results([result]))
-    png = plot_learning_curves([result.run_dir], Path(result.run_dir) / "curves.png")
+    png = plot_runs([result.run_dir], Path(result.run_dir) / "curves.png")
     print(f"metrics: {Path(result.run_dir) / 'metrics.jsonl'}\nplot:    {png}")
     return 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from ddgpipe.training import TrainConfig, train
-    from ddgpipe.training.plots import plot_learning_curves
+    from ddgpipe.training.lm_plots import plot_runs
 
     if any(k < 2 for k in args.stages):
         raise UsageError(f"--stages for the demo must be >= 2 (got {args.stages}); "
@@ -149,7 +151,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         results.append(result)
     print()
     print(format_results(results))
-    png = plot_learning_curves([str(r.run_dir) for r in results], out / "curves.png",
+    png = plot_runs([str(r.run_dir) for r in results], out / "curves.png",
                                title=f"{args.model} on {args.data}: backprop, DDG and DNI")
     print(f"\nlearning curves: {png}")
     return 0
@@ -169,14 +171,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
                          microbatches=tuple(args.microbatches),
                          configs=tuple(args.configs) if args.configs else None,
                          image_size=args.image_size, device=args.device,
-                         replicas=args.replicas)
+                         replicas=args.replicas, context=args.context, width=args.width)
     if args.link_gbps is not None and not args.link_gbps > 0:
         raise UsageError(f"--link-gbps must be > 0 (got {args.link_gbps})")
     bandwidth = math.inf if args.link_gbps is None else args.link_gbps * 1e9 / 8
     result = run_bench(config, out_dir=out, progress=not args.no_progress)
-    scaling = predict_scaling(config.model, config.batch_size, config.image_size,
-                              config.in_channels, config.num_classes,
-                              bandwidth_bytes_per_s=bandwidth, seed=config.seed)
+    scaling = predict_scaling(config, bandwidth_bytes_per_s=bandwidth)
     measured, per_stage = [], {}
     for row in result["rows"]:
         split = result["split_threads"] if row.get("kind") == "ddg-threads" else result["split"]
@@ -191,18 +191,20 @@ def cmd_bench(args: argparse.Namespace) -> int:
                             "predicted_stage_ms": per_stage}
     (out / "bench.json").write_text(json.dumps(result, indent=2) + "\n")
     print(format_bench_table(result))
+    per = result["tokens_per_sample"]
+    unit = "tok/s" if per > 1 else "img/s"
     print("\ncost model (schedule simulation):")
     for cut, stage_ms in per_stage.items():
         for k, (f, b) in enumerate(stage_ms):
             print(f"  cut [{cut}] stage {k}: predicted F {f:.1f} ms  B {b:.1f} ms per clock "
                   "(one-thread block profile; measured above)")
     for m in measured:
-        print(f"  {m['name']:<22} predicted {m['predicted_images_per_s']:7.0f} img/s from its "
-              f"stage times, measured {m['measured_images_per_s']:7.0f} "
+        print(f"  {m['name']:<22} predicted {per * m['predicted_images_per_s']:7.0f} {unit} "
+              f"from its stage times, measured {per * m['measured_images_per_s']:7.0f} "
               f"({100 * m['measured_over_predicted']:.0f}%)")
     for row in scaling["rows"]:
         print(f"  K={row['stages']:<3} predicted {row['speedup_vs_bp_1t']:.2f}x bp-1t "
-              f"({row['images_per_s']:.0f} img/s, cut {row['split']}) with K free cores")
+              f"({per * row['images_per_s']:.0f} {unit}, cut {row['split']}) with K free cores")
     link_gbps = scaling["replica_link_bytes_per_s"] * 8 / 1e9
     print(f"  K x R with K x R free devices, each replica on 1/R of batch {config.batch_size} "
           f"(compute assumed linear in the batch), activations and gradient averages (ring "
@@ -210,7 +212,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     for row in scaling["replica_rows"]:
         print(f"  K={row['stages']:<2} x R={row['replicas']:<3} ({row['devices']:>3} devices) "
               f"predicted {row['speedup_vs_bp_1t']:6.2f}x bp-1t "
-              f"({row['images_per_s']:.0f} img/s, clock {row['clock_ms']:.2f} ms)")
+              f"({per * row['images_per_s']:.0f} {unit}, clock {row['clock_ms']:.2f} ms)")
     print(f"\nresults: {out / 'bench.json'}\nplot:    {out / 'bench.png'}")
     return 0
 
@@ -218,6 +220,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def cmd_experiment(args: argparse.Namespace) -> int:
     if args.experiment == "staleness":
         return cmd_staleness(args)
+    if args.experiment == "lm":
+        return cmd_lm(args)
     from ddgpipe.experiments.paper import paper_plan, run_experiment
 
     plan = paper_plan(quick=args.quick)
@@ -260,6 +264,19 @@ def cmd_staleness(args: argparse.Namespace) -> int:
     return _print_report(Path(args.out))
 
 
+def cmd_lm(args: argparse.Namespace) -> int:
+    from ddgpipe.experiments.lm import lm_plan, run_lm
+
+    plan = lm_plan(quick=args.quick)
+    for field, value in (("seeds", args.seeds), ("stage_counts", args.stages),
+                         ("variants", args.variants)):
+        if value is not None:
+            setattr(plan, field, tuple(value))
+    plan.workers = args.workers
+    run_lm(plan, args.out, progress=not args.no_progress, report_only=args.report_only)
+    return _print_report(Path(args.out))
+
+
 def _print_report(out: Path) -> int:
     print((out / "results.md").read_text())
     print(f"report:  {out / 'results.md'}\nsummary: {out / 'summary.json'}")
@@ -267,14 +284,15 @@ def _print_report(out: Path) -> int:
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
-    from ddgpipe.training.plots import plot_learning_curves, plot_timeline
+    from ddgpipe.training.lm_plots import plot_runs
+    from ddgpipe.training.plots import plot_timeline
 
     if args.timeline:
         for run in args.run_dirs:
             print(plot_timeline(run, args.out if len(args.run_dirs) == 1 else None))
         return 0
     out = args.out or Path(args.run_dirs[0]) / "curves.png"
-    print(plot_learning_curves(args.run_dirs, out))
+    print(plot_runs(args.run_dirs, out))
     return 0
 
 

@@ -6,7 +6,8 @@ import argparse
 import textwrap
 
 __all__ = ["PRESETS", "LineHelpFormatter", "add_train_arguments", "add_bench_arguments",
-           "add_paper_arguments", "add_staleness_arguments", "model_defaults"]
+           "add_paper_arguments", "add_staleness_arguments", "add_lm_arguments",
+           "model_defaults"]
 
 
 PRESETS = {
@@ -125,6 +126,15 @@ def _method(p: argparse.ArgumentParser) -> None:
     g.add_argument("--pipemare-ema", type=float, metavar="GAMMA",
                    help="pipemare: decay of the moving average of weight updates that "
                         "estimates the forward's weights (default 0.9)")
+    g.add_argument("--stage-momentum-max", type=float, metavar="BMAX",
+                   help="stage-momentum: bmax of beta1_k = b0 + d_k (bmax - b0) / K "
+                        "(default 0.99, AsyncPP's)")
+    g.add_argument("--delay-lr-c", type=float, metavar="C",
+                   help="delay-lr: c of the lr factor min(1, c / d_k) (default 1: lr / d_k; "
+                        "c >= K-1 changes nothing)")
+    g.add_argument("--accumulate-steps", type=int, metavar="A",
+                   help="accumulate: a delayed stage steps once every A gradients with their "
+                        "mean (default 4)")
 
 
 # Flags whose default depends on the model: a language model (gpt-L) trains on the text
@@ -319,6 +329,10 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
                    help="run only these configurations, e.g. bp-1t,ddg-graph (default: all)")
     p.add_argument("--image-size", type=int, default=32, help="synthetic input height and "
                    "width (default: %(default)s)")
+    p.add_argument("--context", type=int, default=128, metavar="T",
+                   help="gpt-L: tokens per sample; its rows report tokens/s (default: "
+                        "%(default)s)")
+    p.add_argument("--width", type=int, help="gpt-L: the width (default: 256)")
     p.add_argument("--replicas", type=int, default=1, metavar="R",
                    help="with R >= 2, also run DDG with K stages x R replicas on the process "
                         "runtime: ddg-graph-kKr1, ddg-graph-k1rR (one stage, R replicas: "
@@ -395,3 +409,28 @@ def add_staleness_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="hide the per-run lines")
 
 
+
+
+def add_lm_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--quick", action="store_true",
+                   help="a smoke version: a tiny GPT, one seed, K = 2, BP, DDG, DDG at half "
+                        "the rate and DDG + dc, a dozen steps")
+    p.add_argument("--seeds", type=int_list, metavar="S1,S2",
+                   help="seeds of every run (default: 0,1,2; quick: 0)")
+    p.add_argument("--stages", type=int_list, metavar="K1,K2",
+                   help="the K values, each between 2 and the model's blocks; backprop is "
+                        "always run (default: 2,4,8; quick: 2)")
+    p.add_argument("--variants", type=str_list, metavar="V1,V2",
+                   help="the ways of training to compare, e.g. bp,ddg,ddg+delay-lr (default: "
+                        "all; results.md lists them)")
+    p.add_argument("--workers", type=int, default=2,
+                   help="runs trained at once, each a process with one torch thread on the "
+                        "reference executor (default: %(default)s)")
+    p.add_argument("--out", default="runs/lm", metavar="DIR",
+                   help="where the runs (DIR/VARIANT/kK-sSEED), results.md, summary.json and "
+                        "figures go; runs already finished there with the same settings are "
+                        "skipped (default: %(default)s)")
+    p.add_argument("--report-only", action="store_true",
+                   help="train nothing: write the report from the runs finished so far in "
+                        "--out, naming the missing ones")
+    p.add_argument("--no-progress", action="store_true", help="hide the per-run lines")

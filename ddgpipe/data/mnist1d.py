@@ -1,22 +1,6 @@
 """MNIST-1D (Greydanus 2020, "Scaling down deep learning", arXiv 2011.14439), made offline.
 
-Ten 1-D digit templates, each padded, dilated, scaled, translated, sheared and noised at
-random, then resampled to 40 points: N x 1 x 40 signals, harder for a model than MNIST (the
-paper's CNN reaches 94%, its MLP 68%). The arrays come from the ``mnist1d`` package's own
-generator, ``make_dataset``, seeded; nothing is downloaded.
-
-Generation arguments (:data:`GENERATION_ARGS`) are the package's (and the paper's) defaults
-but two: ``num_samples`` 8000 instead of 5000 and ``train_split`` 0.5 instead of 0.8, so the
-training set keeps the paper's 4000 signals (accuracies stay comparable with its table) while
-the test set grows from 1000 to 4000 (one test signal is 0.025 percentage points).
-
-The generated arrays are cached in ``$DDGPIPE_CACHE`` (default ``$XDG_CACHE_HOME/ddgpipe``,
-else ``~/.cache/ddgpipe``) as ``mnist1d-<key>.npz``; the key is a digest of the generation
-arguments and of the generator's version (mnist1d and scipy), so other arguments get another
-file. The file is written to a temporary name and renamed, so a crash never leaves half of
-one; a file that cannot be read back (truncated, bad checksum, wrong arrays) is generated
-anew, with a one-line note on stderr. Later loads read the file (milliseconds) and never
-import the generator.
+Why and how: ``docs/design.md``, "MNIST-1D, made offline".
 """
 
 from __future__ import annotations

@@ -1,21 +1,6 @@
 """What every experiment shares: a grid of independent runs, trained in worker processes,
-resumable run by run, with its numbers read back from the runs' own files.
 
-A grid is a list of :class:`~ddgpipe.training.TrainConfig`, each with its own ``out`` folder.
-:func:`run_grid` trains them in a spawn pool, one torch thread per run, and returns each run's
-*outcome*, read from ``RUN_DIR`` (never from values held in memory):
-
-* ``finished``: ``metrics.jsonl`` holds an epoch record for every epoch; the outcome carries
-  the last one's test accuracy and training loss;
-* ``diverged``: the loss became NaN or infinite (:class:`~ddgpipe.errors.NonFiniteLossError`);
-  the worker wrote ``diverged.json`` with the message. Training is deterministic, so running it
-  again would diverge again: this is an outcome, not a failure of the grid.
-
-A run whose folder already holds a ``config.json`` equal to its config (every field that
-defines the run) and one of those two outcomes is skipped, so a grid that was interrupted
-(killed, machine rebooted) is continued by running the same command again. A run that stopped
-halfway is trained again from its start (``train`` clears its old metrics). Any other error in
-a worker stops the grid: it is a bug to fix, not a result.
+Why and how: ``docs/design.md``, "Experiments: resumable grids".
 """
 
 from __future__ import annotations
@@ -46,14 +31,17 @@ IGNORED_KEYS = frozenset({"label", "split", "progress", "out", "resume"})
 
 
 def config_matches(config: TrainConfig, run_dir: Path) -> bool:
-    """Whether ``run_dir/config.json`` was written for a run with this config."""
+    """Whether ``run_dir/config.json`` was written for a run with this config. A setting the
+    file lacks was added to ddgpipe after the run, which then had its default."""
     try:
         saved = json.loads((run_dir / "config.json").read_text())
     except (OSError, json.JSONDecodeError):
         return False
     wanted = json.loads(json.dumps(dataclasses.asdict(config)))  # tuples -> lists, as saved
+    defaults = json.loads(json.dumps(dataclasses.asdict(TrainConfig())))
     return isinstance(saved, dict) and all(
-        saved.get(key) == value for key, value in wanted.items() if key not in IGNORED_KEYS)
+        saved.get(key, defaults.get(key)) == value for key, value in wanted.items()
+        if key not in IGNORED_KEYS)
 
 
 def read_outcome(config: TrainConfig) -> dict | None:
@@ -73,14 +61,24 @@ def read_outcome(config: TrainConfig) -> dict | None:
         return outcome | {"status": DIVERGED, "error": error, "test_acc": None,
                           "test_loss": None, "train_loss": None, "train_time_s": None}
     path = run_dir / "metrics.jsonl"
-    epochs = [r for r in read_jsonl(path) if r.get("kind") == "epoch"] if path.exists() else []
-    last = next((r for r in epochs if r.get("epoch") == config.epochs), None)
+    records = read_jsonl(path) if path.exists() else []
+    epochs = [r for r in records if r.get("kind") == "epoch"]
+    if config.iterations:  # the run ends at an iteration, inside an epoch or not
+        last = next((r for r in epochs if r.get("iteration") == config.iterations), None)
+    else:
+        last = next((r for r in epochs if r.get("epoch") == config.epochs), None)
     if last is None:
         return None
-    return outcome | {"status": FINISHED, "error": None, "test_acc": float(last["test_acc"]),
-                      "test_loss": float(last["test_loss"]),
-                      "train_loss": float(last["train_loss"]),
-                      "train_time_s": float(last.get("wall_time", math.nan))}
+    found = outcome | {"status": FINISHED, "error": None, "test_acc": float(last["test_acc"]),
+                       "test_loss": float(last["test_loss"]),
+                       "train_loss": float(last["train_loss"]),
+                       "train_time_s": float(last.get("wall_time", math.nan))}
+    evals = [r for r in records if r.get("kind") == "eval"]
+    if evals and "val_bits_per_byte" in evals[-1]:  # a language model's held-out loss
+        found |= {"val_loss": float(evals[-1]["val_loss"]),
+                  "val_bits_per_byte": float(evals[-1]["val_bits_per_byte"]),
+                  "tokens": int(evals[-1]["tokens"])}
+    return found
 
 
 def _train_one(config: TrainConfig) -> str:

@@ -1,16 +1,6 @@
 """``ddgpipe experiment paper``: the DDG paper's claims, checked on data everyone has.
 
-Huo et al. (2018) claim that DDG converges like backprop under both stochastic regimes they
-analyse — a constant step size and a diminishing one — and keeps its accuracy on deep
-networks, while synthetic gradients (DNI) degrade as the network is cut into more modules.
-This module trains that grid (backprop; DDG and DNI at K = 2, 3, 4; several seeds; plain SGD
-with a constant and with a diminishing step, and momentum SGD) on the embedded digits with a
-deep CIFAR-style ResNet, then writes a report (``results.md``), a JSON summary and figures
-from the runs' own metrics files.
-
-Runs are independent, so they are spread over worker processes, one torch thread each, on
-the reference executor (a thread per stage would oversubscribe the cores the other workers
-use); a grid that was interrupted continues where it stopped (:mod:`.common`).
+Why and how: ``docs/design.md``, "The paper experiment".
 """
 
 from __future__ import annotations

@@ -1,19 +1,6 @@
 """Decoupled Neural Interfaces with synthetic gradients (Jaderberg et al. 2017): the baseline.
 
-Stage k < K-1 does not wait for any gradient at all: right after its forward it backpropagates
-a *synthetic* gradient ``M_k(h)`` predicted from its own output h and steps. One clock later
-the true gradient of that output arrives from stage k+1 (itself computed from stage k+1's
-synthetic gradient — DNI's bootstrapping) and ``M_k`` regresses onto it with a squared loss.
-This is the lock-breaking method DDG's paper compares with; it degrades as K grows because
-the error of each gradient model compounds.
-
-Gradient models: for image features two 3x3 convolutions with BatchNorm and ReLU between, for
-flat features two linear layers; the last layer starts at zero so the first synthetic
-gradients are zero (Jaderberg et al.'s initialisation). They are unconditioned (no label
-input) and trained with Adam at ``sg_lr``. They predict the gradient of the *summed* loss
-(the true gradient times the batch size) and the stage divides by the batch size: a mean
-loss gives gradients of order 1/B, too small a target for Adam's normalised steps, which then
-overshoot it by orders of magnitude.
+Why and how: ``docs/design.md``, "DNI, the synthetic-gradient baseline".
 """
 
 from __future__ import annotations

@@ -55,9 +55,9 @@ def build_model(
         if input_shape is not None and len(input_shape) != 1:
             raise UsageError(f"model {name} takes windows of token ids, not inputs of shape "
                              f"{tuple(input_shape)}; use it with --data shakespeare")
-        context = gpt_options.pop("context", input_shape[0] if input_shape else 128)
-        return gpt(GPTConfig(layers=int(layers), vocab=num_classes, context=context,
-                             **gpt_options))
+        given = {k: v for k, v in gpt_options.items() if v is not None}
+        context = given.pop("context", input_shape[0] if input_shape else 128)
+        return gpt(GPTConfig(layers=int(layers), vocab=num_classes, context=context, **given))
     if name.startswith("resnet1d"):
         depths = ", ".join(str(d) for d in RESNET1D_DEPTHS.values())
         raise UsageError(f"unknown model {name!r}: resnet1d-N takes depth N in {depths} (6n+2, "

@@ -1,16 +1,6 @@
 """CIFAR ResNets of He et al. (2016), section 4.2, with the parameter-free shortcut "option A".
 
-The network is 6n+2 layers: a 3x3 stem with 16 filters, three groups of n basic blocks with
-16, 32 and 64 filters (the first block of groups two and three halves the feature map), then
-global average pooling and a linear classifier. Where the shape changes, the shortcut takes
-every second pixel and pads the new channels with zeros (option A), so it adds no parameters;
-this is the variant the DDG paper trains (ResNet-20 has 0.27M parameters, ResNet-110 1.7M).
-
-The result is one flat ``nn.Sequential``: ``[stem, block_1, ..., block_3n, head]``. A cut
-between any two entries is a valid DDG module boundary.
-
-The blocks take the number of spatial dimensions, ``dims``: 2 (the default) for images, 1 for
-signals, where every Conv2d/BatchNorm2d becomes its 1-D counterpart (``resnet1d.py``).
+Why and how: ``docs/design.md``, "The ResNets".
 """
 
 from __future__ import annotations

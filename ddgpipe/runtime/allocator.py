@@ -1,27 +1,6 @@
 """Keep freed memory inside the process, so training steps stop page-faulting on CPU.
 
-Every training step allocates and frees the same few hundred megabytes of activations. By
-default glibc's malloc serves large blocks with fresh ``mmap`` calls (its threshold adapts,
-but only up to 32 MiB and only after a block was freed) and hands memory at the top of the
-heap back to the kernel once more than a threshold is free. The next step then faults every
-page back in, zero-filled by the kernel. On the 2-core machine of ``benchmarks/`` a ResNet-56
-backprop step (batch 128, one thread) spent 0-95 ms per step in the kernel this way, varying
-from run to run, and a DDG stage that keeps two minibatches' graphs alive spent more.
-
-Fixing the mmap threshold at its maximum and never trimming makes malloc reuse its own free
-memory: the process's peak footprint is unchanged (it already held that memory at the peak),
-it only stops returning it between steps.
-
-Threads need one more setting. glibc gives each new thread an arena of its own, made of 64 MiB
-heaps that are unmapped as soon as they are empty, whatever the trim threshold; a stage of
-the threaded executor frees its activations every clock, so its heaps came and went: stage 0
-of ResNet-56 (batch 128, its own thread) took 200,000-400,000 page faults per 10 s, against
-none on the main thread. One arena for the whole process (``M_ARENA_MAX`` 1) puts every thread
-on the main heap, which keeps its memory; allocations are few next to the kernels between
-them, so sharing its lock costs nothing measurable.
-
-``DDGPIPE_MALLOC=default`` in the environment opts out. Off glibc (macOS, musl) this does
-nothing.
+Why and how: ``docs/design.md``, "The allocator setting".
 """
 
 from __future__ import annotations

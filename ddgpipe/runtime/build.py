@@ -29,7 +29,7 @@ from ddgpipe.balance.partition import (
     cut_points,
     partition,
 )
-from ddgpipe.balance.timed import fastest_cut
+from ddgpipe.balance.timed import Timing, fastest_cut
 from ddgpipe.core.stage import StageFactory
 from ddgpipe.core.timeline import Timeline
 from ddgpipe.errors import UsageError
@@ -64,12 +64,12 @@ def build_stages(model: nn.Module, stages: int, make_stage: StageFactory, method
     devices = stage_devices(stages, placement.device, placement.devices)
     threads = placement.threads or cores_per_stage(stages)
 
-    def threaded(of: nn.Sequential, cut: list[int]) -> ThreadedExecutor:
+    def threaded(of: nn.Sequential, cut: list[int], record: Timeline | None) -> ThreadedExecutor:
         modules = partition(of, stages, split=cut)
         return ThreadedExecutor([make_stage(k, stages, m, devices[k])
                                  for k, m in enumerate(modules)], method=method,
-                                timeline=timeline if of is blocks else None,
-                                timeout_s=placement.peer_timeout_s, threads=threads)
+                                timeline=record, timeout_s=placement.peer_timeout_s,
+                                threads=threads)
 
     split = None if placement.split is None else list(placement.split)
     tuning = None
@@ -81,14 +81,14 @@ def build_stages(model: nn.Module, stages: int, make_stage: StageFactory, method
         if tuning is None:
             proposed = cut_points(partition(blocks, stages, balance=profiled,
                                             sample_input=sample))
-            tuning = _time_cuts(blocks, proposed, sample,
-                                lambda cut: threaded(copy.deepcopy(blocks), cut))
+            tuning = _time_cuts(blocks, proposed, sample, lambda cut, record: threaded(
+                copy.deepcopy(blocks), cut, record))
             remember_cut(key, tuning)
         split = tuning["split"]
     if split is None:
         split = cut_points(partition(blocks, stages, balance=profiled, sample_input=sample_input))
     if kind == "threads":
-        executor: Executor = threaded(blocks, split)
+        executor: Executor = threaded(blocks, split, timeline)
     else:
         modules = partition(blocks, stages, split=split)
         executor = ReferenceExecutor([make_stage(k, stages, m, devices[k])
@@ -130,7 +130,7 @@ def _rank_pipeline(model: nn.Sequential, stages: int, make_stage: StageFactory, 
         if tuning is None:
             proposed = agreed_split(model, stages, profiled, sample)
             tuning = _time_cuts(model, proposed, sample,
-                                lambda cut: rank_stage(copy.deepcopy(model), cut, None))
+                                lambda cut, record: rank_stage(copy.deepcopy(model), cut, record))
             if layout.rank == 0:
                 remember_cut(key, tuning)
         split = tuning["split"]
@@ -149,11 +149,15 @@ def _needs_sample(sample_input: Tensor | None) -> Tensor:
 
 
 def _time_cuts(model: nn.Sequential, proposed: list[int], sample_input: Tensor,
-               build: Callable[[list[int]], Executor]) -> dict:
-    """Time the proposed cut and its neighbours as pipelines ``build`` makes; the choice."""
-    split, clock_ms = fastest_cut(proposed, len(model),
-                                  lambda cut: clock_seconds(build(cut), sample_input))
-    return {"split": split, "profiled_split": proposed, "clock_ms": clock_ms}
+               build: Callable[[list[int], Timeline], Executor]) -> dict:
+    """Time the proposed cut and its neighbours as pipelines ``build`` makes (recording a
+    timeline of their ops); the choice and every candidate's timings."""
+    def time_cut(cut: list[int]) -> Timing:
+        record = Timeline(max_minibatches=None)
+        return clock_seconds(build(cut, record), sample_input, record)
+
+    split, timings = fastest_cut(proposed, len(model), time_cut)
+    return {"split": split, "profiled_split": proposed, **timings}
 
 
 def _proxy_loss(out: Tensor, _target: Tensor | None) -> Tensor:
@@ -161,10 +165,12 @@ def _proxy_loss(out: Tensor, _target: Tensor | None) -> Tensor:
     return out.float().square().mean()
 
 
-def clock_seconds(executor: Executor, sample_input: Tensor, *, clocks: int = 4,
-                  warmup: int = 2) -> float:
-    """Seconds per clock of the pipeline ``executor`` runs, the slowest rank's, measured over
-    ``clocks`` clocks after ``warmup``; the executor is drained and closed after."""
+def clock_seconds(executor: Executor, sample_input: Tensor,
+                  timeline: Timeline | None = None, *, clocks: int = 4,
+                  warmup: int = 2) -> Timing:
+    """Seconds per clock of the pipeline ``executor`` runs (the slowest rank's), measured over
+    ``clocks`` clocks after ``warmup``, and, from ``timeline`` (the executor's), each stage's
+    seconds of compute per clock; the executor is drained and closed after."""
     x, target = sample_input, torch.empty(0)
     try:
         for _ in range(warmup):
@@ -175,11 +181,18 @@ def clock_seconds(executor: Executor, sample_input: Tensor, *, clocks: int = 4,
         for _ in range(clocks):
             executor.step(x, target, _proxy_loss)
         executor.sync()
-        elapsed = time.perf_counter() - start
+        end = time.perf_counter()
         executor.drain()
     finally:
         executor.close()
-    return executor.max_over_ranks(elapsed) / clocks
+    busy = {s.index: timeline.busy_s(s.index, start, end) / clocks
+            for s in executor.stages} if timeline is not None else {}
+    gathered = executor.gather((end - start, busy))
+    per_stage: dict[int, float] = {}
+    for _, found in gathered:  # replicas of a stage: the slowest copy
+        for k, seconds in found.items():
+            per_stage[k] = max(per_stage.get(k, 0.0), seconds)
+    return max(e for e, _ in gathered) / clocks, [per_stage[k] for k in sorted(per_stage)]
 
 
 def agreed_split(model: nn.Sequential, stages: int, balance: str,

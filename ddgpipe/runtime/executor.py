@@ -113,9 +113,10 @@ class Executor:
     def barrier(self) -> None:
         """Return when every process of the run got here (at once in one process)."""
 
-    def max_over_ranks(self, value: float) -> float:
-        """The largest ``value`` over the processes of the run (collective under processes)."""
-        return value
+    def gather(self, value: object) -> list:
+        """``value`` from every process of the run, in rank order (collective under
+        processes; ``[value]`` in one process)."""
+        return [value]
 
     # --- inference and checkpoints -----------------------------------------------------------
 

@@ -1,21 +1,6 @@
 """Where each process sits in a run of K stages x R replicas: its stage, replica, peers, groups.
 
-The process runtime lays its ranks out on a two-dimensional device mesh (torch's
-``DeviceMesh``), a *data* dimension of R replicas by a *pipe* dimension of K stages::
-
-                     pipe ->  stage 0    stage 1    ...   stage K-1
-    data  replica 0           rank 0     rank 1           rank K-1
-      |   replica 1           rank K     rank K+1         rank 2K-1
-      v   ...
-          replica R-1         rank (R-1)K               ...   rank RK-1
-
-Each row is one pipeline: activations go right and gradients left, point-to-point, between
-neighbours of the same replica only. Each column is a stage's *data group*: its R copies
-average their gradients there before every step (:mod:`ddgpipe.runtime.replicas`). Every replica
-trains on its own shard of each global minibatch (:meth:`Layout.shard`).
-
-Everything else asks this object (``layout.stage``, ``layout.next_rank``,
-``layout.data_group``) rather than computing ranks: the numbering lives here alone.
+Why and how: ``docs/design.md``, "K stages x R replicas: the layout".
 """
 
 from __future__ import annotations

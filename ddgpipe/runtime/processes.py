@@ -210,10 +210,12 @@ class ProcessExecutor(Executor):
         return loss
 
     def drain(self) -> None:
-        """Run the pending backwards and steps, then wait for every send to be delivered."""
+        """Run the pending backwards and steps, then the stage's finish, then wait for every
+        send to be delivered."""
         self._end_stream()
         while self.clock < num_clocks(self.num_stages, self.fed, self.method):
             self._run_clock(self.fed)
+        self.stage.finish()
         self.channel.reap_sends(wait=True)
 
     def sync(self) -> None:
@@ -232,10 +234,10 @@ class ProcessExecutor(Executor):
     def barrier(self) -> None:
         dist.barrier()
 
-    def max_over_ranks(self, value: float) -> float:
-        everyone: list[float | None] = [None] * dist.get_world_size()
+    def gather(self, value: object) -> list:
+        everyone: list = [None] * dist.get_world_size()
         dist.all_gather_object(everyone, value)
-        return max(v for v in everyone if v is not None)
+        return everyone
 
     def _run_clock(self, total: int | None) -> Tensor | None:
         if not self._streams_derived:  # as the in-process executors derive stage k's stream

@@ -1,32 +1,6 @@
 """Data parallelism across pipelines: what the R replicas of a stage share, and how.
 
-Every stage runs in R replicas, one per copy of the pipeline, each on its own shard of the
-global minibatch (see :mod:`ddgpipe.runtime.layout`). Between a stage's delayed backward (B) and its
-step (S) the replicas average their parameter gradients over the stage's *data group*; with
-mean losses over equal shards, that average is the whole minibatch's gradient, so every
-replica takes the very step one pipeline fed the whole minibatch would take, and the replicas
-of a stage stay bitwise identical.
-
-:class:`GradientAverager` does it the way DDP does, without DDP (whose BatchNorm handling
-breaks when two forwards run before a backward, which DDG's first stage does every clock):
-
-* the parameters are grouped in buckets (in reverse order, roughly the order the backward
-  produces their gradients), about :data:`BUCKET_BYTES` each;
-* a hook on every leaf the backward writes into (the weight snapshot under stash ``graph``,
-  the replay's leaves under ``recompute``, the live parameters otherwise) copies each
-  gradient into its bucket as soon as it is accumulated, and a full bucket starts an
-  asynchronous all-reduce at once, so communication overlaps the rest of the backward and
-  the input gradient's send;
-* the step waits for every bucket, divides by R and writes the averages back into the
-  gradients the optimizer reads.
-
-The stage knows nothing of processes: the executor hands it an averager (or none, R = 1).
-
-BatchNorm keeps per-replica batch statistics in training (as DDP does), so the running
-statistics drift apart; :func:`average_buffers` makes the replicas agree (the mean over
-replicas of each running buffer) before anything reads them. Running means and variances
-are exponential moving averages, linear in the batch statistics, so averaging them at any
-clock gives the moving average of the replicas' mean batch statistics, however often it runs.
+Why and how: ``docs/design.md``, "Replicas: the gradient average".
 """
 
 from __future__ import annotations

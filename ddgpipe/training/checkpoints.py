@@ -1,30 +1,6 @@
 """Checkpoints that are written atomically and resume a pipeline bitwise.
 
-Layout under ``RUN_DIR/checkpoints/``::
-
-    iter-000120/rank-0.pt ... rank-{N-1}.pt   one file per process: its own state (the whole
-                                              run for the in-process executors: rank-0.pt)
-    iter-000120/stage-0.pt ... stage-{K-1}.pt the process runtime: each stage's weights,
-                                              optimizer, LR schedule, written once, by
-                                              replica 0 of the stage
-    iter-000120/manifest.json                 iteration, clock, epoch position, files + sha256
-    latest.json                               which set is complete: written last
-
-Under the process runtime with R replicas, the R copies of a stage are identical (they
-average their gradients and BatchNorm statistics), so the set keeps one copy per stage;
-what differs between replicas (the in-flight minibatches of their shards, the gradients on
-the way, the random state, the loop's running sums) goes to each rank's own file. Every
-replica resumes from its stage's copy plus its own file.
-
-Every file goes to a temporary name, is fsynced and renamed over its final name, so a crash
-leaves either the old or the new file, never half of one. ``latest.json`` is replaced only
-after every file of a set and its manifest are on disk, and loading checks each file
-against the manifest's digest: a half-written set is never loaded. Files are read with
-``torch.load(weights_only=True)``, which cannot run code.
-
-:class:`Checkpoints` is what the training loop sees: ``restore`` once at the start, ``save``
-at a clock boundary; the choreography between the ranks (who writes what, who publishes,
-the barrier) stays here.
+Why and how: ``docs/design.md``, "Checkpoints".
 """
 
 from __future__ import annotations

@@ -242,3 +242,32 @@ def test_bad_staleness_input(argv, message, capsys, tmp_path):
     assert main(["experiment", "staleness", "--quick", "--out", str(tmp_path), *argv]) == 2
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1
+
+
+def test_quick_lm_experiment_and_its_resumption(tmp_path, capsys):
+    out = tmp_path / "lm"
+    assert main(["experiment", "lm", "--quick", "--out", str(out)]) == 0
+    captured = capsys.readouterr()
+    summary = json.loads((out / "summary.json").read_text())
+    got = {(r["variant"], r["stages"]) for r in summary["rows"]}
+    assert got == {("bp", 1), ("ddg", 2), ("ddg-lr0.5", 2), ("ddg+dc", 2)}
+    bp = next(r for r in summary["rows"] if r["variant"] == "bp")
+    for row in summary["rows"]:
+        assert 0 < row["val_loss_mean"] < 6 and row["seeds"] == 1
+        assert row["val_bpb_mean"] == pytest.approx(row["val_loss_mean"] / 0.6931471805599453)
+        if row["variant"] != "bp":
+            assert row["gap_pct"] == pytest.approx(
+                100 * (row["val_loss_mean"] - bp["val_loss_mean"]) / bp["val_loss_mean"])
+    assert [s["stages"] for s in summary["sweep"]] == [2]
+    report = (out / "results.md").read_text()
+    assert report in captured.out and "## Goals" in report and "| DDG + dc |" in report
+    for png in ("loss-tokens.png", "loss-time.png"):
+        assert (out / png).read_bytes()[:4] == b"\x89PNG"
+    config = json.loads((out / "ddg+dc/k2-s0/config.json").read_text())
+    assert (config["model"], config["optimizer"], config["iterations"]) == ("gpt-2", "adamw", 12)
+
+    # The same command again finds every run finished and trains nothing
+    before = (out / "ddg/k2-s0/metrics.jsonl").stat().st_mtime_ns
+    assert main(["experiment", "lm", "--quick", "--out", str(out)]) == 0
+    assert (out / "ddg/k2-s0/metrics.jsonl").stat().st_mtime_ns == before
+    capsys.readouterr()

@@ -3,6 +3,11 @@ nothing downloaded) and torch.nn.TransformerEncoderLayer blocks, run through DDG
 would wrap them. K = 1 is backprop bitwise, the threads are the reference bitwise, K = 4
 trains, and GPT-2's tied embeddings are refused across stages."""
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
@@ -114,3 +119,14 @@ def test_tied_embeddings_across_stages_are_refused():
     with pytest.raises(UsageError, match=r"parameter '0.wte.weight' of stage 0 is also "
                                          r"'5.projection.weight' of stage 1"):
         ddgpipe.DDG(gpt2(tied=True), 2, adamw, split=[3])
+
+
+def test_the_example_trains_a_huggingface_gpt2_offline():
+    """examples/hf_gpt2.py as a user runs it, for a few steps (no network)."""
+    script = Path(__file__).parents[2] / "examples" / "hf_gpt2.py"
+    proc = subprocess.run([sys.executable, str(script), "--steps", "3", "--layers", "2",
+                           "--width", "32", "--context", "32", "--stages", "2"],
+                          capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "cut at blocks" in proc.stdout and "held-out loss" in proc.stdout

@@ -1,24 +1,6 @@
 """``ddgpipe experiment staleness``: do the staleness compensations close DDG's momentum gap?
 
-With momentum SGD, plain DDG falls behind backprop as K grows (``experiment paper``: ResNet-56
-on the digits, -1.9 / -2.9 / -11.1 points at K = 2 / 3 / 4). This experiment trains, with
-backprop's hyperparameters unchanged for every method and every K (no retuning per K):
-
-* ``main``: backprop; plain DDG; DDG with each compensation of :mod:`ddgpipe.core.compensation`
-  alone (``sc``, ``lwp``, ``dc``, ``pipemare-lr``); with Kosson et al.'s combination
-  ``sc,lwp``; FDG's gradient shrinking (:data:`GRAD_SHRINK`); Features Replay (``fr``), and
-  FR with ``pipemare`` (T1 + T2, defined only for FR's stash-none replay);
-* ``sweep``: plain DDG at a few learning rates per K (the baseline a compensation must beat:
-  DDG at its best rate);
-* ``budget``: backprop and plain DDG with ``BUDGET_FACTOR`` times the epochs (does the gap
-  close with budget?), beside the per-seed curves of the plain momentum runs. A long run costs
-  as much as ``BUDGET_FACTOR`` short ones, so by default this part trains only K = 4 (the
-  largest K the paper's claim covers) and only the first seed; its gap is measured against
-  backprop and plain DDG on the same seeds (:func:`.summary.budget_table`);
-
-at K = 2, 3, 4 and 8, on two benchmarks (:data:`BENCHMARKS`), over several seeds. The report
-(``results.md``: :mod:`.report`) says per benchmark and K how far each method is
-from backprop and whether it meets the goals, all computed (:mod:`.summary`).
+Why and how: ``docs/design.md``, "The staleness experiment".
 """
 
 from __future__ import annotations

@@ -1,18 +1,6 @@
 """The staleness experiment's arithmetic: outcomes of runs in, tables and goals out.
 
-Pure functions of the run outcomes (:func:`ddgpipe.experiments.common.read_outcome`, with the
-run's ``benchmark`` and ``variant`` added), so the report's every number can be checked
-without training anything.
-
-Goals, per benchmark and method, all computed here:
-
-* *matches backprop*: at each K the mean test accuracy is at most :func:`tolerance_pp` below
-  backprop's mean (0.5 points at K <= 4, 1 point above), with backprop's hyperparameters, and
-  no seed diverged;
-* *no worse than tuned DDG*: at each K the mean is at least that of plain DDG at its best
-  learning rate of the sweep (the mean, compared strictly: no allowance for seed noise);
-* a method meets the goals when both hold at every K; "n/a" when a part they need was not
-  run.
+Why and how: ``docs/design.md``, "The staleness experiment's goals".
 """
 
 from __future__ import annotations

@@ -1,0 +1,53 @@
+"""What every bench configuration trains: the model, its synthetic batch and its loss.
+
+Images for the ResNets and the MLP (``image_size`` x ``image_size``, ``in_channels``), token
+windows for a language model (``gpt-L``: ``context`` byte tokens, vocabulary 256), built from
+the bench's seed so every configuration trains the same weights on the same batch.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ddgpipe.bench.config import BenchConfig
+from ddgpipe.core.stage import LossFn
+from ddgpipe.losses import token_cross_entropy
+from ddgpipe.models import build_model, is_language_model
+
+__all__ = ["bench_model", "bench_batch", "bench_loss", "tokens_per_sample", "VOCAB"]
+
+VOCAB = 256
+
+
+def bench_model(cfg: BenchConfig) -> nn.Sequential:
+    torch.manual_seed(cfg.seed)
+    if is_language_model(cfg.model):
+        return build_model(cfg.model, num_classes=VOCAB, context=cfg.context, width=cfg.width)
+    return build_model(cfg.model, in_channels=cfg.in_channels, image_size=cfg.image_size,
+                       num_classes=cfg.num_classes)
+
+
+def bench_batch(cfg: BenchConfig, device: torch.device | None = None) -> tuple[Tensor, Tensor]:
+    """One synthetic batch from a seeded generator, reused at every step."""
+    gen = torch.Generator().manual_seed(cfg.seed + 1)
+    if is_language_model(cfg.model):
+        ids = torch.randint(0, VOCAB, (cfg.batch_size, cfg.context + 1), generator=gen)
+        x, y = ids[:, :-1].contiguous(), ids[:, 1:].contiguous()
+    else:
+        x = torch.randn(cfg.batch_size, cfg.in_channels, cfg.image_size, cfg.image_size,
+                        generator=gen)
+        y = torch.randint(0, cfg.num_classes, (cfg.batch_size,), generator=gen)
+    device = device or torch.device("cpu")
+    return x.to(device), y.to(device)
+
+
+def bench_loss(cfg: BenchConfig) -> LossFn:
+    return token_cross_entropy if is_language_model(cfg.model) else F.cross_entropy
+
+
+def tokens_per_sample(cfg: BenchConfig) -> int:
+    """Tokens in one sample: a language model's context, 1 for an image (so that samples/s
+    times this is tokens/s, or images/s)."""
+    return cfg.context if is_language_model(cfg.model) else 1

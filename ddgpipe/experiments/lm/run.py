@@ -1,0 +1,45 @@
+"""Run the language-model grid (skipping finished runs) and write its report from the files."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from ddgpipe.experiments.common import read_outcome, run_grid
+from ddgpipe.experiments.lm.plan import LMPlan, plan_record
+from ddgpipe.experiments.lm.report import make_figures, render_report
+from ddgpipe.experiments.lm.summary import summarise
+
+__all__ = ["run_lm"]
+
+
+def run_lm(plan: LMPlan, out: str | Path, progress: bool = True,
+           report_only: bool = False) -> dict:
+    """Train the grid, then write ``summary.json``, ``results.md`` and the figures.
+
+    ``report_only`` trains nothing: the report covers the runs finished so far and names the
+    missing ones."""
+    plan.validate()
+    out = Path(out)
+    runs = plan.runs(out)
+    for run in runs:  # a bad combination fails here, in one line, not in a worker
+        run.config.validate()
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "plan.json").write_text(json.dumps(plan_record(plan), indent=2) + "\n")
+    start = time.perf_counter()
+    if report_only:
+        found = [(run, read_outcome(run.config)) for run in runs]
+        missing = [run.name for run, outcome in found if outcome is None]
+        runs, outcomes = [run for run, o in found if o], [o for _, o in found if o]
+    else:
+        outcomes, missing = run_grid([r.config for r in runs], out, plan.workers, progress), []
+    for run, outcome in zip(runs, outcomes, strict=True):
+        outcome.update(name=run.name, variant=run.variant.name, seed=run.seed)
+    summary = summarise(outcomes, plan)
+    summary.update(missing=missing, runs=len(runs), wall_time_s=time.perf_counter() - start,
+                   train_time_s=sum(o["train_time_s"] or 0.0 for o in outcomes))
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    figures = make_figures(plan, runs, out)
+    (out / "results.md").write_text(render_report(summary, plan, figures, out))
+    return summary
