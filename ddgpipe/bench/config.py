@@ -5,6 +5,7 @@ Why and how: ``docs/design.md``, "The bench's configurations".
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass
 
@@ -22,6 +23,8 @@ _DDG_RE = re.compile(r"^ddg-(graph|recompute|none)-(threads|processes)$")
 _PIPE_RE = re.compile(r"^(gpipe|1f1b)-m(\d+)$")
 _BP_RE = re.compile(r"^bp-(\d+)t$")
 _REPLICAS_RE = re.compile(r"^ddg-(graph|recompute|none)-k(\d+)r(\d+)$")
+COMPILED = "-compile"  # a name's suffix: the same configuration through torch.compile
+COMPILABLE = ("bp", "ddg", "ddg-threads")
 
 
 @dataclass
@@ -32,7 +35,9 @@ class BenchConfig:
     ``bp-{K}t``); ``steps`` are timed after ``warmup`` untimed ones, in every one of
     ``rounds`` rounds; ``microbatches`` lists the M of ``gpipe-m{M}``/``1f1b-m{M}``;
     ``configs`` picks a subset of names (``bp-1t`` is always added: it is the baseline);
-    ``timeout_s`` bounds each configuration run; ``replicas`` R > 1 adds the K x R rows.
+    ``timeout_s`` bounds each configuration run; ``replicas`` R > 1 adds the K x R rows;
+    ``compile`` adds ``-compile`` twins of backprop and DDG (torch.compile, compiled in the
+    warm-up steps).
     """
 
     model: str = "resnet20"
@@ -52,6 +57,7 @@ class BenchConfig:
     replicas: int = 1
     context: int = 128  # language models (gpt-L): tokens per sample
     width: int | None = None  # gpt-L: None is GPTConfig's
+    compile: bool = False
 
 
 def baseline(config: BenchConfig) -> str:
@@ -78,6 +84,7 @@ class ConfigSpec:
     stash: str | None = None
     stages: int | None = None  # ddg-replicas: K
     replicas: int = 1  # ddg-replicas: R
+    compile: bool = False  # through torch.compile (a name ending in -compile)
 
     @property
     def uses_runtime_cut(self) -> bool:
@@ -108,6 +115,10 @@ def config_names(config: BenchConfig) -> tuple[str, ...]:
         names = [BASELINE, f"bp-{k}t", "ddp", *_pipeline_names(config)]
     names += [f"ddg-{s}-{e}" for e in DDG_EXECUTORS for s in DDG_STASHES]
     names += replica_names(config)
+    if config.compile:
+        names += [f"{n}{COMPILED}" for n in names if n in
+                  (BASELINE, GPU_BASELINE, f"bp-{k}t", "ddg-graph-threads",
+                   "ddg-recompute-threads", "ddg-graph-processes")]
     return tuple(dict.fromkeys(names))  # bp-1t and bp-Kt coincide only for K = 1 (refused)
 
 
@@ -186,6 +197,9 @@ def resolve(config: BenchConfig) -> list[ConfigSpec]:
     for name in dict.fromkeys(wanted):
         if not isinstance(name, str):
             raise UsageError(f"config names are strings, got {name!r}")
+        if name.endswith(COMPILED):
+            specs.append(_compiled_spec(config, name))
+            continue
         pipe = _PIPE_RE.match(name)
         bp = _BP_RE.match(name)
         ddg = _DDG_RE.match(name)
@@ -225,6 +239,16 @@ def resolve(config: BenchConfig) -> list[ConfigSpec]:
                 f"(gpipe-m<M>/1f1b-m<M> take any M that divides the batch)"
             )
     return specs
+
+
+def _compiled_spec(config: BenchConfig, name: str) -> ConfigSpec:
+    plain = name.removesuffix(COMPILED)
+    specs = resolve(dataclasses.replace(config, configs=(plain,), compile=False))
+    spec = specs[-1]
+    if spec.name != plain or spec.kind not in COMPILABLE:
+        raise UsageError(f"bench config {name!r}: only backprop (bp-Nt) and DDG rows "
+                         f"(ddg-STASH-threads/processes) have a {COMPILED} twin")
+    return dataclasses.replace(spec, name=name, compile=True)
 
 
 def _replica_spec(config: BenchConfig, name: str, match: re.Match) -> ConfigSpec:

@@ -196,7 +196,7 @@ def run_bench(config: BenchConfig, out_dir: str | Path | None = None,
     for spec in specs:
         row = {"name": spec.name, "kind": spec.kind, "processes": spec.processes,
                "threads": spec.threads, "microbatches": spec.microbatches,
-               "stash": spec.stash, **summary[spec.name],
+               "stash": spec.stash, "compile": spec.compile, **summary[spec.name],
                "peak_mem_mb": peak.get(spec.name, [])}
         if spec.kind == "ddg-replicas":
             row.update(stages=spec.stages, replicas=spec.replicas,

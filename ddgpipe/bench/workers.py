@@ -157,7 +157,7 @@ def _run_bp(rank, world_size, cfg, spec, split) -> dict:
     from ddgpipe.methods import Backprop
 
     x, y = _batch(cfg, _device(cfg))
-    method = Backprop(_model(cfg), _optimizer, device=_device(cfg))
+    method = Backprop(_model(cfg), _optimizer, device=_device(cfg), compile=spec.compile)
     t0, t1 = _timed(lambda: method.step(x, y, bench_loss(cfg)), cfg, world_size)
     return {"elapsed_s": t1 - t0}
 
@@ -220,7 +220,8 @@ def _run_ddg(rank, world_size, cfg, spec, split) -> dict:
     x, y = _batch(cfg, device)
     timeline = Timeline(max_minibatches=None)
     pipe = DDG(_model(cfg), stages=world_size, optimizer=_optimizer, stash=spec.stash,
-               split=list(split), timeline=timeline, device=device, comm=_comm(cfg))
+               split=list(split), timeline=timeline, device=device, comm=_comm(cfg),
+               compile=spec.compile)
     first, last = rank == 0, rank == world_size - 1
     xs, ys, loss_fn = (x if first else None), (y if last else None), bench_loss(cfg)
 
@@ -267,7 +268,7 @@ def _run_ddg_threads(rank, world_size, cfg, spec, split) -> dict:
     timeline = Timeline(max_minibatches=None)
     with DDG(_model(cfg), stages=cfg.stages, optimizer=_optimizer, stash=spec.stash,
              split=list(split), timeline=timeline, executor="threads", threads=spec.threads,
-             device=cfg.device) as pipe:
+             device=cfg.device, compile=spec.compile) as pipe:
         # As the training loop feeds it: minibatches queued ahead of the losses it awaits.
         losses = pipe.run(itertools.repeat((x, y)), bench_loss(cfg))
         t0, t1 = _timed(lambda: next(losses), cfg, world_size, settle=pipe.sync)

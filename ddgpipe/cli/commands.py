@@ -53,6 +53,7 @@ def config_from_args(args: argparse.Namespace):
         threads=args.threads, log_every=args.log_every, timeline=args.timeline,
         label=args.label, out=out, progress=not args.no_progress, executor=executor,
         device=args.device, devices=args.devices, precision=args.precision, comm=args.comm,
+        compile=args.compile,
         timeout_s=args.timeout, checkpoint_every=args.checkpoint_every,
         checkpoint_every_epochs=args.checkpoint_every_epochs, stop_after=args.stop_after,
         resume=args.resume,
@@ -171,7 +172,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
                          microbatches=tuple(args.microbatches),
                          configs=tuple(args.configs) if args.configs else None,
                          image_size=args.image_size, device=args.device,
-                         replicas=args.replicas, context=args.context, width=args.width)
+                         replicas=args.replicas, context=args.context, width=args.width,
+                         compile=args.compile)
     if args.link_gbps is not None and not args.link_gbps > 0:
         raise UsageError(f"--link-gbps must be > 0 (got {args.link_gbps})")
     bandwidth = math.inf if args.link_gbps is None else args.link_gbps * 1e9 / 8

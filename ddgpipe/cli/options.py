@@ -297,6 +297,11 @@ def _executors(p: argparse.ArgumentParser) -> None:
                    help="fp32; bf16: autocast to bfloat16 in every stage; fp16: autocast to "
                         "float16 with dynamic loss scaling, the scale travelling with each "
                         "minibatch's delayed gradient (default: %(default)s)")
+    g.add_argument("--compile", action="store_true",
+                   help="run every stage's forward and backward through torch.compile "
+                        "(backprop: the whole model). The first steps compile (tens of seconds "
+                        "on a CPU); numbers differ from eager ones by rounding, and dropout "
+                        "draws differ (the compiled kernels draw their own masks)")
     g.add_argument("--comm", default="auto", choices=COMMS,
                    help="--executor processes/torchrun on GPUs: auto sends GPU tensors with "
                         "nccl; host stages them through host memory over gloo (needed when "
@@ -339,6 +344,10 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
                         "data parallelism through DDG's code) and ddg-graph-kKrR; rows with "
                         "more processes than cores are reported as oversubscribed "
                         "(default: %(default)s)")
+    p.add_argument("--compile", action="store_true",
+                   help="also run -compile twins of bp-1t, bp-Kt, ddg-graph-threads, "
+                        "ddg-recompute-threads and ddg-graph-processes (torch.compile; the "
+                        "compiling happens in the warm-up steps, so give --warmup 5 or more)")
     p.add_argument("--link-gbps", type=float, default=None, metavar="GBIT_S",
                    help="link bandwidth for the cost model's predictions (default: "
                         "communication is free and overlapped; the K x R predictions, which "

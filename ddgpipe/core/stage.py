@@ -51,7 +51,9 @@ class Stage:
 
     ``grad_shrink`` (beta) scales the delayed gradient by ``beta ** delay`` before the step,
     the gradient shrinking of the authors' follow-up FDG; 1.0 is the paper's DDG.
-    ``clip_grad`` clips the global norm of *this stage's* gradient before the step: the
+    ``compile`` runs the stage's forward and backward through ``torch.compile``
+    (:mod:`ddgpipe.core.compiled`). ``clip_grad`` clips the global norm of *this stage's*
+    gradient before the step: the
     stages learn from different minibatches, so a norm across stages would mean nothing;
     with one stage it is backprop's global clip.
     ``precision`` is ``fp32``, ``bf16`` or ``fp16`` (see :mod:`ddgpipe.core.precision`).
@@ -74,6 +76,7 @@ class Stage:
         device: torch.device | str = "cpu",
         precision: str = "fp32",
         clip_grad: float | None = None,
+        compile: bool = False,
     ):
         self.index = index
         self.num_stages = num_stages
@@ -88,7 +91,8 @@ class Stage:
         self.lr_scheduler = lr_scheduler(self.optimizer) \
             if lr_scheduler and self.optimizer is not None else None
         self.stash = Stash(module, stash, self.delay, needs_input_grad=index > 0,
-                           device=self.device, compute_context=self._autocast)
+                           device=self.device, compute_context=self._autocast,
+                           compile=compile)
         self.stash.shares_snapshots = not updates_unseen(self.optimizer)
         self.grad_scale = grad_shrink**self.delay
         self.clip_grad = check_clip(clip_grad)

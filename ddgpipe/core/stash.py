@@ -43,7 +43,7 @@ forward, so mixed precision replays alike too.
 from __future__ import annotations
 
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 
@@ -51,6 +51,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from ddgpipe.core.compiled import COMPILE_LOCK, CompiledForward
 from ddgpipe.core.rng import rng_kept, rng_state, set_rng_state
 from ddgpipe.core.values import Value, as_args, handed_on, leaves, tensors
 
@@ -82,6 +83,7 @@ class Pending:
     output_marks: list[bool] = field(default_factory=list)
     grad_shapes: list[tuple[tuple[int, ...], torch.dtype]] = field(default_factory=list)
     loss_scale: float = 1.0  # fp16: the scale the last stage applied to this minibatch's loss
+    compile_key: Hashable | None = None  # the compiled graph its forward (or replay) ran
 
 
 class Stash:
@@ -89,7 +91,8 @@ class Stash:
 
     def __init__(self, module: nn.Module, mode: str, delay: int, needs_input_grad: bool,
                  device: torch.device | None = None,
-                 compute_context: Callable[[], AbstractContextManager] = nullcontext):
+                 compute_context: Callable[[], AbstractContextManager] = nullcontext,
+                 compile: bool = False):
         if mode not in STASH_MODES:
             raise ValueError(f"stash mode {mode!r} is not one of {', '.join(STASH_MODES)}")
         self.module = module
@@ -105,6 +108,9 @@ class Stash:
         self.mode = mode if delay > 0 else "live"
         self.needs_input_grad = needs_input_grad
         self.params = {n: p for n, p in module.named_parameters() if p.requires_grad}
+        # torch.compile of the forward (and with it the backward), weights as inputs
+        self.compiled = CompiledForward(module) if compile else None
+        self._last_key: Hashable | None = None  # what the compiled call just ran for
         # Share a snapshot while no parameter changed (see the module's docstring). The stage
         # turns this off for optimizers that update in place without bumping the version
         # counters (torch's fused=True kernels).
@@ -136,6 +142,10 @@ class Stash:
         return snapshot
 
     def _run(self, weights: dict[str, Tensor] | None, x: Value) -> Value:
+        if self.compiled is not None:  # weights as inputs: a new version compiles nothing
+            live = dict(self.module.named_parameters()) if weights is None else weights
+            out, self._last_key = self.compiled(live, as_args(x))
+            return out
         if weights is None:
             return self.module(*as_args(x))
         return functional_call(self.module, weights, as_args(x), strict=False)
@@ -153,14 +163,15 @@ class Stash:
             xin = leaves(x, self.needs_input_grad)
             with self.compute_context():
                 out = self._run(None, xin)
-            return out, Pending(minibatch, xin, output=out)
+            return out, Pending(minibatch, xin, output=out, compile_key=self._last_key)
         rng = rng_state([self.device])  # the replay (or a checkpoint's rebuild) starts here
         if self.mode == "graph":
             xin = leaves(x, self.needs_input_grad)
             weights = self._snapshot(requires_grad=True, weights=weights)
             with self.compute_context():
                 out = self._run(weights, xin)
-            return out, Pending(minibatch, xin, output=out, weights=weights, rng_state=rng)
+            return out, Pending(minibatch, xin, output=out, weights=weights, rng_state=rng,
+                                compile_key=self._last_key)
         with torch.no_grad(), self.compute_context():
             # stash none replays with the *live* weights, whatever the forward used
             out = self._run(weights, x)
@@ -184,7 +195,7 @@ class Stash:
                 set_rng_state(pending.rng_state)
             with torch.enable_grad(), self.compute_context():
                 out = self._run({**weights, **scratch_buffers}, xin)
-        pending.inputs = xin
+        pending.inputs, pending.compile_key = xin, self._last_key
         if pending.weights is None:  # `none` backpropagates straight into the live weights
             return out
         pending.weights = weights
@@ -209,15 +220,23 @@ class Stash:
         if pending.weights is not None:  # a version shared with another minibatch: no grad
             for w in pending.weights.values():
                 w.grad = None
-        if isinstance(grad_output, tuple):
-            marked = [t for t, m in zip(tensors(output), pending.output_marks, strict=True) if m]
-            # a replay's output may need no gradient where the forward assumed one
-            pairs = [(t, g) for t, g in zip(marked, grad_output, strict=True) if t.requires_grad]
-            if pairs:
-                torch.autograd.backward([t for t, _ in pairs], [g for _, g in pairs])
-        else:
-            assert isinstance(output, Tensor), "the last stage's output is the loss"
-            torch.autograd.backward(output, grad_output)
+        compiling = self.compiled is not None and \
+            self.compiled.backward_needs_lock(pending.compile_key)
+        with COMPILE_LOCK if compiling else nullcontext():  # its first backward compiles
+            if isinstance(grad_output, tuple):
+                marked = [t for t, m in zip(tensors(output), pending.output_marks, strict=True)
+                          if m]
+                # a replay's output may need no gradient where the forward assumed one
+                pairs = [(t, g) for t, g in zip(marked, grad_output, strict=True)
+                         if t.requires_grad]
+                if pairs:
+                    torch.autograd.backward([t for t, _ in pairs], [g for _, g in pairs])
+            else:
+                assert isinstance(output, Tensor), "the last stage's output is the loss"
+                torch.autograd.backward(output, grad_output)
+        if compiling:
+            assert self.compiled is not None
+            self.compiled.backward_done(pending.compile_key)
         if pending.weights is not None:
             for name, p in self.params.items():
                 p.grad = pending.weights[name].grad

@@ -9,6 +9,7 @@ import torch
 from torch import Tensor, nn
 from torch.optim.lr_scheduler import LRScheduler
 
+from ddgpipe.core.compiled import CompiledForward
 from ddgpipe.core.precision import autocast, check_precision
 from ddgpipe.core.stage import LossFn, OptimizerFactory, SchedulerFactory, check_clip
 from ddgpipe.core.values import Blocks, Value, as_args, map_tensors
@@ -24,7 +25,8 @@ class Backprop:
 
     ``device`` holds the model (inputs and targets are moved there); ``precision`` ``bf16``
     or ``fp16`` runs the forward under autocast, fp16 with ``torch.amp.GradScaler``;
-    ``clip_grad`` clips the gradients' global norm before every step.
+    ``clip_grad`` clips the gradients' global norm before every step; ``compile`` runs the
+    training forward through ``torch.compile`` as DDG's stages do (inference stays eager).
     """
 
     num_stages = 1
@@ -42,6 +44,7 @@ class Backprop:
         check_finite: bool = True,
         device: str | torch.device = "cpu",
         precision: str = "fp32",
+        compile: bool = False,
     ):
         self.device = resolve_device(device)
         if self.device.type == "cuda" and self.device.index is None:
@@ -57,6 +60,7 @@ class Backprop:
             lr_scheduler(self.optimizer) if lr_scheduler else None
         self.scaler = torch.amp.GradScaler(self.device.type) if precision == "fp16" else None
         self.check_finite = check_finite
+        self.compiled = CompiledForward(self._blocks) if compile else None
         self.fed = 0
 
     def step(self, x: Value, y: Tensor, loss_fn: LossFn) -> Tensor:
@@ -64,7 +68,7 @@ class Backprop:
         x = map_tensors(check_input(x), lambda t: t.to(self.device, non_blocking=True))
         y = y.to(self.device, non_blocking=True)
         with autocast(self.precision, self.device):
-            loss = loss_fn(self._forward(x), y)
+            loss = loss_fn(self._train_forward(x), y)
         if self.check_finite and not math.isfinite(loss.item()):
             raise NonFiniteLossError(loss.item(), self.fed)
         if self.scaler is None:
@@ -87,6 +91,12 @@ class Backprop:
         """The model on ``x``; an ``nn.Sequential`` runs as DDG runs its blocks (a tuple
         passed on as positional arguments, every output checked)."""
         return self._blocks(*as_args(x))
+
+    def _train_forward(self, x: Value) -> Value:
+        if self.compiled is None:
+            return self._forward(x)
+        out, _ = self.compiled(dict(self._blocks.named_parameters()), as_args(x))
+        return out
 
     def _clip(self) -> None:
         if self.clip_grad is not None:

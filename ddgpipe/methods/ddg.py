@@ -70,6 +70,8 @@ class DDG(PipelineMethod):
         check_finite: stop with :class:`NonFiniteLossError` when the loss is NaN or inf.
         precision: ``fp32``, ``bf16`` or ``fp16`` (autocast per stage; fp16 with loss scaling
             that travels with each minibatch's gradient, see :mod:`ddgpipe.core.precision`).
+        compile: run every stage's forward and backward through ``torch.compile`` (weights
+            as inputs, so new weight versions compile nothing; see :mod:`ddgpipe.core.compiled`).
         placement: where the stages run, a :class:`~ddgpipe.runtime.placement.Placement`;
             each of its fields may also be given as a keyword (overriding it):
 
@@ -113,6 +115,7 @@ class DDG(PipelineMethod):
         timeline: Timeline | None = None,
         check_finite: bool = True,
         precision: str = "fp32",
+        compile: bool = False,
         placement: Placement | None = None,
         **where: Any,
     ):
@@ -129,7 +132,7 @@ class DDG(PipelineMethod):
         def make_stage(k: int, num_stages: int, module: nn.Module, device: torch.device) -> Stage:
             return Stage(k, num_stages, module, optimizer, lr_scheduler, stash, grad_shrink,
                          clip_grad=clip_grad, compensation=new_compensation(), device=device,
-                         precision=precision)
+                         precision=precision, compile=compile)
 
         placed = Placement.of(placement, **where)
         executor = build_stages(model, stages, make_stage, "ddg", placed,

@@ -32,7 +32,8 @@ def build_method(config: TrainConfig, model: nn.Module, steps_per_epoch: int,
     )
     if config.method == "bp":
         return Backprop(model, optimizer, lr_scheduler=scheduler, clip_grad=config.clip_grad,
-                        device=config.device, precision=config.precision)
+                        device=config.device, precision=config.precision,
+                        compile=config.compile)
     placement = config.placement()
     if config.method == "dni":
         return DNI(model, config.stages, optimizer, lr_scheduler=scheduler,
@@ -46,7 +47,8 @@ def build_method(config: TrainConfig, model: nn.Module, steps_per_epoch: int,
                sample_input=sample_input, grad_shrink=config.grad_shrink,
                clip_grad=config.clip_grad, compensation=config.compensation,
                compensation_options=compensation_options(config, steps_per_epoch),
-               timeline=timeline, precision=config.precision, placement=placement)
+               timeline=timeline, precision=config.precision, compile=config.compile,
+               placement=placement)
 
 
 def muon_exclusions(model: nn.Module) -> frozenset[int]:

@@ -44,9 +44,9 @@ COMPAT_FIELDS = (
     "model", "data", "method", "stages", "stash", "batch_size", "seed", "optimizer", "lr",
     "momentum", "nesterov", "weight_decay", "lr_schedule", "milestones", "lr_gamma",
     "warmup_epochs", "warmup_factor", "epochs", "grad_shrink", "compensation",
-    "compensation_options", "precision", "replicas",
+    "compensation_options", "precision", "replicas", "compile",
 )
-DEFAULTS = {"replicas": 1}  # what a set written before a setting existed had
+DEFAULTS = {"replicas": 1, "compile": False}  # what a set written before a setting existed had
 
 
 def _fsync_dir(path: Path) -> None:

@@ -70,6 +70,7 @@ class TrainConfig:
     device: str = "auto"
     devices: list[str] | None = None
     precision: str = "fp32"
+    compile: bool = False  # torch.compile every stage (backprop: the model)
     comm: str = "auto"
     threads: int | None = None
     log_every: int = 0
@@ -148,6 +149,9 @@ class TrainConfig:
                              "--method ddg, fr or dni and --stages 2 or more (or with "
                              "--replicas 2 or more)")
         check_precision(self.precision)
+        if self.compile and self.method == "dni":
+            raise UsageError("--compile runs backprop, DDG and FR stages; DNI's synthetic-"
+                             "gradient modules run eager: drop --compile")
         if self.comm not in COMMS:
             raise UsageError(f"unknown --comm {self.comm!r}; choose one of {', '.join(COMMS)}")
         if self.devices is not None and self.method == "bp" and len(self.devices) != 1:

@@ -5,6 +5,7 @@ Nothing here asserts a timing or a speedup: the machine is shared and noisy.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import math
@@ -20,6 +21,7 @@ from ddgpipe.bench import (
     run_bench,
     summarise,
 )
+from ddgpipe.bench.config import resolve
 from ddgpipe.bench.workers import stage_profile
 from ddgpipe.errors import UsageError
 
@@ -135,6 +137,16 @@ def test_config_names_follow_batch_and_stages():
     assert names == ("bp-1t", "bp-3t", "ddp", "gpipe-m2", "gpipe-m3", "1f1b-m3", *ddg)
     names = config_names(BenchConfig(replicas=4))
     assert names[-3:] == ("ddg-graph-k2r1", "ddg-graph-k1r4", "ddg-graph-k2r4")
+    names = config_names(BenchConfig(compile=True))
+    assert names[-5:] == ("bp-1t-compile", "bp-2t-compile", "ddg-graph-threads-compile",
+                          "ddg-recompute-threads-compile", "ddg-graph-processes-compile")
+
+
+def test_a_compile_twin_is_its_plain_row_through_torch_compile():
+    specs = resolve(BenchConfig(configs=("ddg-none-processes-compile",)))
+    assert [s.name for s in specs] == ["bp-1t", "ddg-none-processes-compile"]
+    assert specs[1] == dataclasses.replace(resolve(BenchConfig(configs=(
+        "ddg-none-processes",)))[1], name="ddg-none-processes-compile", compile=True)
 
 
 @pytest.mark.parametrize("changes, message", [
@@ -153,6 +165,7 @@ def test_config_names_follow_batch_and_stages():
     (dict(replicas=3, configs=("ddg-graph-k2r3",)), "not divisible by 3"),
     (dict(configs=("ddg-graph-k3r2",)), "a K x R row runs K = 1 or the bench's K = 2"),
     (dict(replicas=0), "replicas must be an integer >= 1"),
+    (dict(configs=("ddp-compile",)), "only backprop .* and DDG rows"),
 ])
 def test_bad_input_raises_usage_error(changes, message):
     with pytest.raises(UsageError, match=message):

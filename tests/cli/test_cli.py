@@ -124,6 +124,13 @@ def test_the_removed_launcher_flag_is_refused(capsys):
     assert "--launcher" in capsys.readouterr().err
 
 
+def test_compile_with_dni_is_refused_in_one_line(capsys, tmp_path):
+    code, _, err = run_cli(["train", "--method", "dni", "--stages", "2", "--compile",
+                            "--out", str(tmp_path / "r"), *FAST], capsys)
+    assert code == 2
+    assert "--compile" in err and "DNI" in err and "Traceback" not in err
+
+
 def test_bench_command_reports_ratios_and_the_cost_model(capsys, tmp_path):
     code, out, _ = run_cli(["bench", "--model", "resnet20", "--image-size", "8", "--batch-size",
                             "16", "--steps", "2", "--warmup", "1", "--rounds", "1", "--configs",

@@ -94,6 +94,9 @@ MAIN_VARIANTS = (
             grad_shrink=GRAD_SHRINK),
     Variant("fr", "FR", "fr"),
     Variant("fr+pipemare", "FR + pipemare", "fr", compensation="pipemare"),
+    Variant("ddg+delay-lr", "DDG + delay-lr", compensation="delay-lr"),
+    Variant("ddg+accumulate", "DDG + accumulate 4", compensation="accumulate"),
+    Variant("ddg+stage-momentum", "DDG + stage-momentum", compensation="stage-momentum"),
 )
 VARIANTS_BY_NAME = {v.name: v for v in MAIN_VARIANTS}
 

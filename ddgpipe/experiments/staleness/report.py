@@ -43,6 +43,14 @@ DESCRIPTIONS = {
            "2018)", "--method fr"),
     "fr+pipemare": ("FR with PipeMare T1 + T2 (T2 estimates the forward's weights for the "
                     "replay)", "--method fr --compensation pipemare"),
+    "ddg+delay-lr": ("delay-adaptive step: stage k's lr x min(1, 1/d_k) (Mishchenko et al. "
+                     "2022)", "--compensation delay-lr"),
+    "ddg+accumulate": ("bounded staleness: each delayed stage steps once per 4 of its delayed "
+                       "gradients, with their mean (PipeDream-2BW, PACI)",
+                       "--compensation accumulate"),
+    "ddg+stage-momentum": ("stage-dependent Nesterov momentum 0.9 + d_k (0.99 - 0.9) / K, "
+                           "effective step kept (Ajanthan et al. 2025, carried to SGD)",
+                           "--compensation stage-momentum"),
 }
 STYLES = {v.name: (f"C{i}", "--" if v.method == "fr" else "-")
           for i, v in enumerate(MAIN_VARIANTS)}
