@@ -39,8 +39,8 @@ def format_bench_table(result: dict) -> str:
                  enumerate(zip(cells[:-1], widths[:-1]))]
         return "  ".join([*parts, cells[-1]]).rstrip()
 
-    cuts = [f"{name} cut at blocks {result[key]}" for name, key in
-            (("process", "split"), ("threads", "split_threads")) if result.get(key)]
+    cuts = [f"{key} cut at blocks {cut['split']}" for key, cut in
+            result.get("split_choice", {}).items()]
     out = [f"{cfg['model']}, batch {cfg['batch_size']}, {k} workers, {cfg['steps']} timed "
            f"steps x {cfg['rounds']} rounds; {'; '.join(cuts) or 'no cut'}",
            fmt(header), fmt(["-" * w for w in widths[:-1]] + ["-" * len(header[-1])])]
@@ -59,7 +59,8 @@ def format_bench_table(result: dict) -> str:
     for row in result["rows"]:
         for st in row.get("stage_profile", []):
             where = f" replica {st['replica']}" if "replica" in st else ""
-            out.append(f"{row['name']} stage {st['stage']}{where}: F {st['f_ms']:.1f} ms  "
+            cut = f" (cut {row['split']})" if row.get("split") else ""
+            out.append(f"{row['name']}{cut} stage {st['stage']}{where}: F {st['f_ms']:.1f} ms  "
                        f"B {st['b_ms']:.1f} ms  S {st['s_ms']:.1f} ms  "
                        f"wait {st['wait_ms']:.1f} ms per clock; "
                        f"busy {st['utilisation']:.0%} of {st['wall_s']:.2f} s")

@@ -111,21 +111,30 @@ def _run_one(config: BenchConfig, spec: ConfigSpec, split: list[int]) -> list[di
                        backend=_backend(config, spec.processes))
 
 
+def cut_key(spec: ConfigSpec) -> str | None:
+    """Which timed cut a configuration runs: its executor's and its stash mode's (a replay
+    costs the first stages a second forward, so they take fewer blocks); GPipe and 1F1B run
+    DDG graph's process cut, so they compare on one cut. None: no cut (backprop, DDP)."""
+    if spec.kind == "ddg-threads":
+        return f"threads/{spec.stash}"
+    if not spec.uses_runtime_cut:
+        return None
+    return f"processes/{spec.stash or 'graph'}"
+
+
 def _choose_cuts(config: BenchConfig, specs: list[ConfigSpec]) -> dict[str, dict]:
-    """The cut of each executor kind in use: the runtime's, timed as process pipelines (for
-    GPipe, 1F1B and DDG's process rows, so they compare on one cut), and the threaded
-    executor's, timed as thread pipelines."""
+    """The cut of each (executor, stash mode) in use, timed as pipelines of that kind."""
     cuts = {}
-    if any(s.uses_runtime_cut for s in specs):
-        cuts["processes"] = run_workers(profile_split_worker, config.stages, (config,),
-                                        threads=cores_per_stage(config.stages),
-                                        timeout_s=config.timeout_s,
-                                        backend=_backend(config, config.stages))[0]
-    if any(s.kind == "ddg-threads" for s in specs):
-        cuts["threads"] = run_workers(threaded_split_worker, 1,
-                                      (config, cores_per_stage(config.stages)),
-                                      threads=cores_per_stage(config.stages),
-                                      timeout_s=config.timeout_s)[0]
+    share = cores_per_stage(config.stages)
+    for key in dict.fromkeys(k for k in map(cut_key, specs) if k is not None):
+        executor, stash = key.split("/")
+        if executor == "processes":
+            cuts[key] = run_workers(profile_split_worker, config.stages, (config, stash),
+                                    threads=share, timeout_s=config.timeout_s,
+                                    backend=_backend(config, config.stages))[0]
+        else:
+            cuts[key] = run_workers(threaded_split_worker, 1, (config, share, stash),
+                                    threads=share, timeout_s=config.timeout_s)[0]
     return cuts
 
 
@@ -160,8 +169,8 @@ def run_bench(config: BenchConfig, out_dir: str | Path | None = None,
     for r in range(config.rounds):
         this_round: dict[str, float | None] = {}
         for spec in specs:
-            split = cuts["threads" if spec.kind == "ddg-threads" else "processes"]["split"] \
-                if spec.kind == "ddg-threads" or spec.uses_runtime_cut else []
+            key = cut_key(spec)
+            split = cuts[key]["split"] if key else []
             try:
                 results = _run_one(config, spec, split)
             except WorkerError as e:
@@ -196,7 +205,9 @@ def run_bench(config: BenchConfig, out_dir: str | Path | None = None,
     for spec in specs:
         row = {"name": spec.name, "kind": spec.kind, "processes": spec.processes,
                "threads": spec.threads, "microbatches": spec.microbatches,
-               "stash": spec.stash, "compile": spec.compile, **summary[spec.name],
+               "stash": spec.stash, "compile": spec.compile,
+               "split": cuts[key]["split"] if (key := cut_key(spec)) else None,
+               **summary[spec.name],
                "peak_mem_mb": peak.get(spec.name, [])}
         if spec.kind == "ddg-replicas":
             row.update(stages=spec.stages, replicas=spec.replicas,
@@ -218,8 +229,8 @@ def run_bench(config: BenchConfig, out_dir: str | Path | None = None,
         "optimizer": {"name": "SGD", "lr": LR, "momentum": MOMENTUM},
         "blocks": blocks,
         "tokens_per_sample": tokens_per_sample(config),  # samples/s times this: tokens/s
-        "split": cuts.get("processes", {}).get("split"),
-        "split_threads": cuts.get("threads", {}).get("split"),
+        "split": cuts.get("processes/graph", {}).get("split"),
+        "split_threads": cuts.get("threads/graph", {}).get("split"),
         "split_choice": {kind: {k: v for k, v in cut.items() if k != "allocator"}
                          for kind, cut in cuts.items()},
         "allocator": allocator_setting(),  # as the workers ran (the launcher tunes every one)

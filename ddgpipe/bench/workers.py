@@ -98,17 +98,20 @@ def _gpu_peaks(cfg: BenchConfig) -> list[float]:
     return [torch.cuda.max_memory_allocated(i) / 2**20 for i in range(torch.cuda.device_count())]
 
 
-def profile_split_worker(rank: int, world_size: int, cfg: BenchConfig) -> dict:
-    """The cut DDG's runtime chooses by default (``balance="pipeline"``), run on K workers.
+def profile_split_worker(rank: int, world_size: int, cfg: BenchConfig,
+                         stash: str = "graph") -> dict:
+    """The cut DDG's runtime chooses by default (``balance="pipeline"``) for ``stash``, run on
+    K workers.
 
-    Returns ``{"split", "profiled_split", "clock_ms"}``: the cut every configuration uses, the
-    one balanced block profiling proposed, and the timed clock of each candidate.
+    Returns ``{"split", "profiled_split", "clock_ms"}``: the cut the configurations of this
+    stash mode use, the one balanced block profiling proposed, and the timed clock of each
+    candidate.
     """
     from ddgpipe.methods import DDG
     from ddgpipe.runtime.allocator import allocator_setting
 
     x, _ = _batch(cfg)
-    pipe = DDG(_model(cfg), stages=world_size, optimizer=_optimizer, stash="graph",
+    pipe = DDG(_model(cfg), stages=world_size, optimizer=_optimizer, stash=stash,
                balance="pipeline", sample_input=x, device=_device(cfg, rank),
                comm=_comm(cfg))
     tuning = pipe.executor.split_tuning or {}
@@ -116,12 +119,14 @@ def profile_split_worker(rank: int, world_size: int, cfg: BenchConfig) -> dict:
             "clock_ms": tuning.get("clock_ms", {}), "allocator": allocator_setting()}
 
 
-def threaded_split_worker(rank: int, world_size: int, cfg: BenchConfig, threads: int) -> dict:
-    """The cut the threaded executor chooses with ``balance="pipeline"``, in one process."""
+def threaded_split_worker(rank: int, world_size: int, cfg: BenchConfig, threads: int,
+                          stash: str = "graph") -> dict:
+    """The cut the threaded executor chooses with ``balance="pipeline"`` for ``stash``, in one
+    process."""
     from ddgpipe.methods import DDG
 
     x, _ = _batch(cfg)
-    pipe = DDG(_model(cfg), stages=cfg.stages, optimizer=_optimizer, stash="graph",
+    pipe = DDG(_model(cfg), stages=cfg.stages, optimizer=_optimizer, stash=stash,
                balance="pipeline", sample_input=x, executor="threads", threads=threads,
                device=cfg.device)
     pipe.close()

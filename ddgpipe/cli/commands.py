@@ -181,7 +181,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     scaling = predict_scaling(config, bandwidth_bytes_per_s=bandwidth)
     measured, per_stage = [], {}
     for row in result["rows"]:
-        split = result["split_threads"] if row.get("kind") == "ddg-threads" else result["split"]
+        split = row.get("split")
         if row.get("kind") not in ("ddg", "ddg-threads") or row.get("error") or split is None:
             continue
         cuts = [0, *split, scaling["blocks"]]

@@ -10,15 +10,12 @@ import sys
 from collections.abc import Sequence
 
 from ddgpipe.cli.commands import cmd_bench, cmd_demo, cmd_experiment, cmd_plot, cmd_train
-from ddgpipe.cli.options import (
-    PRESETS,
-    LineHelpFormatter,
+from ddgpipe.cli.options import PRESETS, LineHelpFormatter, add_train_arguments, int_list
+from ddgpipe.cli.study_options import (
     add_bench_arguments,
     add_lm_arguments,
     add_paper_arguments,
     add_staleness_arguments,
-    add_train_arguments,
-    int_list,
 )
 from ddgpipe.errors import UsageError, WorkerError
 

@@ -1,13 +1,13 @@
-"""The flags of every command: one function per command (and per group of ``train``'s)."""
+"""The flags of ``train`` and ``demo``, one function per group; the bench's and the
+experiments' are in :mod:`ddgpipe.cli.study_options`."""
 
 from __future__ import annotations
 
 import argparse
 import textwrap
 
-__all__ = ["PRESETS", "LineHelpFormatter", "add_train_arguments", "add_bench_arguments",
-           "add_paper_arguments", "add_staleness_arguments", "add_lm_arguments",
-           "model_defaults"]
+__all__ = ["PRESETS", "LineHelpFormatter", "add_train_arguments", "model_defaults",
+           "int_list", "str_list"]
 
 
 PRESETS = {
@@ -310,136 +310,3 @@ def _executors(p: argparse.ArgumentParser) -> None:
     g.add_argument("--timeout", type=float, default=300.0, metavar="SECONDS",
                    help="how long a stage waits for a peer before the run stops with an "
                         "error (default: %(default)s)")
-
-
-def add_bench_arguments(p: argparse.ArgumentParser) -> None:
-    from ddgpipe.models import MODEL_NAMES
-
-    p.add_argument("--model", default="resnet20", metavar="NAME",
-                   help=f"network: {', '.join(MODEL_NAMES)} (default: %(default)s)")
-    p.add_argument("--batch-size", type=int, default=128, help="global minibatch size, the "
-                   "same for every configuration (default: %(default)s)")
-    p.add_argument("--stages", type=int, default=2, metavar="K",
-                   help="workers: DDG/pipeline stages, DDP ranks, backprop threads "
-                        "(default: %(default)s)")
-    p.add_argument("--steps", type=int, default=30, help="timed steps per configuration and "
-                   "round (default: %(default)s)")
-    p.add_argument("--warmup", type=int, default=5, help="untimed steps before the timed ones "
-                   "(default: %(default)s)")
-    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds; ratios are "
-                   "medians over rounds (default: %(default)s)")
-    p.add_argument("--microbatches", type=int_list, default=[2, 4, 8], metavar="M1,M2",
-                   help="microbatch counts tried for GPipe and 1F1B (default: 2,4,8)")
-    p.add_argument("--configs", type=lambda t: [c for c in t.split(",") if c], metavar="A,B",
-                   help="run only these configurations, e.g. bp-1t,ddg-graph (default: all)")
-    p.add_argument("--image-size", type=int, default=32, help="synthetic input height and "
-                   "width (default: %(default)s)")
-    p.add_argument("--context", type=int, default=128, metavar="T",
-                   help="gpt-L: tokens per sample; its rows report tokens/s (default: "
-                        "%(default)s)")
-    p.add_argument("--width", type=int, help="gpt-L: the width (default: 256)")
-    p.add_argument("--replicas", type=int, default=1, metavar="R",
-                   help="with R >= 2, also run DDG with K stages x R replicas on the process "
-                        "runtime: ddg-graph-kKr1, ddg-graph-k1rR (one stage, R replicas: "
-                        "data parallelism through DDG's code) and ddg-graph-kKrR; rows with "
-                        "more processes than cores are reported as oversubscribed "
-                        "(default: %(default)s)")
-    p.add_argument("--compile", action="store_true",
-                   help="also run -compile twins of bp-1t, bp-Kt, ddg-graph-threads, "
-                        "ddg-recompute-threads and ddg-graph-processes (torch.compile; the "
-                        "compiling happens in the warm-up steps, so give --warmup 5 or more)")
-    p.add_argument("--link-gbps", type=float, default=None, metavar="GBIT_S",
-                   help="link bandwidth for the cost model's predictions (default: "
-                        "communication is free and overlapped; the K x R predictions, which "
-                        "a free link would make perfect, assume 10)")
-    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
-                   help="cpu, or cuda: every configuration on GPUs (stage or rank k on cuda:k "
-                        "mod count; DDP and torch's pipelines only with K GPUs), timed with "
-                        "CUDA events, with each GPU's peak memory (default: %(default)s)")
-    p.add_argument("--out", default="runs/bench", metavar="DIR", help="where bench.json and "
-                   "bench.png go (default: %(default)s)")
-    p.add_argument("--no-progress", action="store_true", help="hide the per-run progress lines")
-
-
-def add_paper_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--quick", action="store_true", help="a small smoke version (ResNet-20, "
-                   "2 epochs, one seed, K = 2 and 4, constant step size)")
-    p.add_argument("--model", help="override the network (default: resnet56; quick: resnet20)")
-    p.add_argument("--epochs", type=int, help="override the epochs per run (default: 15)")
-    p.add_argument("--seeds", type=int_list, metavar="S1,S2", help="override the seeds "
-                   "(default: 0,1,2)")
-    p.add_argument("--stages", type=int_list, metavar="K1,K2", help="override the K values "
-                   "(default: 2,3,4)")
-    p.add_argument("--grad-shrink", type=float, default=1.0, metavar="BETA",
-                   help="gradient shrinking for the DDG runs (FDG, Huo et al.): scale stage "
-                        "k's delayed gradient by BETA**delay (default: 1, plain DDG)")
-    p.add_argument("--workers", type=int, default=2, help="runs trained at once, one thread "
-                   "each (default: %(default)s)")
-    p.add_argument("--out", default="runs/paper", metavar="DIR", help="where runs, "
-                   "results.md and figures go (default: %(default)s)")
-    p.add_argument("--no-progress", action="store_true", help="hide the per-run lines")
-
-
-def add_staleness_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--quick", action="store_true",
-                   help="a smoke version: one seed, K = 2 and 4, BP, DDG and DDG + sc,lwp "
-                        "(sweep: lr 0.05 and 0.025), ResNet-20 on digits and ResNet-20-1D on "
-                        "mnist1d, one epoch at batch 128 (2 for the budget part); 20 runs")
-    p.add_argument("--seeds", type=int_list, metavar="S1,S2",
-                   help="seeds of every run (default: 0,1,2; quick: 0)")
-    p.add_argument("--stages", type=int_list, metavar="K1,K2",
-                   help="the K values, each >= 2 and at most the model's block count; "
-                        "backprop is always run (default: 2,3,4,8; quick: 2,4)")
-    p.add_argument("--benchmarks", type=str_list, metavar="B1,B2",
-                   help="digits (ResNet-56, 15 epochs) and/or mnist1d (ResNet-20-1D, 30 "
-                        "epochs) (default: digits,mnist1d)")
-    p.add_argument("--parts", type=str_list, metavar="P1,P2",
-                   help="main: every method at backprop's hyperparameters; sweep: plain DDG at "
-                        "lr 0.05, 0.025, 0.0125; budget: backprop and plain DDG with 3x the "
-                        "epochs (at --budget-stages, on --budget-seeds seeds). Each part also "
-                        "trains the backprop runs its gaps need; runs shared by parts are "
-                        "trained once (default: main,sweep,budget)")
-    p.add_argument("--budget-stages", type=int_list, metavar="K1,K2",
-                   help="the K values of the budget part; a long run costs as much as 3 short "
-                        "ones (default: 4; quick: 2,4)")
-    p.add_argument("--budget-seeds", type=int, metavar="N",
-                   help="the budget part trains the first N of --seeds; its table compares "
-                        "every method on those seeds only (default: 1)")
-    p.add_argument("--workers", type=int, default=2,
-                   help="runs trained at once, each a process with one torch thread on the "
-                        "reference executor (default: %(default)s)")
-    p.add_argument("--out", default="runs/staleness", metavar="DIR",
-                   help="where the runs (DIR/BENCHMARK/METHOD/kK-sSEED), results.md, "
-                        "summary.json and figures go; runs already finished there with the "
-                        "same settings are skipped (default: %(default)s)")
-    p.add_argument("--report-only", action="store_true",
-                   help="train nothing: write results.md, summary.json and the figures from "
-                        "the runs finished so far in --out, naming the missing ones")
-    p.add_argument("--no-progress", action="store_true", help="hide the per-run lines")
-
-
-
-
-def add_lm_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--quick", action="store_true",
-                   help="a smoke version: a tiny GPT, one seed, K = 2, BP, DDG, DDG at half "
-                        "the rate and DDG + dc, a dozen steps")
-    p.add_argument("--seeds", type=int_list, metavar="S1,S2",
-                   help="seeds of every run (default: 0,1,2; quick: 0)")
-    p.add_argument("--stages", type=int_list, metavar="K1,K2",
-                   help="the K values, each between 2 and the model's blocks; backprop is "
-                        "always run (default: 2,4,8; quick: 2)")
-    p.add_argument("--variants", type=str_list, metavar="V1,V2",
-                   help="the ways of training to compare, e.g. bp,ddg,ddg+delay-lr (default: "
-                        "all; results.md lists them)")
-    p.add_argument("--workers", type=int, default=2,
-                   help="runs trained at once, each a process with one torch thread on the "
-                        "reference executor (default: %(default)s)")
-    p.add_argument("--out", default="runs/lm", metavar="DIR",
-                   help="where the runs (DIR/VARIANT/kK-sSEED), results.md, summary.json and "
-                        "figures go; runs already finished there with the same settings are "
-                        "skipped (default: %(default)s)")
-    p.add_argument("--report-only", action="store_true",
-                   help="train nothing: write the report from the runs finished so far in "
-                        "--out, naming the missing ones")
-    p.add_argument("--no-progress", action="store_true", help="hide the per-run lines")

@@ -9,16 +9,17 @@ needs the gradient *through the weights the forward used*, d_k optimizer steps a
 optimizer has changed the live parameters in place since, so each in-flight minibatch keeps
 its own weight version (PipeDream's "weight stashing"). Three ways to keep it:
 
-=============  ===========================================  ===============  ==========
-mode           kept per in-flight minibatch                 extra compute    gradient
-=============  ===========================================  ===============  ==========
-``graph``      autograd graph over a weight snapshot        none             exact
-``recompute``  input + weight snapshot (+ RNG state)        one forward      exact
-``none``       input only; replayed with *current* weights  one forward      approximate
-=============  ===========================================  ===============  ==========
+=============  ============================================  ===============  ==========
+mode           kept per in-flight minibatch                  extra compute    gradient
+=============  ============================================  ===============  ==========
+``graph``      autograd graph over a weight snapshot         none             exact
+``recompute``  each block's input + weight snapshot (+ RNG)  one forward      exact
+``none``       input only; replayed with *current* weights   one forward      approximate
+=============  ============================================  ===============  ==========
 
 ``none`` is what Features Replay (Huo et al. 2018b) does: the backward sees w_k^t instead of
-w_k^{t-d_k}, so it is *not* the DDG update; it trades exactness for memory.
+w_k^{t-d_k}, so it is *not* the DDG update; it trades exactness for memory. ``recompute``
+replays one block at a time (:mod:`ddgpipe.core.segments`).
 
 Only the versions still needed are kept: when no parameter changed since the last snapshot
 (each parameter's identity, storage and autograd ``_version`` counter are those recorded when
@@ -53,6 +54,7 @@ from torch.func import functional_call
 
 from ddgpipe.core.compiled import COMPILE_LOCK, CompiledForward
 from ddgpipe.core.rng import rng_kept, rng_state, set_rng_state
+from ddgpipe.core.segments import BlockReplay, Boundary
 from ddgpipe.core.values import Value, as_args, handed_on, leaves, tensors
 
 __all__ = ["STASH_MODES", "Pending", "Stash", "Snapshot", "updates_unseen"]
@@ -84,6 +86,7 @@ class Pending:
     grad_shapes: list[tuple[tuple[int, ...], torch.dtype]] = field(default_factory=list)
     loss_scale: float = 1.0  # fp16: the scale the last stage applied to this minibatch's loss
     compile_key: Hashable | None = None  # the compiled graph its forward (or replay) ran
+    boundaries: list[Boundary] | None = None  # a replay block by block starts from these
 
 
 class Stash:
@@ -111,6 +114,11 @@ class Stash:
         # torch.compile of the forward (and with it the backward), weights as inputs
         self.compiled = CompiledForward(module) if compile else None
         self._last_key: Hashable | None = None  # what the compiled call just ran for
+        # recompute's replay holds one block's graph at a time (not compiled: that graph is
+        # the stage's; not `none`, whose replay recomputes every block at today's weights)
+        self.by_blocks = BlockReplay(module, self.device) \
+            if self.mode == "recompute" and not compile and BlockReplay.applies(module) \
+            else None
         # Share a snapshot while no parameter changed (see the module's docstring). The stage
         # turns this off for optimizers that update in place without bumping the version
         # counters (torch's fused=True kernels).
@@ -172,22 +180,31 @@ class Stash:
                 out = self._run(weights, xin)
             return out, Pending(minibatch, xin, output=out, weights=weights, rng_state=rng,
                                 compile_key=self._last_key)
+        bounds = None
         with torch.no_grad(), self.compute_context():
             # stash none replays with the *live* weights, whatever the forward used
-            out = self._run(weights, x)
+            if self.by_blocks is not None:
+                out, bounds = self.by_blocks.forward(x, weights, self.restores_rng)
+            else:
+                out = self._run(weights, x)
         kept = self._snapshot(requires_grad=False, weights=weights) \
             if self.mode == "recompute" else None
-        return out, Pending(minibatch, handed_on(x), weights=kept, rng_state=rng)
+        return out, Pending(minibatch, handed_on(x), weights=kept, rng_state=rng,
+                            boundaries=bounds)
+
+    def _replay_leaves(self, pending: Pending) -> tuple[Value, dict[str, Tensor]]:
+        """The input and weights a replay backpropagates into: fresh leaves of the stashed
+        version (``recompute``; it may be shared with other minibatches, so no flag or grad
+        on it) or today's weights (``none``)."""
+        assert pending.inputs is not None, "a replay needs the stashed input"
+        xin = leaves(pending.inputs, self.needs_input_grad)
+        if pending.weights is not None:
+            return xin, {n: w.detach().requires_grad_(True) for n, w in pending.weights.items()}
+        return xin, dict(self.params)
 
     def replay(self, pending: Pending) -> Value:
         """Recompute the forward of ``pending`` with grad enabled (``recompute``/``none``)."""
-        assert pending.inputs is not None, "a replay needs the stashed input"
-        xin = leaves(pending.inputs, self.needs_input_grad)
-        if pending.weights is not None:  # recompute: the stashed version, as fresh leaves
-            # (the version may be shared with other minibatches: no flag or grad on it)
-            weights = {n: w.detach().requires_grad_(True) for n, w in pending.weights.items()}
-        else:  # none: today's weights
-            weights = dict(self.params)
+        xin, weights = self._replay_leaves(pending)
         scratch_buffers = {n: b.clone() for n, b in self.module.named_buffers()}
         with rng_kept([self.device]) if self.restores_rng else nullcontext():
             if self.restores_rng:
@@ -207,11 +224,12 @@ class Stash:
         parameters (no delay, ``none``)."""
         return dict(self.params) if pending.weights is None else pending.weights
 
-    def backward(self, pending: Pending, output: Value,
+    def backward(self, pending: Pending, output: Value | None,
                  grad_output: tuple[Tensor, ...] | Tensor | None) -> tuple[Tensor, ...] | None:
         """Backpropagate into the live parameters' ``.grad``; return the gradients w.r.t. the
         input's marked tensors (None for a stage that needs none: the first).
 
+        ``output`` is :meth:`output_for_backward`'s (None: replayed here, block by block);
         ``grad_output`` is the loss's own (None, or the fp16 scale) for the last stage, else
         one gradient per output marked for one, in order.
         """
@@ -223,7 +241,9 @@ class Stash:
         compiling = self.compiled is not None and \
             self.compiled.backward_needs_lock(pending.compile_key)
         with COMPILE_LOCK if compiling else nullcontext():  # its first backward compiles
-            if isinstance(grad_output, tuple):
+            if output is None:
+                self._backward_by_blocks(pending, grad_output)
+            elif isinstance(grad_output, tuple):
                 marked = [t for t, m in zip(tensors(output), pending.output_marks, strict=True)
                           if m]
                 # a replay's output may need no gradient where the forward assumed one
@@ -245,6 +265,17 @@ class Stash:
         assert pending.inputs is not None
         return tuple(torch.zeros_like(t) if t.grad is None else t.grad
                      for t in tensors(pending.inputs) if t.requires_grad)
+
+    def _backward_by_blocks(self, pending: Pending, grad_output: object) -> None:
+        assert self.by_blocks is not None and pending.boundaries is not None
+        assert isinstance(grad_output, tuple) and pending.inputs is not None
+        weights = dict(self.params) if pending.weights is None else pending.weights
+        scratch_buffers = {n: b.clone() for n, b in self.module.named_buffers()}
+        with rng_kept([self.device]) if self.restores_rng else nullcontext():
+            self.by_blocks.backward(pending.boundaries, pending.inputs,
+                                    {**weights, **scratch_buffers}, pending.output_marks,
+                                    grad_output, self.compute_context)
+        pending.boundaries = None
 
     def export(self, pending: Pending) -> dict:
         """A pending minibatch as plain tensors, for a checkpoint.
@@ -291,10 +322,16 @@ class Stash:
                        rng_state=record["rng_state"], output_marks=marks, grad_shapes=shapes,
                        loss_scale=record.get("loss_scale", 1.0))
 
-    def output_for_backward(self, pending: Pending) -> Value:
-        """The graph-carrying output of ``pending``, replaying the forward if it was not kept."""
+    def output_for_backward(self, pending: Pending) -> Value | None:
+        """The graph-carrying output of ``pending``, replaying the forward if it was not kept;
+        None for a replay block by block, which :meth:`backward` runs (its leaves are ready)."""
         if pending.output is not None:
             return pending.output
+        if pending.boundaries is not None:
+            pending.inputs, weights = self._replay_leaves(pending)
+            if pending.weights is not None:
+                pending.weights = weights
+            return None
         return self.replay(pending)
 
 

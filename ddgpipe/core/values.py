@@ -20,7 +20,8 @@ from torch import Tensor, nn
 from ddgpipe.errors import UsageError
 
 __all__ = ["Value", "CONTRACT", "as_args", "tensors", "rebuild", "check_value", "handed_on",
-           "leaves", "differentiable", "map_tensors", "shard_value", "Blocks", "grad_probe"]
+           "leaves", "differentiable", "map_tensors", "shard_value", "Blocks", "grad_probe",
+           "call_block"]
 
 Value = Tensor | tuple[Tensor, ...]
 """A tensor or a tuple of tensors: the output of a block, the input of the next."""
@@ -104,7 +105,8 @@ def grad_probe(value: Value) -> Tensor | None:
     return torch.stack(parts).sum() if parts else None
 
 
-def _call(block: nn.Module, name: str, args: tuple[Tensor, ...]) -> Value:
+def call_block(block: nn.Module, name: str, args: tuple[Tensor, ...]) -> Value:
+    """``block(*args)``, its output checked; a mismatch named in a :class:`UsageError`."""
     try:
         out = block(*args)
     except TypeError:
@@ -132,5 +134,5 @@ class Blocks(nn.Sequential):
         out: Value = inputs if len(inputs) > 1 else inputs[0]
         for name, block in self._modules.items():
             assert block is not None
-            out = _call(block, name, as_args(out))
+            out = call_block(block, name, as_args(out))
         return out

@@ -50,6 +50,11 @@ def test_tiny_end_to_end_run(tmp_path, capsys):
         assert [p["stage"] for p in profile] == [0, 1]
         assert all(p["waits_logged"] and p["f_ms"] > 0 and p["b_ms"] > 0 for p in profile)
     assert len(result["split_threads"]) == 1
+    # every (executor, stash mode) in use has its own timed cut, and its rows run it
+    assert set(result["split_choice"]) == {"threads/graph", "processes/graph"}
+    assert rows["ddg-graph-threads"]["split"] == result["split_threads"]
+    assert rows["ddg-graph-processes"]["split"] == rows["gpipe-m2"]["split"] == result["split"]
+    assert rows["bp-1t"]["split"] is None
     assert result["best_sync_pipeline"]["name"] in ("gpipe-m2", "1f1b-m2")
     assert len(result["split"]) == 1 and 0 < result["split"][0] < result["blocks"]
     assert result["rounds"][0].keys() == set(SUBSET)
