@@ -7,7 +7,7 @@ from pathlib import Path
 
 from ddgpipe.errors import UsageError
 
-__all__ = ["cmd_train", "cmd_demo", "cmd_bench", "cmd_experiment", "cmd_plot",
+__all__ = ["cmd_train", "cmd_bench", "cmd_experiment", "cmd_plot",
            "config_from_args", "format_results"]
 
 
@@ -122,39 +122,6 @@ def cmd_train(args: argparse.Namespace) -> int:
     print(format_results([result]))
     png = plot_runs([result.run_dir], Path(result.run_dir) / "curves.png")
     print(f"metrics: {Path(result.run_dir) / 'metrics.jsonl'}\nplot:    {png}")
-    return 0
-
-
-def cmd_demo(args: argparse.Namespace) -> int:
-    from ddgpipe.training import TrainConfig, train
-    from ddgpipe.training.lm_plots import plot_runs
-
-    if any(k < 2 for k in args.stages):
-        raise UsageError(f"--stages for the demo must be >= 2 (got {args.stages}); "
-                         "K=1 is backprop, which the demo always runs")
-    out = Path(args.out)
-    args.data = args.data or "digits"
-    runs = [("bp", 1)] + [("ddg", k) for k in args.stages]
-    if not args.no_dni:
-        runs.append(("dni", max(args.stages)))
-    results = []
-    for method, k in runs:
-        # The demo compares accuracy: a cut by parameter count is the same on every machine,
-        # so its table is too (a timed cut is this machine's).
-        config = TrainConfig(model=args.model, data=args.data, data_dir=args.data_dir,
-                             method=method, stages=k, epochs=args.epochs, seed=args.seed,
-                             balance="params", out=str(out / f"{method}-k{k}"),
-                             progress=not args.no_progress)
-        print(f"training {config.display_label()} ({args.model} on {args.data}, "
-              f"{args.epochs} epochs) ...", flush=True)
-        result = train(config)
-        assert result is not None, "one process trains every stage here"
-        results.append(result)
-    print()
-    print(format_results(results))
-    png = plot_runs([str(r.run_dir) for r in results], out / "curves.png",
-                               title=f"{args.model} on {args.data}: backprop, DDG and DNI")
-    print(f"\nlearning curves: {png}")
     return 0
 
 

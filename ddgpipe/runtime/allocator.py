@@ -14,7 +14,6 @@ __all__ = ["ENV_VAR", "allocator_setting", "tune_allocator"]
 ENV_VAR = "DDGPIPE_MALLOC"
 _M_TRIM_THRESHOLD = -1  # mallopt parameter numbers from glibc's <malloc.h>
 _M_MMAP_THRESHOLD = -3
-_M_ARENA_MAX = -8
 _MMAP_THRESHOLD_MAX = 32 * 1024 * 1024  # glibc refuses more on 64-bit
 _NO_TRIM = 2**31 - 1  # mallopt takes an int
 
@@ -48,8 +47,7 @@ def tune_allocator() -> bool:
     if libc is None:
         return False
     ok = (libc.mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_MAX) == 1
-          and libc.mallopt(_M_TRIM_THRESHOLD, _NO_TRIM) == 1
-          and libc.mallopt(_M_ARENA_MAX, 1) == 1)
+          and libc.mallopt(_M_TRIM_THRESHOLD, _NO_TRIM) == 1)
     _state["tuned"] = ok
     return ok
 
@@ -57,5 +55,5 @@ def tune_allocator() -> bool:
 def allocator_setting() -> str:
     """What this process runs with, in words, for the records of a run or a bench."""
     if _state["tuned"]:
-        return "glibc malloc tuned: mmap threshold 32 MiB, no trimming, one arena"
+        return "glibc malloc tuned: mmap threshold 32 MiB, no trimming"
     return "the platform's default allocator settings"

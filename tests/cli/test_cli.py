@@ -124,6 +124,33 @@ def test_the_removed_launcher_flag_is_refused(capsys):
     assert "--launcher" in capsys.readouterr().err
 
 
+def test_demo_reports_speed_and_time_to_accuracy_against_backprop(capsys, tmp_path):
+    code, out, _ = run_cli(["demo", "--model", "mlp", "--epochs", "2", "--target", "0.5",
+                            "--no-progress", "--out", str(tmp_path)], capsys)
+    assert code == 0
+    table = out[out.index("method"):].splitlines()
+    assert table[0].split() == ["method", "test", "acc", "time", "to", "50%", "train", "time",
+                                "images/s", "x", "backprop"]
+    assert table[2].startswith("BP ") and table[2].endswith("1.00x")
+    assert table[3].startswith("DDG K=2 ")
+    verdict = next(line for line in out.splitlines() if line.startswith("DDG K=2: "))
+    assert "x backprop's images/s" in verdict and "final test accuracy" in verdict
+    for run in ("bp-k1", "ddg-k2"):
+        assert (tmp_path / run / "metrics.jsonl").exists()
+    assert (tmp_path / "curves.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_time_to_accuracy_is_the_first_epoch_at_the_target(tmp_path):
+    from ddgpipe.cli.demo import time_to_accuracy
+
+    records = [{"kind": "epoch", "test_acc": a, "wall_time": t}
+               for a, t in ((0.5, 1.0), (0.97, 2.0), (0.96, 3.0), (0.99, 4.0))]
+    (tmp_path / "metrics.jsonl").write_text("\n".join(map(json.dumps, records)) + "\n")
+    assert time_to_accuracy(tmp_path, 0.97) == 2.0
+    assert time_to_accuracy(tmp_path, 0.99) == 4.0
+    assert time_to_accuracy(tmp_path, 0.995) is None
+
+
 def test_compile_with_dni_is_refused_in_one_line(capsys, tmp_path):
     code, _, err = run_cli(["train", "--method", "dni", "--stages", "2", "--compile",
                             "--out", str(tmp_path / "r"), *FAST], capsys)

@@ -15,7 +15,8 @@ def churn():  # what a training step does: allocate activations, free them all
     ts = [torch.ones(2 * 1024 * 1024) for _ in range(4)]  # 4 x 8 MiB
     del ts
 def rounds():
-    for _ in range(3):  # warm up: the heap grows to the working set
+    for _ in range(5):  # warm up: the heap grows to the working set (a thread's arena
+        # takes two rounds)
         churn()
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     for _ in range(20):
