@@ -1,8 +1,10 @@
 """What every bench configuration trains: the model, its synthetic batch and its loss.
 
-Images for the ResNets and the MLP (``image_size`` x ``image_size``, ``in_channels``), token
-windows for a language model (``gpt-L``: ``context`` byte tokens, vocabulary 256), built from
-the bench's seed so every configuration trains the same weights on the same batch.
+Images for the ResNets and the MLP (``image_size`` x ``image_size``, ``in_channels``), signals
+for the 1-D ResNets (``in_channels`` x ``image_size``, mnist1d's 1 x 40 shape with
+``--image-size 40``), token windows for a language model (``gpt-L``: ``context`` byte tokens,
+vocabulary 256), built from the bench's seed so every configuration trains the same weights
+on the same batch.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from ddgpipe.bench.config import BenchConfig
 from ddgpipe.core.stage import LossFn
 from ddgpipe.losses import token_cross_entropy
 from ddgpipe.models import build_model, is_language_model
+from ddgpipe.models.registry import RESNET1D_DEPTHS
 
 __all__ = ["bench_model", "bench_batch", "bench_loss", "tokens_per_sample", "VOCAB"]
 
@@ -36,8 +39,8 @@ def bench_batch(cfg: BenchConfig, device: torch.device | None = None) -> tuple[T
         ids = torch.randint(0, VOCAB, (cfg.batch_size, cfg.context + 1), generator=gen)
         x, y = ids[:, :-1].contiguous(), ids[:, 1:].contiguous()
     else:
-        x = torch.randn(cfg.batch_size, cfg.in_channels, cfg.image_size, cfg.image_size,
-                        generator=gen)
+        side = () if cfg.model in RESNET1D_DEPTHS else (cfg.image_size,)
+        x = torch.randn(cfg.batch_size, cfg.in_channels, cfg.image_size, *side, generator=gen)
         y = torch.randint(0, cfg.num_classes, (cfg.batch_size,), generator=gen)
     device = device or torch.device("cpu")
     return x.to(device), y.to(device)

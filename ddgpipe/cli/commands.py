@@ -138,7 +138,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
                          steps=args.steps, warmup=args.warmup, rounds=args.rounds,
                          microbatches=tuple(args.microbatches),
                          configs=tuple(args.configs) if args.configs else None,
-                         image_size=args.image_size, device=args.device,
+                         image_size=args.image_size, in_channels=args.in_channels,
+                         device=args.device,
                          replicas=args.replicas, context=args.context, width=args.width,
                          compile=args.compile)
     if args.link_gbps is not None and not args.link_gbps > 0:

@@ -31,7 +31,11 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--configs", type=lambda t: [c for c in t.split(",") if c], metavar="A,B",
                    help="run only these configurations, e.g. bp-1t,ddg-graph (default: all)")
     p.add_argument("--image-size", type=int, default=32, help="synthetic input height and "
-                   "width (default: %(default)s)")
+                   "width; for resnet1d-N the signal length, e.g. 40 as in mnist1d (default: "
+                   "%(default)s)")
+    p.add_argument("--in-channels", type=int, default=3, metavar="C",
+                   help="channels of the synthetic input: 3 as in CIFAR, 1 as in the digits "
+                        "and mnist1d (default: %(default)s)")
     p.add_argument("--context", type=int, default=128, metavar="T",
                    help="gpt-L: tokens per sample; its rows report tokens/s (default: "
                         "%(default)s)")

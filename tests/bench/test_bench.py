@@ -194,3 +194,12 @@ def test_format_table_of_a_failed_row():
     assert lines[3].split() == ["bp-1t", "10.0", "1.00", "[1.00-1.00]", "-", "300"]
     assert lines[4].split()[:5] == ["ddp", "-", "-", "-", "-"]
     assert lines[4].endswith("error: rank 1: boom")
+
+
+def test_one_dimensional_resnets_get_signals():
+    from ddgpipe.bench.workload import bench_batch, bench_model
+
+    cfg = BenchConfig(model="resnet1d-20", image_size=40, in_channels=1, batch_size=4)
+    x, y = bench_batch(cfg)
+    assert x.shape == (4, 1, 40) and y.shape == (4,)
+    assert bench_model(cfg)(x).shape == (4, 10)

@@ -44,7 +44,8 @@ def make_figures(plan: LMPlan, runs: list[GridRun], out: Path) -> list[Path]:
 def _cell(row: dict | None, gap_key: str = "gap_pct") -> str:
     if row is None or row["val_loss_mean"] is None:
         return "–"
-    std = f" ± {row['val_loss_std']:.3f}" if row["val_loss_std"] is not None else ""
+    # one seed has no spread to show: say so instead of a ± 0
+    std = f" ± {row['val_loss_std']:.3f}" if row["seeds"] > 1 else " (1 seed)"
     gap = row.get(gap_key)
     tail = "" if gap is None or row["stages"] == 1 else f" ({gap:+.1f}%)"
     diverged = f", {row['diverged']} diverged" if row["diverged"] else ""
