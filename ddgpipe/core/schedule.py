@@ -1,16 +1,6 @@
 """What every stage does at every clock: a pure description shared by all executors.
 
-Why and how: ``docs/design.md``, "The schedule".
-
-Example:
-    >>> [str(a) for a in ddg_actions(stage=0, stages=2, clock=1)]
-    ['0F1', '0B0', '0S0']
-    >>> print(format_table(ddg_schedule(stages=2, minibatches=3)))
-    clock | stage 0     | stage 1
-    0     | 0F0         | 1F0 1B0 1S0
-    1     | 0F1 0B0 0S0 | 1F1 1B1 1S1
-    2     | 0F2 0B1 0S1 | 1F2 1B2 1S2
-    3     | 0B2 0S2     |
+Why and how, with an example: ``docs/design.md``, "The schedule".
 """
 
 from __future__ import annotations

@@ -1,14 +1,5 @@
 """Weight stashing: what a stage keeps of a minibatch between its forward and its backward.
 
-DDG's update for module k at clock t (Huo et al. 2018, eq. 8-9)::
-
-    w_k^{t+1} = w_k^t - lr_t * g_k^t,
-    g_k^t     = d loss(x_{t-d_k}) / d w_k, backpropagated through w_k^{t-d_k}
-
-needs the gradient *through the weights the forward used*, d_k optimizer steps ago. The
-optimizer has changed the live parameters in place since, so each in-flight minibatch keeps
-its own weight version (PipeDream's "weight stashing"). Three ways to keep it:
-
 =============  ============================================  ===============  ==========
 mode           kept per in-flight minibatch                  extra compute    gradient
 =============  ============================================  ===============  ==========
@@ -17,28 +8,8 @@ mode           kept per in-flight minibatch                  extra compute    gr
 ``none``       input only; replayed with *current* weights   one forward      approximate
 =============  ============================================  ===============  ==========
 
-``none`` is what Features Replay (Huo et al. 2018b) does: the backward sees w_k^t instead of
-w_k^{t-d_k}, so it is *not* the DDG update; it trades exactness for memory. ``recompute``
-replays one block at a time (:mod:`ddgpipe.core.segments`).
-
-Only the versions still needed are kept: when no parameter changed since the last snapshot
-(each parameter's identity, storage and autograd ``_version`` counter are those recorded when
-it was taken; every in-place update, an optimizer's step included, bumps the counter) and a
-minibatch still in flight holds that snapshot, the next forward shares it instead of copying
-the weights again: during warm-up, after an fp16 skip, and between the steps of
-``accumulate``. A shared snapshot holds the same numbers, so the gradients are bitwise those
-of a fresh copy: in ``graph`` mode its leaves' ``.grad`` is cleared before each backward
-writes into them, and a ``recompute`` replay backpropagates into fresh leaves over the kept
-tensors (``detach``), so neither carries a gradient or a requires-grad flag from another
-minibatch. Changes that bypass the version counter (through ``p.data``, or torch's
-``fused=True`` optimizer kernels, which the stage detects and then turns sharing off for)
-would make a shared snapshot stale; ddgpipe makes none.
-
-Replays (``recompute``/``none``) run the forward on throwaway copies of the buffers so that
-BatchNorm's running statistics are updated once per minibatch, at its forward, as in
-backprop; they restore the RNG state of the original forward (the CPU generator's and the
-stage's GPU's) so random layers replay alike, and they run under the same autocast as the
-forward, so mixed precision replays alike too.
+Why and how (the DDG update it serves, shared snapshots, replays): ``docs/design.md``,
+"Weight stashing".
 """
 
 from __future__ import annotations

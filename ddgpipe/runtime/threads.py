@@ -1,30 +1,7 @@
 """The threaded executor: one process, one thread per stage, queues between them.
 
-Every stage thread walks its own column of the schedule with the same ``Stage`` calls as the
-reference executor (:func:`ddgpipe.core.clock.run_stage_clock`), receiving activations and
-gradients from its neighbours through queues. Nothing is copied or serialised on one device;
-across GPUs a tensor moves with one ``non_blocking`` copy (see :mod:`ddgpipe.core.streams`). This
-is how torchgpipe runs its pipeline, and on one machine it beats one process per stage:
-there is no socket, no second address space, no copy of every activation.
-
-What makes it agree bitwise with the reference:
-
-* the same ops in the same order per stage, and each stage's own intra-op thread count
-  (``threads``; the cores are split between stages, and the reference gives every
-  stage the same count) — torch's intra-op pool is per calling thread, so K stage threads
-  with one intra-op thread each run K kernels at once;
-* each stage's own random stream. torch has one CPU generator per process, not per thread,
-  so a stage that draws random numbers swaps its stream in under a lock for each of its ops
-  (:class:`ddgpipe.core.rng.StageStreams`). Which stages draw is learnt in their first clock, run
-  entirely under that lock (plus any layer known to be random, in case it drew nothing
-  then); stages that draw nothing then run free, and their stash replays leave the
-  generator alone.
-
-What makes it safe: an exception in any stage thread stops every other one (each polls a
-stop flag while it waits) and is raised in the caller with the stage named; every wait has a
-timeout; :meth:`ThreadedExecutor.close` stops and joins the threads, and runs on every error.
-While the pipeline runs, the caller's thread must not draw from torch's global generator
-(the data loader uses generators of its own).
+Why it agrees bitwise with the reference executor, and what makes it safe: ``docs/design.md``,
+"The threaded executor".
 """
 
 from __future__ import annotations

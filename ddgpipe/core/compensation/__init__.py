@@ -1,46 +1,13 @@
 """Staleness compensation from the asynchronous-pipeline literature, by name.
 
     pipe = ddgpipe.DDG(model, 4, optimizer, compensation="sc,lwp")
-    pipe = ddgpipe.DDG(model, 4, optimizer, compensation="dc",
-                       compensation_options={"dc_lambda": 1.0})
 
-==================  ===============================================  ============  ===========
-name                rule (file)                                      optimizer     stash
-==================  ===============================================  ============  ===========
-``sc``              spike compensation, Kosson et al. 2021           momentum SGD  any
-                    (``spike.py``)
-``lwp``             linear weight prediction, Kosson et al. 2021     momentum SGD  any
-                    (``prediction.py``)
-``dc``              DC-ASGD-a, adaptive lambda, Zheng et al. 2017    any           graph,
-                    (``delay.py``)                                                 recompute
-``dc-c``            DC-ASGD-c, constant lambda (``delay.py``)        any           graph,
-                                                                                   recompute
-``pipemare-lr``     PipeMare T1, lr rescheduling, Yang et al. 2021   any           any
-                    (``pipemare.py``)
-``pipemare``        PipeMare T1 + T2 (discrepancy correction of the  any           none
-                    replay's weights) (``pipemare.py``)
-``stage-momentum``  beta1_k = b0 + d_k (bmax - b0) / K, Ajanthan et   SGD with      any
-                    al. 2025 (AsyncPP) (``stage_momentum.py``)       momentum,
-                                                                     Adam(W),
-                                                                     NAdam, Muon
-``delay-lr``        lr min(1, c / d_k), Mishchenko et al. 2022       any           any
-                    (``delay_lr.py``)
-``accumulate``      step every A delayed gradients with their mean,  any           any
-                    PipeDream-2BW / PACI (``accumulate.py``)
-==================  ===============================================  ============  ===========
+``sc``, ``lwp`` (Kosson et al. 2021); ``dc``, ``dc-c`` (DC-ASGD, Zheng et al. 2017);
+``pipemare-lr``, ``pipemare`` (Yang et al. 2021); ``stage-momentum`` (AsyncPP, Ajanthan et al.
+2025); ``delay-lr`` (Mishchenko et al. 2022); ``accumulate`` (PipeDream-2BW, PACI). Commas
+combine rules that change different phases of a step; only delayed stages use them.
 
-Names combine with commas when they change different phases of a step (see
-:mod:`ddgpipe.core.compensation.base`): ``sc,lwp`` is the combination Kosson et al. recommend;
-other combinations are well defined but were not studied by their authors. Every rule
-applies only to stages with a delay; the last stage and K = 1 stay plain backprop.
-
-Each file states its rule and derives it; ``tests/core/test_compensation.py`` and
-``tests/core/test_compensation_delay.py`` check each one against an independent float64
-numpy implementation of that rule. The papers' equation numbers are not quoted because they
-were not checked against the papers' text; the rules follow the techniques as the papers
-name them, the authors' public code (DC-ASGD, AsyncPP, Mishchenko et al.'s notebook, PACI,
-PipeDream-2BW), and the derivation in each file. Defaults that are ddgpipe's rather than a
-paper's say so.
+Each rule, its optimizers, stash modes and sources: ``docs/compensation.md``, "Overview".
 """
 
 from __future__ import annotations

@@ -1,30 +1,7 @@
-"""The hook a stage consults, and how several papers' rules share it.
+"""The hook a stage consults at F, B and S (and once at the end), and the phases of a step
+that let several papers' rules share it; the identity compensation is plain DDG.
 
-DDG's stage k learns at clock t from the gradient of minibatch t-d_k, computed at the weights
-that minibatch's forward used, d_k optimizer steps ago. The asynchronous-pipeline literature
-offers remedies for that staleness; each is a small object the :class:`~ddgpipe.core.stage.Stage`
-consults at three points of its clock, and knows nothing of executors or processes:
-
-* at F, :meth:`Compensation.forward_weights` may return the weights the forward should use
-  instead of the live ones (weight prediction); the stash then keeps *those* weights, so the
-  backward is exact at them;
-* at B, under stash mode ``none`` only, :meth:`Compensation.replay_weights` may return the
-  weights the replayed forward and its backward use instead of the live ones (an estimate of
-  the forward's weights: PipeMare's discrepancy correction);
-* at S, :meth:`Compensation.step` applies the gradient the backward left in ``p.grad``
-  (plain DDG: ``optimizer.step()``), given the weights that minibatch's forward used;
-* once, at the end of training (the end of the executor's drain),
-  :meth:`Compensation.finish` applies whatever the rule still holds back (the leftover
-  gradients of ``accumulate``).
-
-The identity compensation below is plain DDG. A stage without delay (the last one, or K = 1)
-never consults its compensation, so backprop stays backprop bitwise.
-
-Each paper's rule is a :class:`Rule`: it changes one *phase* of the step (the optimizer's
-own coefficients, set once when the stage is built; which weights the forward uses, which
-the replay uses, the gradient, the learning rate, or the update itself) and leaves the others
-alone. :class:`Rules` runs a set of rules, at most one per phase, in a
-fixed order, so ``sc,lwp`` (Kosson et al.'s best setting) is two rules, not a third one.
+Why and how: ``docs/compensation.md``, "The hook and its phases".
 """
 
 from __future__ import annotations

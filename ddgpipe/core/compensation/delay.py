@@ -1,35 +1,7 @@
-"""``dc`` and ``dc-c``: delay-compensated gradients (Zheng, Meng, Wang, Chen, Yu, Ma, Liu,
-"Asynchronous Stochastic Gradient Descent with Delay Compensation", ICML 2017, arXiv
-1609.08326: DC-ASGD).
+"""``dc`` and ``dc-c``: DC-ASGD's delay-compensated gradients (Zheng et al., ICML 2017), a
+first-order correction of the gradient from the forward's weights to the live ones.
 
-A delayed gradient g = grad f(w_bak) was computed at the backup weights w_bak but is
-applied to w, which has moved on. DC-ASGD corrects it with the first-order Taylor term of
-the gradient, approximating the Hessian by the diagonal of the gradient's outer product,
-scaled by lambda:
-
-    g_dc = g + lambda * g ⊙ g ⊙ (w - w_bak)
-
-* ``dc-c`` (the paper's DC-ASGD-c): a constant lambda, default 0.04 (MXNet's ``DCASGD``
-  default, and the CIFAR-10 value reported for DC-ASGD-c);
-* ``dc`` (DC-ASGD-a, the adaptive variant, which the paper reports as the better one): per
-  coordinate,
-
-      MeanSquare <- beta * MeanSquare + (1 - beta) * g ⊙ g
-      lambda_t   = lambda_0 / sqrt(MeanSquare + eps)
-
-  with lambda_0 = 2 and beta = 0.95 by default (the CIFAR-10 values reported for
-  DC-ASGD-a) and eps = 1e-7; the update order (MeanSquare first, then lambda_t) and eps are
-  those of the authors' public implementation (Microsoft's Multiverso DC-ASGD updaters).
-
-In DDG, w_bak is the weights the minibatch's forward used, which weight stashing keeps (and
-which ``lwp`` may have predicted), and w is the live weights at the step; so the correction
-needs stash ``graph`` or ``recompute``. Under stash ``none`` the replay computes the
-gradient at the live weights themselves: w - w_bak = 0 and there is nothing to compensate.
-
-The correction is applied to the loss gradient, before the optimizer adds weight decay
-(which PyTorch computes at the live weights, hence already undelayed) and before it makes
-the step: SGD, momentum SGD and Adam all consume the corrected gradient, as DC-ASGD's server
-consumes it in place of g. With ``grad_shrink`` the shrunk gradient is the one corrected.
+Why and how: ``docs/compensation.md``, "Delay compensation".
 """
 
 from __future__ import annotations

@@ -1,36 +1,7 @@
-"""``pipemare-lr`` and ``pipemare``: PipeMare's two techniques (Yang, Zhang, Li, Ré, Aberger,
-De Sa, "PipeMare: Asynchronous Pipeline Parallel DNN Training", MLSys 2021, arXiv
-1910.05124).
+"""``pipemare-lr`` and ``pipemare``: PipeMare's lr rescheduling (T1) and discrepancy
+correction of a stash-``none`` replay's weights (T2) (Yang et al., MLSys 2021).
 
-PipeMare runs a pipeline without weight stashing: the forward of a minibatch sees older
-weights than its backward. Its two techniques, in DDG's terms (stage delay tau = d_k, clock
-k = the iteration of the update, as the LR schedule counts it):
-
-**T1, learning-rate rescheduling** (``pipemare-lr``). PipeMare's analysis bounds the step
-size that keeps a tau-delayed update stable by O(1/tau), so each stage starts at its base lr
-divided by its delay and ramps geometrically to the base lr over the first K iterations:
-
-    alpha_(k, stage) = alpha_k * tau^(-p_k),    p_k = max(0, 1 - k / K)
-
-It changes nothing at delay 1 (nor at 0: the last stage never consults its compensation).
-It only rescales the learning rate, so it applies to any optimizer and any stash mode.
-K (``pipemare_anneal``, in clocks) has no default: PipeMare tunes it per task.
-
-**T2, discrepancy correction** (with T1: ``pipemare``). Without stashing, the backward runs
-at weights tau steps newer than the forward's; PipeMare estimates the forward's weights by
-stepping back along an exponential moving average delta of the recent updates:
-
-    delta   <- gamma * delta + (1 - gamma) * (w_(t+1) - w_t)      (after every update)
-    w_bkwd  =  w - tau * delta
-
-In DDG with stash ``graph`` or ``recompute`` the backward already runs at the forward's
-exact weights, so T2 has nothing to correct and is refused. Under stash ``none`` (Features
-Replay's mode) the backward replays the forward from the stashed input at the live weights,
-tau updates newer than the forward's: T2 makes that replay (and its backward) run at
-``w - tau * delta`` instead, an estimate of the forward's weights that costs one weight-sized
-buffer per stage instead of a stashed version per in-flight minibatch. gamma
-(``pipemare_ema``) defaults to 0.9, ddgpipe's choice, not the paper's. delta is an average of
-weight updates, so T2 applies to any optimizer too.
+Why and how: ``docs/compensation.md``, "PipeMare".
 """
 
 from __future__ import annotations

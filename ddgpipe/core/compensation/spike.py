@@ -1,28 +1,7 @@
-"""``sc``: Spike Compensation (Kosson, Chiley, Venigalla, Hestness, Köster, "Pipelined
-Backpropagation at Scale: Training Large Models without Batches", MLSys 2021, arXiv
-2003.11666, the section of that name).
+"""``sc``: spike compensation (Kosson et al., MLSys 2021): momentum SGD pays a D-steps-late
+gradient's missed momentum at once, then follows the on-time gradient's trajectory.
 
-With momentum SGD (``v <- m v + g``, ``w <- w - lr v``) a gradient applied at step s moves
-the weights by ``lr m^j g`` at step s+j. A gradient that is D steps late has missed the
-moves ``m^0 .. m^(D-1)`` it would have made, and its later moves are ``m^D`` times too large
-compared with an on-time gradient that far along. Spike compensation applies it as
-
-    v <- m v + g
-    w <- w - lr (a v + b g),    a = m^D,   b = (1 - m^D) / (1 - m)
-
-so the late gradient's moves from step s on are ``(a + b), a m, a m^2, ...`` = exactly the
-on-time gradient's ``sum_{j<=D} m^j, m^(D+1), m^(D+2), ...``: the missed part is paid at once
-(the spike), the rest is the on-time trajectory, and the total is still ``1 / (1 - m)``. For
-D = 1 this is Nesterov momentum in PyTorch's form (``w <- w - lr (g + m v)``), which is why
-``sc`` refuses ``nesterov=True``. D = 0 (the last stage) is plain momentum SGD; the stage
-does not consult its compensation there.
-
-Here D is the stage's delay d_k and g is what ``torch.optim.SGD`` would use: the delayed
-gradient (already exact at the forward's weights, by weight stashing) plus ``weight_decay``
-times the *live* weights. The momentum buffer is the optimizer's own
-(``optimizer.state[p]["momentum_buffer"]``), so checkpoints save it as before.
-Only SGD with momentum: the coefficients come from momentum's geometric impulse response,
-which Adam's normalised update does not have.
+Why and how: ``docs/compensation.md``, "Spike compensation".
 """
 
 from __future__ import annotations

@@ -1,33 +1,7 @@
-"""``stage-momentum``: stage-dependent momentum (Ajanthan, Ramasinghe, Zuo, Avraham, Long,
-"Nesterov Method for Asynchronous Pipeline Parallel Optimization", ICML 2025, arXiv
-2505.01099; the authors' code, PluralisResearch/AsyncPP, option ``--adaptive_momentum``).
+"""``stage-momentum``: stage-dependent momentum (Ajanthan et al., ICML 2025, AsyncPP): the more
+delayed a stage, the larger its first-moment coefficient, set once when the stage is built.
 
-A stage with a larger delay gets a larger first-moment coefficient:
-
-    beta1_k = b0 + d_k * (bmax - b0) / K
-
-with b0 the optimizer's own coefficient, d_k = K-1-k the stage's delay, K the number of stages
-and bmax = 0.99 (``stage_momentum_max``). The equation is the one in ``main_with_runtime.py``
-of AsyncPP (``beta1_base + (num_versions - 1) * (0.99 - beta1_base) / num_stages``, with 0.99
-hard-coded there); the paper's own text could not be reached, so the code is the source. It
-never reaches bmax (d_k <= K-1 < K), it is b0 at the last stage, and b0 > bmax is refused.
-
-The coefficient is set once, when the stage is built, in the optimizer's param groups, so it
-is constant and checkpoints keep it with the optimizer's state_dict:
-
-* Adam, AdamW, NAdam: ``betas[0]`` (AsyncPP's setting: NAdam, the Nesterov look-ahead);
-* ``torch.optim.Muon`` (and :class:`ddgpipe.training.optim.MuonAdamW`, recognised by its
-  ``muon`` and ``adamw`` parts): Muon's ``momentum`` and AdamW's ``betas[0]``, each from its
-  own b0 (0.95 and 0.9 by default). ddgpipe's choice: the paper has no Muon; both are
-  moving averages (EMA form), whose step size does not depend on the coefficient;
-* momentum SGD (ddgpipe's carry-over, not the paper's): Nesterov momentum with
-  m_k = m + d_k (bmax - m) / K, the delayed stage's SGD is switched to ``nesterov=True`` (the
-  stage without delay keeps the optimizer as built), and its lr is scaled by
-  s_k = (1 - m_k) / (1 - m), so the step a steady gradient makes is kept. Derivation: with
-  b <- m b + g a steady g gives b = g / (1 - m), and both heavy-ball (lr b) and Nesterov
-  (lr (g + m b)) move lr g / (1 - m) per step; so lr s_k g / (1 - m_k) = lr g / (1 - m).
-
-Plain SGD (momentum 0) has no momentum to change and is refused, as is any other optimizer.
+Why and how: ``docs/compensation.md``, "Stage-dependent momentum".
 """
 
 from __future__ import annotations
