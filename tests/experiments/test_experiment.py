@@ -261,7 +261,7 @@ def test_quick_lm_experiment_and_its_resumption(tmp_path, capsys):
     assert [s["stages"] for s in summary["sweep"]] == [2]
     report = (out / "results.md").read_text()
     assert report in captured.out and "## Goals" in report and "| DDG + dc |" in report
-    for png in ("loss-tokens.png",):
+    for png in ("loss-tokens.png", "loss-time.png"):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
     config = json.loads((out / "ddg+dc/k2-s0/config.json").read_text())
     assert (config["model"], config["optimizer"], config["iterations"]) == ("gpt-2", "adamw", 12)

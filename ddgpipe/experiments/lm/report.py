@@ -35,10 +35,14 @@ def make_figures(plan: LMPlan, runs: list[GridRun], out: Path) -> list[Path]:
         panels.append((f"K = {k}", lines))
     if not panels:
         return []
-    # Against tokens only: the runs share a machine with other work, so their clocks measure
-    # that as much as the method; the bench measures speed.
+    # Against wall time too, as a sketch: every run computes on one core with the reference
+    # executor (no overlap between stages), and its clock also counts whatever else shares
+    # the machine; the bench measures speed.
     return [plot_lm_panels(panels, out / "loss-tokens.png", "tokens",
-                           "held-out loss against tokens seen")]
+                           "held-out loss against tokens seen"),
+            plot_lm_panels(panels, out / "loss-time.png", "wall_time",
+                           "held-out loss against training time (one core per run, reference "
+                           "executor: not DDG's speed)")]
 
 
 def _cell(row: dict | None, gap_key: str = "gap_pct") -> str:
@@ -114,5 +118,10 @@ def render_report(summary: dict, plan: LMPlan, figures: list[Path], out: Path) -
                   + (" ..." if len(summary["missing"]) > 20 else "")]
     if summary["diverged"]:
         lines += ["", "Diverged: " + ", ".join(summary["diverged"])]
-    lines += ["", "## Figures", ""] + [f"![{f.stem}]({f.name})" for f in figures] + [""]
+    lines += ["", "## Figures", "",
+              "Against training time, each run computed every stage in turn on one core (the "
+              "reference executor), so the time axis shows what a method costs in compute "
+              "(Muon's orthogonalisation, a replay), not DDG's parallel speed (see the bench); "
+              "the runs shared the machine with other work, so times are rough.", ""]
+    lines += [f"![{f.stem}]({f.name})" for f in figures] + [""]
     return "\n".join(lines)
