@@ -107,17 +107,7 @@ def add_staleness_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--budget-seeds", type=int, metavar="N",
                    help="the budget part trains the first N of --seeds; its table compares "
                         "every method on those seeds only (default: 1)")
-    p.add_argument("--workers", type=int, default=2,
-                   help="runs trained at once, each a process with one torch thread on the "
-                        "reference executor (default: %(default)s)")
-    p.add_argument("--out", default="runs/staleness", metavar="DIR",
-                   help="where the runs (DIR/BENCHMARK/METHOD/kK-sSEED), results.md, "
-                        "summary.json and figures go; runs already finished there with the "
-                        "same settings are skipped (default: %(default)s)")
-    p.add_argument("--report-only", action="store_true",
-                   help="train nothing: write results.md, summary.json and the figures from "
-                        "the runs finished so far in --out, naming the missing ones")
-    p.add_argument("--no-progress", action="store_true", help="hide the per-run lines")
+    _grid_arguments(p, "runs/staleness", "DIR/BENCHMARK/METHOD/kK-sSEED")
 
 
 def add_lm_arguments(p: argparse.ArgumentParser) -> None:
@@ -132,14 +122,19 @@ def add_lm_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--variants", type=str_list, metavar="V1,V2",
                    help="the ways of training to compare, e.g. bp,ddg,ddg+delay-lr (default: "
                         "all; results.md lists them)")
+    _grid_arguments(p, "runs/lm", "DIR/VARIANT/kK-sSEED")
+
+
+def _grid_arguments(p: argparse.ArgumentParser, out: str, layout: str) -> None:
+    """The flags every resumable grid shares."""
     p.add_argument("--workers", type=int, default=2,
                    help="runs trained at once, each a process with one torch thread on the "
                         "reference executor (default: %(default)s)")
-    p.add_argument("--out", default="runs/lm", metavar="DIR",
-                   help="where the runs (DIR/VARIANT/kK-sSEED), results.md, summary.json and "
-                        "figures go; runs already finished there with the same settings are "
-                        "skipped (default: %(default)s)")
+    p.add_argument("--out", default=out, metavar="DIR",
+                   help=f"where the runs ({layout}), results.md, summary.json and figures go; "
+                        "runs already finished there with the same settings are skipped "
+                        "(default: %(default)s)")
     p.add_argument("--report-only", action="store_true",
-                   help="train nothing: write the report from the runs finished so far in "
-                        "--out, naming the missing ones")
+                   help="train nothing: write results.md, summary.json and the figures from "
+                        "the runs finished so far in --out, naming the missing ones")
     p.add_argument("--no-progress", action="store_true", help="hide the per-run lines")
