@@ -131,6 +131,16 @@ class StageStreams:
         with self.lock:
             self._restored = None
 
+    def check_caller(self) -> bool:
+        """Whether the caller has drawn from the global generator since the last swap put its
+        state back (checked under the lock, so no swap is half done). A draw that lands
+        inside a swap takes from that stage's stream instead and cannot be told apart."""
+        with self.lock:
+            if self._restored is not None and not torch.equal(torch.get_rng_state(),
+                                                              self._restored):
+                self.foreign_draws = True
+        return self.foreign_draws
+
     @contextmanager
     def use(self, stage: int) -> Iterator[StreamUse]:
         """Draw from ``stage``'s stream inside the block. The yielded record's ``drew`` says,

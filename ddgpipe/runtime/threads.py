@@ -107,7 +107,7 @@ class ThreadedExecutor(InProcessExecutor):
         """Warn once when the caller drew from torch's global generator while stages that
         draw random numbers ran: the draws interleave with theirs (seen by the stage streams'
         swaps, which find the generator moved between two of them)."""
-        if self._warned_generator or not self.streams.foreign_draws:
+        if self._warned_generator or not self.streams.check_caller():
             return
         self._warned_generator = True
         warnings.warn(

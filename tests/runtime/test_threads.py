@@ -261,7 +261,10 @@ def test_drawing_from_the_global_generator_while_stages_run_is_warned_about_once
                 as caught:
             for x, y in data:
                 pipe.step(x, y, F.cross_entropy)
-                torch.rand(3)  # e.g. a data pipeline without a generator of its own
+                # e.g. a data pipeline without a generator of its own; the lock only places
+                # the draw between two swaps (one inside a swap takes from a stage's stream)
+                with pipe.executor.streams.lock:
+                    torch.rand(3)
         assert len([w for w in caught if issubclass(w.category, RuntimeWarning)]) == 1
 
 
