@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from ddgpipe.cache import cache_dir
+from ddgpipe.runtime.machine import cpu_name
 
 __all__ = ["cut_key", "cached_cut", "remember_cut", "CUTS_FILE"]
 
@@ -46,7 +47,8 @@ def cut_key(model: nn.Module, sample_input: Tensor, stages: int, method: str, st
         "model": _model_fingerprint(model), "input": list(sample_input.shape),
         "dtype": str(sample_input.dtype), "stages": stages, "method": method, "stash": stash,
         "precision": precision, "executor": executor, "devices": devices, "threads": threads,
-        "machine": [platform.machine(), platform.processor(), os.cpu_count(), gpus],
+        "machine": [platform.machine(), cpu_name(), torch.backends.cpu.get_cpu_capability(),
+                    os.cpu_count(), gpus],
         "torch": torch.__version__,
     }
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:24]

@@ -9,8 +9,6 @@ median, min and max of those per-round ratios.
 from __future__ import annotations
 
 import json
-import os
-import platform
 import statistics
 import sys
 from dataclasses import asdict
@@ -31,8 +29,9 @@ from ddgpipe.errors import UsageError, WorkerError
 from ddgpipe.runtime.allocator import allocator_setting
 from ddgpipe.runtime.devices import cores_per_stage
 from ddgpipe.runtime.launch import run_workers
+from ddgpipe.runtime.machine import machine_info
 
-__all__ = ["run_bench", "summarise", "machine_info"]
+__all__ = ["run_bench", "summarise"]
 
 _PROFILE_KEYS = ("f_ms", "b_ms", "s_ms", "wait_ms", "busy_s", "wall_s", "utilisation")
 
@@ -64,17 +63,6 @@ def summarise(rounds: list[dict[str, float | None]], baseline: str = "bp-1t",
     return out
 
 
-def machine_info() -> dict:
-    """What the numbers were measured on (no host name)."""
-    return {
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-    }
-
-
 def _log(progress: bool, message: str) -> None:
     if progress:
         print(message, file=sys.stderr, flush=True)
@@ -97,7 +85,6 @@ def _median_profile(per_round: list[list[dict]]) -> list[dict]:
 
 
 def _backend(config: BenchConfig, processes: int) -> str:
-    import torch
 
     if config.device == "cpu" or torch.cuda.device_count() < processes:
         return "gloo"

@@ -91,15 +91,16 @@ def build_parser() -> argparse.ArgumentParser:
     add_staleness_arguments(experiments.add_parser(
         "staleness", help="staleness compensations against plain DDG and backprop, momentum SGD",
         description="With momentum SGD and backprop's hyperparameters unchanged for every "
-        "method and K, train backprop, plain DDG, DDG with each staleness compensation (sc, lwp, "
-        "dc, pipemare-lr, delay-lr, accumulate, stage-momentum), with sc,lwp, with FDG's "
-        "gradient shrinking (beta 0.5), Features Replay and FR + pipemare, at K = 2, 3, 4, 8 on ResNet-56/digits and "
-        "ResNet-20-1D/mnist1d, 3 seeds (part main); plain DDG at lr 0.05, 0.025, 0.0125 "
-        "(sweep); backprop and plain DDG with 3x the epochs at K = 4, first seed (budget). "
-        "Writes results.md (tables per benchmark and K, gaps to backprop, the goals each method "
-        "meets), summary.json and figures. The full grid is 346 runs, about 7 core-hours: "
-        "about 3.5 hours with 2 workers on 2 cores. An interrupted grid continues where it "
-        "stopped when the same command is run again. --quick takes well under a minute."))
+        "method and K, train backprop, plain DDG, DDG with each staleness compensation (sc, "
+        "lwp, dc, pipemare-lr, delay-lr, accumulate, stage-momentum), with sc,lwp, with FDG's "
+        "gradient shrinking (beta 0.5), Features Replay and FR + pipemare, at K = 2, 3, 4, 8 "
+        "on ResNet-56/digits and ResNet-20-1D/mnist1d, 3 seeds (part main); plain DDG at lr "
+        "0.05, 0.025, 0.0125 (sweep); backprop and plain DDG with 3x the epochs at K = 4, "
+        "first seed (budget). Writes results.md (tables per benchmark and K, gaps to backprop, "
+        "the goals each method meets), summary.json and figures. The full grid is 346 runs, "
+        "about 7 core-hours: about 3.5 hours with 2 workers on 2 cores. An interrupted grid "
+        "continues where it stopped when the same command is run again. --quick takes well "
+        "under a minute."))
     add_lm_arguments(experiments.add_parser(
         "lm", help="DDG on a GPT language model: backprop, plain DDG and the remedies, AdamW",
         description="With AdamW and backprop's recipe unchanged for every method and K, train "

@@ -12,6 +12,7 @@ import multiprocessing as mp
 import statistics
 import sys
 import time
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -20,14 +21,15 @@ from ddgpipe.training import TrainConfig, train
 from ddgpipe.training.checkpoints import atomic_write_bytes
 from ddgpipe.training.plots import read_jsonl
 
-__all__ = ["FINISHED", "DIVERGED", "DIVERGED_FILE", "read_outcome", "run_grid", "mean_std",
-           "config_matches"]
+__all__ = ["FINISHED", "DIVERGED", "DIVERGED_FILE", "UNRECORDED_MACHINE", "read_outcome",
+           "run_grid", "mean_std", "config_matches", "machines_line", "run_machine"]
 
 FINISHED, DIVERGED = "finished", "diverged"
 DIVERGED_FILE = "diverged.json"
 # config.json keys that train() writes from what it derived (the cut used, the label shown)
 # or that do not change the numbers (progress bar, folder, resume source)
 IGNORED_KEYS = frozenset({"label", "split", "progress", "out", "resume"})
+UNRECORDED_MACHINE = "a machine not recorded (runs from before ddgpipe recorded it)"
 
 
 def config_matches(config: TrainConfig, run_dir: Path) -> bool:
@@ -44,6 +46,30 @@ def config_matches(config: TrainConfig, run_dir: Path) -> bool:
         if key not in IGNORED_KEYS)
 
 
+def run_machine(run_dir: Path) -> str:
+    """The CPU (and vector unit) a finished run was trained on, from its config.json."""
+    try:
+        machine = json.loads((run_dir / "config.json").read_text()).get("machine")
+    except (OSError, json.JSONDecodeError, AttributeError):
+        machine = None
+    if not isinstance(machine, dict):
+        return UNRECORDED_MACHINE
+    return f"{machine.get('processor', '?')} ({machine.get('cpu_capability', '?')})"
+
+
+def machines_line(outcomes: Sequence[dict | None]) -> str:
+    """One sentence naming the machines the runs came from: numbers of one seed differ
+    in their last bits between CPU kinds, so a grid trained on several says so."""
+    counts = Counter(o.get("machine", UNRECORDED_MACHINE) for o in outcomes if o is not None)
+    if not counts:
+        return ""
+    if len(counts) == 1:
+        return f"Every run was trained on one kind of machine: {next(iter(counts))}."
+    parts = "; ".join(f"{n} on {name}" for name, n in counts.most_common())
+    return ("The runs come from several kinds of machine, whose float results differ in the "
+            f"last bits, as another seed's would: {parts}.")
+
+
 def read_outcome(config: TrainConfig) -> dict | None:
     """The run's outcome from its folder, or None when it has not run to an end with this
     config (never started, stopped halfway, or trained with other settings)."""
@@ -51,7 +77,7 @@ def read_outcome(config: TrainConfig) -> dict | None:
     if not config_matches(config, run_dir):
         return None
     outcome = {"out": str(run_dir), "method": config.method, "stages": config.stages,
-               "seed": config.seed, "epochs": config.epochs}
+               "seed": config.seed, "epochs": config.epochs, "machine": run_machine(run_dir)}
     diverged = run_dir / DIVERGED_FILE
     if diverged.exists():
         try:

@@ -29,6 +29,7 @@ from ddgpipe.methods import Method
 from ddgpipe.models import build_model
 from ddgpipe.runtime.allocator import tune_allocator
 from ddgpipe.runtime.devices import cores_per_stage, rank_device
+from ddgpipe.runtime.machine import machine_info
 from ddgpipe.runtime.placement import world_size
 from ddgpipe.training.assemble import build_method, check_model_accepts
 from ddgpipe.training.checkpoints import Checkpoints, LoopState
@@ -109,7 +110,8 @@ def _train_loop(config: TrainConfig, data: Dataset, model: nn.Sequential, loader
                                               "executor": method.executor_kind,
                                               "stage_devices": [str(d) for d in
                                                                 method.devices],
-                                              "threads_per_stage": stage_threads(config)}
+                                              "threads_per_stage": stage_threads(config),
+                                              "machine": machine_info()}
         if data.info:
             saved["data_info"] = data.info
         if config.is_language_model:

@@ -67,7 +67,8 @@ def render_report(summary: dict, plan: LMPlan, figures: list[Path], out: Path) -
         f"(byte tokens), {plan.recipe['iterations']} iterations of batch "
         f"{plan.recipe['batch_size']}, seeds {', '.join(map(str, plan.seeds))}; every run on "
         "one thread, reference executor. Backprop's recipe for every method and K: "
-        + ", ".join(f"{k} {v}" for k, v in plan.recipe.items()) + ".",
+        + ", ".join(f"{k} {v}" for k, v in plan.recipe.items()) + ". "
+        + summary.get("machines", ""),
         "",
         "Final held-out loss (nats per byte, mean ± std over seeds) and, in brackets, the gap "
         "to backprop with the same optimizer, in % of its loss. Lower is better; the goal is "

@@ -6,7 +6,7 @@ import json
 import time
 from pathlib import Path
 
-from ddgpipe.experiments.common import read_outcome, run_grid
+from ddgpipe.experiments.common import machines_line, read_outcome, run_grid
 from ddgpipe.experiments.lm.plan import LMPlan, plan_record
 from ddgpipe.experiments.lm.report import make_figures, render_report
 from ddgpipe.experiments.lm.summary import summarise
@@ -39,6 +39,7 @@ def run_lm(plan: LMPlan, out: str | Path, progress: bool = True,
     summary = summarise(outcomes, plan)
     summary.update(missing=missing, runs=len(runs), wall_time_s=time.perf_counter() - start,
                    train_time_s=sum(o["train_time_s"] or 0.0 for o in outcomes))
+    summary["machines"] = machines_line(outcomes)
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     figures = make_figures(plan, runs, out)
     (out / "results.md").write_text(render_report(summary, plan, figures, out))

@@ -167,7 +167,7 @@ def render_report(summary: dict, plan: StalenessPlan, figures: list[Path], out: 
         "in the invocation that wrote this report. Accuracy is the final test accuracy and "
         "loss the final epoch's training loss, mean ± std over seeds; gap = mean accuracy minus "
         "backprop's (points). Runs whose loss diverged (NaN or inf) are left out of the means "
-        "and counted in the cell.",
+        "and counted in the cell. " + summary.get("machines", ""),
         "",
         "Benchmarks:",
         "",

@@ -6,7 +6,7 @@ import json
 import time
 from pathlib import Path
 
-from ddgpipe.experiments.common import read_outcome, run_grid
+from ddgpipe.experiments.common import machines_line, read_outcome, run_grid
 from ddgpipe.experiments.staleness.plan import StalenessPlan, plan_record
 from ddgpipe.experiments.staleness.report import make_figures, render_report
 from ddgpipe.experiments.staleness.summary import summarise
@@ -46,6 +46,7 @@ def run_staleness(plan: StalenessPlan, out: str | Path, progress: bool = True,
     summary["wall_time_s"] = time.perf_counter() - start
     summary["runs"] = len(runs)
     summary["train_time_s"] = sum(o["train_time_s"] or 0.0 for o in outcomes)
+    summary["machines"] = machines_line(outcomes)
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     figures = make_figures(summary, plan, runs, out)
     (out / "results.md").write_text(render_report(summary, plan, figures, out))
