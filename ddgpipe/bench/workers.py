@@ -103,9 +103,9 @@ def profile_split_worker(rank: int, world_size: int, cfg: BenchConfig,
     """The cut DDG's runtime chooses by default (``balance="pipeline"``) for ``stash``, run on
     K workers.
 
-    Returns ``{"split", "profiled_split", "clock_ms"}``: the cut the configurations of this
-    stash mode use, the one balanced block profiling proposed, and the timed clock of each
-    candidate.
+    Returns ``{"split", "profiled_split", "clock_ms", "busy_ms", "imbalance", "chosen_by"}``:
+    the cut the configurations of this stash mode use, the one balanced block profiling
+    proposed, and each candidate's timed clock and stage busy times.
     """
     from ddgpipe.methods import DDG
     from ddgpipe.runtime.allocator import allocator_setting
@@ -114,9 +114,7 @@ def profile_split_worker(rank: int, world_size: int, cfg: BenchConfig,
     pipe = DDG(_model(cfg), stages=world_size, optimizer=_optimizer, stash=stash,
                balance="pipeline", sample_input=x, device=_device(cfg, rank),
                comm=_comm(cfg))
-    tuning = pipe.executor.split_tuning or {}
-    return {"split": pipe.executor.split, "profiled_split": tuning.get("profiled_split"),
-            "clock_ms": tuning.get("clock_ms", {}), "allocator": allocator_setting()}
+    return _cut_record(pipe.executor) | {"allocator": allocator_setting()}
 
 
 def threaded_split_worker(rank: int, world_size: int, cfg: BenchConfig, threads: int,
@@ -130,9 +128,15 @@ def threaded_split_worker(rank: int, world_size: int, cfg: BenchConfig, threads:
                balance="pipeline", sample_input=x, executor="threads", threads=threads,
                device=cfg.device)
     pipe.close()
-    tuning = pipe.executor.split_tuning or {}
-    return {"split": pipe.executor.split, "profiled_split": tuning.get("profiled_split"),
-            "clock_ms": tuning.get("clock_ms", {})}
+    return _cut_record(pipe.executor)
+
+
+def _cut_record(executor) -> dict:
+    """The cut kept and why: every candidate's clock, stage busy times and imbalance."""
+    tuning = executor.split_tuning or {}
+    return {"split": executor.split, "profiled_split": tuning.get("profiled_split"),
+            **{key: tuning.get(key, {}) for key in ("clock_ms", "busy_ms", "imbalance")},
+            "chosen_by": tuning.get("chosen_by")}
 
 
 def _comm(cfg: BenchConfig) -> str:

@@ -55,7 +55,7 @@ class Links(Protocol):
         ...
 
 
-def _no_guard(stage: Stage) -> AbstractContextManager:
+def _no_guard(stage: Stage, op: str) -> AbstractContextManager:
     return nullcontext()
 
 
@@ -64,7 +64,7 @@ def run_stage_clock(stage: Stage, actions: list[Action], links: Links, *,
                     on_loss=None) -> Tensor | None:
     """Run ``actions`` (one clock of ``stage``) in order, then end the stage's clock.
 
-    ``guard(stage)`` is entered around each computation (not around waits for peers): the
+    ``guard(stage, op)`` is entered around each computation (not around waits for peers): the
     threaded executor uses it to give a stage that draws random numbers its own stream.
     ``on_loss(minibatch, loss)`` is called as soon as the last stage has the loss, before its
     backward: the threaded executor hands it to the caller from there. Returns the loss when
@@ -78,12 +78,12 @@ def run_stage_clock(stage: Stage, actions: list[Action], links: Links, *,
             x, overflow = links.recv_activation(stage, m)
             if stage.is_last:
                 y, loss_fn = links.target(stage, m)
-                with guard(stage):
+                with guard(stage, "F"):
                     loss = stage.forward_loss(m, x, y, loss_fn, overflow)
                 if on_loss is not None:
                     on_loss(m, loss)
             else:
-                with guard(stage):
+                with guard(stage, "F"):
                     out = stage.forward(m, x, overflow)
                 links.send_activation(stage, m, out, stage.take_overflow())
         elif action.op == "B":
@@ -91,17 +91,17 @@ def run_stage_clock(stage: Stage, actions: list[Action], links: Links, *,
             scale = 1.0
             if stage.gradient_op == "B" and not stage.is_last:
                 grad, scale = links.recv_gradient(stage, m)
-            with guard(stage):
+            with guard(stage, "B"):
                 grad_in = stage.backward(m, grad, scale)
             if not stage.is_first:
                 assert grad_in is not None, "a stage after the first returns input gradients"
                 links.send_gradient(stage, m, grad_in, stage.grad_loss_scale)
         elif action.op == "S":
-            with guard(stage):
+            with guard(stage, "S"):
                 stage.step(m)
         elif action.op == "G":
             grad, _ = links.recv_gradient(stage, m)
-            with guard(stage):
+            with guard(stage, "G"):
                 stage.learn(m, grad)
         else:
             raise RuntimeError(f"no executor for op {action.op!r} ({action})")

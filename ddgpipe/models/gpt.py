@@ -64,8 +64,9 @@ class Embedding(nn.Module):
                              f"{self.context} positions; build it with context >= {length} "
                              "(--context) or feed shorter windows")
         vocab = self.tokens.num_embeddings
-        if ids.device.type == "cpu" and ids.numel() and not 0 <= int(ids.min()) <= int(
-                ids.max()) < vocab:  # (on a GPU the check would wait for the device)
+        # on a GPU the check would wait for the device; compiled, it would break the graph
+        if ids.device.type == "cpu" and ids.numel() and not torch.compiler.is_compiling() \
+                and not 0 <= int(ids.min()) <= int(ids.max()) < vocab:
             raise UsageError(f"token ids {int(ids.min())}..{int(ids.max())} fall outside the "
                              f"model's vocabulary of {vocab}; build it with num_classes (the "
                              "vocabulary) covering every id, or fix the tokenizer")

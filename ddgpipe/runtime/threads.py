@@ -58,6 +58,7 @@ class ThreadedExecutor(InProcessExecutor):
         self._losses: queue.Queue = queue.Queue()
         self._input: list[tuple[Value, bool] | None] = [None] * k  # this clock's activation
         self._random: list[bool | None] = [None] * k  # None until the stage's first clock
+        self._free_ops: list[set[str]] = [set() for _ in range(k)]  # ops seen to draw nothing
         self._done = [0] * k  # clocks each stage has completed
         self._done_changed = threading.Condition()
         self._stop = threading.Event()
@@ -107,8 +108,8 @@ class ThreadedExecutor(InProcessExecutor):
         """Warn once when the caller drew from torch's global generator while stages that
         draw random numbers ran: the draws interleave with theirs (seen by the stage streams'
         swaps, which find the generator moved between two of them)."""
-        if self._warned_generator or not self.streams.check_caller():
-            return
+        if self._warned_generator or not any(self._random) or not self.streams.check_caller():
+            return  # (when no stage draws, nothing interleaves: compiling may draw, harmlessly)
         self._warned_generator = True
         warnings.warn(
             "the caller drew from torch's global random generator while the stage threads "
@@ -313,16 +314,21 @@ class ThreadedExecutor(InProcessExecutor):
         self._losses.put((minibatch, send(loss)))
 
     @contextmanager
-    def _random_stream(self, stage: Stage):
+    def _random_stream(self, stage: Stage, op: str):
         with self.streams.use(stage.index) as use:
             yield
         if use.drew:
             self._random[stage.index] = True
+        elif op != "F" and (op != "B" or stage.stash.mode in ("live", "graph")):
+            self._free_ops[stage.index].add(op)  # it drew nothing and replays no forward
 
-    def _guard(self, stage: Stage):
-        if self._random[stage.index] is False:
+    def _guard(self, stage: Stage, op: str):
+        """The stage's random stream around ``op``, under the generator lock, unless the stage
+        draws nothing or ``op`` was seen to draw nothing: a dropout network's forwards hold
+        the lock, their backwards and steps run beside the other stages' work."""
+        if self._random[stage.index] is False or op in self._free_ops[stage.index]:
             return nullcontext()
-        return self._random_stream(stage)
+        return self._random_stream(stage, op)
 
     # --- links: queues between threads --------------------------------------------------------
 

@@ -121,6 +121,19 @@ def test_threads_match_the_reference_bitwise(method, stages, stash, model):
     assert_same(threaded, reference)
 
 
+@pytest.mark.parametrize("stash,free_backward", [("graph", True), ("recompute", False),
+                                                  ("none", False)])
+def test_only_the_forwards_of_a_dropout_network_hold_the_generator_lock(stash, free_backward):
+    """Backwards and steps that draw nothing (and replay no forward) run beside the other
+    stages' work; a replay restores its forward's random state, so it keeps the lock."""
+    with build("threads", stages=3, stash=stash) as pipe:
+        train(pipe, batches(6))
+        free = pipe.executor._free_ops
+    assert all("F" not in ops and "S" in ops for ops in free)
+    assert "B" in free[-1]  # the last stage never replays
+    assert all(("B" in ops) == free_backward for ops in free[:-1])
+
+
 @pytest.mark.parametrize("compensation", ["sc,lwp", "dc"])
 def test_threads_match_the_reference_with_a_compensation(compensation):
     data = batches(7)
