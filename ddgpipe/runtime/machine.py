@@ -29,7 +29,7 @@ def cpu_name() -> str:
 def machine_info() -> dict:
     """The machine's kind, never its name: CPU model and vector unit torch uses, cores,
     GPUs when CUDA is up, and the software versions."""
-    info = {
+    info: dict[str, object] = {
         "platform": platform.platform(),
         "processor": cpu_name(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
