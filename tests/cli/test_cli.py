@@ -93,7 +93,9 @@ def test_train_writes_metrics_plot_and_timeline(capsys, tmp_path):
     config = json.loads((run / "config.json").read_text())
     timed = config["split_tuning"]["clock_ms"]  # no --balance: this machine's timed cut
     assert config["split"] == config["split_tuning"]["split"]
-    assert timed[str(config["split"][0])] == min(timed.values())
+    kept = config["split_tuning"]
+    assert timed[str(config["split"][0])] == min(timed.values()) \
+        or kept["chosen_by"].startswith("better balanced"), kept  # a balanced near-tie
     code, out, _ = run_cli(["plot", "--timeline", str(run)], capsys)
     assert code == 0 and (run / "timeline.png").exists()
 

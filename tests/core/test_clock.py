@@ -97,8 +97,8 @@ def run(index, num_stages, actions, gradient_op="B", record_loss=False, **kwargs
         kwargs["on_loss"] = lambda m, loss: log.append(("on_loss", m, loss))
 
     @contextmanager
-    def guard(stage):
-        assert stage.index == index
+    def guard(stage, op):
+        assert stage.index == index and op in "FBSG"
         log.append(("enter",))
         yield
         log.append(("exit",))
