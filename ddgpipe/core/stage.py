@@ -306,6 +306,12 @@ class Stage:
         self.load_state_dict(state)
         self.load_inflight_state(state["inflight"])
 
+    def backward_replays(self) -> bool:
+        """Whether the next backward replays a forward, restoring its random state: always
+        under stash recompute and none, and for a minibatch restored from a checkpoint."""
+        return self.stash.mode in ("recompute", "none") or bool(
+            self.inflight and self.inflight[0].output is None)
+
     def inflight_state(self) -> list[dict]:
         """The in-flight minibatches as plain tensors: what differs between the replicas of a
         stage (their inputs are different shards), unlike :meth:`state_dict`."""

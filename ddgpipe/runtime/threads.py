@@ -314,21 +314,26 @@ class ThreadedExecutor(InProcessExecutor):
         self._losses.put((minibatch, send(loss)))
 
     @contextmanager
-    def _random_stream(self, stage: Stage, op: str):
+    def _random_stream(self, stage: Stage, op: str, freeable: bool):
         with self.streams.use(stage.index) as use:
             yield
         if use.drew:
             self._random[stage.index] = True
-        elif op != "F" and (op != "B" or stage.stash.mode in ("live", "graph")):
-            self._free_ops[stage.index].add(op)  # it drew nothing and replays no forward
+        elif freeable:
+            self._free_ops[stage.index].add(op)  # it drew nothing and replayed no forward
 
     def _guard(self, stage: Stage, op: str):
         """The stage's random stream around ``op``, under the generator lock, unless the stage
         draws nothing or ``op`` was seen to draw nothing: a dropout network's forwards hold
-        the lock, their backwards and steps run beside the other stages' work."""
-        if self._random[stage.index] is False or op in self._free_ops[stage.index]:
+        the lock, their backwards and steps run beside the other stages' work. A backward
+        that replays a forward (recompute, none, a minibatch restored from a checkpoint) sets
+        the random state to the forward's, so it always holds the lock."""
+        if self._random[stage.index] is False:
             return nullcontext()
-        return self._random_stream(stage, op)
+        replays = op == "B" and stage.backward_replays()
+        if op in self._free_ops[stage.index] and not replays:
+            return nullcontext()
+        return self._random_stream(stage, op, freeable=op != "F" and not replays)
 
     # --- links: queues between threads --------------------------------------------------------
 
