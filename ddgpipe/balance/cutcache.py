@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from ddgpipe.cache import cache_dir
-from ddgpipe.runtime.machine import cpu_name
+from ddgpipe.machine import cpu_name
 
 __all__ = ["cut_key", "cached_cut", "remember_cut", "CUTS_FILE"]
 

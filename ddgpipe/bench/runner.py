@@ -26,10 +26,10 @@ from ddgpipe.bench.workers import (
 )
 from ddgpipe.bench.workload import bench_model, tokens_per_sample
 from ddgpipe.errors import UsageError, WorkerError
+from ddgpipe.machine import machine_info
 from ddgpipe.runtime.allocator import allocator_setting
 from ddgpipe.runtime.devices import cores_per_stage
 from ddgpipe.runtime.launch import run_workers
-from ddgpipe.runtime.machine import machine_info
 
 __all__ = ["run_bench", "summarise"]
 

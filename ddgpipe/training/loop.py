@@ -25,11 +25,11 @@ from tqdm import tqdm
 from ddgpipe.core.timeline import Timeline
 from ddgpipe.data import BatchLoader, Dataset, load_dataset
 from ddgpipe.losses import token_cross_entropy
+from ddgpipe.machine import machine_info
 from ddgpipe.methods import Method
 from ddgpipe.models import build_model
 from ddgpipe.runtime.allocator import tune_allocator
 from ddgpipe.runtime.devices import cores_per_stage, rank_device
-from ddgpipe.runtime.machine import machine_info
 from ddgpipe.runtime.placement import world_size
 from ddgpipe.training.assemble import build_method, check_model_accepts
 from ddgpipe.training.checkpoints import Checkpoints, LoopState

@@ -4,7 +4,7 @@ import json
 import platform
 
 from ddgpipe.experiments.common import UNRECORDED_MACHINE, machines_line, run_machine
-from ddgpipe.runtime.machine import cpu_name, machine_info
+from ddgpipe.machine import cpu_name, machine_info
 
 
 def test_the_record_names_the_cpu_kind_and_vector_unit_but_not_the_host():
