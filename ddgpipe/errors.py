@@ -4,7 +4,8 @@ The CLI turns a :class:`UsageError` into a single line on stderr and exit code 2
 message must say what was given, what was expected, and how to fix it.
 """
 
-__all__ = ["UsageError", "NonFiniteLossError", "WorkerError", "StageError", "PeerError"]
+__all__ = ["UsageError", "NonFiniteLossError", "WorkerError", "StageError", "PeerError",
+           "Terminated"]
 
 
 class UsageError(ValueError):
@@ -43,3 +44,9 @@ class StageError(RuntimeError):
 class PeerError(RuntimeError):
     """A peer process (a neighbour stage, or a replica in a gradient average) failed, died or
     timed out."""
+
+
+class Terminated(BaseException):
+    """SIGTERM arrived while workers ran: raised so that they are stopped and reaped before
+    the process ends (a BaseException, like KeyboardInterrupt, so ``except Exception`` in a
+    user's code does not swallow it)."""

@@ -6,6 +6,7 @@ Every problem a user can fix ends as one line on stderr and exit code 2, never a
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from collections.abc import Sequence
 
@@ -18,7 +19,7 @@ from ddgpipe.cli.study_options import (
     add_paper_arguments,
     add_staleness_arguments,
 )
-from ddgpipe.errors import UsageError, WorkerError
+from ddgpipe.errors import Terminated, UsageError, WorkerError
 
 __all__ = ["main", "build_parser"]
 
@@ -155,6 +156,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("ddgpipe: interrupted", file=sys.stderr)
         return 130
+    except Terminated:
+        print("ddgpipe: terminated (SIGTERM); every worker was stopped", file=sys.stderr)
+        return 128 + signal.SIGTERM
 
 
 if __name__ == "__main__":

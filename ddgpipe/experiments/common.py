@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ddgpipe.errors import NonFiniteLossError
+from ddgpipe.runtime.launch import sigterm_raises
 from ddgpipe.training import TrainConfig, train
 from ddgpipe.training.checkpoints import atomic_write_bytes
 from ddgpipe.training.plots import read_jsonl
@@ -142,7 +143,8 @@ def run_grid(configs: Sequence[TrainConfig], out: Path, workers: int,
     start = time.perf_counter()
     if todo:
         by_out = {c.out: c for c in todo}
-        with mp.get_context("spawn").Pool(min(workers, len(todo)), maxtasksperchild=8) as pool:
+        with sigterm_raises(), \
+                mp.get_context("spawn").Pool(min(workers, len(todo)), maxtasksperchild=8) as pool:
             for i, done in enumerate(pool.imap_unordered(_train_one, todo), 1):
                 if progress:
                     name = str(Path(done).relative_to(out)) if Path(done).is_relative_to(out) \

@@ -2,29 +2,39 @@
 
 The local launcher owns its children: it reports the first real failure (a worker that
 raised, or died from a signal) with the rank, stops every other worker within seconds, and
-always reaps them, so a failed run never leaves orphans or hangs.
+always reaps them, so a failed run never leaves orphans or hangs. A launcher stopped from
+outside does too: SIGTERM stops the workers before the launcher exits, and on Linux a worker
+whose launcher was killed outright (SIGKILL) is killed with it.
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import multiprocessing as mp
 import os
 import queue
 import signal
 import socket
+import sys
+import threading
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+from tqdm import tqdm
 
-from ddgpipe.errors import PeerError, UsageError, WorkerError
+from ddgpipe.errors import PeerError, Terminated, UsageError, WorkerError
 from ddgpipe.runtime.allocator import tune_allocator
 from ddgpipe.runtime.devices import cores_per_stage, resolve_device
 
-__all__ = ["free_port", "run_workers", "init_from_env", "under_torchrun", "process_backend"]
+__all__ = ["free_port", "run_workers", "init_from_env", "under_torchrun", "process_backend",
+           "sigterm_raises"]
+
+_PR_SET_PDEATHSIG = 1  # from <sys/prctl.h>
 
 
 def free_port() -> int:
@@ -64,7 +74,48 @@ def init_from_env(timeout_s: float = 300.0, backend: str | None = None) -> bool:
     return True
 
 
+@contextlib.contextmanager
+def sigterm_raises() -> Iterator[None]:
+    """While workers run, SIGTERM raises :class:`Terminated` instead of ending the process at
+    once, so the cleanup that stops and reaps them runs. Only on the main thread and only over
+    the default action, so a program that set its own handler keeps it."""
+    if (threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL):
+        yield
+        return
+
+    def handle(signum, frame) -> None:
+        raise Terminated("SIGTERM")
+
+    previous = signal.signal(signal.SIGTERM, handle)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _die_with_parent() -> None:
+    """A spawned worker must not outlive its launcher, even one killed by SIGKILL (which no
+    cleanup sees): Linux's parent-death signal kills it too. Elsewhere only the launcher's own
+    cleanup stops it."""
+    parent = mp.parent_process()
+    if parent is None or not sys.platform.startswith("linux"):
+        return  # not spawned, or no prctl
+    try:
+        ctypes.CDLL(None).prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL))
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent.pid:  # the launcher died before the signal was armed
+        os._exit(1)
+
+
 def _child(rank, world_size, port, threads, timeout_s, backend, tune_malloc, fn, args, results):
+    if mp.parent_process() is not None:  # a spawned worker, not a test calling this in-process
+        _die_with_parent()
+        # tqdm's default lock is a multiprocessing semaphore: a worker stopped by a signal
+        # never unlinks it, and the launcher's exit warns of "leaked semaphore objects".
+        # Bars drawn by one process need only a thread lock.
+        tqdm.set_lock(threading.RLock())
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size))
     if tune_malloc:
@@ -134,7 +185,9 @@ def run_workers(
     outcome: dict[int, tuple[str, object]] = {}
     deadline = time.monotonic() + timeout_s if timeout_s is not None else float("inf")
     first_failure: float | None = None
-    try:
+    with contextlib.ExitStack() as cleanup:
+        cleanup.enter_context(sigterm_raises())
+        cleanup.callback(_stop, procs)  # on any exit: SIGTERM, Ctrl-C, a failure or success
         for p in procs:
             p.start()
         while len(outcome) < world_size:
@@ -158,8 +211,6 @@ def run_workers(
             if time.monotonic() > deadline:
                 raise WorkerError(min(set(range(world_size)) - set(outcome), default=0),
                                   f"no result within {timeout_s:.0f} s; all workers stopped")
-    finally:
-        _stop(procs)
     return _collect(outcome, world_size)
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from ddgpipe.cli import build_parser, main
+from ddgpipe.errors import Terminated
 
 FAST = ["--model", "resnet20", "--data", "digits", "--epochs", "1", "--batch-size", "128",
         "--no-progress", "--threads", "1"]
@@ -214,3 +215,18 @@ def test_features_replay_is_ddg_with_stash_none(capsys, tmp_path):
     capsys.readouterr()
     assert without_timing(epoch_records(tmp_path / "fr")) == without_timing(
         epoch_records(tmp_path / "none"))
+
+
+@pytest.mark.parametrize("raised,code,says", [
+    (KeyboardInterrupt(), 130, "ddgpipe: interrupted"),
+    (Terminated("SIGTERM"), 143, "ddgpipe: terminated (SIGTERM); every worker was stopped"),
+])
+def test_a_run_stopped_from_outside_ends_in_one_line(monkeypatch, capsys, raised, code, says):
+    """Ctrl-C and SIGTERM (which the launcher turns into Terminated once its workers are
+    stopped) end with the shell's code for the signal and one line, not a traceback."""
+    def stopped(args):
+        raise raised
+
+    monkeypatch.setattr(sys.modules["ddgpipe.cli.main"], "cmd_train", stopped)
+    assert main(["train", "--data", "digits"]) == code
+    assert capsys.readouterr().err.strip() == says

@@ -15,13 +15,17 @@ import os
 import queue
 import signal
 import socket
+import subprocess
+import sys
+import threading
 import time
+from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
 
-from ddgpipe.errors import PeerError, UsageError, WorkerError
+from ddgpipe.errors import PeerError, Terminated, UsageError, WorkerError
 from ddgpipe.runtime import devices, launch
 from ddgpipe.runtime.launch import (
     free_port,
@@ -308,3 +312,98 @@ def test_the_global_timeout_stops_every_worker(tmp_path):
     assert str(caught.value) == "rank 0: no result within 8 s; all workers stopped"
     assert 8 <= elapsed < 20
     assert_all_reaped(tmp_path, 2)
+
+
+# --- a launcher stopped from outside ---------------------------------------------------------
+
+def sleeping_worker(rank, world, folder):
+    leave_pid(folder, rank)
+    time.sleep(120)
+
+
+LAUNCHER = """
+import sys
+from ddgpipe.errors import Terminated
+from ddgpipe.runtime.launch import run_workers
+from tests.runtime.test_launch import sleeping_worker
+try:
+    run_workers(sleeping_worker, 2, (sys.argv[1],), timeout_s=120, threads=1)
+except Terminated:
+    sys.exit(143)
+"""
+
+
+def _start_launcher(folder) -> subprocess.Popen:
+    """A launcher in a process of its own, returned once both of its workers are up."""
+    root = Path(__file__).resolve().parents[2]
+    launcher = subprocess.Popen([sys.executable, "-c", LAUNCHER, str(folder)], cwd=root,
+                                start_new_session=True)
+    deadline = time.monotonic() + 60
+    while len(pids(folder)) < 2:
+        if launcher.poll() is not None or time.monotonic() > deadline:
+            launcher.kill()
+            launcher.wait()
+            pytest.fail(f"the launcher's workers did not start (launcher exit {launcher.poll()})")
+        time.sleep(0.1)
+    return launcher
+
+
+def _wait_gone(found: list[int], within_s: float) -> bool:
+    deadline = time.monotonic() + within_s
+    while not all(gone(pid) for pid in found):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
+    return True
+
+
+@pytest.mark.parametrize("how", ["SIGTERM", "SIGKILL"])
+def test_a_launcher_stopped_from_outside_leaves_no_worker(tmp_path, how):
+    """SIGTERM: the launcher stops and reaps its workers before it exits. SIGKILL (no cleanup
+    can run): each worker dies with it, by Linux's parent-death signal."""
+    if how == "SIGKILL" and not sys.platform.startswith("linux"):
+        pytest.skip("the parent-death signal is Linux's")
+    launcher = _start_launcher(tmp_path)
+    found = pids(tmp_path)
+    try:
+        launcher.send_signal(getattr(signal, how))
+        code = launcher.wait(timeout=30)
+        assert code == (143 if how == "SIGTERM" else -signal.SIGKILL)
+        assert _wait_gone(found, within_s=10), f"workers {found} outlived their launcher"
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+            launcher.wait()
+        for pid in found:
+            if not gone(pid):
+                os.kill(pid, signal.SIGKILL)
+
+
+def test_sigterm_raises_only_over_the_default_and_restores_it():
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    with launch.sigterm_raises():
+        with pytest.raises(Terminated):
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)  # the handler runs between bytecodes, well before this ends
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+    def own(signum, frame):
+        pass
+
+    previous = signal.signal(signal.SIGTERM, own)
+    try:
+        with launch.sigterm_raises():
+            assert signal.getsignal(signal.SIGTERM) is own, "a program's own handler is kept"
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+    seen = []
+    worker = threading.Thread(target=lambda: seen.append(_installs_off_main_thread()))
+    worker.start()
+    worker.join()
+    assert seen == [False]
+
+
+def _installs_off_main_thread() -> bool:
+    with launch.sigterm_raises():
+        return signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL
