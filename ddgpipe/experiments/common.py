@@ -1,4 +1,5 @@
-"""What every experiment shares: a grid of independent runs, trained in worker processes,
+"""What every experiment shares: a grid of independent runs, trained in worker processes and
+resumed from the runs already finished, and the outcome each run leaves.
 
 Why and how: ``docs/design.md``, "Experiments: resumable grids".
 """
@@ -11,10 +12,13 @@ import math
 import multiprocessing as mp
 import statistics
 import sys
+import threading
 import time
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
+
+from tqdm import tqdm
 
 from ddgpipe.errors import NonFiniteLossError
 from ddgpipe.runtime.launch import sigterm_raises
@@ -108,6 +112,13 @@ def read_outcome(config: TrainConfig) -> dict | None:
     return found
 
 
+def _thread_locked_bars() -> None:
+    """tqdm's default lock is a multiprocessing semaphore that a pool worker stopped by a
+    signal never unlinks (a "leaked semaphore" warning at exit); one process needs a thread
+    lock."""
+    tqdm.set_lock(threading.RLock())
+
+
 def _train_one(config: TrainConfig) -> str:
     """One run in a worker process; a diverged loss is recorded, anything else raises."""
     run_dir = Path(str(config.out))
@@ -125,6 +136,9 @@ def _describe(outcome: dict | None) -> str:
         return "no outcome recorded"
     if outcome["status"] == DIVERGED:
         return "diverged"
+    if "val_loss" in outcome:  # a language model: its held-out loss, not next-byte accuracy
+        return (f"val loss {outcome['val_loss']:.3f} ({outcome['val_bits_per_byte']:.3f} "
+                "bits/byte)")
     return f"test acc {100 * outcome['test_acc']:6.2f}%"
 
 
@@ -143,8 +157,9 @@ def run_grid(configs: Sequence[TrainConfig], out: Path, workers: int,
     start = time.perf_counter()
     if todo:
         by_out = {c.out: c for c in todo}
-        with sigterm_raises(), \
-                mp.get_context("spawn").Pool(min(workers, len(todo)), maxtasksperchild=8) as pool:
+        with sigterm_raises(), mp.get_context("spawn").Pool(
+                min(workers, len(todo)), initializer=_thread_locked_bars,
+                maxtasksperchild=8) as pool:
             for i, done in enumerate(pool.imap_unordered(_train_one, todo), 1):
                 if progress:
                     name = str(Path(done).relative_to(out)) if Path(done).is_relative_to(out) \

@@ -261,6 +261,8 @@ def test_quick_lm_experiment_and_its_resumption(tmp_path, capsys):
     assert [s["stages"] for s in summary["sweep"]] == [2]
     report = (out / "results.md").read_text()
     assert report in captured.out and "## Goals" in report and "| DDG + dc |" in report
+    # each run's progress line gives its held-out loss, not next-byte accuracy
+    assert captured.err.count(" val loss ") == 4 and "test acc" not in captured.err
     for png in ("loss-tokens.png", "loss-time.png"):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
     config = json.loads((out / "ddg+dc/k2-s0/config.json").read_text())
