@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import statistics
 from typing import Any
 
 from ddgpipe.experiments.common import FINISHED, mean_std
@@ -48,16 +49,29 @@ def summarise(outcomes: list[dict], plan: LMPlan) -> dict:
 
 
 def _sweep(rows: list[dict], plan: LMPlan) -> list[dict]:
-    """Per K: plain DDG's best rate, the bar every remedy must clear."""
+    """Per K: plain DDG's best rate, the bar every remedy must clear, over the seeds every
+    rate has (so a partial grid compares like with like)."""
     table = []
     for k in plan.stage_counts:
-        tried = [r for name in SWEEP if (r := find(rows, name, k)) and r["val_loss_mean"]
-                 is not None and not r["diverged"]]
-        best = min(tried, key=lambda r: r["val_loss_mean"], default=None)
-        table.append({"stages": k, "best": best and best["variant"],
-                      "best_val_loss_mean": best and best["val_loss_mean"],
-                      "rates": len(tried)})
+        tried = _rates(rows, k)
+        seeds = sorted(set.intersection(*(set(r["by_seed"]) for r in tried))) if tried else []
+        best = _best_rate(tried, seeds)
+        table.append({"stages": k, "best": best and best[1]["variant"],
+                      "best_val_loss_mean": best and best[0], "rates": len(tried),
+                      "seeds": seeds})
     return table
+
+
+def _rates(rows: list[dict], k: int) -> list[dict]:
+    return [r for name in SWEEP if (r := find(rows, name, k)) and r["val_loss_mean"]
+            is not None and not r["diverged"]]
+
+
+def _best_rate(tried: list[dict], seeds: list) -> tuple[float, dict] | None:
+    """The lowest mean held-out loss over ``seeds`` among the swept rates that have them all."""
+    scored = [(statistics.fmean(r["by_seed"][s] for s in seeds), r) for r in tried
+              if seeds and all(s in r["by_seed"] for s in seeds)]
+    return min(scored, key=lambda t: t[0], default=None)
 
 
 def _goals(rows: list[dict], plan: LMPlan) -> list[dict]:
@@ -72,9 +86,14 @@ def _goals(rows: list[dict], plan: LMPlan) -> list[dict]:
             gap = None if row is None else row["gap_pct"]
             within = None if row is None or gap is None else \
                 bool(gap <= TOLERANCE_PCT and not row["diverged"])
-            bar = sweep.get(k, {}).get("best_val_loss_mean")
-            beats = None if row is None or bar is None or row["val_loss_mean"] is None \
-                else bool(row["val_loss_mean"] <= bar)
+            beats = None
+            if row is not None and row["val_loss_mean"] is not None:
+                # the row's seeds that the sweep also has, and the sweep's bar over just those
+                common = sorted(set(row["by_seed"]) & set(sweep.get(k, {}).get("seeds", [])))
+                bar = _best_rate(_rates(rows, k), common)
+                if bar is not None:
+                    mine = statistics.fmean(row["by_seed"][s] for s in common)
+                    beats = bool(mine <= bar[0])
             per_k.append({"stages": k, "gap_pct": gap, "within": within,
                           "no_worse_than_tuned_ddg": beats})
         flags = [c[key] for c in per_k for key in ("within", "no_worse_than_tuned_ddg")]
