@@ -12,16 +12,13 @@ import math
 import multiprocessing as mp
 import statistics
 import sys
-import threading
 import time
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
-from tqdm import tqdm
-
 from ddgpipe.errors import NonFiniteLossError
-from ddgpipe.runtime.launch import sigterm_raises
+from ddgpipe.runtime.launch import sigterm_raises, thread_locked_bars
 from ddgpipe.training import TrainConfig, train
 from ddgpipe.training.checkpoints import atomic_write_bytes
 from ddgpipe.training.plots import read_jsonl
@@ -112,13 +109,6 @@ def read_outcome(config: TrainConfig) -> dict | None:
     return found
 
 
-def _thread_locked_bars() -> None:
-    """tqdm's default lock is a multiprocessing semaphore that a pool worker stopped by a
-    signal never unlinks (a "leaked semaphore" warning at exit); one process needs a thread
-    lock."""
-    tqdm.set_lock(threading.RLock())
-
-
 def _train_one(config: TrainConfig) -> str:
     """One run in a worker process; a diverged loss is recorded, anything else raises."""
     run_dir = Path(str(config.out))
@@ -158,7 +148,7 @@ def run_grid(configs: Sequence[TrainConfig], out: Path, workers: int,
     if todo:
         by_out = {c.out: c for c in todo}
         with sigterm_raises(), mp.get_context("spawn").Pool(
-                min(workers, len(todo)), initializer=_thread_locked_bars,
+                min(workers, len(todo)), initializer=thread_locked_bars,
                 maxtasksperchild=8) as pool:
             for i, done in enumerate(pool.imap_unordered(_train_one, todo), 1):
                 if progress:

@@ -109,13 +109,17 @@ def _die_with_parent() -> None:
         os._exit(1)
 
 
+def thread_locked_bars() -> None:
+    """tqdm's default lock is a multiprocessing semaphore that a worker stopped by a signal
+    never unlinks (a "leaked semaphore" warning at exit); bars drawn by one process need only
+    a thread lock. Called first thing in every worker process."""
+    tqdm.set_lock(threading.RLock())
+
+
 def _child(rank, world_size, port, threads, timeout_s, backend, tune_malloc, fn, args, results):
     if mp.parent_process() is not None:  # a spawned worker, not a test calling this in-process
         _die_with_parent()
-        # tqdm's default lock is a multiprocessing semaphore: a worker stopped by a signal
-        # never unlinks it, and the launcher's exit warns of "leaked semaphore objects".
-        # Bars drawn by one process need only a thread lock.
-        tqdm.set_lock(threading.RLock())
+        thread_locked_bars()
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size))
     if tune_malloc:
