@@ -151,6 +151,14 @@ def _mean_curve(run_dirs: list[Path], key: str) -> tuple[list[int], list[float]]
     return epochs, mean
 
 
+#: matplotlib's colours repeat after 10 lines; a line past them also differs in style and marker
+_MARKERS = "osD^vP"
+
+
+def _cycle_style(i: int) -> str:
+    return ("-", "--", ":")[(i // 10) % 3]
+
+
 #: one line of a panel: its label, the run directories it averages (or draws one by one), and
 #: its colour and line style (None: matplotlib's next)
 Line = tuple[str, list, str | None, str | None]
@@ -163,11 +171,10 @@ def plot_mean_loss_panels(panels: list[tuple[str, list[Line]]], out_png: str | P
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4.2), squeeze=False,
                              sharey=True)
     for ax, (panel_title, lines) in zip(axes[0], panels, strict=True):
-        for label, runs, colour, style in lines:
-            if not runs:
-                continue
+        for i, (label, runs, colour, style) in enumerate(line for line in lines if line[1]):
             epochs, loss = _mean_curve([Path(r) for r in runs], "train_loss")
-            ax.plot(epochs, loss, color=colour, ls=style or "-", marker="o", markersize=2,
+            ax.plot(epochs, loss, color=colour, ls=style or _cycle_style(i), marker=_MARKERS[i % 6],
+                    markersize=2,
                     label=f"{label} ({len(runs)} seed{'s' if len(runs) > 1 else ''})")
         ax.set(xlabel="epoch", yscale="log", title=panel_title)
         ax.grid(alpha=0.3)
@@ -230,11 +237,10 @@ def plot_accuracy_panels(panels: list[tuple[str, float | None, list[Series]]],
             ax.set_xticks(all_k)
         if bp is not None:
             ax.axhline(bp, color="C0", ls="--", label="BP")
-        for label, colour, points in series:
-            if points:
-                ks, acc, std = zip(*sorted(points), strict=True)
-                ax.errorbar(ks, acc, yerr=std, color=colour, marker="o", capsize=3,
-                            label=label)
+        for i, (label, colour, points) in enumerate(s for s in series if s[2]):
+            ks, acc, std = zip(*sorted(points), strict=True)
+            ax.errorbar(ks, acc, yerr=std, color=colour, marker=_MARKERS[i % 6], capsize=3,
+                        ls=_cycle_style(i), label=label)
         ax.set(xlabel="K (modules)", ylabel="test accuracy (%)", title=panel_title)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
