@@ -151,12 +151,13 @@ def _mean_curve(run_dirs: list[Path], key: str) -> tuple[list[int], list[float]]
     return epochs, mean
 
 
-#: matplotlib's colours repeat after 10 lines; a line past them also differs in style and marker
 _MARKERS = "osD^vP"
 
 
-def _cycle_style(i: int) -> str:
-    return ("-", "--", ":")[(i // 10) % 3]
+def _distinct(i: int) -> tuple[str, str]:
+    """Line style and marker of a panel's i-th line: matplotlib's 10 colours repeat, so a line
+    past them differs in style too."""
+    return ("-", "--", ":")[(i // 10) % 3], _MARKERS[i % len(_MARKERS)]
 
 
 #: one line of a panel: its label, the run directories it averages (or draws one by one), and
@@ -173,8 +174,8 @@ def plot_mean_loss_panels(panels: list[tuple[str, list[Line]]], out_png: str | P
     for ax, (panel_title, lines) in zip(axes[0], panels, strict=True):
         for i, (label, runs, colour, style) in enumerate(line for line in lines if line[1]):
             epochs, loss = _mean_curve([Path(r) for r in runs], "train_loss")
-            ax.plot(epochs, loss, color=colour, ls=style or _cycle_style(i), marker=_MARKERS[i % 6],
-                    markersize=2,
+            ls, marker = _distinct(i)
+            ax.plot(epochs, loss, color=colour, ls=style or ls, marker=marker, markersize=2,
                     label=f"{label} ({len(runs)} seed{'s' if len(runs) > 1 else ''})")
         ax.set(xlabel="epoch", yscale="log", title=panel_title)
         ax.grid(alpha=0.3)
@@ -239,8 +240,9 @@ def plot_accuracy_panels(panels: list[tuple[str, float | None, list[Series]]],
             ax.axhline(bp, color="C0", ls="--", label="BP")
         for i, (label, colour, points) in enumerate(s for s in series if s[2]):
             ks, acc, std = zip(*sorted(points), strict=True)
-            ax.errorbar(ks, acc, yerr=std, color=colour, marker=_MARKERS[i % 6], capsize=3,
-                        ls=_cycle_style(i), label=label)
+            ls, marker = _distinct(i)
+            ax.errorbar(ks, acc, yerr=std, color=colour, marker=marker, ls=ls, capsize=3,
+                        label=label)
         ax.set(xlabel="K (modules)", ylabel="test accuracy (%)", title=panel_title)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
