@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 from ddgpipe.balance.partition import balanced_split
 from ddgpipe.balance.profile import BlockProfile, profile_blocks
-from ddgpipe.core.schedule import ddg_actions
+from ddgpipe.core.schedule import DDGSchedule, Schedule
 
 __all__ = [
     "BlockProfile",
@@ -46,11 +46,6 @@ class Prediction:
     images_per_s: float
     speedup_vs_backprop: float
 
-    def to_dict(self) -> dict:
-        out = asdict(self)
-        out["stage_times"] = [asdict(s) for s in self.stage_times]
-        return out
-
 
 def stage_times_from_blocks(
     blocks: Sequence[BlockProfile], split: Sequence[int]
@@ -82,8 +77,10 @@ def simulate_ddg(
     stash: str = "graph",
     replicas: int = 1,
     bucket_bytes: int = 1 << 20,
+    schedule: Schedule | None = None,
 ) -> float:
-    """Steady-state seconds per clock of DDG with these stages (event simulation).
+    """Steady-state seconds per clock of DDG with these stages (event simulation), walking
+    ``schedule`` (default: DDG's for as many stages).
 
     With ``replicas`` > 1 each stage's step waits for the average of its gradient over the
     replicas (the module docstring says what is assumed); ``stage_times`` are then those of
@@ -92,6 +89,10 @@ def simulate_ddg(
     stages = len(stage_times)
     if stages < 1 or clocks < 4:
         raise ValueError("need at least one stage and four clocks")
+    schedule = schedule or DDGSchedule(stages)
+    if schedule.stages != stages:
+        raise ValueError(f"a schedule of {schedule.stages} stages cannot simulate "
+                         f"{stages} stage times; pass one time per stage")
 
     def transfer(nbytes: int) -> float:
         return latency_s + (nbytes / bandwidth_bytes_per_s if nbytes else 0.0)
@@ -102,7 +103,7 @@ def simulate_ddg(
     last_forward_end: dict[int, float] = {}
     for clock in range(clocks):
         for k, times in enumerate(stage_times):
-            for action in ddg_actions(k, stages, clock):
+            for action in schedule.actions(k, clock):
                 m = action.minibatch
                 if action.op == "F":
                     start = max(free[k], act_arrives.get((k, m), 0.0))

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from ddgpipe.cache import cache_dir
+from ddgpipe.core.schedule import Schedule
 from ddgpipe.machine import cpu_name
 
 __all__ = ["cut_key", "cached_cut", "remember_cut", "CUTS_FILE"]
@@ -37,15 +38,16 @@ def _model_fingerprint(model: nn.Module) -> str:
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
 
 
-def cut_key(model: nn.Module, sample_input: Tensor, stages: int, method: str, stash: str,
+def cut_key(model: nn.Module, sample_input: Tensor, schedule: Schedule, stash: str,
             precision: str, executor: str, devices: list[str], threads: int) -> str:
-    """Everything the fastest cut depends on, as one string."""
+    """Everything the fastest cut depends on, as one string (the schedule's part:
+    :meth:`~ddgpipe.core.schedule.Schedule.cut_fields`)."""
     gpus = []
     if any(d.startswith("cuda") for d in devices) and torch.cuda.is_available():
         gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
     fields = {
         "model": _model_fingerprint(model), "input": list(sample_input.shape),
-        "dtype": str(sample_input.dtype), "stages": stages, "method": method, "stash": stash,
+        "dtype": str(sample_input.dtype), **schedule.cut_fields(), "stash": stash,
         "precision": precision, "executor": executor, "devices": devices, "threads": threads,
         "machine": [platform.machine(), cpu_name(), torch.backends.cpu.get_cpu_capability(),
                     os.cpu_count(), gpus],

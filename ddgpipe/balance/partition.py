@@ -18,6 +18,7 @@ from ddgpipe.errors import UsageError
 __all__ = [
     "BALANCE_MODES",
     "partition",
+    "choose_split",
     "balanced_split",
     "block_costs",
     "as_blocks",
@@ -53,12 +54,20 @@ def partition(
     if split is not None:
         cuts = check_split(split, stages, blocks)
     else:
-        cuts = balanced_split(block_costs(model, balance, sample_input), stages)
+        cuts = choose_split(model, stages, balance=balance, sample_input=sample_input)
     bounds = [0, *cuts, blocks]
     items = list(model._modules.items())
     slices = [Blocks(OrderedDict(items[bounds[i]: bounds[i + 1]])) for i in range(stages)]
     check_disjoint(slices, cuts)
     return slices
+
+
+def choose_split(model: nn.Sequential, stages: int, *, balance: str = "params",
+                 sample_input: Value | None = None) -> list[int]:
+    """The cut points that balance ``balance`` costs over ``stages`` (what :func:`partition`
+    cuts at when no ``split`` is given)."""
+    check_model(model, stages)
+    return balanced_split(block_costs(model, balance, sample_input), stages)
 
 
 def check_disjoint(stages: Sequence[nn.Module], cuts: Sequence[int] = ()) -> None:

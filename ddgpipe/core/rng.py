@@ -1,4 +1,4 @@
-"""Random state: the process's, and one stream per pipeline stage.
+"""Random state: the process's, and one random stream (rng) per pipeline stage.
 
 Why and how: ``docs/design.md``, "Random streams".
 """
@@ -13,8 +13,9 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-__all__ = ["rng_state", "set_rng_state", "rng_kept", "same_rng_state", "StageStreams",
-           "stage_stream", "draws_random_numbers", "RANDOM_MODULES"]
+__all__ = ["rng_state", "set_rng_state", "rng_kept", "same_rng_state", "StageRngs", "RngUse",
+           "stage_rng", "StageStreams", "stage_stream", "draws_random_numbers",
+           "RANDOM_MODULES"]
 
 RANDOM_MODULES: tuple[type[nn.Module], ...] = (
     nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
@@ -81,7 +82,7 @@ _GENERATOR_LOCK = threading.RLock()
 pipeline of the process, since they all share that generator."""
 
 
-def stage_stream(base: dict, stage: int) -> dict:
+def stage_rng(base: dict, stage: int) -> dict:
     """Stage ``stage``'s random stream, derived from ``base`` (the caller's state at the first
     clock) and the stage's index, so no two stages draw the same numbers.
 
@@ -101,9 +102,9 @@ def stage_stream(base: dict, stage: int) -> dict:
     return derived
 
 
-class StageStreams:
+class StageRngs:
     """One random stream per stage, each derived at the first clock from the caller's state
-    and the stage's index (:func:`stage_stream`).
+    and the stage's index (:func:`stage_rng`).
 
     The swap puts the caller's state back after each use; a caller that draws from (or seeds)
     the global generator on another thread *while* stages of a threaded pipeline run races
@@ -123,7 +124,7 @@ class StageStreams:
         """Derive every stage's stream from the caller's current state (once)."""
         if self.states is None:
             base = rng_state(self.devices)
-            self.states = [stage_stream(base, k) for k in range(len(self.devices))]
+            self.states = [stage_rng(base, k) for k in range(len(self.devices))]
 
     def idle(self) -> None:
         """No stage runs now (the caller waited for them): draws until the next swap are the
@@ -142,7 +143,7 @@ class StageStreams:
         return self.foreign_draws
 
     @contextmanager
-    def use(self, stage: int) -> Iterator[StreamUse]:
+    def use(self, stage: int) -> Iterator[RngUse]:
         """Draw from ``stage``'s stream inside the block. The yielded record's ``drew`` says,
         after the block, whether it drew any random number."""
         assert self.states is not None, "start() derives the streams first"
@@ -150,7 +151,7 @@ class StageStreams:
             saved = rng_state(self.devices)
             if self._restored is not None and not torch.equal(saved["cpu"], self._restored):
                 self.foreign_draws = True
-            record = StreamUse()
+            record = RngUse()
             before = self.states[stage]
             set_rng_state(before)
             try:
@@ -163,7 +164,12 @@ class StageStreams:
                 self._restored = saved["cpu"]
 
 
-class StreamUse:
-    """What :meth:`StageStreams.use` learnt about the block it ran."""
+class RngUse:
+    """What :meth:`StageRngs.use` learnt about the block it ran."""
 
     drew = False
+
+
+# the names of before random streams were told apart from CUDA streams by name
+StageStreams = StageRngs
+stage_stream = stage_rng

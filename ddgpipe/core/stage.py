@@ -91,7 +91,7 @@ class Stage:
         self.lr_scheduler = lr_scheduler(self.optimizer) \
             if lr_scheduler and self.optimizer is not None else None
         self.stash = Stash(module, stash, self.delay, needs_input_grad=index > 0,
-                           device=self.device, compute_context=self._autocast,
+                           device=self.device, compute_context=self.autocast,
                            compile=compile)
         self.stash.shares_snapshots = not updates_unseen(self.optimizer)
         self.grad_scale = grad_shrink**self.delay
@@ -112,7 +112,8 @@ class Stage:
         # averages the gradients over the replicas between B and S.
         self.averager: GradientAverager | None = None
 
-    def _autocast(self):
+    def autocast(self):
+        """The context every computation of this stage runs in (autocast at its precision)."""
         return autocast(self.precision, self.device)
 
     @property
@@ -163,7 +164,7 @@ class Stage:
         """F of the last stage: the forward and the loss, kept for this clock's backward."""
         self._overflow |= overflow
         out, pending = self._forward(minibatch, x)
-        with self._autocast():
+        with self.autocast():
             loss = loss_fn(out, y)
         if loss.dim() != 0:
             raise ValueError(
@@ -305,6 +306,11 @@ class Stage:
     def load_pipeline_state(self, state: dict) -> None:
         self.load_state_dict(state)
         self.load_inflight_state(state["inflight"])
+
+    def replays_restore_rng(self, draws: bool) -> None:
+        """Whether a replayed forward restores the random state of its forward: only worth it
+        when the stage ``draws`` random numbers (an executor learns that at its first clock)."""
+        self.stash.restores_rng = draws
 
     def backward_replays(self) -> bool:
         """Whether the next backward replays a forward, restoring its random state: always

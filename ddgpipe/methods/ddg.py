@@ -34,6 +34,7 @@ from torch import Tensor, nn
 
 from ddgpipe.core.compensation import make_compensation
 from ddgpipe.core.precision import check_precision
+from ddgpipe.core.schedule import DDGSchedule
 from ddgpipe.core.stage import OptimizerFactory, SchedulerFactory, Stage
 from ddgpipe.core.stash import STASH_MODES
 from ddgpipe.core.timeline import Timeline
@@ -134,9 +135,9 @@ class DDG(PipelineMethod):
                          clip_grad=clip_grad, compensation=new_compensation(), device=device,
                          precision=precision, compile=compile)
 
-        placed = Placement.of(placement, **where)
-        executor = build_stages(model, stages, make_stage, "ddg", placed,
+        placed = Placement.of(placement, **where).check()
+        executor = build_stages(model, DDGSchedule(stages), make_stage, placed,
                                 sample_input=sample_input, timeline=timeline,
-                                schedule=(stash, precision))
+                                stash_precision=(stash, precision))
         self.replicas = placed.replicas
         super().__init__(model, executor, check_finite)

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ddgpipe.core.precision import check_precision
+from ddgpipe.core.schedule import DNISchedule
 from ddgpipe.core.stage import OptimizerFactory, SchedulerFactory, Stage
 from ddgpipe.core.timeline import Timeline
 from ddgpipe.core.values import Value, describe
@@ -58,10 +59,6 @@ class DNIStage(Stage):
             model = synthetic_gradient_model(out).to(self.device)
             self._sg = model, torch.optim.Adam(model.parameters(), lr=self.sg_lr)
         return self._sg
-
-    @property
-    def sg_model(self) -> nn.Module | None:
-        return None if self._sg is None else self._sg[0]
 
     def forward(self, minibatch: int, x: Value, overflow: bool = False) -> Value:
         sent = super().forward(minibatch, x, overflow)
@@ -125,7 +122,9 @@ class DNI(PipelineMethod):
             return DNIStage(k, num_stages, module, optimizer, lr_scheduler, sg_lr=sg_lr,
                             device=device, precision=precision)
 
-        executor = build_stages(model, stages, make_stage, "dni", Placement.of(placement, **where),
-                                sample_input=sample_input, timeline=timeline,
-                                schedule=("dni", precision))
+        schedule = DNISchedule(stages)
+        placed = Placement.of(placement, **where).check()
+        # a remembered cut is kept under the schedule's name in place of a stash mode
+        executor = build_stages(model, schedule, make_stage, placed, sample_input=sample_input,
+                                timeline=timeline, stash_precision=(schedule.name, precision))
         super().__init__(model, executor, check_finite)

@@ -26,10 +26,11 @@ from ddgpipe.balance.partition import (
     balanced_split,
     block_costs,
     check_model,
-    cut_points,
+    choose_split,
     partition,
 )
 from ddgpipe.balance.timed import Timing, fastest_cut
+from ddgpipe.core.schedule import Schedule
 from ddgpipe.core.stage import StageFactory
 from ddgpipe.core.timeline import Timeline
 from ddgpipe.errors import UsageError
@@ -41,104 +42,175 @@ from ddgpipe.runtime.processes import ProcessExecutor
 from ddgpipe.runtime.reference import ReferenceExecutor
 from ddgpipe.runtime.threads import ThreadedExecutor
 
-__all__ = ["build_stages", "agreed_split", "clock_seconds"]
+__all__ = ["build_stages", "choose_cut", "agreed_split", "clock_seconds"]
 
 
-def build_stages(model: nn.Module, stages: int, make_stage: StageFactory, method: str,
+def build_stages(model: nn.Module, schedule: Schedule, make_stage: StageFactory,
                  placement: Placement, *, sample_input: Tensor | None = None,
                  timeline: Timeline | None = None,
-                 schedule: tuple[str, str] = ("graph", "fp32")) -> Executor:
-    """The executor that runs this process's stages of ``model`` cut into ``stages``.
+                 stash_precision: tuple[str, str] = ("graph", "fp32")) -> Executor:
+    """The executor that runs this process's stages of ``model``, cut into
+    ``schedule.stages`` and placed as ``placement`` (checked by the caller) says.
 
-    ``schedule`` (stash mode, precision) is part of what a remembered timed cut depends on.
+    ``stash_precision`` is part of what a remembered timed cut depends on.
     """
-    placement.check()
-    kind = choose_executor(placement.executor, stages, placement.replicas)
-    blocks = as_blocks(model, stages)
+    kind = choose_executor(placement.executor, schedule.stages, placement.replicas)
+    blocks = as_blocks(model, schedule.stages)
+    side: _Side = _Ranks(schedule, make_stage, placement) if kind == "processes" else \
+        _InProcess(kind, schedule, make_stage, placement)
+    split, tuning = choose_cut(blocks, schedule, placement, side, sample_input, stash_precision)
+    return side.build(blocks, split, timeline, tuning)
+
+
+def choose_cut(blocks: nn.Sequential, schedule: Schedule, placement: Placement, side: _Side,
+               sample_input: Tensor | None,
+               stash_precision: tuple[str, str]) -> tuple[list[int], dict | None]:
+    """The cut points, and how they were chosen (the timed candidates, when timed): the
+    placement's split, else the remembered or newly timed cut, else the balanced one."""
+    if placement.split is not None:
+        return list(placement.split), None
+    stages = schedule.stages
     remembered = placement.balance is None and sample_input is not None and stages > 1
     balance = placement.balance or ("pipeline" if remembered else "params")
     profiled = "time" if balance == "pipeline" else balance  # pipeline starts from it
-    if kind == "processes":
-        return _rank_pipeline(blocks, stages, make_stage, method, placement, balance, profiled,
-                              remembered, sample_input, timeline, schedule)
-    devices = stage_devices(stages, placement.device, placement.devices)
-    threads = placement.threads or cores_per_stage(stages)
-
-    def threaded(of: nn.Sequential, cut: list[int], record: Timeline | None) -> ThreadedExecutor:
-        modules = partition(of, stages, split=cut)
-        return ThreadedExecutor([make_stage(k, stages, m, devices[k])
-                                 for k, m in enumerate(modules)], method=method,
-                                timeline=record, timeout_s=placement.peer_timeout_s,
-                                threads=threads)
-
-    split = None if placement.split is None else list(placement.split)
-    tuning = None
-    if split is None and balance == "pipeline" and stages > 1:
-        sample = _needs_sample(sample_input)
-        key = cut_key(blocks, sample, stages, method, *schedule, "threads",
-                      [str(d) for d in devices], threads)
-        tuning = cached_cut(key) if remembered else None
-        if tuning is None:
-            proposed = cut_points(partition(blocks, stages, balance=profiled,
-                                            sample_input=sample))
-            tuning = _time_cuts(blocks, proposed, sample, lambda cut, record: threaded(
-                copy.deepcopy(blocks), cut, record))
-            remember_cut(key, tuning)
-        split = tuning["split"]
-    if split is None:
-        split = cut_points(partition(blocks, stages, balance=profiled, sample_input=sample_input))
-    if kind == "threads":
-        executor: Executor = threaded(blocks, split, timeline)
-    else:
-        modules = partition(blocks, stages, split=split)
-        executor = ReferenceExecutor([make_stage(k, stages, m, devices[k])
-                                      for k, m in enumerate(modules)], method=method,
-                                     timeline=timeline)
-    executor.split, executor.split_tuning = split, tuning
-    return executor
+    if balance != "pipeline" or not side.times_cuts:
+        return side.propose(blocks, profiled, sample_input), None
+    sample = _needs_sample(sample_input)
+    stash, precision = stash_precision
+    executor, devices, threads = side.where()
+    key = cut_key(blocks, sample, schedule, stash, precision, executor, devices, threads)
+    tuning = side.recall(key if remembered else None)
+    if tuning is None:
+        proposed = side.propose(blocks, profiled, sample)
+        tuning = _time_cuts(blocks, proposed, sample, lambda cut, record: side.build_timed(
+            copy.deepcopy(blocks), cut, record))
+        side.remember(key, tuning)
+    return tuning["split"], tuning
 
 
-def _rank_pipeline(model: nn.Sequential, stages: int, make_stage: StageFactory, method: str,
-                   placement: Placement, balance: str, profiled: str, remembered: bool,
-                   sample_input: Tensor | None, timeline: Timeline | None,
-                   schedule: tuple[str, str]) -> Executor:
-    """This rank's stage of the pipeline, under the process runtime."""
-    replicas = placement.replicas
-    if method != "ddg" and replicas > 1:
-        raise UsageError(f"replicas average delayed gradients between B and S of DDG; {method} "
-                         "runs one pipeline only: drop --replicas")
-    here = rank_device(placement.device, placement.devices)
-    layout = process_layout(stages, replicas, here.type, placement.comm)  # world = K x R
+class _Side:
+    """Where this process's stages are built: every stage here, or this rank's only."""
 
-    def rank_stage(of: nn.Sequential, cut: list[int],
-                   record: Timeline | None) -> ProcessExecutor:
-        module = partition(of, stages, split=cut)[layout.stage]
-        return ProcessExecutor(make_stage(layout.stage, stages, module, here), method=method,
-                               timeline=record, timeout_s=placement.peer_timeout_s,
-                               comm=placement.comm, layout=layout)
+    #: whether ``balance="pipeline"`` times candidate cuts (else it cuts by profiled time)
+    times_cuts = True
 
-    split = None if placement.split is None else list(placement.split)
-    tuning = None
-    if split is None and balance == "pipeline":
-        sample = _needs_sample(sample_input)
-        key = cut_key(model, sample, stages, method, *schedule, "processes",
-                      [here.type] * (stages * replicas), torch.get_num_threads())
+    def where(self) -> tuple[str, list[str], int]:
+        """The executor, devices and threads a remembered cut is kept for."""
+        raise NotImplementedError
+
+    def propose(self, blocks: nn.Sequential, balance: str,
+                sample_input: Tensor | None) -> list[int]:
+        raise NotImplementedError
+
+    def recall(self, key: str | None) -> dict | None:
+        """The cut remembered for ``key`` (None: look none up)."""
+        raise NotImplementedError
+
+    def remember(self, key: str, tuning: dict) -> None:
+        raise NotImplementedError
+
+    def build_timed(self, blocks: nn.Sequential, cut: list[int],
+                    record: Timeline) -> Executor:
+        """A pipeline of ``cut`` to time, recording its ops in ``record``."""
+        raise NotImplementedError
+
+    def build(self, blocks: nn.Sequential, cut: list[int], timeline: Timeline | None,
+              tuning: dict | None) -> Executor:
+        raise NotImplementedError
+
+
+class _InProcess(_Side):
+    """Every stage in this process (reference, threads); both use the threads' timed cut,
+    so the reference gives the threaded executor's numbers."""
+
+    def __init__(self, kind: str, schedule: Schedule, make_stage: StageFactory,
+                 placement: Placement):
+        self.kind, self.schedule, self.make_stage = kind, schedule, make_stage
+        self.placement = placement
+        self.devices = stage_devices(schedule.stages, placement.device, placement.devices)
+        self.threads = placement.threads or cores_per_stage(schedule.stages)
+        self.times_cuts = schedule.stages > 1
+
+    def where(self) -> tuple[str, list[str], int]:
+        return "threads", [str(d) for d in self.devices], self.threads
+
+    def propose(self, blocks: nn.Sequential, balance: str,
+                sample_input: Tensor | None) -> list[int]:
+        return choose_split(blocks, self.schedule.stages, balance=balance,
+                            sample_input=sample_input)
+
+    def recall(self, key: str | None) -> dict | None:
+        return None if key is None else cached_cut(key)
+
+    def remember(self, key: str, tuning: dict) -> None:
+        remember_cut(key, tuning)
+
+    def _stages(self, blocks: nn.Sequential, cut: list[int]):
+        modules = partition(blocks, self.schedule.stages, split=cut)
+        return [self.make_stage(k, self.schedule.stages, m, self.devices[k])
+                for k, m in enumerate(modules)]
+
+    def build_timed(self, blocks: nn.Sequential, cut: list[int],
+                    record: Timeline) -> Executor:
+        return self._threaded(blocks, cut, record)
+
+    def _threaded(self, blocks: nn.Sequential, cut: list[int], timeline: Timeline | None,
+                  **chosen) -> ThreadedExecutor:
+        return ThreadedExecutor(self._stages(blocks, cut), self.schedule, timeline=timeline,
+                                timeout_s=self.placement.peer_timeout_s, threads=self.threads,
+                                **chosen)
+
+    def build(self, blocks: nn.Sequential, cut: list[int], timeline: Timeline | None,
+              tuning: dict | None) -> Executor:
+        if self.kind == "threads":
+            return self._threaded(blocks, cut, timeline, split=cut, split_tuning=tuning)
+        return ReferenceExecutor(self._stages(blocks, cut), self.schedule, timeline=timeline,
+                                 split=cut, split_tuning=tuning)
+
+
+class _Ranks(_Side):
+    """This rank's stage only, under the process runtime (K x R ranks with replicas)."""
+
+    def __init__(self, schedule: Schedule, make_stage: StageFactory, placement: Placement):
+        replicas = placement.replicas
+        if not schedule.averages_replicas and replicas > 1:
+            raise UsageError(f"replicas average delayed gradients between B and S of DDG; "
+                             f"{schedule.name} runs one pipeline only: drop --replicas")
+        self.schedule, self.make_stage, self.placement = schedule, make_stage, placement
+        self.here = rank_device(placement.device, placement.devices)
+        # world = K x R
+        self.layout = process_layout(schedule.stages, replicas, self.here.type, placement.comm)
+
+    def where(self) -> tuple[str, list[str], int]:
+        ranks = self.schedule.stages * self.placement.replicas
+        return "processes", [self.here.type] * ranks, torch.get_num_threads()
+
+    def propose(self, blocks: nn.Sequential, balance: str,
+                sample_input: Tensor | None) -> list[int]:
+        return agreed_split(blocks, self.schedule.stages, balance, sample_input)
+
+    def recall(self, key: str | None) -> dict | None:
         # rank 0's memory decides, so every rank (every node) uses the same cut
-        shared = [cached_cut(key) if remembered and layout.rank == 0 else None]
+        shared = [cached_cut(key) if key is not None and self.layout.rank == 0 else None]
         dist.broadcast_object_list(shared, src=0)
-        tuning = shared[0]
-        if tuning is None:
-            proposed = agreed_split(model, stages, profiled, sample)
-            tuning = _time_cuts(model, proposed, sample,
-                                lambda cut, record: rank_stage(copy.deepcopy(model), cut, record))
-            if layout.rank == 0:
-                remember_cut(key, tuning)
-        split = tuning["split"]
-    elif split is None:
-        split = agreed_split(model, stages, profiled, sample_input)
-    executor = rank_stage(model, split, timeline)
-    executor.split, executor.split_tuning = split, tuning
-    return executor
+        return shared[0]
+
+    def remember(self, key: str, tuning: dict) -> None:
+        if self.layout.rank == 0:
+            remember_cut(key, tuning)
+
+    def build_timed(self, blocks: nn.Sequential, cut: list[int],
+                    record: Timeline) -> Executor:
+        return self.build(blocks, cut, record, None)
+
+    def build(self, blocks: nn.Sequential, cut: list[int], timeline: Timeline | None,
+              tuning: dict | None) -> Executor:
+        stages, placement = self.schedule.stages, self.placement
+        module = partition(blocks, stages, split=cut)[self.layout.stage]
+        return ProcessExecutor(self.make_stage(self.layout.stage, stages, module, self.here),
+                               self.schedule, timeline=timeline,
+                               timeout_s=placement.peer_timeout_s, comm=placement.comm,
+                               layout=self.layout, split=cut, split_tuning=tuning)
 
 
 def _needs_sample(sample_input: Tensor | None) -> Tensor:

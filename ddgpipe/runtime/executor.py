@@ -1,16 +1,18 @@
 """The interface every executor implements, so methods and the training loop call methods.
 
 An executor runs a list of :class:`~ddgpipe.core.stage.Stage` clock by clock along the
-schedule of a method (``ddg`` or ``dni``). The three of this package differ only in where the
-stages run (``reference``: one thread in turn; ``threads``: a thread each; ``processes``: a
-rank each) and agree bitwise. What is not meaningful for an executor (stopping threads it does
-not have, summing over replicas it does not run) is the identity here.
+:class:`~ddgpipe.core.schedule.Schedule` it is given. The three of this package differ only
+in where the stages run (``reference``: one thread in turn; ``threads``: a thread each;
+``processes``: a rank each) and agree bitwise. What is not meaningful for an executor
+(stopping threads it does not have, summing over replicas it does not run) is the identity
+here.
 """
 
 from __future__ import annotations
 
 from torch import Tensor
 
+from ddgpipe.core.schedule import Schedule
 from ddgpipe.core.stage import LossFn, Stage
 from ddgpipe.core.values import Value, describe, tensors
 from ddgpipe.errors import UsageError
@@ -46,10 +48,12 @@ def tensors_of(value: Value) -> tuple[Tensor, ...]:
 
 
 class Executor:
-    """Runs ``stages`` (this process's share of the pipeline) clock by clock.
+    """Runs ``stages`` (this process's share of the pipeline) clock by clock along
+    ``schedule``: at each clock a stage runs ``schedule.actions(stage, clock)``, and the drain
+    runs until ``schedule.clocks(fed)``.
 
     ``split`` is the cut the stages came from and ``split_tuning`` how it was chosen (the
-    timed candidates), both set by :func:`ddgpipe.runtime.build.build_stages`.
+    timed candidates), as :func:`ddgpipe.runtime.build.build_stages` gives them.
     """
 
     #: ``reference``, ``threads`` or ``processes``: the ``--executor`` name
@@ -57,13 +61,14 @@ class Executor:
     #: whether :meth:`feed` returns before the clock has run, so a caller may feed ahead
     runs_ahead = False
 
-    def __init__(self, stages: list[Stage], method: str = "ddg"):
+    def __init__(self, stages: list[Stage], schedule: Schedule, *,
+                 split: list[int] | None = None, split_tuning: dict | None = None):
         self.stages = stages
-        self.method = method
+        self.schedule = schedule
         self.clock = 0  # the next clock to run
         self.fed = 0  # minibatches fed so far
-        self.split: list[int] | None = None
-        self.split_tuning: dict | None = None
+        self.split = split
+        self.split_tuning = split_tuning
         self._ready: dict[int, Tensor | None] = {}  # losses fed but not taken (synchronous)
 
     @property
@@ -127,6 +132,11 @@ class Executor:
     def checkpoint_state(self) -> dict:
         """This process's whole state between two clocks, in-flight work included."""
         raise NotImplementedError
+
+    def _check_checkpoints(self) -> None:
+        if not self.schedule.checkpoints:
+            raise NotImplementedError(f"checkpoints support ddg and bp, not "
+                                      f"{self.schedule.name}")
 
     def load_checkpoint_state(self, state: dict) -> None:
         raise NotImplementedError

@@ -186,36 +186,45 @@ def run_workers(
                          args=(r, world_size, port, threads, peer_timeout_s, backend,
                                tune_malloc, fn, args, results))
              for r in range(world_size)]
-    outcome: dict[int, tuple[str, object]] = {}
-    deadline = time.monotonic() + timeout_s if timeout_s is not None else float("inf")
-    first_failure: float | None = None
     with contextlib.ExitStack() as cleanup:
         cleanup.enter_context(sigterm_raises())
         cleanup.callback(_stop, procs)  # on any exit: SIGTERM, Ctrl-C, a failure or success
         for p in procs:
             p.start()
-        while len(outcome) < world_size:
-            try:
-                rank, kind, value = results.get(timeout=0.1)
-                outcome[rank] = (kind, value)
-            except queue.Empty:
-                pass
-            for rank, p in enumerate(procs):
-                if rank not in outcome and p.exitcode is not None:
-                    try:  # it may have reported just before exiting
-                        rank2, kind, value = results.get(timeout=0.5)
-                        outcome[rank2] = (kind, value)
-                    except queue.Empty:
-                        outcome[rank] = ("died", _describe_exit(p.exitcode))
-            failed = [r for r, (kind, _) in outcome.items() if kind != "ok"]
-            if failed and first_failure is None:
-                first_failure = time.monotonic()
-            if first_failure is not None and time.monotonic() - first_failure > grace_s:
-                break
-            if time.monotonic() > deadline:
-                raise WorkerError(min(set(range(world_size)) - set(outcome), default=0),
-                                  f"no result within {timeout_s:.0f} s; all workers stopped")
+        outcome = _outcomes(procs, results, timeout_s, grace_s)
     return _collect(outcome, world_size)
+
+
+def _outcomes(procs: list, results, timeout_s: float | None,
+              grace_s: float) -> dict[int, tuple[str, object]]:
+    """Each worker's report (or how it died), gathered until all came, or ``grace_s`` after
+    the first failure; a WorkerError when ``timeout_s`` passes first."""
+    world_size = len(procs)
+    outcome: dict[int, tuple[str, object]] = {}
+    deadline = time.monotonic() + timeout_s if timeout_s is not None else float("inf")
+    first_failure: float | None = None
+    while len(outcome) < world_size:
+        try:
+            rank, kind, value = results.get(timeout=0.1)
+            outcome[rank] = (kind, value)
+        except queue.Empty:
+            pass
+        for rank, p in enumerate(procs):
+            if rank not in outcome and p.exitcode is not None:
+                try:  # it may have reported just before exiting
+                    rank2, kind, value = results.get(timeout=0.5)
+                    outcome[rank2] = (kind, value)
+                except queue.Empty:
+                    outcome[rank] = ("died", _describe_exit(p.exitcode))
+        failed = [r for r, (kind, _) in outcome.items() if kind != "ok"]
+        if failed and first_failure is None:
+            first_failure = time.monotonic()
+        if first_failure is not None and time.monotonic() - first_failure > grace_s:
+            break
+        if time.monotonic() > deadline:
+            raise WorkerError(min(set(range(world_size)) - set(outcome), default=0),
+                              f"no result within {timeout_s:.0f} s; all workers stopped")
+    return outcome
 
 
 def _collect(outcome: dict, world_size: int) -> list:

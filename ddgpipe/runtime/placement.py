@@ -60,7 +60,9 @@ class Placement:
         return dataclasses.replace(placement or cls(), **fields)
 
     def check(self) -> Placement:
-        """Refuse what no executor can do, naming the option and its choices."""
+        """Refuse what no executor can do, naming the option and its choices: the one place
+        that checks the placement's values (executor, balance, comm, replicas, threads,
+        timeout); everything after it takes them as valid."""
         if self.executor is not None and self.executor not in EXECUTORS:
             raise UsageError(f"unknown executor {self.executor!r}; choose one of "
                              f"{', '.join(EXECUTORS)}")
@@ -88,11 +90,9 @@ def world_size() -> int:
 
 def choose_executor(executor: str | None, stages: int, replicas: int = 1) -> str:
     """The executor to use: ``processes`` under torch.distributed, else as asked (default:
-    ``threads`` for K > 1, ``reference`` for K = 1)."""
-    if executor is not None and executor not in EXECUTORS:
-        raise UsageError(f"unknown executor {executor!r}; choose one of {', '.join(EXECUTORS)}")
-    if replicas < 1:
-        raise UsageError(f"replicas must be >= 1 (got {replicas})")
+    ``threads`` for K > 1, ``reference`` for K = 1). ``executor`` and ``replicas`` are a
+    checked :class:`Placement`'s (:meth:`Placement.check` refuses unknown names); what is
+    refused here is what this process cannot run."""
     if replicas > 1 and (world_size() == 1 or executor not in (None, "processes")):
         raise UsageError(
             f"{replicas} replicas run one process per stage and replica, under the process "

@@ -17,15 +17,16 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from ddgpipe.core.clock import Grads, run_stage_clock
-from ddgpipe.core.rng import rng_state, set_rng_state, stage_stream
-from ddgpipe.core.schedule import ACTIONS, num_clocks
+from ddgpipe.core.clock import run_stage_clock
+from ddgpipe.core.rng import rng_state, set_rng_state, stage_rng
+from ddgpipe.core.schedule import Schedule
 from ddgpipe.core.stage import LossFn, Stage
 from ddgpipe.core.timeline import Timeline
 from ddgpipe.core.values import Value, as_args, map_tensors
 from ddgpipe.runtime.executor import Executor, check_input, tensor_of
 from ddgpipe.runtime.layout import Layout
-from ddgpipe.runtime.p2p import Channel, GradientReceipt, process_groups
+from ddgpipe.runtime.p2p import Channel, process_groups
+from ddgpipe.runtime.rank_links import RankLinks
 from ddgpipe.runtime.replicas import GradientAverager, average_buffers, broadcast_module, sum_over
 
 __all__ = ["ProcessExecutor"]
@@ -47,15 +48,18 @@ class ProcessExecutor(Executor):
     def __init__(
         self,
         stage: Stage,
-        method: str = "ddg",
+        schedule: Schedule,
         timeline: Timeline | None = None,
         timeout_s: float = 300.0,
         comm: str = "auto",
         layout: Layout | None = None,
+        *,
+        split: list[int] | None = None,
+        split_tuning: dict | None = None,
     ):
         if not dist.is_initialized():
             raise RuntimeError("torch.distributed is not initialised; use torchrun or the launcher")
-        super().__init__([stage], method)
+        super().__init__([stage], schedule, split=split, split_tuning=split_tuning)
         self.stage = stage
         self.rank = dist.get_rank()
         self.layout = layout or Layout.grid(dist.get_world_size(), 1, self.rank)
@@ -63,7 +67,6 @@ class ProcessExecutor(Executor):
                 self.layout.world != dist.get_world_size():
             raise RuntimeError(f"{self.layout.describe()} of {dist.get_world_size()} ranks got "
                                f"stage {stage.index} of {stage.num_stages}")
-        self.actions_at = ACTIONS[method]
         self.timeline = timeline
         if stage.device.type == "cuda":  # nccl and the object collectives use this device
             torch.cuda.set_device(stage.device)
@@ -74,11 +77,7 @@ class ProcessExecutor(Executor):
         self.channel = Channel(self.rank, self.layout.prev_rank, self.layout.next_rank, groups,
                                self.wire, timedelta(seconds=timeout_s),
                                fp16=stage.precision == "fp16", record_wait=record)
-        self._grad_recvs: dict[int, GradientReceipt] = {}
-        self._header: tuple[Any, Tensor] | None = None
-        self._stream_ended = False
-        self._streams_derived = False  # this stage's random stream, at its first clock
-        self._feed: tuple[Value | None, Tensor | None, LossFn | None] = (None, None, None)
+        self._rng_derived = False  # this stage's rng, at its first clock
         self._data_group = self.layout.data_group  # None with one replica
         self._loss_sum: tuple[Any, Tensor] | None = None
         if self._data_group is not None:  # replicas start from replica 0's weights
@@ -88,58 +87,11 @@ class ProcessExecutor(Executor):
             stage.averager = GradientAverager(
                 stage.stash.params, self._data_group, self.layout.replicas, wire=self.wire,
                 timeout_s=timeout_s, describe=self.layout.describe(), record_wait=record)
-        if not stage.is_first:
-            self._header = self.channel.post_header()
+        self.links = RankLinks(stage, self.channel, self.layout)  # posts the header receive
 
     @property
     def num_stages(self) -> int:
         return self.layout.stages
-
-    def _end_stream(self) -> None:
-        """Tell the next stage no more forwards come, so its posted header receive completes."""
-        if self._stream_ended:
-            return
-        self._stream_ended = True
-        if self._header is not None:
-            value, _ = self.channel.recv_value(self._header, self.stage.device)
-            assert value is None, "an activation arrived after the stream ended"
-            self._header = None
-        if not self.stage.is_last:
-            self.channel.send_value(None)
-
-    # --- links --------------------------------------------------------------------------------
-
-    def recv_activation(self, stage: Stage, minibatch: int) -> tuple[Value, bool]:
-        if stage.is_first:
-            x = self._feed[0]
-            assert x is not None, "the first stage is fed its input"
-            return map_tensors(x, lambda t: t.to(stage.device, non_blocking=True)), False
-        assert self._header is not None, "a header receive is posted a clock ahead"
-        value, head = self.channel.recv_value(self._header, stage.device)
-        if value is None:
-            raise RuntimeError("the previous stage ended its stream before this forward")
-        self._header = self.channel.post_header()
-        return value, head.overflow
-
-    def send_activation(self, stage: Stage, minibatch: int, out: Value, overflow: bool) -> None:
-        self.channel.send_value(out, overflow)
-        # Whatever op consumes them (DDG's B, DNI's G), the gradients of the marked outputs
-        # will come: their receives are posted now, long before the backward needs them.
-        self._grad_recvs[minibatch] = self.channel.post_gradients(stage.inflight[-1].grad_shapes)
-
-    def recv_gradient(self, stage: Stage, minibatch: int) -> tuple[Grads, float]:
-        return self.channel.await_gradients(
-            self._grad_recvs.pop(minibatch), stage.device,
-            f"receiving the gradient of minibatch {minibatch} from rank {self.layout.next_rank}")
-
-    def send_gradient(self, stage: Stage, minibatch: int, grads: Grads,
-                      loss_scale: float) -> None:
-        self.channel.send_gradients(grads, loss_scale)
-
-    def target(self, stage: Stage, minibatch: int) -> tuple[Tensor, LossFn]:
-        _, y, loss_fn = self._feed
-        assert y is not None and loss_fn is not None, "the last stage is fed its target"
-        return y.to(stage.device, non_blocking=True), loss_fn
 
     # --- checkpoints ----------------------------------------------------------------------------
 
@@ -152,19 +104,17 @@ class ProcessExecutor(Executor):
         ``shared`` is the stage's state every replica holds alike, given by replica 0 only
         (None elsewhere); the rest is this rank's own.
         """
-        if self.method != "ddg":
-            raise NotImplementedError("checkpoints support ddg and bp, not dni")
+        self._check_checkpoints()
         self.sync()  # the replicas' BatchNorm statistics agree before one copy is kept
         grads = []
-        nxt = self.clock - self.stage.delay  # the minibatch the next clock's backward takes
-        if not self.stage.is_last and nxt in self._grad_recvs:
-            got, scale = self.recv_gradient(self.stage, nxt)
-            self._grad_recvs[nxt] = self.channel.received(got, scale)  # not waited on twice
-            grads.append([self.stage.index, nxt, [g.clone() for g in got], scale])
+        # the minibatch the next clock's backward takes
+        kept = self.links.keep_gradient(self.clock - self.schedule.delay(self.stage.index))
+        if kept is not None:
+            grads.append(kept)
         shared = self.stage.state_dict() if self.layout.writes_stage_state else None
         return {"clock": self.clock, "fed": self.fed, "grads": grads,
                 "stage_index": self.stage.index, "shared": shared,
-                "inflight": self.stage.inflight_state(), "rng_derived": self._streams_derived}
+                "inflight": self.stage.inflight_state(), "rng_derived": self._rng_derived}
 
     def load_checkpoint_state(self, state: dict) -> None:
         """Resume from :meth:`checkpoint_state`, with ``shared`` filled in from the stage's
@@ -175,16 +125,11 @@ class ProcessExecutor(Executor):
         else:  # format 3: one pipeline, each rank's file held its whole stage
             self.stage.load_pipeline_state(state["stage"])
         self.clock, self.fed = state["clock"], state["fed"]
-        self._streams_derived = state.get("rng_derived", self.clock > 0)
+        self._rng_derived = state.get("rng_derived", self.clock > 0)
         # format 4 and before saved one gradient tensor; now a list of them
         saved = {m: (tuple(g if isinstance(g, list | tuple) else [g]), scale)
                  for _, m, g, scale in state["grads"]}
-        if self.stage.is_last:
-            return
-        for pending in self.stage.inflight:
-            m = pending.minibatch
-            self._grad_recvs[m] = self.channel.received(*saved[m]) if m in saved else \
-                self.channel.post_gradients(pending.grad_shapes)
+        self.links.resume(saved)
 
     # --- clocks -------------------------------------------------------------------------------
 
@@ -195,7 +140,7 @@ class ProcessExecutor(Executor):
         replica r keeps shard r of ``x``, the last stage shard r of ``y``, and the loss
         returned is the mean over the replicas' shards.
         """
-        if self._stream_ended:
+        if self.links.stream_ended:
             raise RuntimeError("this pipeline was drained; build a new one to go on training")
         if self.stage.is_first and x is None:
             raise ValueError("the first stage needs the input x")
@@ -203,17 +148,17 @@ class ProcessExecutor(Executor):
             raise ValueError("the last stage needs the target y and loss_fn")
         xs = self.layout.shard(check_input(x)) if self.stage.is_first else None
         ys = tensor_of(self.layout.shard(y)) if self.stage.is_last and y is not None else None
-        self._feed = (xs, ys, loss_fn)
+        self.links.fed = (xs, ys, loss_fn)
         loss = self._run_clock(None)
-        self._feed = (None, None, None)
+        self.links.fed = (None, None, None)
         self.fed += 1
         return loss
 
     def drain(self) -> None:
         """Run the pending backwards and steps, then the stage's finish, then wait for every
         send to be delivered."""
-        self._end_stream()
-        while self.clock < num_clocks(self.num_stages, self.fed, self.method):
+        self.links.end_stream()
+        while self.clock < self.schedule.clocks(self.fed):
             self._run_clock(self.fed)
         self.stage.finish()
         self.channel.reap_sends(wait=True)
@@ -240,13 +185,13 @@ class ProcessExecutor(Executor):
         return everyone
 
     def _run_clock(self, total: int | None) -> Tensor | None:
-        if not self._streams_derived:  # as the in-process executors derive stage k's stream
-            self._streams_derived = True
+        if not self._rng_derived:  # as the in-process executors derive stage k's rng
+            self._rng_derived = True
             base = rng_state([self.stage.device])
-            set_rng_state(stage_stream(base, self.stage.index))
-        actions = self.actions_at(self.stage.index, self.num_stages, self.clock, total)
+            set_rng_state(stage_rng(base, self.stage.index))
+        actions = self.schedule.actions(self.stage.index, self.clock, total)
         on_loss = self._start_loss_mean if self._data_group is not None else None
-        loss = run_stage_clock(self.stage, actions, self, timeline=self.timeline,
+        loss = run_stage_clock(self.stage, actions, self.links, timeline=self.timeline,
                                on_loss=on_loss)
         if loss is not None and on_loss is not None:
             loss = self._loss_mean(loss)
@@ -284,7 +229,7 @@ class ProcessExecutor(Executor):
                                                   group="eval")
             assert received is not None, "evaluation sends no end of stream"
             inp = received
-        with stage._autocast():
+        with stage.autocast():
             out = stage.module(*as_args(inp))
         if stage.is_last:
             return out

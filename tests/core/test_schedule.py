@@ -3,6 +3,7 @@
 import pytest
 
 from ddgpipe.core.schedule import (
+    ScheduleError,
     ddg_actions,
     ddg_schedule,
     delay,
@@ -56,7 +57,7 @@ def test_dependencies_hold(stages, minibatches):
 def test_validate_catches_a_broken_schedule():
     schedule = ddg_schedule(2, 2)
     schedule[1][0], schedule[2][0] = schedule[2][0], schedule[1][0]
-    with pytest.raises(AssertionError):
+    with pytest.raises(ScheduleError):
         validate_ddg(schedule)
 
 

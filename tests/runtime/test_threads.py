@@ -128,7 +128,7 @@ def test_only_the_forwards_of_a_dropout_network_hold_the_generator_lock(stash, f
     stages' work; a replay restores its forward's random state, so it keeps the lock."""
     with build("threads", stages=3, stash=stash) as pipe:
         train(pipe, batches(6))
-        free = pipe.executor._free_ops
+        free = pipe.executor.workers.free_ops
     assert all("F" not in ops and "S" in ops for ops in free)
     assert "B" in free[-1]  # the last stage never replays
     assert all(("B" in ops) == free_backward for ops in free[:-1])
@@ -276,7 +276,7 @@ def test_drawing_from_the_global_generator_while_stages_run_is_warned_about_once
                 pipe.step(x, y, F.cross_entropy)
                 # e.g. a data pipeline without a generator of its own; the lock only places
                 # the draw between two swaps (one inside a swap takes from a stage's stream)
-                with pipe.executor.streams.lock:
+                with pipe.executor.rng.lock:
                     torch.rand(3)
         assert len([w for w in caught if issubclass(w.category, RuntimeWarning)]) == 1
 
