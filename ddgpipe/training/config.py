@@ -108,6 +108,10 @@ class TrainConfig:
     placement: Placement = field(default_factory=default_placement)
     compensation: CompensationSpec = field(default_factory=CompensationSpec)
 
+    def __post_init__(self) -> None:
+        if not isinstance(self.compensation, CompensationSpec):  # a name given as text
+            self.compensation = CompensationSpec.parse(self.compensation)
+
     @classmethod
     def from_flat(cls, **settings: Any) -> TrainConfig:
         """A config from flat keywords, as ``config.json`` names them (``executor=``,
