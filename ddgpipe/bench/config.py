@@ -185,60 +185,57 @@ def resolve(config: BenchConfig) -> list[ConfigSpec]:
     unknown name, a microbatch count that cannot work, or a batch DDP cannot split.
     """
     _validate(config)
-    k = config.stages
     base = baseline(config)
     available = config_names(config)
     if config.configs is None:
         wanted = list(available)
     else:
         wanted = [base] + [n for n in config.configs if n != base]
-    specs = []
-    share = cores_per_stage(k)
-    for name in dict.fromkeys(wanted):
-        if not isinstance(name, str):
-            raise UsageError(f"config names are strings, got {name!r}")
-        if name.endswith(COMPILED):
-            specs.append(_compiled_spec(config, name))
-            continue
-        pipe = _PIPE_RE.match(name)
-        bp = _BP_RE.match(name)
-        ddg = _DDG_RE.match(name)
-        replicated = _REPLICAS_RE.match(name)
-        needs_gpus = (name == "ddp" or pipe) and config.device != "cpu" and \
-            gpu_count(config) < k
-        if needs_gpus or (name in (BASELINE, GPU_BASELINE) and name != base) or \
-                (bp and config.device != "cpu"):
-            raise UsageError(f"bench config {name!r} is not available here "
-                             f"({_why_not(config, name)}); choose from {', '.join(available)}")
-        if name == base:
-            specs.append(ConfigSpec(name, "bp", 1, 1))
-        elif bp and int(bp.group(1)) == k:
-            specs.append(ConfigSpec(name, "bp", 1, k))
-        elif name == "ddp":
-            if config.batch_size % k:
-                raise UsageError(
-                    f"ddp splits the batch over {k} ranks but batch_size {config.batch_size} is "
-                    f"not divisible by {k}; use a multiple of {k} or leave ddp out of configs"
-                )
-            specs.append(ConfigSpec(name, "ddp", k, share))
-        elif pipe:
-            schedule, m = pipe.group(1), int(pipe.group(2))
-            problem = _microbatch_problem(config, schedule, m)
-            if problem:
-                raise UsageError(problem)
-            specs.append(ConfigSpec(name, schedule, k, share, microbatches=m))
-        elif ddg and ddg.group(2) == "threads":
-            specs.append(ConfigSpec(name, "ddg-threads", 1, share, stash=ddg.group(1)))
-        elif ddg:
-            specs.append(ConfigSpec(name, "ddg", k, share, stash=ddg.group(1)))
-        elif replicated:
-            specs.append(_replica_spec(config, name, replicated))
-        else:
+    return [_spec(config, name, base, available) for name in dict.fromkeys(wanted)]
+
+
+def _spec(config: BenchConfig, name: object, base: str, available: tuple[str, ...]
+          ) -> ConfigSpec:
+    """The configuration ``name`` stands for, or a :class:`UsageError` saying why not."""
+    k, share = config.stages, cores_per_stage(config.stages)
+    if not isinstance(name, str):
+        raise UsageError(f"config names are strings, got {name!r}")
+    if name.endswith(COMPILED):
+        return _compiled_spec(config, name)
+    pipe, bp, ddg = _PIPE_RE.match(name), _BP_RE.match(name), _DDG_RE.match(name)
+    replicated = _REPLICAS_RE.match(name)
+    needs_gpus = (name == "ddp" or pipe) and config.device != "cpu" and gpu_count(config) < k
+    if needs_gpus or (name in (BASELINE, GPU_BASELINE) and name != base) or \
+            (bp and config.device != "cpu"):
+        raise UsageError(f"bench config {name!r} is not available here "
+                         f"({_why_not(config, name)}); choose from {', '.join(available)}")
+    if name == base:
+        return ConfigSpec(name, "bp", 1, 1)
+    if bp and int(bp.group(1)) == k:
+        return ConfigSpec(name, "bp", 1, k)
+    if name == "ddp":
+        if config.batch_size % k:
             raise UsageError(
-                f"unknown bench config {name!r}; choose from {', '.join(available)} "
-                f"(gpipe-m<M>/1f1b-m<M> take any M that divides the batch)"
+                f"ddp splits the batch over {k} ranks but batch_size {config.batch_size} is "
+                f"not divisible by {k}; use a multiple of {k} or leave ddp out of configs"
             )
-    return specs
+        return ConfigSpec(name, "ddp", k, share)
+    if pipe:
+        schedule, m = pipe.group(1), int(pipe.group(2))
+        problem = _microbatch_problem(config, schedule, m)
+        if problem:
+            raise UsageError(problem)
+        return ConfigSpec(name, schedule, k, share, microbatches=m)
+    if ddg and ddg.group(2) == "threads":
+        return ConfigSpec(name, "ddg-threads", 1, share, stash=ddg.group(1))
+    if ddg:
+        return ConfigSpec(name, "ddg", k, share, stash=ddg.group(1))
+    if replicated:
+        return _replica_spec(config, name, replicated)
+    raise UsageError(
+        f"unknown bench config {name!r}; choose from {', '.join(available)} "
+        f"(gpipe-m<M>/1f1b-m<M> take any M that divides the batch)"
+    )
 
 
 def _compiled_spec(config: BenchConfig, name: str) -> ConfigSpec:

@@ -145,72 +145,93 @@ def run_bench(config: BenchConfig, out_dir: str | Path | None = None,
                        f"stages; {kind} cut at blocks {cut['split']} of {blocks} (profiling "
                        f"proposed {cut['profiled_split']}; timed ms per clock: {timed})")
     _log(progress, f"bench: {len(specs)} configs x {config.rounds} rounds")
-
-    reference = f"bp-{config.stages}t"
-    rounds: list[dict[str, float | None]] = []
-    peak: dict[str, list[float]] = {}
-    peak_gpu: dict[str, list[float]] = {}
-    profiles: dict[str, list[list[dict]]] = {}
-    errors: dict[str, str] = {}
-    width = max(len(s.name) for s in specs)
+    measured = Measurements()
     for r in range(config.rounds):
+        measured.run_round(config, specs, cuts, f"{r + 1}/{config.rounds}", progress)
+    summary = summarise(measured.rounds, baseline(config), f"bp-{config.stages}t")
+    rows = [measured.row(spec, cuts, summary[spec.name]) for spec in specs]
+    result = _result(config, blocks, cuts, rows, measured.rounds)
+    if out_dir is not None:
+        _write(result, Path(out_dir), progress)
+    return result
+
+
+class Measurements:
+    """What the rounds measured, per configuration: images/s by round, peak memory, stage
+    profiles and the first error."""
+
+    def __init__(self) -> None:
+        self.rounds: list[dict[str, float | None]] = []
+        self.peak: dict[str, list[float]] = {}
+        self.peak_gpu: dict[str, list[float]] = {}
+        self.profiles: dict[str, list[list[dict]]] = {}
+        self.errors: dict[str, str] = {}
+
+    def run_round(self, config: BenchConfig, specs: list[ConfigSpec], cuts: dict[str, dict],
+                  which: str, progress: bool) -> None:
+        """Every configuration once, in order; a failed one counts as missing this round."""
         this_round: dict[str, float | None] = {}
+        width = max(len(s.name) for s in specs)
         for spec in specs:
             key = cut_key(spec)
-            split = cuts[key]["split"] if key else []
             try:
-                results = _run_one(config, spec, split)
+                results = _run_one(config, spec, cuts[key]["split"] if key else [])
             except WorkerError as e:
-                errors.setdefault(spec.name, str(e).splitlines()[0])
+                self.errors.setdefault(spec.name, str(e).splitlines()[0])
                 this_round[spec.name] = None
-                _log(progress, f"round {r + 1}/{config.rounds}  {spec.name:<{width}}  "
+                _log(progress, f"round {which}  {spec.name:<{width}}  "
                                f"failed: {str(e).splitlines()[0]}")
                 continue
             elapsed = max(res["elapsed_s"] for res in results)
-            ips = config.steps * config.batch_size / elapsed
-            this_round[spec.name] = ips
-            mem = [res["peak_mem_mb"] for res in results]
-            old = peak.get(spec.name)
-            peak[spec.name] = mem if old is None else [max(a, b) for a, b in zip(old, mem)]
-            gpu = results[0]["peak_gpu_mb"] if spec.processes == 1 else \
-                [max(res["peak_gpu_mb"]) for res in results if res["peak_gpu_mb"]]
-            if gpu:
-                old = peak_gpu.get(spec.name)
-                peak_gpu[spec.name] = gpu if old is None else [max(a, b) for a, b in
-                                                               zip(old, gpu)]
-            if spec.kind in ("ddg", "ddg-replicas"):
-                profiles.setdefault(spec.name, []).append([res["stage_profile"]
-                                                           for res in results])
-            elif spec.kind == "ddg-threads":
-                profiles.setdefault(spec.name, []).append(results[0]["stage_profiles"])
-            _log(progress, f"round {r + 1}/{config.rounds}  {spec.name:<{width}}  "
-                           f"{ips:8.1f} img/s")
-        rounds.append(this_round)
+            this_round[spec.name] = ips = config.steps * config.batch_size / elapsed
+            self.add(spec, results)
+            _log(progress, f"round {which}  {spec.name:<{width}}  {ips:8.1f} img/s")
+        self.rounds.append(this_round)
 
-    summary = summarise(rounds, baseline(config), reference)
-    rows = []
-    for spec in specs:
+    def add(self, spec: ConfigSpec, results: list[dict]) -> None:
+        """One run's peak memory (the maximum over rounds) and stage profiles."""
+        mem = [res["peak_mem_mb"] for res in results]
+        old = self.peak.get(spec.name)
+        self.peak[spec.name] = mem if old is None else [max(a, b) for a, b in zip(old, mem)]
+        gpu = results[0]["peak_gpu_mb"] if spec.processes == 1 else \
+            [max(res["peak_gpu_mb"]) for res in results if res["peak_gpu_mb"]]
+        if gpu:
+            old = self.peak_gpu.get(spec.name)
+            self.peak_gpu[spec.name] = gpu if old is None else [max(a, b) for a, b in
+                                                                zip(old, gpu)]
+        if spec.kind in ("ddg", "ddg-replicas"):
+            self.profiles.setdefault(spec.name, []).append([res["stage_profile"]
+                                                            for res in results])
+        elif spec.kind == "ddg-threads":
+            self.profiles.setdefault(spec.name, []).append(results[0]["stage_profiles"])
+
+    def row(self, spec: ConfigSpec, cuts: dict[str, dict], summary: dict) -> dict:
+        """The configuration's row of ``bench.json``."""
         row = {"name": spec.name, "kind": spec.kind, "processes": spec.processes,
                "threads": spec.threads, "microbatches": spec.microbatches,
                "stash": spec.stash, "compile": spec.compile,
                "split": cuts[key]["split"] if (key := cut_key(spec)) else None,
-               **summary[spec.name],
-               "peak_mem_mb": peak.get(spec.name, [])}
+               **summary,
+               "peak_mem_mb": self.peak.get(spec.name, [])}
         if spec.kind == "ddg-replicas":
             row.update(stages=spec.stages, replicas=spec.replicas,
                        oversubscribed=spec.oversubscribed)
-        if spec.name in peak_gpu:
-            row["peak_gpu_mb"] = peak_gpu[spec.name]
-        if spec.name in profiles:
-            row["stage_profile"] = _median_profile(profiles[spec.name])
-        if spec.name in errors:
-            row["error"] = errors[spec.name]
-        rows.append(row)
+        if spec.name in self.peak_gpu:
+            row["peak_gpu_mb"] = self.peak_gpu[spec.name]
+        if spec.name in self.profiles:
+            row["stage_profile"] = _median_profile(self.profiles[spec.name])
+        if spec.name in self.errors:
+            row["error"] = self.errors[spec.name]
+        return row
 
+
+def _result(config: BenchConfig, blocks: int, cuts: dict[str, dict], rows: list[dict],
+            rounds: list[dict[str, float | None]]) -> dict:
+    """``bench.json``: the settings, the machine, the cuts, the rows and the raw rounds."""
     sync = [row for row in rows if row["kind"] in ("gpipe", "1f1b")
             and row["ratio_median"] is not None]
     best = max(sync, key=lambda row: row["ratio_median"], default=None)
-    result = {
+    return {
         "config": asdict(config),
         "machine": machine_info(),
         "optimizer": {"name": "SGD", "lr": LR, "momentum": MOMENTUM},
@@ -226,9 +247,6 @@ def run_bench(config: BenchConfig, out_dir: str | Path | None = None,
                                if best else None),
         "rounds": rounds,
     }
-    if out_dir is not None:
-        _write(result, Path(out_dir), progress)
-    return result
 
 
 def _write(result: dict, out_dir: Path, progress: bool) -> None:

@@ -12,7 +12,7 @@ __all__ = ["cmd_train", "cmd_bench", "cmd_experiment", "cmd_plot",
 
 
 def config_from_args(args: argparse.Namespace):
-    from ddgpipe.cli.options import model_defaults
+    from ddgpipe.cli.options import compensation_options, model_defaults
     from ddgpipe.training import TrainConfig
 
     stages = args.stages if args.stages is not None else (1 if args.method == "bp" else 2)
@@ -35,12 +35,12 @@ def config_from_args(args: argparse.Namespace):
     warmup = given("warmup_iters")
     if args.warmup_iters is None and iterations:  # the default warm-up: at most a tenth
         warmup = min(warmup, iterations // 10)
-    return TrainConfig(
+    return TrainConfig.from_flat(
         model=args.model, data=given("data"), data_dir=args.data_dir, method=args.method,
         stages=stages, replicas=args.replicas, stash=args.stash, split=args.split,
         balance=args.balance,
         grad_shrink=args.grad_shrink, clip_grad=given("clip_grad"),
-        compensation=args.compensation, compensation_options=_compensation_options(args),
+        compensation=args.compensation, compensation_options=compensation_options(args),
         epochs=given("epochs"), iterations=iterations, batch_size=given("batch_size"),
         eval_every=given("eval_every"),
         optimizer=given("optimizer"), lr=given("lr"), momentum=args.momentum,
@@ -58,15 +58,6 @@ def config_from_args(args: argparse.Namespace):
         checkpoint_every_epochs=args.checkpoint_every_epochs, stop_after=args.stop_after,
         resume=args.resume,
     )
-
-
-def _compensation_options(args: argparse.Namespace) -> dict | None:
-    """The hyperparameter flags given, by option name; None when none was."""
-    given = {"dc_lambda": args.dc_lambda, "dc_decay": args.dc_decay,
-             "pipemare_anneal": args.pipemare_anneal, "pipemare_ema": args.pipemare_ema,
-             "stage_momentum_max": args.stage_momentum_max, "delay_lr_c": args.delay_lr_c,
-             "accumulate_steps": args.accumulate_steps}
-    return {k: v for k, v in given.items() if v is not None} or None
 
 
 def format_results(results) -> str:
@@ -98,15 +89,16 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     config = config_from_args(args)
     config.validate()
-    if config.executor == "processes" and not under_torchrun():
+    where = config.placement
+    if where.executor == "processes" and not under_torchrun():
         # Fail here, before spawning, if it is not writable.
         prepare_out_dir(config.out, keep=config.resume is not None)
-        result = run_workers(train_worker, config.stages * config.replicas, (config,),
-                             peer_timeout_s=config.timeout_s, threads=config.threads,
-                             backend=process_backend(config.device, config.devices,
-                                                     config.comm))[-1]
-    elif init_from_env(config.timeout_s, backend=process_backend(config.device, None,
-                                                                  config.comm)):
+        result = run_workers(train_worker, config.stages * where.replicas, (config,),
+                             peer_timeout_s=where.peer_timeout_s, threads=where.threads,
+                             backend=process_backend(where.device, where.devices,
+                                                     where.comm))[-1]
+    elif init_from_env(where.peer_timeout_s, backend=process_backend(where.device, None,
+                                                                      where.comm)):
         try:
             result = train(config)
         finally:

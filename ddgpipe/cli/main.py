@@ -23,6 +23,8 @@ from ddgpipe.errors import Terminated, UsageError, WorkerError
 
 __all__ = ["main", "build_parser"]
 
+Subcommands = argparse._SubParsersAction
+
 DESCRIPTION = """\
 Train deep networks with Decoupled Parallel Backpropagation (DDG; Huo et al., ICML 2018):
 the network is cut into K modules and every module but the last learns from a delayed
@@ -35,13 +37,21 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ddgpipe", description=DESCRIPTION,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for add in (_train_command, _demo_command, _bench_command, _experiment_command,
+                _plot_command):
+        add(sub)
+    return parser
 
+
+def _train_command(sub: Subcommands) -> None:
     p = sub.add_parser("train", help="train one model with bp, ddg or dni",
                        description="Train one model and write metrics to RUN_DIR.",
                        formatter_class=LineHelpFormatter)
     add_train_arguments(p)
     p.set_defaults(func=cmd_train)
 
+
+def _demo_command(sub: Subcommands) -> None:
     p = sub.add_parser("demo", help="DDG against backprop on the embedded digits: speed, time "
                        "to accuracy, a plot",
                        description="Train backprop (on every core) and DDG K=2 (a thread per "
@@ -67,6 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     p.set_defaults(func=cmd_demo)
 
+
+def _bench_command(sub: Subcommands) -> None:
     p = sub.add_parser("bench", help="throughput of DDG against backprop, DDP and GPipe/1F1B",
                        description="Measure images/s of every configuration on the same model, "
                        "batch and step count, interleaved in rounds (A B C ... A B C ...) so a "
@@ -76,6 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_bench_arguments(p)
     p.set_defaults(func=cmd_bench)
 
+
+def _experiment_command(sub: Subcommands) -> None:
     p = sub.add_parser("experiment", help="grids of runs with a report: the paper's claims "
                        "(paper), staleness compensation compared (staleness)",
                        description="Train a grid of runs, two at a time with one thread each, "
@@ -114,6 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
         "cores; resumable like the staleness grid. --quick takes well under a minute."))
     p.set_defaults(func=cmd_experiment)
 
+
+def _plot_command(sub: Subcommands) -> None:
     p = sub.add_parser("plot", help="learning curves (or a pipeline timeline) from run dirs",
                        description="Draw PNG plots from the metrics files of finished runs.")
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories to plot")
@@ -122,7 +138,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeline", action="store_true",
                    help="draw the pipeline timeline recorded with `train --timeline`")
     p.set_defaults(func=cmd_plot)
-    return parser
 
 
 def _apply_preset(parser, argv, args):

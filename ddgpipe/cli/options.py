@@ -73,7 +73,6 @@ def _model_and_data(p: argparse.ArgumentParser) -> None:
 
 
 def _method(p: argparse.ArgumentParser) -> None:
-    from ddgpipe.core.compensation import COMPENSATIONS
     from ddgpipe.core.stash import STASH_MODES
 
     g = p.add_argument_group("method")
@@ -95,46 +94,44 @@ def _method(p: argparse.ArgumentParser) -> None:
                    help="cut points by block index, e.g. 4,8 makes blocks [0,4) [4,8) [8,end); "
                         "default: balance by --balance")
     g.add_argument("--balance", default=None, choices=("params", "flops", "time", "pipeline"),
-                   help="how to cut the network when --split is not given: params "
-                        "(parameter count), flops (counted floating-point operations of each "
-                        "block's forward+backward), time (each block profiled), or pipeline: "
-                        "the profiled cut and each cut one block away run for a few clocks on "
-                        "copies of the model, and the fastest is kept (seconds to a minute at "
-                        "start-up). Default: the cut this machine timed before for the same "
-                        "model, batch shape, schedule, executor and devices (kept in the "
-                        "cache folder, $DDGPIPE_CACHE), timed once when there is none, so the "
-                        "same command and seed give the same numbers; --balance pipeline "
-                        "times it again. The reference executor uses the threaded executor's "
-                        "cut. The cut used is saved as split in RUN_DIR/config.json; pass it "
-                        "back with --split to repeat a run on another machine")
+                   help=BALANCE_HELP)
     g.add_argument("--grad-shrink", type=float, default=1.0, metavar="BETA",
                    help="scale stage k's delayed gradient by BETA**delay (gradient shrinking, "
                         "from the authors' follow-up, Fully Decoupled Neural Network Learning "
                         "Using Delayed Gradients, Zhuang et al. 2019); 1 is DDG "
                         "(default: %(default)s)")
+    _compensation(g)
+
+
+BALANCE_HELP = (
+    "how to cut the network when --split is not given: params (parameter count), flops "
+    "(counted floating-point operations of each block's forward+backward), time (each block "
+    "profiled), or pipeline: the profiled cut and each cut one block away run for a few clocks "
+    "on copies of the model, and the fastest is kept (seconds to a minute at start-up). "
+    "Default: the cut this machine timed before for the same model, batch shape, schedule, "
+    "executor and devices (kept in the cache folder, $DDGPIPE_CACHE), timed once when there is "
+    "none, so the same command and seed give the same numbers; --balance pipeline times it "
+    "again. The reference executor uses the threaded executor's cut. The cut used is saved as "
+    "split in RUN_DIR/config.json; pass it back with --split to repeat a run on another machine")
+
+
+def _compensation(g: argparse._ArgumentGroup) -> None:
+    """``--compensation`` and one flag per option of :mod:`ddgpipe.core.compensation`'s table."""
+    from ddgpipe.core.compensation import COMPENSATIONS, OPTION_TABLE
+
     g.add_argument("--compensation", metavar="NAME[,NAME]",
                    help="for --method ddg/fr, comma-separated; default none:\n" + "\n".join(
                             f"  {name}: {line}" for name, line in COMPENSATIONS.items()))
-    g.add_argument("--dc-lambda", type=float, metavar="LAMBDA",
-                   help="dc: lambda_0 of the adaptive lambda (default 2); dc-c: the constant "
-                        "lambda (default 0.04)")
-    g.add_argument("--dc-decay", type=float, metavar="BETA",
-                   help="dc: decay of the gradient's mean square (default 0.95)")
-    g.add_argument("--pipemare-anneal", type=int, metavar="CLOCKS",
-                   help="pipemare, pipemare-lr: clocks (minibatches) over which each stage's "
-                        "lr ramps from lr/delay to lr (default: one epoch; PipeMare tunes it)")
-    g.add_argument("--pipemare-ema", type=float, metavar="GAMMA",
-                   help="pipemare: decay of the moving average of weight updates that "
-                        "estimates the forward's weights (default 0.9)")
-    g.add_argument("--stage-momentum-max", type=float, metavar="BMAX",
-                   help="stage-momentum: bmax of beta1_k = b0 + d_k (bmax - b0) / K "
-                        "(default 0.99, AsyncPP's)")
-    g.add_argument("--delay-lr-c", type=float, metavar="C",
-                   help="delay-lr: c of the lr factor min(1, c / d_k) (default 1: lr / d_k; "
-                        "c >= K-1 changes nothing)")
-    g.add_argument("--accumulate-steps", type=int, metavar="A",
-                   help="accumulate: a delayed stage steps once every A gradients with their "
-                        "mean (default 4)")
+    for option in OPTION_TABLE:
+        g.add_argument(option.flag, type=option.kind, metavar=option.metavar, help=option.help)
+
+
+def compensation_options(args: argparse.Namespace) -> dict | None:
+    """The compensation options given as flags, by option name; None when none was."""
+    from ddgpipe.core.compensation import OPTION_TABLE
+
+    given = {o.name: getattr(args, o.name) for o in OPTION_TABLE}
+    return {k: v for k, v in given.items() if v is not None} or None
 
 
 # Flags whose default depends on the model: a language model (gpt-L) trains on the text

@@ -6,7 +6,6 @@ Why and how: ``docs/design.md``, "Experiments: resumable grids".
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import multiprocessing as mp
@@ -21,6 +20,7 @@ from ddgpipe.errors import NonFiniteLossError
 from ddgpipe.runtime.launch import sigterm_raises, thread_locked_bars
 from ddgpipe.training import TrainConfig, train
 from ddgpipe.training.checkpoints import atomic_write_bytes
+from ddgpipe.training.config import flatten
 from ddgpipe.training.plots import read_jsonl
 
 __all__ = ["FINISHED", "DIVERGED", "DIVERGED_FILE", "UNRECORDED_MACHINE", "read_outcome",
@@ -41,9 +41,12 @@ def config_matches(config: TrainConfig, run_dir: Path) -> bool:
         saved = json.loads((run_dir / "config.json").read_text())
     except (OSError, json.JSONDecodeError):
         return False
-    wanted = json.loads(json.dumps(dataclasses.asdict(config)))  # tuples -> lists, as saved
-    defaults = json.loads(json.dumps(dataclasses.asdict(TrainConfig())))
-    return isinstance(saved, dict) and all(
+    if not isinstance(saved, dict):
+        return False
+    saved = flatten(saved)
+    wanted = json.loads(json.dumps(config.to_dict()))  # tuples -> lists, as saved
+    defaults = json.loads(json.dumps(TrainConfig().to_dict()))
+    return all(
         saved.get(key, defaults.get(key)) == value for key, value in wanted.items()
         if key not in IGNORED_KEYS)
 

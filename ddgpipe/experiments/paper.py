@@ -51,7 +51,7 @@ class ExperimentPlan:
                 for method in self.methods:
                     for k in [1] if method == "bp" else self.stage_counts:
                         name = f"{setting}/{method}-k{k}-s{seed}"
-                        runs.append(TrainConfig(
+                        runs.append(TrainConfig.from_flat(
                             model=self.model, data=self.data, method=method, stages=k,
                             epochs=self.epochs, batch_size=self.batch_size, seed=seed,
                             threads=1, executor="reference", progress=False,

@@ -32,9 +32,9 @@ def build_method(config: TrainConfig, model: nn.Module, steps_per_epoch: int,
     )
     if config.method == "bp":
         return Backprop(model, optimizer, lr_scheduler=scheduler, clip_grad=config.clip_grad,
-                        device=config.device, precision=config.precision,
+                        device=config.placement.device, precision=config.precision,
                         compile=config.compile)
-    placement = config.placement()
+    placement = config.stage_placement()
     if config.method == "dni":
         return DNI(model, config.stages, optimizer, lr_scheduler=scheduler,
                    sample_input=sample_input, timeline=timeline, precision=config.precision,
@@ -45,7 +45,7 @@ def build_method(config: TrainConfig, model: nn.Module, steps_per_epoch: int,
     stash = "none" if config.method == "fr" else config.stash
     return DDG(model, config.stages, optimizer, lr_scheduler=scheduler, stash=stash,
                sample_input=sample_input, grad_shrink=config.grad_shrink,
-               clip_grad=config.clip_grad, compensation=config.compensation,
+               clip_grad=config.clip_grad, compensation=config.compensation.names,
                compensation_options=compensation_options(config, steps_per_epoch),
                timeline=timeline, precision=config.precision, compile=config.compile,
                placement=placement)

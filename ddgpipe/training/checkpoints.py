@@ -209,7 +209,8 @@ class Checkpoints:
 
     Built before the model (``config`` is a ``TrainConfig``): when ``config.resume`` names a
     run, its newest complete set is found and checked against this run's settings, process
-    count and, since the cut is part of the state, its cut (``config.split`` is set to it).
+    count and, since the cut is part of the state, its cut (``config.placement.split`` is set
+    to it).
     Then the loop calls :meth:`restore` once and :meth:`save` at clock boundaries; every rank
     calls both.
     """
@@ -222,13 +223,14 @@ class Checkpoints:
         self.folder: Path | None = None
         if config.resume:
             self.manifest, self.folder = load_manifest(config.resume)
-            check_compatible(self.manifest["config"], dataclasses.asdict(config), config.resume)
+            check_compatible(self.manifest["config"], config.to_dict(), config.resume)
             if self.manifest["world"] != world:
                 raise UsageError(
                     f"the checkpoint in {config.resume} was written by {self.manifest['world']} "
                     f"processes but this run has {world}; resume with the same launcher and "
                     "process count")
-            config.split = self.manifest["split"]
+            config.placement = dataclasses.replace(config.placement,
+                                                   split=self.manifest["split"])
 
     @property
     def resuming(self) -> bool:
@@ -270,7 +272,7 @@ class Checkpoints:
             publish(out, loop.iteration, entries, {
                 "world": self.world, "split": method.split,
                 "epoch": loop.epoch, "batch": loop.batch,
-                "config": {k: v for k, v in dataclasses.asdict(self.config).items()
+                "config": {k: v for k, v in self.config.to_dict().items()
                            if k in COMPAT_FIELDS},
             })
         if self.world > 1:

@@ -2,46 +2,73 @@
 
 from __future__ import annotations
 
+import copy
+import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
 
-from ddgpipe.core.compensation import make_compensation, parse_compensation
+from ddgpipe.core.compensation import CompensationSpec
 from ddgpipe.core.precision import check_precision
 from ddgpipe.core.stage import check_clip
 from ddgpipe.data.text import CORPORA
 from ddgpipe.errors import UsageError
 from ddgpipe.models import GPTConfig, is_language_model
 from ddgpipe.runtime.devices import cores_per_stage
-from ddgpipe.runtime.placement import COMMS, EXECUTORS, Placement
+from ddgpipe.runtime.placement import Placement
 from ddgpipe.training.optim import make_optimizer
 
 __all__ = ["TrainConfig", "TrainResult", "METHODS", "TEXT_DATA", "compensation_options",
-           "stage_threads"]
+           "stage_threads", "flatten", "flat_keys"]
 
 TEXT_DATA = tuple(CORPORA)  # the data sets of token windows
 
 METHODS = ("bp", "ddg", "fr", "dni")
 
 
+# config.json's key for a placement field, where the two names differ
+PLACEMENT_KEYS = {"peer_timeout_s": "timeout_s"}
+COMPENSATION_KEYS = ("compensation", "compensation_options")
+# the order of config.json's keys (written flat since before the parts existed); keys not
+# listed follow, in the tree's order
+FLAT_ORDER = (
+    "model", "data", "data_dir", "method", "stages", "replicas", "stash", "split", "balance",
+    "grad_shrink", "clip_grad", "compensation", "compensation_options", "epochs", "iterations",
+    "batch_size", "eval_batch_size", "eval_every", "optimizer", "lr", "momentum", "nesterov",
+    "beta1", "beta2", "weight_decay", "lr_schedule", "milestones", "lr_gamma", "warmup_epochs",
+    "warmup_factor", "warmup_iters", "context", "width", "heads", "dropout", "tie_embeddings",
+    "seed", "executor", "device", "devices", "precision", "compile", "comm", "threads",
+    "log_every", "timeline", "label", "out", "progress", "timeout_s", "checkpoint_every",
+    "checkpoint_every_epochs", "stop_after", "resume",
+)
+
+
+def default_placement() -> Placement:
+    """A run's placement before flags: the device is chosen (``auto``), the rest natural."""
+    return Placement(device="auto")
+
+
 @dataclass
 class TrainConfig:
-    """Everything that defines a run; saved as ``RUN_DIR/config.json``."""
+    """Everything that defines a run: settings of its own, and two parts, where the stages run
+    (``placement``) and the staleness compensation (``compensation``).
+
+    ``RUN_DIR/config.json`` holds :meth:`to_dict`, one flat key per setting (a part's fields
+    under their own names, ``timeout_s`` for ``placement.peer_timeout_s``); :meth:`from_flat`
+    and :meth:`from_dict` read that form back.
+    """
 
     model: str = "resnet20"
     data: str = "digits"
     data_dir: str | None = None
     method: str = "bp"
     stages: int = 1
-    replicas: int = 1  # R copies of the pipeline, each on 1/R of every minibatch
     stash: str = "graph"
-    split: list[int] | None = None
-    balance: str | None = None
     grad_shrink: float = 1.0
     clip_grad: float | None = None  # per stage: each stage clips its own gradient's norm
-    compensation: str | None = None  # e.g. "sc,lwp": ddgpipe.core.compensation
-    compensation_options: dict | None = None  # e.g. {"dc_lambda": 1.0}
     epochs: int = 15
     iterations: int | None = None  # the run's length in minibatches, instead of epochs
     batch_size: int = 64
@@ -66,23 +93,63 @@ class TrainConfig:
     dropout: float | None = None
     tie_embeddings: bool = False
     seed: int = 0
-    executor: str | None = None  # reference | threads | processes; None: the natural one
-    device: str = "auto"
-    devices: list[str] | None = None
     precision: str = "fp32"
     compile: bool = False  # torch.compile every stage (backprop: the model)
-    comm: str = "auto"
-    threads: int | None = None
     log_every: int = 0
     timeline: bool = False
     label: str | None = None
     out: str | None = None
     progress: bool = True
-    timeout_s: float = 300.0
     checkpoint_every: int = 0
     checkpoint_every_epochs: int = 0
     stop_after: int | None = None
     resume: str | None = None
+    # where the stages run; threads None: each stage's share of the cores (stage_threads)
+    placement: Placement = field(default_factory=default_placement)
+    compensation: CompensationSpec = field(default_factory=CompensationSpec)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.compensation, CompensationSpec):  # a name given as text
+            self.compensation = CompensationSpec.parse(self.compensation)
+
+    @classmethod
+    def from_flat(cls, **settings: Any) -> TrainConfig:
+        """A config from flat keywords, as ``config.json`` names them (``executor=``,
+        ``compensation="sc,lwp"``, ``compensation_options=``, ``timeout_s=``, ...)."""
+        placement_keys = {PLACEMENT_KEYS.get(f.name, f.name): f.name
+                          for f in dataclasses.fields(Placement)}
+        own = {f.name for f in dataclasses.fields(cls)} - {"placement", "compensation"}
+        unknown = sorted(set(settings) - own - set(placement_keys) - set(COMPENSATION_KEYS))
+        if unknown:
+            raise TypeError(f"unexpected keyword argument {unknown[0]!r}; the settings are "
+                            f"{', '.join(sorted(own | set(placement_keys)))}, compensation "
+                            "and compensation_options")
+        placement = dataclasses.replace(default_placement(), **{
+            placement_keys[k]: v for k, v in settings.items() if k in placement_keys})
+        compensation = CompensationSpec.parse(settings.get("compensation"),
+                                              settings.get("compensation_options"))
+        return cls(placement=placement, compensation=compensation,
+                   **{k: v for k, v in settings.items() if k in own})
+
+    @classmethod
+    def from_dict(cls, saved: Mapping[str, Any]) -> TrainConfig:
+        """A config from a ``config.json`` (flat, or nested as ``dataclasses.asdict`` gives
+        it); the keys a run adds to what it was given (``num_blocks``, ``machine``, ...) are
+        skipped."""
+        flat = flatten(saved)
+        return cls.from_flat(**{k: v for k, v in flat.items() if k in flat_keys()})
+
+    def to_dict(self) -> dict[str, Any]:
+        """The flat form ``config.json`` records (JSON values, copied)."""
+        flat = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                if f.name not in ("placement", "compensation")}
+        flat |= {PLACEMENT_KEYS.get(f.name, f.name): getattr(self.placement, f.name)
+                 for f in dataclasses.fields(self.placement)}
+        flat |= {"compensation": self.compensation.text,
+                 "compensation_options": dict(self.compensation.options) or None}
+        order = {key: i for i, key in enumerate(FLAT_ORDER)}
+        keys = sorted(flat, key=lambda k: order.get(k, len(order)))
+        return copy.deepcopy({k: flat[k] for k in keys})
 
     @property
     def is_language_model(self) -> bool:
@@ -103,11 +170,9 @@ class TrainConfig:
         return (0.9 if self.beta1 is None else self.beta1,
                 0.999 if self.beta2 is None else self.beta2)
 
-    def placement(self) -> Placement:
-        """Where the stages run, as ``DDG(..., placement=)`` takes it."""
-        return Placement(split=self.split, balance=self.balance, executor=self.executor,
-                         device=self.device, devices=self.devices, threads=stage_threads(self),
-                         comm=self.comm, replicas=self.replicas, peer_timeout_s=self.timeout_s)
+    def stage_placement(self) -> Placement:
+        """Where the stages run, as ``DDG(..., placement=)`` takes it: the threads resolved."""
+        return dataclasses.replace(self.placement, threads=stage_threads(self))
 
     def display_label(self) -> str:
         if self.label:
@@ -115,55 +180,63 @@ class TrainConfig:
         if self.method == "bp":
             return "BP"
         label = f"{self.method.upper()} K={self.stages}"
-        if self.replicas > 1:
-            label += f" x R={self.replicas}"
-        return f"{label} {self.compensation}" if self.compensation else label
+        if self.placement.replicas > 1:
+            label += f" x R={self.placement.replicas}"
+        text = self.compensation.text
+        return f"{label} {text}" if text else label
 
     def validate(self) -> None:
+        """Refuse settings that cannot run, each naming its flag and the fix, before any
+        work starts."""
+        self._validate_shape()
+        self._validate_placement()
+        check_precision(self.precision)
+        if self.compile and self.method == "dni":
+            raise UsageError("--compile runs backprop, DDG and FR stages; DNI's synthetic-"
+                             "gradient modules run eager: drop --compile")
+        if self.placement.devices is not None and self.method == "bp" and \
+                len(self.placement.devices) != 1:
+            raise UsageError("--devices names one device per stage; bp has one stage: use "
+                             "--device")
+        self._validate_optimisation()
+        self._validate_length()
+        self._validate_model_and_data()
+        if self.warmup_epochs < 0 or not 0 < self.warmup_factor <= 1:
+            raise UsageError(f"--warmup-epochs must be >= 0 and --warmup-factor in (0, 1] "
+                             f"(got {self.warmup_epochs}, {self.warmup_factor})")
+        self._validate_checkpoints()
+
+    def _validate_shape(self) -> None:
         if self.method not in METHODS:
             raise UsageError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
-        if self.epochs < 1:
-            raise UsageError(f"--epochs must be >= 1 (got {self.epochs})")
-        if self.batch_size < 1:
-            raise UsageError(f"--batch-size must be >= 1 (got {self.batch_size})")
-        if self.eval_batch_size < 1:
-            raise UsageError(f"--eval-batch-size must be >= 1 (got {self.eval_batch_size})")
-        if self.stages < 1:
-            raise UsageError(f"--stages must be >= 1 (got {self.stages})")
+        for flag, value in (("--epochs", self.epochs), ("--batch-size", self.batch_size),
+                            ("--eval-batch-size", self.eval_batch_size),
+                            ("--stages", self.stages)):
+            if value < 1:
+                raise UsageError(f"{flag} must be >= 1 (got {value})")
         if self.method == "bp" and self.stages != 1:
             raise UsageError(
                 f"--method bp runs the whole network as one module (got --stages {self.stages}); "
                 "use --method ddg or dni to cut it into stages"
             )
-        if self.threads is not None and self.threads < 1:
-            raise UsageError(f"--threads must be >= 1 (got {self.threads})")
-        if self.executor is not None and self.executor not in EXECUTORS:
-            raise UsageError(f"unknown executor {self.executor!r}; choose one of "
-                             f"{', '.join(EXECUTORS)}")
-        if self.replicas < 1:
-            raise UsageError(f"--replicas must be >= 1 (got {self.replicas})")
-        if self.replicas > 1:
+
+    def _validate_placement(self) -> None:
+        try:
+            self.placement.check()
+        except UsageError as e:  # the same check as the API's, worded with the flags
+            raise UsageError(flag_worded(str(e))) from None
+        if self.placement.replicas > 1:
             self._validate_replicas()
-        elif self.executor == "processes" and (self.method == "bp" or self.stages < 2):
+        elif self.placement.executor == "processes" and (self.method == "bp" or self.stages < 2):
             raise UsageError("--executor processes runs one process per stage: use it with "
                              "--method ddg, fr or dni and --stages 2 or more (or with "
                              "--replicas 2 or more)")
-        check_precision(self.precision)
-        if self.compile and self.method == "dni":
-            raise UsageError("--compile runs backprop, DDG and FR stages; DNI's synthetic-"
-                             "gradient modules run eager: drop --compile")
-        if self.comm not in COMMS:
-            raise UsageError(f"unknown --comm {self.comm!r}; choose one of {', '.join(COMMS)}")
-        if self.devices is not None and self.method == "bp" and len(self.devices) != 1:
-            raise UsageError("--devices names one device per stage; bp has one stage: use "
-                             "--device")
-        if not self.timeout_s > 0:
-            raise UsageError(f"--timeout must be > 0 seconds (got {self.timeout_s})")
+
+    def _validate_optimisation(self) -> None:
         if self.method == "fr" and self.stash != "graph":
             raise UsageError("--method fr always replays with current weights (stash none); "
                              "drop --stash, or use --method ddg --stash ...")
-        compensated = self.compensation or self.compensation_options
-        if compensated and self.method not in ("ddg", "fr"):
+        if self.compensation and self.method not in ("ddg", "fr"):
             raise UsageError(
                 f"--compensation corrects the delayed gradients of --method ddg or fr; "
                 f"--method {self.method} has none to correct (bp has no delay, dni learns from "
@@ -171,20 +244,20 @@ class TrainConfig:
             )
         probe = make_optimizer(self.optimizer, self.lr, self.momentum, self.nesterov,
                                self.weight_decay, betas=self.betas)  # bad settings fail here
-        if compensated:  # names, options, stash mode and optimizer fail here, before workers
-            make_compensation(self.compensation, "none" if self.method == "fr" else self.stash,
-                              compensation_options(self, steps_per_epoch=1),
-                              probe([nn.Parameter(torch.zeros(1))]))
+        if self.compensation:  # stash mode and optimizer fail here, before workers
+            self.compensation.with_defaults(pipemare_anneal=1).check(
+                "none" if self.method == "fr" else self.stash,
+                probe([nn.Parameter(torch.zeros(1))]))
         check_clip(self.clip_grad)
+
+    def _validate_length(self) -> None:
         if self.iterations is not None and self.iterations < 1:
             raise UsageError(f"--iterations must be >= 1 (got {self.iterations})")
         if self.eval_every < 0 or self.warmup_iters < 0:
             raise UsageError(f"--eval-every and --warmup-iters must be >= 0 (got "
                              f"{self.eval_every}, {self.warmup_iters})")
-        self._validate_model_and_data()
-        if self.warmup_epochs < 0 or not 0 < self.warmup_factor <= 1:
-            raise UsageError(f"--warmup-epochs must be >= 0 and --warmup-factor in (0, 1] "
-                             f"(got {self.warmup_epochs}, {self.warmup_factor})")
+
+    def _validate_checkpoints(self) -> None:
         if self.checkpoint_every < 0 or self.checkpoint_every_epochs < 0:
             raise UsageError("--checkpoint-every and --checkpoint-every-epochs must be >= 0")
         if self.stop_after is not None and self.stop_after < 1:
@@ -224,16 +297,17 @@ class TrainConfig:
                       ).check()
 
     def _validate_replicas(self) -> None:
-        r = self.replicas
+        r, executor, devices = (self.placement.replicas, self.placement.executor,
+                                self.placement.devices)
         if self.method not in ("ddg", "fr"):
             fix = ("--method ddg --stages 1 --replicas R is data-parallel backprop"
                    if self.method == "bp" else "drop --replicas")
             raise UsageError(f"--replicas averages the gradients of --method ddg or fr between "
                              f"their backward and their step; --method {self.method} has no "
                              f"replicas: {fix}")
-        if self.executor in ("reference", "threads"):
+        if executor in ("reference", "threads"):
             raise UsageError(f"--replicas {r} runs one process per stage and replica; "
-                             f"--executor {self.executor} runs one process: use --executor "
+                             f"--executor {executor} runs one process: use --executor "
                              "processes (or torchrun)")
         if self.batch_size % r:
             fit = self.batch_size - self.batch_size % r or r
@@ -241,8 +315,8 @@ class TrainConfig:
                 f"--batch-size {self.batch_size} is the global minibatch, split into {r} equal "
                 f"shards (one per replica), but {self.batch_size} is not divisible by {r}; "
                 f"pass a multiple of {r}, e.g. --batch-size {fit}")
-        if self.devices is not None and len(self.devices) != self.stages * r:
-            raise UsageError(f"--devices names {len(self.devices)} device(s), but with replicas "
+        if devices is not None and len(devices) != self.stages * r:
+            raise UsageError(f"--devices names {len(devices)} device(s), but with replicas "
                              f"it names one per process: {self.stages} x {r} = "
                              f"{self.stages * r}")
 
@@ -264,12 +338,7 @@ class TrainResult:
 
 def compensation_options(config: TrainConfig, steps_per_epoch: int) -> dict:
     """The compensation's options; PipeMare's anneal period defaults to one epoch here."""
-    options = dict(config.compensation_options or {})
-    names = parse_compensation(config.compensation)
-    if {"pipemare", "pipemare-lr"} & set(names) and options.get("pipemare_anneal") is None:
-        options["pipemare_anneal"] = steps_per_epoch
-    return options
-
+    return dict(config.compensation.with_defaults(pipemare_anneal=steps_per_epoch).options)
 
 
 def stage_threads(config: TrainConfig) -> int:
@@ -278,6 +347,39 @@ def stage_threads(config: TrainConfig) -> int:
     Every in-process executor gives each stage the same count (the threaded one on each stage
     thread, the reference on its one thread), so their numbers agree.
     """
-    if config.threads:
-        return config.threads
+    if config.placement.threads:
+        return config.placement.threads
     return cores_per_stage(1 if config.method == "bp" else config.stages)
+
+
+def flat_keys() -> tuple[str, ...]:
+    """Every key of the flat form (``config.json``, :meth:`TrainConfig.from_flat`)."""
+    return tuple(TrainConfig().to_dict())
+
+
+def flatten(saved: Mapping[str, Any]) -> dict[str, Any]:
+    """A config dict in the flat form: nested parts (``placement: {...}``, ``compensation:
+    {names, options}``) become their flat keys; flat keys pass as they are."""
+    flat = dict(saved)
+    placement = flat.pop("placement", None)
+    if isinstance(placement, Mapping):
+        flat |= {PLACEMENT_KEYS.get(str(k), str(k)): v for k, v in placement.items()}
+    compensation = flat.get("compensation")
+    if isinstance(compensation, Mapping):
+        names = compensation.get("names") or ()
+        flat["compensation"] = ",".join(names) or None
+        flat["compensation_options"] = dict(compensation.get("options") or {}) or None
+    return flat
+
+
+# Placement.check's words for a field -> the flag that sets it on the command line
+FLAG_WORDS = (("threads must", "--threads must"), ("replicas must", "--replicas must"),
+              ("the peer timeout must", "--timeout must"), ("unknown comm", "unknown --comm"))
+
+
+def flag_worded(message: str) -> str:
+    """``Placement.check``'s message, naming the command line's flag for its field."""
+    for words, flag in FLAG_WORDS:
+        if message.startswith(words):
+            return flag + message[len(words):]
+    return message

@@ -7,14 +7,15 @@ iteration, same evaluation.
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import json
 import math
 import os
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -66,8 +67,8 @@ def train(config: TrainConfig, dataset: Dataset | None = None, *,
     rank, world = (dist.get_rank(), dist.get_world_size()) if world_size() > 1 else (0, 1)
     if world > 1:  # one stage per process: each takes its share of this node's cores
         local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
-        torch.set_num_threads(config.threads or cores_per_stage(local))
-        here = rank_device(config.device, config.devices)
+        torch.set_num_threads(config.placement.threads or cores_per_stage(local))
+        here = rank_device(config.placement.device, config.placement.devices)
         if here.type == "cuda":
             torch.cuda.set_device(here)
     else:  # every stage's share of the cores, on this thread too (the reference, evaluation)
@@ -90,167 +91,253 @@ def train(config: TrainConfig, dataset: Dataset | None = None, *,
                           total_iterations=total_iterations(config, len(loader)))
     try:
         with InterruptGuard() as interrupts:
-            return _train_loop(config, data, model, loader, method, timeline, checkpoints,
-                               run_dir, world, reporter, interrupts)
+            run = TrainingRun(config, data, model, loader, method, timeline=timeline,
+                              checkpoints=checkpoints, run_dir=run_dir, world=world,
+                              reporter=reporter, interrupts=interrupts)
+            return run.run()
     finally:
         method.close()  # never leave a stage thread behind, whatever happened
 
 
-def _train_loop(config: TrainConfig, data: Dataset, model: nn.Sequential, loader: BatchLoader,
-                method: Method, timeline: Timeline | None, checkpoints: Checkpoints,
-                run_dir: Path | None, world: int, reporter: bool,
-                interrupts: InterruptGuard) -> TrainResult | None:
-    # Batches are gathered (and augmented) where the first stage computes.
-    loader.to(method.devices[0])
-    loop = checkpoints.restore(method, run_dir)
-    if not checkpoints.resuming and run_dir is not None:
-        saved = dataclasses.asdict(config) | {"label": config.display_label(),
-                                              "num_blocks": len(model), "split": method.split,
-                                              "split_tuning": method.split_tuning,
-                                              "executor": method.executor_kind,
-                                              "stage_devices": [str(d) for d in
-                                                                method.devices],
-                                              "threads_per_stage": stage_threads(config),
-                                              "machine": machine_info()}
-        if data.info:
-            saved["data_info"] = data.info
-        if config.is_language_model:
-            saved["parameters"] = sum(p.numel() for p in model.parameters())
-        (run_dir / "config.json").write_text(json.dumps(saved, indent=2) + "\n")
-    metrics = MetricsWriter(run_dir / "metrics.jsonl") if run_dir is not None else None
+class TrainingRun:
+    """One run's loop and where it stands (iteration, epoch, batch, samples, time).
 
-    stats, recent = RunningStats(), RunningStats()  # this epoch's, and since the last eval
-    criterion = token_cross_entropy if data.tokens else F.cross_entropy
-    tokens_per_sample = data.train_x.shape[1] if data.tokens else 1
+    :meth:`run` reads top to bottom: start (or resume), then per epoch its iterations, with
+    checkpoints and evaluations at clock boundaries, the end of the epoch, and finish. Every
+    metrics record passes through :meth:`record`, where sinks and callbacks hook in.
+    """
 
-    def loss_fn(logits: Tensor, target: Tensor) -> Tensor:
-        loss = criterion(logits, target)
-        for s in (stats, recent):  # no host sync: it may run on a GPU
+    def __init__(self, config: TrainConfig, data: Dataset, model: nn.Sequential,
+                 loader: BatchLoader, method: Method, *, timeline: Timeline | None,
+                 checkpoints: Checkpoints, run_dir: Path | None, world: int, reporter: bool,
+                 interrupts: InterruptGuard):
+        self.config, self.data, self.model, self.loader, self.method = (
+            config, data, model, loader, method)
+        self.timeline, self.checkpoints, self.run_dir = timeline, checkpoints, run_dir
+        self.world, self.reporter, self.interrupts = world, reporter, interrupts
+        self.total = total_iterations(config, len(loader))
+        self.epochs = math.ceil(self.total / len(loader))
+        self.lr_factor = schedule_factor(
+            config.lr_schedule, len(loader), self.epochs, config.milestones, config.lr_gamma,
+            warmup_epochs=config.warmup_epochs, warmup_factor=config.warmup_factor,
+            warmup_iters=config.warmup_iters, total_iterations=self.total)
+        self.criterion = token_cross_entropy if data.tokens else F.cross_entropy
+        self.tokens_per_sample = data.train_x.shape[1] if data.tokens else 1
+        self.stats, self.recent = RunningStats(), RunningStats()  # the epoch's; since the eval
+        self.metrics: MetricsWriter | None = None
+        self.show = (reporter and config.progress and sys.stderr.isatty()
+                     and not os.environ.get("CI"))
+        self.resumed = LoopState()
+        self.iteration, self.seen, self.train_time = 0, 0, 0.0
+        self.test_loss, self.test_acc = float("nan"), 0.0
+        # the epoch in progress
+        self.epoch, self.batch, self.last_batch = 0, 0, 0
+        self.epoch_start, self.window_start, self.evals_s = 0.0, 0.0, 0.0
+        self.bar = tqdm(disable=True)
+        self.batches: Iterator = iter(())
+
+    def run(self) -> TrainResult | None:
+        """The whole run; the result on the reporting rank, None on the others."""
+        self.start()
+        for epoch in range(self.resumed.epoch, self.epochs):
+            self.begin_epoch(epoch)
+            while self.batch < self.last_batch:
+                self.interrupts.check()
+                self.train_segment()
+                stop = self.config.stop_after is not None and \
+                    self.iteration >= self.config.stop_after
+                every = self.config.checkpoint_every
+                if stop or (every and self.iteration % every == 0):
+                    self.checkpoint(self.epoch, self.batch,
+                                    time.perf_counter() - self.epoch_start)
+                if stop:
+                    return self.stop()
+                every = self.config.eval_every
+                if every and self.iteration % every == 0 and self.iteration < self.total:
+                    self.evaluate_within_epoch()
+            self.end_epoch()
+        return self.finish()
+
+    def start(self) -> None:
+        """Start, or resume where the checkpoint stands; a fresh run writes config.json."""
+        self.loader.to(self.method.devices[0])  # batches gathered where the first stage runs
+        self.resumed = self.checkpoints.restore(self.method, self.run_dir)
+        if not self.checkpoints.resuming and self.run_dir is not None:
+            write_run_config(self.run_dir, self.config, self.data, self.model, self.method)
+        if self.run_dir is not None:
+            self.metrics = MetricsWriter(self.run_dir / "metrics.jsonl")
+        self.iteration, self.seen = self.resumed.iteration, self.resumed.seen
+        self.train_time = self.resumed.train_time
+
+    @property
+    def recording(self) -> bool:
+        """Whether records are kept (the reporting rank, with an output directory)."""
+        return self.metrics is not None
+
+    def record(self, kind: str, **values: Any) -> None:
+        """Every metrics record of the run passes here, in order."""
+        if self.metrics is not None:
+            self.metrics.write(kind, **values)
+
+    def begin_epoch(self, epoch: int) -> None:
+        """Reset the epoch's statistics (a resumed epoch's from the checkpoint) and clocks."""
+        resumed = epoch == self.resumed.epoch
+        self.epoch, self.batch = epoch, self.resumed.batch if resumed else 0
+        self.stats.reset()
+        if resumed:
+            self.stats.load_state(self.resumed.stats)
+        self.method.train()
+        self.epoch_start = time.perf_counter() - (self.resumed.epoch_elapsed if resumed
+                                                  else 0.0)
+        self.window_start, self.evals_s = time.perf_counter(), 0.0
+        self.last_batch = min(len(self.loader), self.total - epoch * len(self.loader))
+        self.bar = tqdm(total=self.last_batch, initial=self.batch, disable=not self.show,
+                        leave=False,
+                        desc=f"{self.config.display_label()} epoch {epoch + 1}/{self.epochs}")
+        self.batches = self.loader.epoch(epoch, start=self.batch)
+
+    def train_segment(self) -> None:
+        """Feed up to the next checkpoint or evaluation (a clock boundary), so a pipeline
+        that runs ahead of its losses holds no minibatch beyond it when it comes."""
+        segment = min(self.last_batch - self.batch,
+                      until_checkpoint(self.config, self.iteration))
+        for loss in self.method.run(itertools.islice(self.batches, segment), self.loss_fn):
+            self.interrupts.check()
+            self.iteration_done(loss)
+
+    def loss_fn(self, logits: Tensor, target: Tensor) -> Tensor:
+        loss = self.criterion(logits, target)
+        for s in (self.stats, self.recent):  # no host sync: it may run on a GPU
             s.add(loss.detach(), logits.detach(), target)
         return loss
 
-    def checkpoint(epoch: int, batch: int, elapsed: float) -> None:
-        checkpoints.save(method, LoopState(
-            iteration=iteration, epoch=epoch, batch=batch, seen=seen, train_time=train_time,
-            epoch_elapsed=elapsed, stats=stats.state(),
-            metrics_lines=metrics.lines if metrics else 0))
+    def iteration_done(self, loss: Tensor | float | None) -> None:
+        """One iteration's loss is in: count it, log it, show progress."""
+        self.iteration += 1
+        self.batch += 1
+        self.bar.update(1)
+        every = self.config.log_every
+        if self.recording and every and self.iteration % every == 0:
+            self.record("iter", iteration=self.iteration, epoch=self.epoch + 1, loss=loss,
+                        lr=self.config.lr * self.lr_factor(self.iteration - 1))
+        if self.show and self.iteration % 5 == 0:
+            elapsed = time.perf_counter() - self.epoch_start - self.evals_s
+            rate = self.stats.seen * self.tokens_per_sample / elapsed
+            self.bar.set_postfix({"loss": f"{self.stats.loss:.3f}",
+                                  "tok/s" if self.data.tokens else "img/s": f"{rate:.0f}"})
 
-    total = total_iterations(config, len(loader))
-    epochs = math.ceil(total / len(loader))
-    factor = schedule_factor(config.lr_schedule, len(loader), epochs, config.milestones,
-                             config.lr_gamma, warmup_epochs=config.warmup_epochs,
-                             warmup_factor=config.warmup_factor,
-                             warmup_iters=config.warmup_iters, total_iterations=total)
+    def checkpoint(self, epoch: int, batch: int, elapsed: float) -> None:
+        """Save where the loop stands (every rank), to resume at ``epoch``, ``batch``."""
+        self.checkpoints.save(self.method, LoopState(
+            iteration=self.iteration, epoch=epoch, batch=batch, seen=self.seen,
+            train_time=self.train_time, epoch_elapsed=elapsed, stats=self.stats.state(),
+            metrics_lines=self.metrics.lines if self.metrics else 0))
 
-    def lr_at(iteration: int) -> float:  # every stage's lr at a clock: the schedule's
-        return config.lr * factor(iteration)
+    def evaluate_within_epoch(self) -> None:
+        """An --eval-every evaluation; its time is not training time."""
+        now = time.perf_counter()
+        wall = self.train_time + now - self.epoch_start - self.evals_s
+        self.evaluate(now - self.window_start, wall)
+        self.evals_s += time.perf_counter() - now
+        self.window_start = time.perf_counter()
 
-    def held_out(epoch: int, window_s: float, wall: float) -> tuple[float, float]:
+    def evaluate(self, window_s: float, wall: float) -> tuple[float, float]:
         """Score the held-out set now; record it as an "eval" record of the window since the
         last one (language models, or every --eval-every iterations)."""
-        val_loss, val_acc = evaluate(method, data.test_x, data.test_y, config.eval_batch_size)
-        recent.load_state(method.sum_over_replicas(recent.state()))
-        if metrics:
-            record = dict(iteration=iteration, epoch=epoch + 1, train_loss=recent.loss,
-                          val_loss=val_loss, val_acc=val_acc, lr=method.lr, wall_time=wall,
-                          samples=seen_so_far(), samples_per_s=recent.seen / max(window_s, 1e-9))
-            if data.tokens:
-                record |= dict(tokens=seen_so_far() * tokens_per_sample,
-                               tokens_per_s=recent.seen * tokens_per_sample / max(window_s, 1e-9),
+        val_loss, val_acc = evaluate(self.method, self.data.test_x, self.data.test_y,
+                                     self.config.eval_batch_size)
+        recent = self.recent
+        recent.load_state(self.method.sum_over_replicas(recent.state()))
+        if self.recording:
+            samples, per = self.seen + self.stats.seen, self.tokens_per_sample
+            values = dict(iteration=self.iteration, epoch=self.epoch + 1,
+                          train_loss=recent.loss, val_loss=val_loss, val_acc=val_acc,
+                          lr=self.method.lr, wall_time=wall, samples=samples,
+                          samples_per_s=recent.seen / max(window_s, 1e-9))
+            if self.data.tokens:
+                values |= dict(tokens=samples * per,
+                               tokens_per_s=recent.seen * per / max(window_s, 1e-9),
                                val_bits_per_byte=bits_per_byte(val_loss))
-            metrics.write("eval", **record)
+            self.record("eval", **values)
         recent.reset()
         return val_loss, val_acc
 
-    test_loss, test_acc = float("nan"), 0.0
-    iteration, seen, train_time = loop.iteration, loop.seen, loop.train_time
-    seen_so_far = lambda: seen + stats.seen  # noqa: E731
-    show = reporter and config.progress and sys.stderr.isatty() and not os.environ.get("CI")
-    for epoch in range(loop.epoch, epochs):
-        first_batch = loop.batch if epoch == loop.epoch else 0
-        stats.reset()
-        if epoch == loop.epoch:
-            stats.load_state(loop.stats)
-        method.train()
-        start = time.perf_counter() - (loop.epoch_elapsed if epoch == loop.epoch else 0.0)
-        window_start, evals_s = time.perf_counter(), 0.0
-        last_batch = min(len(loader), total - epoch * len(loader))
-        bar = tqdm(total=last_batch, initial=first_batch, disable=not show, leave=False,
-                   desc=f"{config.display_label()} epoch {epoch + 1}/{epochs}")
-        batches = loader.epoch(epoch, start=first_batch)
-        batch = first_batch
-        while batch < last_batch:
-            interrupts.check()
-            # Feed up to the next checkpoint or evaluation (a clock boundary), so a pipeline
-            # that runs ahead of its losses holds no minibatch beyond it when it comes.
-            segment = min(last_batch - batch, until_checkpoint(config, iteration))
-            for loss in method.run(itertools.islice(batches, segment), loss_fn):
-                interrupts.check()
-                iteration += 1
-                batch += 1
-                bar.update(1)
-                if metrics and config.log_every and iteration % config.log_every == 0:
-                    metrics.write("iter", iteration=iteration, epoch=epoch + 1, loss=loss,
-                                  lr=lr_at(iteration - 1))
-                if show and iteration % 5 == 0:
-                    rate = stats.seen * tokens_per_sample / (time.perf_counter() - start - evals_s)
-                    bar.set_postfix({"loss": f"{stats.loss:.3f}",
-                                     "tok/s" if data.tokens else "img/s": f"{rate:.0f}"})
-            stop = config.stop_after is not None and iteration >= config.stop_after
-            if stop or (config.checkpoint_every and iteration % config.checkpoint_every == 0):
-                checkpoint(epoch, batch, time.perf_counter() - start)
-            if stop:
-                bar.close()
-                if metrics:
-                    metrics.close()
-                return stopped_result(config, iteration, run_dir) if reporter else None
-            if config.eval_every and iteration % config.eval_every == 0 and iteration < total:
-                now = time.perf_counter()
-                wall = train_time + now - start - evals_s
-                held_out(epoch, now - window_start, wall)
-                evals_s += time.perf_counter() - now
-                window_start = time.perf_counter()
-        bar.close()
-        if iteration >= total:
-            method.drain()  # the last delayed gradients are learned before the final test
-        seconds = time.perf_counter() - start - evals_s
-        window_s = time.perf_counter() - window_start
-        train_time += seconds
-        stats.load_state(method.sum_over_replicas(stats.state()))  # every replica's shard
-        if data.tokens or (config.eval_every and iteration >= total):
-            test_loss, test_acc = held_out(epoch, window_s, train_time)
+    def end_epoch(self) -> None:
+        """Drain at the run's end, score the held-out set, record the epoch, checkpoint."""
+        self.bar.close()
+        if self.iteration >= self.total:
+            self.method.drain()  # the last delayed gradients are learned before the final test
+        seconds = time.perf_counter() - self.epoch_start - self.evals_s
+        window_s = time.perf_counter() - self.window_start
+        self.train_time += seconds
+        stats = self.stats
+        stats.load_state(self.method.sum_over_replicas(stats.state()))  # every replica's shard
+        if self.data.tokens or (self.config.eval_every and self.iteration >= self.total):
+            self.test_loss, self.test_acc = self.evaluate(window_s, self.train_time)
         else:
-            test_loss, test_acc = evaluate(method, data.test_x, data.test_y,
-                                           config.eval_batch_size)
-        seen += stats.seen
-        if metrics:
-            metrics.write(
-                "epoch", epoch=epoch + 1, iteration=iteration, train_loss=stats.loss,
-                train_acc=stats.accuracy, test_loss=test_loss, test_acc=test_acc, lr=method.lr,
-                images_per_s=stats.seen / seconds, wall_time=train_time,
-            )
-        every = config.checkpoint_every_epochs
-        if every and (epoch + 1) % every == 0 and epoch + 1 < epochs:
+            self.test_loss, self.test_acc = evaluate(self.method, self.data.test_x,
+                                                     self.data.test_y,
+                                                     self.config.eval_batch_size)
+        self.seen += stats.seen
+        if self.recording:
+            self.record("epoch", epoch=self.epoch + 1, iteration=self.iteration,
+                        train_loss=stats.loss, train_acc=stats.accuracy,
+                        test_loss=self.test_loss, test_acc=self.test_acc, lr=self.method.lr,
+                        images_per_s=stats.seen / seconds, wall_time=self.train_time)
+        every = self.config.checkpoint_every_epochs
+        if every and (self.epoch + 1) % every == 0 and self.epoch + 1 < self.epochs:
             stats.reset()
-            checkpoint(epoch + 1, 0, 0.0)
-    if metrics:
-        metrics.close()
-    if timeline is not None:
-        records = gather_to_last(timeline.records) if world > 1 else [timeline.records]
-        if run_dir is not None:
-            timeline.records = [r for part in records for r in part]
-            timeline.write(run_dir / "timeline.jsonl")
-    save_final_model(model, method, run_dir, world)
-    if not reporter:
-        return None
-    per_s = seen / max(train_time, 1e-9)
-    return TrainResult(
-        label=config.display_label(), method=config.method, stages=config.stages,
-        test_acc=test_acc, test_loss=test_loss, train_loss=stats.loss,
-        train_time_s=train_time, images_per_s=per_s, run_dir=str(run_dir) if run_dir else None,
-        tokens_per_s=per_s * tokens_per_sample if data.tokens else None,
-        val_bits_per_byte=bits_per_byte(test_loss) if data.tokens else None,
-    )
+            self.checkpoint(self.epoch + 1, 0, 0.0)
+
+    def stop(self) -> TrainResult | None:
+        """--stop-after: the checkpoint is saved; end here."""
+        self.bar.close()
+        if self.metrics:
+            self.metrics.close()
+        return stopped_result(self.config, self.iteration, self.run_dir) if self.reporter \
+            else None
+
+    def finish(self) -> TrainResult | None:
+        """Close the metrics, gather the timeline, save the model; the reporter's result."""
+        if self.metrics:
+            self.metrics.close()
+        if self.timeline is not None:
+            records = gather_to_last(self.timeline.records) if self.world > 1 \
+                else [self.timeline.records]
+            if self.run_dir is not None:
+                self.timeline.records = [r for part in records for r in part]
+                self.timeline.write(self.run_dir / "timeline.jsonl")
+        save_final_model(self.model, self.method, self.run_dir, self.world)
+        return self.result() if self.reporter else None
+
+    def result(self) -> TrainResult:
+        config, run_dir, tokens = self.config, self.run_dir, self.data.tokens
+        per_s = self.seen / max(self.train_time, 1e-9)
+        return TrainResult(
+            label=config.display_label(), method=config.method, stages=config.stages,
+            test_acc=self.test_acc, test_loss=self.test_loss, train_loss=self.stats.loss,
+            train_time_s=self.train_time, images_per_s=per_s,
+            run_dir=str(run_dir) if run_dir else None,
+            tokens_per_s=per_s * self.tokens_per_sample if tokens else None,
+            val_bits_per_byte=bits_per_byte(self.test_loss) if tokens else None,
+        )
+
+
+def write_run_config(run_dir: Path, config: TrainConfig, data: Dataset, model: nn.Sequential,
+                     method: Method) -> None:
+    """``config.json``: the settings, and what the run derived from them (label, cut,
+    executor, devices, threads, machine)."""
+    saved = config.to_dict() | {"label": config.display_label(), "num_blocks": len(model),
+                                "split": method.split, "split_tuning": method.split_tuning,
+                                "executor": method.executor_kind,
+                                "stage_devices": [str(d) for d in method.devices],
+                                "threads_per_stage": stage_threads(config),
+                                "machine": machine_info()}
+    if data.info:
+        saved["data_info"] = data.info
+    if config.is_language_model:
+        saved["parameters"] = sum(p.numel() for p in model.parameters())
+    (run_dir / "config.json").write_text(json.dumps(saved, indent=2) + "\n")
 
 
 def total_iterations(config: TrainConfig, steps_per_epoch: int) -> int:

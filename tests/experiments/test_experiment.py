@@ -125,8 +125,8 @@ def write_run(run_dir: Path, config: TrainConfig, epochs: int) -> None:
 
 
 def test_a_run_is_finished_only_with_its_config_and_every_epoch(tmp_path):
-    config = TrainConfig(method="ddg", stages=2, epochs=3, out=str(tmp_path / "a"),
-                         executor="reference", threads=1, progress=False)
+    config = TrainConfig.from_flat(method="ddg", stages=2, epochs=3, out=str(tmp_path / "a"),
+                                   executor="reference", threads=1, progress=False)
     write_run(tmp_path / "a", config, epochs=3)
     outcome = read_outcome(config)
     assert outcome["status"] == "finished" and outcome["test_acc"] == 0.9
@@ -138,9 +138,9 @@ def test_a_run_is_finished_only_with_its_config_and_every_epoch(tmp_path):
 
 
 def test_a_diverged_run_is_an_outcome_not_a_failure(tmp_path):
-    config = TrainConfig(model="mlp", method="ddg", stages=2, epochs=1, lr=1e8,
-                         weight_decay=0.0, out=str(tmp_path / "run"), executor="reference",
-                         threads=1, progress=False)
+    config = TrainConfig.from_flat(model="mlp", method="ddg", stages=2, epochs=1, lr=1e8,
+                                   weight_decay=0.0, out=str(tmp_path / "run"),
+                                   executor="reference", threads=1, progress=False)
     _train_one(config)
     outcome = read_outcome(config)
     assert outcome["status"] == "diverged" and outcome["test_acc"] is None

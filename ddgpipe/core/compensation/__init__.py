@@ -12,8 +12,9 @@ Each rule, its optimizers, stash modes and sources: ``docs/compensation.md``, "O
 
 from __future__ import annotations
 
-import math
+import dataclasses
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -22,118 +23,93 @@ from ddgpipe.core.compensation.accumulate import Accumulate
 from ddgpipe.core.compensation.base import PHASES, Compensation, Rule, Rules
 from ddgpipe.core.compensation.delay import DelayCompensation
 from ddgpipe.core.compensation.delay_lr import DelayAdaptiveLR
+from ddgpipe.core.compensation.options import (
+    COMPENSATIONS,
+    OPTION_TABLE,
+    OPTIONS,
+    check_options,
+    parse_compensation,
+    require_options,
+)
 from ddgpipe.core.compensation.pipemare import PipeMareLR, PipeMareReplay
 from ddgpipe.core.compensation.prediction import LinearWeightPrediction
 from ddgpipe.core.compensation.spike import SpikeCompensation
 from ddgpipe.core.compensation.stage_momentum import StageMomentum
 from ddgpipe.errors import UsageError
 
-__all__ = ["Compensation", "Rule", "Rules", "PHASES", "COMPENSATIONS", "OPTIONS",
-           "parse_compensation", "make_compensation"]
-
-#: every name, with the one line ``ddgpipe train --help`` shows
-COMPENSATIONS: dict[str, str] = {
-    "sc": "spike compensation (Kosson et al. 2021): momentum SGD applies a gradient late by D "
-          "steps as w -= lr (m^D v + (1-m^D)/(1-m) g); momentum SGD only",
-    "lwp": "linear weight prediction (Kosson et al. 2021): the forward (and the stash) uses "
-           "w - lr D v, where the weights will be when its gradient lands; momentum SGD only",
-    "dc": "DC-ASGD-a (Zheng et al. 2017): g + lambda_t g*g*(w - w_forward), lambda_t = "
-          "lambda0/sqrt(mean square of g); any optimizer; stash graph or recompute",
-    "dc-c": "DC-ASGD-c: the same with a constant lambda",
-    "pipemare-lr": "PipeMare T1 (Yang et al. 2021): each stage's lr starts at lr/delay and "
-                   "ramps to lr over --pipemare-anneal clocks; any optimizer",
-    "pipemare": "PipeMare T1 + T2: also replays each delayed forward at w - delay * "
-                "(moving average of updates), estimating the forward's weights; stash none only",
-    "stage-momentum": "stage-dependent momentum (Ajanthan et al. 2025, AsyncPP): beta1 of "
-                      "stage k = b0 + d_k (--stage-momentum-max - b0) / K; Adam, AdamW, NAdam, "
-                      "Muon, or momentum SGD (as Nesterov, lr scaled to keep the step)",
-    "delay-lr": "delay-adaptive lr (Mishchenko et al. 2022): stage k's lr times "
-                "min(1, --delay-lr-c / d_k); any optimizer",
-    "accumulate": "bounded staleness (PipeDream-2BW, PACI): a delayed stage steps once every "
-                  "--accumulate-steps gradients with their mean; any optimizer",
-}
-
-#: option name -> default (None: the rule's own default, or required)
-OPTIONS: dict[str, float | int | None] = {
-    "dc_lambda": None,  # dc: 2.0 (lambda_0 of DC-ASGD-a), dc-c: 0.04
-    "dc_decay": 0.95,
-    "pipemare_anneal": None,  # K, in clocks: required
-    "pipemare_ema": 0.9,  # gamma of T2's moving average: ddgpipe's default
-    "stage_momentum_max": 0.99,  # bmax, hard-coded in AsyncPP
-    "delay_lr_c": 1.0,  # c of min(1, c / d_k): ddgpipe's default (lr / d_k)
-    "accumulate_steps": 4,  # A: ddgpipe's default (PACI's is 8)
-}
+__all__ = ["Compensation", "Rule", "Rules", "PHASES", "COMPENSATIONS", "OPTIONS", "OPTION_TABLE",
+           "CompensationSpec", "parse_compensation", "make_compensation"]
 
 
 DC_LAMBDA = {"dc": 2.0, "dc-c": 0.04}
 
 
-def parse_compensation(spec: str | Sequence[str] | None) -> tuple[str, ...]:
-    """``"sc,lwp"`` or ``["sc", "lwp"]`` -> ``("sc", "lwp")``; None or ``"none"`` -> ``()``."""
-    if spec is None:
-        return ()
-    parts = spec.split(",") if isinstance(spec, str) else list(spec)
-    names = tuple(p.strip() for p in parts if p and p.strip() and p.strip() != "none")
-    for name in names:
-        if name not in COMPENSATIONS:
-            raise UsageError(f"unknown compensation {name!r}; choose from "
-                             f"{', '.join(COMPENSATIONS)} (comma-separated)")
-    repeated = sorted({n for n in names if names.count(n) > 1})
-    if repeated:
-        raise UsageError(f"compensation {', '.join(repeated)} given twice; name each once")
-    return names
+@dataclass(frozen=True)
+class CompensationSpec:
+    """Which rules a run uses and the options given for them, checked once when parsed.
 
+    ``options`` holds only the options given (the rules' defaults fill the rest when built);
+    ``text`` and ``options`` are what ``config.json`` records.
+    """
 
-def _options(names: tuple[str, ...], given: Mapping[str, float] | None) -> dict:
-    given = dict(given or {})
-    unknown = sorted(set(given) - set(OPTIONS))
-    if unknown:
-        raise UsageError(f"unknown compensation option {', '.join(unknown)}; the options are "
-                         f"{', '.join(OPTIONS)}")
-    users = {"dc_lambda": ("dc", "dc-c"), "dc_decay": ("dc",),
-             "pipemare_anneal": ("pipemare", "pipemare-lr"), "pipemare_ema": ("pipemare",),
-             "stage_momentum_max": ("stage-momentum",), "delay_lr_c": ("delay-lr",),
-             "accumulate_steps": ("accumulate",)}
-    for key in given:
-        if given[key] is not None and not set(users[key]) & set(names):
-            raise UsageError(f"option {key} only applies to compensation "
-                             f"{' or '.join(users[key])}, which is not selected; drop it or "
-                             f"add the compensation")
-    opts: dict[str, Any] = dict(OPTIONS) | {k: v for k, v in given.items() if v is not None}
-    lam = opts["dc_lambda"]
-    if lam is not None and not (lam > 0 and math.isfinite(lam)):
-        raise UsageError(f"dc_lambda must be a positive number (got {lam})")
-    if not 0 <= opts["dc_decay"] < 1:
-        raise UsageError(f"dc_decay must be in [0, 1) (got {opts['dc_decay']})")
-    if not 0 <= opts["pipemare_ema"] < 1:
-        raise UsageError(f"pipemare_ema must be in [0, 1) (got {opts['pipemare_ema']})")
-    anneal = opts["pipemare_anneal"]
-    if {"pipemare", "pipemare-lr"} & set(names):
-        if anneal is None:
-            raise UsageError(
-                "pipemare needs pipemare_anneal=K: the clocks over which each stage's lr "
-                "ramps from lr/delay to lr (PipeMare tunes K per task; e.g. one epoch of "
-                "minibatches); on the command line --pipemare-anneal defaults to one epoch"
-            )
-        if int(anneal) != anneal or anneal < 1:
-            raise UsageError(f"pipemare_anneal must be a whole number of clocks >= 1 "
-                             f"(got {anneal})")
-    top = opts["stage_momentum_max"]
-    if not 0 < top < 1:
-        raise UsageError(f"stage_momentum_max must be in (0, 1) (got {top}); AsyncPP uses 0.99")
-    c = opts["delay_lr_c"]
-    if not (c > 0 and math.isfinite(c)):
-        raise UsageError(f"delay_lr_c must be a positive number (got {c}); with c >= K-1 "
-                         "delay-lr changes nothing")
-    steps = opts["accumulate_steps"]
-    if isinstance(steps, bool) or int(steps) != steps or steps < 2:
-        raise UsageError(f"accumulate_steps must be a whole number >= 2 (got {steps}); "
-                         "1 is plain DDG: drop accumulate")
-    if {"stage-momentum", "sc"} <= set(names):
-        raise UsageError("compensations stage-momentum and sc both set how momentum applies a "
-                         "late gradient (sc replaces momentum SGD's update for the delay); "
-                         "choose one of them")
-    return opts
+    names: tuple[str, ...] = ()
+    options: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def parse(cls, spec: CompensationSpec | str | Sequence[str] | None = None,
+              options: Mapping[str, Any] | None = None) -> CompensationSpec:
+        """``("sc,lwp", {"dc_lambda": 1.0})`` -> a spec; unknown names, unused options and
+        bad values fail here with a :class:`UsageError`."""
+        if isinstance(spec, CompensationSpec):
+            if not options:
+                return spec
+            return cls.parse(spec.names, {**spec.options, **options})
+        names = parse_compensation(spec)
+        given = {k: v for k, v in (options or {}).items() if v is not None}
+        check_options(names, given)
+        return cls(names, given)
+
+    def __bool__(self) -> bool:
+        return bool(self.names or self.options)
+
+    @property
+    def text(self) -> str | None:
+        """The names as ``--compensation`` takes them; None for plain DDG."""
+        return ",".join(self.names) or None
+
+    def with_defaults(self, **values: Any) -> CompensationSpec:
+        """The spec with ``values`` for the options its rules use and that were not given
+        (the command line's one-epoch PipeMare anneal)."""
+        users = {o.name: o.users for o in OPTION_TABLE}
+        added = {k: v for k, v in values.items()
+                 if k not in self.options and set(users[k]) & set(self.names)}
+        return dataclasses.replace(self, options=self.options | added) if added else self
+
+    def check(self, stash: str = "graph", optimizer: torch.optim.Optimizer | None = None
+              ) -> None:
+        """Refuse rules undefined for ``stash`` or ``optimizer`` (an instance like the
+        stages' ones), a missing required option and two rules in one phase: before any
+        stage is built."""
+        self.factory(stash, optimizer)
+
+    def factory(self, stash: str = "graph", optimizer: torch.optim.Optimizer | None = None
+                ) -> Callable[[], Compensation]:
+        """A factory of fresh compensations (one per stage: each keeps its own state)."""
+        opts = dict(OPTIONS) | self.options
+        require_options(self.names, opts)
+        _check_stash(self.names, stash)
+        if not self.names:
+            return Compensation
+        rules = Rules(_rules(self.names, opts))  # two rules in one phase fail now
+        if optimizer is not None:
+            for rule in rules.rules:
+                rule.check(optimizer)
+        names = self.names
+
+        def build() -> Compensation:
+            return Rules(_rules(names, opts))
+
+        return build
 
 
 def _rules(names: tuple[str, ...], opts: dict) -> list[Rule]:
@@ -178,7 +154,7 @@ def _check_stash(names: tuple[str, ...], stash: str) -> None:
             )
 
 
-def make_compensation(spec: str | Sequence[str] | None, stash: str = "graph",
+def make_compensation(spec: CompensationSpec | str | Sequence[str] | None, stash: str = "graph",
                       options: Mapping[str, float] | None = None,
                       optimizer: torch.optim.Optimizer | None = None,
                       ) -> Callable[[], Compensation]:
@@ -188,17 +164,4 @@ def make_compensation(spec: str | Sequence[str] | None, stash: str = "graph",
     a :class:`UsageError`; a rule undefined for the optimizer fails here when ``optimizer``
     (an instance like the stages' ones) is given, else when a stage binds it.
     """
-    names = parse_compensation(spec)
-    opts = _options(names, options)
-    _check_stash(names, stash)
-    if not names:
-        return Compensation
-    rules = Rules(_rules(names, opts))  # two rules in one phase fail now, not in every stage
-    if optimizer is not None:
-        for rule in rules.rules:
-            rule.check(optimizer)
-
-    def build() -> Compensation:
-        return Rules(_rules(names, opts))
-
-    return build
+    return CompensationSpec.parse(spec, options).factory(stash, optimizer)

@@ -137,7 +137,7 @@ class LMPlan:
 
     def _config(self, variant: Variant, k: int, seed: int, out: Path) -> TrainConfig:
         settings = self.recipe | variant.changes
-        return TrainConfig(
+        return TrainConfig.from_flat(
             model=self.model, data="shakespeare", method=variant.method, stages=k,
             compensation=variant.compensation, compensation_options=variant.options,
             seed=seed, balance="params", executor="reference", threads=1, progress=False,

@@ -63,9 +63,21 @@ def _cell(row: dict | None, gap_key: str = "gap_pct") -> str:
 
 
 def render_report(summary: dict, plan: LMPlan, figures: list[Path], out: Path) -> str:
-    rows, ks = summary["rows"], plan.stage_counts
+    """``results.md``: the setup, the loss table, the gaps, the goals, the figures."""
+    lines = _setup(summary, plan) + _loss_table(summary["rows"], plan)
+    lines += _gap_table(summary["rows"], plan) + _goals(summary, plan)
+    lines += ["", "## Figures", "",
+              "Against training time, each run computed every stage in turn on one core (the "
+              "reference executor), so the time axis shows what a method costs in compute "
+              "(Muon's orthogonalisation, a replay), not DDG's parallel speed (see the bench); "
+              "the runs shared the machine with other work, so times are rough.", ""]
+    lines += [f"![{f.stem}]({f.name})" for f in figures] + [""]
+    return "\n".join(lines)
+
+
+def _setup(summary: dict, plan: LMPlan) -> list[str]:
     shape = plan.shape
-    lines = [
+    return [
         "# DDG on a transformer language model",
         "",
         f"`ddgpipe experiment lm`: {plan.model} (width {shape['width']}, {shape['heads']} heads, "
@@ -76,12 +88,22 @@ def render_report(summary: dict, plan: LMPlan, figures: list[Path], out: Path) -
         + ", ".join(f"{k} {v}" for k, v in plan.recipe.items()) + ". "
         + summary.get("machines", ""),
         "",
+    ]
+
+
+def _header(ks: tuple[int, ...], extra: str = "") -> list[str]:
+    columns = " | ".join(f"K = {k}" for k in ks)
+    return [f"| method | {columns} |{extra}", "|---|" + "---|" * (len(ks) + bool(extra))]
+
+
+def _loss_table(rows: list[dict], plan: LMPlan) -> list[str]:
+    ks = plan.stage_counts
+    lines = [
         "Final held-out loss (nats per byte, mean ± std over seeds) and, in brackets, the gap "
         "to backprop with the same optimizer, in % of its loss. Lower is better; the goal is "
         f"within {TOLERANCE_PCT:g}%.",
         "",
-        "| method | " + " | ".join(f"K = {k}" for k in ks) + " |",
-        "|---|" + "---|" * len(ks),
+        *_header(ks),
     ]
     for name in plan.variants:
         variant = VARIANTS_BY_NAME[name]
@@ -94,9 +116,13 @@ def render_report(summary: dict, plan: LMPlan, figures: list[Path], out: Path) -
     bp = find(rows, "bp", 1)
     if bp and bp["val_bpb_mean"] is not None:
         lines += ["", f"Backprop (AdamW) ends at {bp['val_bpb_mean']:.3f} bits per byte."]
-    lines += ["", "Gap to backprop with AdamW, whatever the method's optimizer (%):", "",
-              "| method | " + " | ".join(f"K = {k}" for k in ks) + " |",
-              "|---|" + "---|" * len(ks)]
+    return lines
+
+
+def _gap_table(rows: list[dict], plan: LMPlan) -> list[str]:
+    ks = plan.stage_counts
+    lines = ["", "Gap to backprop with AdamW, whatever the method's optimizer (%):", "",
+             *_header(ks)]
     for name in plan.variants:
         if VARIANTS_BY_NAME[name].method == "bp":
             continue
@@ -106,15 +132,19 @@ def render_report(summary: dict, plan: LMPlan, figures: list[Path], out: Path) -
             gap = None if row is None else row["gap_to_adamw_pct"]
             cells.append("–" if gap is None else f"{gap:+.1f}")
         lines.append(f"| {VARIANTS_BY_NAME[name].label} | " + " | ".join(cells) + " |")
-    lines += ["", "## Goals", "",
-              f"Within {TOLERANCE_PCT:g}% of backprop's held-out loss at every K, and no worse "
-              "than plain DDG at its best swept learning rate (" + "; ".join(
-                  f"K = {s['stages']}: {s['best']}" + _seeds_note(s["seeds"], plan.seeds)
-                  for s in summary["sweep"] if s["best"])
-              + "). Where the swept rates have fewer seeds than a method, both are compared "
-              "over the seeds they share.", "",
-              "| method | " + " | ".join(f"K = {k}" for k in ks) + " | met |",
-              "|---|" + "---|" * (len(ks) + 1)]
+    return lines
+
+
+def _goals(summary: dict, plan: LMPlan) -> list[str]:
+    ks = plan.stage_counts
+    lines = ["", "## Goals", "",
+             f"Within {TOLERANCE_PCT:g}% of backprop's held-out loss at every K, and no worse "
+             "than plain DDG at its best swept learning rate (" + "; ".join(
+                 f"K = {s['stages']}: {s['best']}" + _seeds_note(s["seeds"], plan.seeds)
+                 for s in summary["sweep"] if s["best"])
+             + "). Where the swept rates have fewer seeds than a method, both are compared "
+             "over the seeds they share.", "",
+             *_header(ks, " met |")]
     marks = {True: "yes", False: "no", None: "n/a"}
     for goal in summary["goals"]:
         cells = [f"{marks[c['within']]} / {marks[c['no_worse_than_tuned_ddg']]}"
@@ -127,10 +157,4 @@ def render_report(summary: dict, plan: LMPlan, figures: list[Path], out: Path) -
                   + (" ..." if len(summary["missing"]) > 20 else "")]
     if summary["diverged"]:
         lines += ["", "Diverged: " + ", ".join(summary["diverged"])]
-    lines += ["", "## Figures", "",
-              "Against training time, each run computed every stage in turn on one core (the "
-              "reference executor), so the time axis shows what a method costs in compute "
-              "(Muon's orthogonalisation, a replay), not DDG's parallel speed (see the bench); "
-              "the runs shared the machine with other work, so times are rough.", ""]
-    lines += [f"![{f.stem}]({f.name})" for f in figures] + [""]
-    return "\n".join(lines)
+    return lines

@@ -220,7 +220,7 @@ class StalenessPlan:
 
     @staticmethod
     def _config(bench: Benchmark, variant: Variant, k: int, seed: int, out: Path) -> TrainConfig:
-        return TrainConfig(
+        return TrainConfig.from_flat(
             model=bench.model, data=bench.data, method=variant.method, stages=k,
             compensation=variant.compensation, grad_shrink=variant.grad_shrink,
             epochs=bench.epochs * variant.epochs_factor, batch_size=bench.batch_size,
