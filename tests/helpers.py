@@ -46,6 +46,11 @@ def batches(n: int, shape: tuple[int, ...] = (1, 8, 8), *, sizes: int | tuple[in
     return out
 
 
+def ragged_batches(n: int, seed: int = 1) -> list[tuple[Tensor, Tensor]]:
+    """1 x 8 x 8 images, 10 classes, in the batch sizes of ``RAGGED``."""
+    return batches(n, sizes=RAGGED, seed=seed)
+
+
 # --- models ------------------------------------------------------------------------------------
 
 def conv_block(c_in: int, c_out: int, *, stride: int = 1, batchnorm: bool = False,

@@ -24,11 +24,11 @@ import ddgpipe
 from ddgpipe.cli import main
 from ddgpipe.runtime.launch import run_workers
 from tests.helpers import (
-    RAGGED,
     assert_state_equal,
     batches,
     dropout_convnet,
     dropout_mlp,
+    ragged_batches,
     resnet,
     sgd,
     step_lr,
@@ -142,7 +142,7 @@ def every_case_worker(rank, world):
     results = {}
     for case in RUNTIME_CASES:
         pipe = build_runtime_pipe(case)
-        losses = run_clocks(pipe, rank, world, batches(RUNTIME_CLOCKS, sizes=RAGGED))
+        losses = run_clocks(pipe, rank, world, ragged_batches(RUNTIME_CLOCKS))
         results[case] = {"state": local_stage_arrays(pipe), "losses": losses}
     return results
 
@@ -156,7 +156,7 @@ def runtime_results():
 def test_runtime_matches_reference_bitwise(case, runtime_results):
     assert_runtime_matches_reference([r[case] for r in runtime_results],
                                      lambda: build_runtime_pipe(case, "reference"),
-                                     batches(RUNTIME_CLOCKS, sizes=RAGGED))
+                                     ragged_batches(RUNTIME_CLOCKS))
 
 
 @pytest.mark.usefixtures("one_thread")
@@ -167,7 +167,7 @@ def test_threads_match_reference_bitwise(case):
     for executor in ("reference", "threads"):
         torch.manual_seed(3)
         pipe = build_runtime_pipe(case, executor, stages=3)
-        losses = run_clocks(pipe, 0, 1, batches(RUNTIME_CLOCKS + 2, sizes=RAGGED))
+        losses = run_clocks(pipe, 0, 1, ragged_batches(RUNTIME_CLOCKS + 2))
         runs.append((losses, pipe.model.state_dict()))
     assert runs[0][0] == runs[1][0]
     for name, value in runs[0][1].items():

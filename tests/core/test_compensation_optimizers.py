@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 import ddgpipe
 from ddgpipe.training.optim import make_optimizer
-from tests.helpers import RAGGED, assert_state_equal, batches, dropout_convnet
+from tests.helpers import assert_state_equal, batches, dropout_convnet, ragged_batches
 from tests.oracles import (
     EPS,
     NpAdamW,
@@ -193,7 +193,7 @@ def test_muon_threads_match_reference_bitwise(compensation):
         torch.manual_seed(3)
         pipe = ddgpipe.DDG(dropout_convnet(), 3, muon_factory(), compensation=compensation,
                            executor=executor, threads=1, peer_timeout_s=30)
-        runs.append((run_clocks(pipe, 0, 1, batches(7, sizes=RAGGED)), pipe.model.state_dict()))
+        runs.append((run_clocks(pipe, 0, 1, ragged_batches(7)), pipe.model.state_dict()))
     assert runs[0][0] == runs[1][0]
     for name, value in runs[0][1].items():
         assert torch.equal(value, runs[1][1][name]), name

@@ -25,6 +25,7 @@ from ddgpipe.core.stage import Stage
 from ddgpipe.errors import UsageError, WorkerError
 from ddgpipe.runtime.launch import run_workers
 from ddgpipe.runtime.layout import Layout, check_world
+from tests.helpers import batches
 
 CLOCKS = 6
 
@@ -148,11 +149,9 @@ MODELS = {"mlp64": _mlp64, "bn": _bn_net}
 
 
 def _batches(model: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    g = torch.Generator().manual_seed(1)
-    shape = (6,) if model == "mlp64" else (1, 6, 6)
-    dtype = torch.float64 if model == "mlp64" else torch.float32
-    return [(torch.randn(8, *shape, generator=g, dtype=dtype),
-             torch.randint(0, 3, (8,), generator=g)) for _ in range(CLOCKS)]
+    if model == "mlp64":
+        return batches(CLOCKS, (6,), classes=3, dtype=torch.float64)
+    return batches(CLOCKS, (1, 6, 6), classes=3, dtype=torch.float32)
 
 
 def _build(model: str, stash: str, replicas: int, **kwargs) -> ddgpipe.DDG:

@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 import ddgpipe
 from ddgpipe.cli import main
+from tests.helpers import batches, dropout_mlp
 
 BASE = ["train", "--model", "resnet20", "--data", "digits", "--epochs", "2", "--batch-size",
         "128", "--threads", "1", "--no-progress", "--balance", "params"]
@@ -178,10 +178,7 @@ def test_replicas_are_a_setting_a_resume_must_share():
 
 
 def _dropout_pipe(stash: str) -> ddgpipe.DDG:
-    torch.manual_seed(0)
-    blocks = [nn.Sequential(nn.Linear(6, 6), nn.ReLU(), nn.Dropout(0.3)) for _ in range(3)]
-    model = nn.Sequential(*blocks, nn.Linear(6, 3))
-    return ddgpipe.DDG(model, 3, lambda ps: torch.optim.SGD(ps, lr=0.1), split=[1, 2],
+    return ddgpipe.DDG(dropout_mlp(), 3, lambda ps: torch.optim.SGD(ps, lr=0.1), split=[1, 2],
                        stash=stash)
 
 
@@ -189,9 +186,7 @@ def _dropout_pipe(stash: str) -> ddgpipe.DDG:
 def test_reference_resume_continues_every_stage_random_stream(stash):
     """Mid-pipeline, each stage's own RNG stream is part of the state: dropout in every stage
     draws after resuming exactly what it would have drawn, whatever the caller's RNG."""
-    g = torch.Generator().manual_seed(1)
-    data = [(torch.randn(4, 6, generator=g), torch.randint(0, 3, (4,), generator=g))
-            for _ in range(9)]
+    data = batches(9, (6,), sizes=4, classes=3)
     uninterrupted = _dropout_pipe(stash)
     for x, y in data:
         uninterrupted.step(x, y, F.cross_entropy)
