@@ -99,6 +99,7 @@ def test_a_balanced_cut_that_is_clearly_slower_does_not_win():
     assert fastest_cut([6], 11, fake_timings(clock, busy))[0] == [6]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method,stages", [("ddg", 2), ("ddg", 3), ("dni", 2)])
 def test_tuned_cut_is_agreed_and_training_matches_the_reference_bitwise(method, stages):
     clocks = 6
@@ -117,6 +118,7 @@ def test_tuned_cut_is_agreed_and_training_matches_the_reference_bitwise(method, 
                                      batches(clocks))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method,stages", [("ddg", 2), ("ddg", 3), ("dni", 2)])
 def test_threaded_tuning_times_thread_pipelines_and_leaves_training_as_it_was(method, stages):
     """The threaded executor's timed cut: the candidates ran as thread pipelines on copies,
@@ -138,6 +140,7 @@ def test_threaded_tuning_times_thread_pipelines_and_leaves_training_as_it_was(me
         torch.set_num_threads(os.cpu_count() or 1)
 
 
+@pytest.mark.slow
 def test_the_timed_cut_is_remembered_per_machine(monkeypatch, tmp_path):
     """Same model, schedule and machine: the second pipeline reuses the first one's timed
     cut instead of timing again (same seed, same numbers); balance="pipeline" re-times."""

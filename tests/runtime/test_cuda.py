@@ -119,6 +119,7 @@ def reference_on_gpu():
     return ddgpipe.DDG(make_model(), 2, optimizer, devices=["cuda:0"] * 2, executor="reference")
 
 
+@pytest.mark.slow
 def test_processes_sharing_one_gpu_through_host_memory():
     results = run_workers(gpu_stage_worker, 2, ("host", 5), timeout_s=300, threads=1)
     torch.manual_seed(5)
@@ -126,6 +127,7 @@ def test_processes_sharing_one_gpu_through_host_memory():
     assert_runtime_matches_reference(results, reference_on_gpu, image_batches(5))
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(GPUS < 2, reason="nccl needs a GPU per rank")
 def test_processes_over_nccl():
     results = run_workers(gpu_stage_worker, 2, ("auto", 5), timeout_s=300, threads=1,
@@ -148,6 +150,7 @@ def test_training_on_gpu_from_the_command_line(tmp_path, capsys):
     assert "test acc" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_gpu_bench_runs_and_reports_gpu_memory(tmp_path):
     from ddgpipe.bench import BenchConfig, run_bench
 

@@ -23,6 +23,8 @@ from tests.runtime_helpers import (
     run_clocks,
 )
 
+pytestmark = pytest.mark.slow  # every test here spawns processes
+
 
 def build(method, stages, stash, executor=None):
     model = dropout_convnet()

@@ -201,6 +201,7 @@ def two_by_two():
     return run_workers(replica_worker, 4, (CASES,), timeout_s=150, threads=1)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stash", ["graph", "recompute"])
 def test_two_replicas_equal_one_pipeline_on_the_whole_batch_in_float64(two_by_two, stash):
     reference = _build("mlp64", stash, replicas=1, executor="reference")
@@ -217,6 +218,7 @@ def test_two_replicas_equal_one_pipeline_on_the_whole_batch_in_float64(two_by_tw
             assert result["losses"] == pytest.approx(losses, rel=0, abs=1e-12)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stash", ["graph", "recompute"])
 def test_replicas_with_batchnorm_stay_identical(two_by_two, stash):
     by_place = {}
@@ -252,6 +254,7 @@ def dying_worker(rank: int, world: int) -> str:
     return "finished"
 
 
+@pytest.mark.slow
 def test_a_killed_replica_stops_every_process_and_is_named():
     start = time.monotonic()
     with pytest.raises(WorkerError) as info:
@@ -265,6 +268,7 @@ def wrong_world_worker(rank: int, world: int) -> None:
     _build("bn", "graph", replicas=2)
 
 
+@pytest.mark.slow
 def test_the_world_must_be_stages_times_replicas():
     with pytest.raises(UsageError, match="3 processes but 2 stages x 2 replicas = 4"):
         run_workers(wrong_world_worker, 3, timeout_s=60, threads=1)

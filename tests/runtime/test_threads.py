@@ -67,6 +67,7 @@ def one_thread():
     assert no_stage_thread_within(1.0), "a stage thread outlived its test"
 
 
+@pytest.mark.slow
 def test_a_dropped_pipeline_stops_its_threads():
     pipe = build("threads", stages=3, model=deterministic_model)
     pipe.step(*ragged_batches(1)[0], F.cross_entropy)
@@ -159,6 +160,7 @@ class Exploding(nn.Module):
         return x
 
 
+@pytest.mark.slow
 def test_a_failing_stage_stops_every_thread_with_its_name():
     model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4), nn.Sequential(Exploding(3)),
                           nn.Linear(4, 2))
@@ -189,6 +191,7 @@ class Sleeper(nn.Module):
         return x
 
 
+@pytest.mark.slow
 def test_a_hung_stage_times_out_instead_of_hanging():
     model = nn.Sequential(nn.Linear(4, 4), nn.Sequential(Sleeper(4.0, 2)), nn.Linear(4, 2))
     pipe = ddgpipe.DDG(model, 3, optimizer, executor="threads", split=[1, 2],
@@ -204,6 +207,7 @@ def test_a_hung_stage_times_out_instead_of_hanging():
     assert no_stage_thread_within(10.0)
 
 
+@pytest.mark.slow
 def test_waiting_for_the_caller_is_not_a_timeout():
     """Between two steps the stages wait for the next minibatch as long as the caller takes."""
     pipe = build("threads", stages=3, model=deterministic_model, peer_timeout_s=0.3)

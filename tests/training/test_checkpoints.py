@@ -52,6 +52,7 @@ METHODS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(METHODS))
 def test_stop_and_resume_is_bitwise_the_uninterrupted_run(name, tmp_path, capsys):
     args = [*BASE, *METHODS[name], "--checkpoint-every", "4"]
@@ -66,6 +67,7 @@ def test_stop_and_resume_is_bitwise_the_uninterrupted_run(name, tmp_path, capsys
     assert epoch_lines(tmp_path / "full") == epoch_lines(tmp_path / "cut")
 
 
+@pytest.mark.slow
 def test_a_checkpoint_of_the_threads_resumes_under_the_reference(tmp_path, capsys):
     """Both in-process executors write the same state: stop under one, resume under the
     other, and get the uninterrupted run's weights."""
@@ -79,6 +81,7 @@ def test_a_checkpoint_of_the_threads_resumes_under_the_reference(tmp_path, capsy
     assert epoch_lines(tmp_path / "full") == epoch_lines(tmp_path / "cut")
 
 
+@pytest.mark.slow
 def test_epoch_checkpoints_and_pruning(tmp_path, capsys):
     run = tmp_path / "run"
     args = [*BASE, "--method", "ddg", "--stages", "2", "--epochs", "4",
@@ -145,6 +148,7 @@ def _kill_one_worker_and_resume(tmp_path: Path, args: list[str], workers: int,
     return cut
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stash", ["graph", "recompute"])
 def test_a_killed_worker_resumes_bitwise(stash, tmp_path):
     """One stage process is SIGKILLed mid-run; resuming from the last complete set gives the
@@ -154,6 +158,7 @@ def test_a_killed_worker_resumes_bitwise(stash, tmp_path):
     _kill_one_worker_and_resume(tmp_path, args, workers=2)
 
 
+@pytest.mark.slow
 def test_a_killed_replica_resumes_bitwise(tmp_path):
     """K = 2 stages x R = 2 replicas, four processes, BatchNorm in every stage: one process
     is SIGKILLed mid-epoch; each replica resumes from its stage's one copy (written by
