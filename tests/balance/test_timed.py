@@ -12,6 +12,7 @@ import ddgpipe
 from ddgpipe.balance.timed import BALANCED, NOISE, candidate_splits, cut_name, fastest_cut
 from ddgpipe.methods.dni import DNI
 from ddgpipe.runtime.launch import run_workers
+from tests.helpers import batches, conv_block, pool_head, sgd
 from tests.runtime_helpers import (
     assert_runtime_matches_reference,
     local_stage_arrays,
@@ -30,23 +31,15 @@ def make_model():
     """Dropout in several stages makes the RNG matter, BatchNorm the running statistics."""
     torch.manual_seed(0)
     return nn.Sequential(
-        nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
-                      nn.Dropout(0.1)),
-        nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU()),
+        conv_block(1, 8, batchnorm=True, dropout=0.1),
+        conv_block(8, 8, batchnorm=True),
         nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.Dropout(0.3), nn.ReLU()),
-        nn.Sequential(nn.Conv2d(8, 16, 3, padding=1, stride=2), nn.ReLU()),
-        nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(0.1), nn.Linear(16, 10)),
+        conv_block(8, 16, stride=2),
+        pool_head(16, dropout=0.1),
     )
 
 
-def batches(n):
-    g = torch.Generator().manual_seed(1)
-    return [(torch.randn(8, 1, 8, 8, generator=g), torch.randint(0, 10, (8,), generator=g))
-            for _ in range(n)]
-
-
-def optimizer(ps):
-    return torch.optim.SGD(ps, lr=0.05, momentum=0.9)
+optimizer = sgd(weight_decay=0.0)
 
 
 def build(method, stages, **kwargs):
@@ -106,6 +99,7 @@ def test_a_balanced_cut_that_is_clearly_slower_does_not_win():
     assert fastest_cut([6], 11, fake_timings(clock, busy))[0] == [6]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method,stages", [("ddg", 2), ("ddg", 3), ("dni", 2)])
 def test_tuned_cut_is_agreed_and_training_matches_the_reference_bitwise(method, stages):
     clocks = 6
@@ -124,6 +118,7 @@ def test_tuned_cut_is_agreed_and_training_matches_the_reference_bitwise(method, 
                                      batches(clocks))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method,stages", [("ddg", 2), ("ddg", 3), ("dni", 2)])
 def test_threaded_tuning_times_thread_pipelines_and_leaves_training_as_it_was(method, stages):
     """The threaded executor's timed cut: the candidates ran as thread pipelines on copies,
@@ -145,6 +140,7 @@ def test_threaded_tuning_times_thread_pipelines_and_leaves_training_as_it_was(me
         torch.set_num_threads(os.cpu_count() or 1)
 
 
+@pytest.mark.slow
 def test_the_timed_cut_is_remembered_per_machine(monkeypatch, tmp_path):
     """Same model, schedule and machine: the second pipeline reuses the first one's timed
     cut instead of timing again (same seed, same numbers); balance="pipeline" re-times."""

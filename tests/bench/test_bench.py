@@ -31,6 +31,7 @@ SUBSET = ("bp-1t", "bp-2t", "ddp", "gpipe-m2", "1f1b-m2", "ddg-graph-threads",
           "ddg-graph-processes")
 
 
+@pytest.mark.slow
 def test_tiny_end_to_end_run(tmp_path, capsys):
     result = run_bench(BenchConfig(**TINY, configs=SUBSET), out_dir=tmp_path)
 
@@ -71,6 +72,7 @@ def test_tiny_end_to_end_run(tmp_path, capsys):
     assert all(name in table for name in SUBSET)
 
 
+@pytest.mark.slow
 def test_tiny_replica_rows(tmp_path):
     """K x R rows through the same code: one stage in two replicas (data parallelism) and two
     stages in two replicas, four processes on this machine's cores."""

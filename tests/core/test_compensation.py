@@ -23,140 +23,34 @@ import torch.nn.functional as F
 import ddgpipe
 from ddgpipe.cli import main
 from ddgpipe.runtime.launch import run_workers
-from tests.methods.test_oracles import (
+from tests.helpers import (
     assert_state_equal,
-    digits_like_batches,
-    numpy_params,
+    batches,
+    dropout_convnet,
+    dropout_mlp,
+    ragged_batches,
     resnet,
     sgd,
-    tanh_net,
+    step_lr,
 )
+from tests.oracle_rules import RULES
+from tests.oracles import NpSGD, compensated_ddg, oracle_batches, torch_ddg, torch_sgd
 from tests.runtime_helpers import assert_runtime_matches_reference, local_stage_arrays, run_clocks
 
-LR, MOMENTUM, DECAY = 0.1, 0.9, 0.01
 ANNEAL = 4  # PipeMare's K for the oracle: the lr ramp ends inside the run
 
 
-def lr_factor(clock: int) -> float:
-    return 1.0 / (1.0 + 0.3 * clock)
+# --- 1. the rules, independently in numpy (tests/oracle_rules.py) ----------------------------
+
+def numpy_pipeline(params, minibatches, rule=(), stash="graph"):
+    """DDG clock by clock, one layer per stage, momentum SGD with weight decay at lr_t, and
+    the named rules (``tests/oracle_rules.py`` writes each out)."""
+    return compensated_ddg(params, minibatches, lambda k, d: NpSGD(), [RULES[r] for r in rule],
+                           stash=stash, options={"pipemare_anneal": ANNEAL})
 
 
-# --- 1. the rules, independently in numpy ----------------------------------------------------
-
-def layer_forward(h, w, b, last):
-    z = h @ w.T + b
-    return z if last else np.tanh(z)
-
-
-def layer_backward(h, w, b, last, grad_out):
-    """Gradients of <grad_out, layer(h)> w.r.t. W, b and h, at weights (w, b)."""
-    z = h @ w.T + b
-    dz = grad_out if last else grad_out * (1.0 - np.tanh(z) ** 2)
-    return [dz.T @ h, dz.sum(axis=0)], dz @ w
-
-
-def numpy_pipeline(params, batches, rule=(), stash="graph"):
-    """DDG clock by clock, one layer per stage, with the compensation rules written out.
-
-    Stage k (delay d = K-1-k) at clock t: forward of minibatch t; backward of minibatch t-d
-    with the gradient stage k+1 produced at clock t-1, through the weights and input the
-    forward kept (stash graph) or, stash none, the input and the live/corrected weights;
-    then the update with lr_t, momentum m, weight decay wd:
-
-      plain:  g' = g + wd w,  v = m v + g' (v = g' at first),  w -= lr v
-      sc:     w -= lr (m^d v + (1 - m^d)/(1 - m) g')                  (Kosson et al.)
-      lwp:    the forward uses w - lr d v                              (Kosson et al.)
-      dc:     g <- g + lam g*g*(w - w_fwd) before the update; dc-c: lam = 0.04;
-              dc: s = 0.95 s + 0.05 g*g, lam = 2 / sqrt(s + 1e-7)     (Zheng et al.)
-      pipemare-lr: lr -> lr d^-max(0, 1 - t/ANNEAL)                    (Yang et al., T1)
-      pipemare: T1, and a stash-none replay at w - d delta, with
-              delta = 0.9 delta + 0.1 (w_new - w_old) after each update (Yang et al., T2)
-    """
-    K, T = len(params), len(batches)
-    delays = [K - 1 - k for k in range(K)]
-    w = [[a.copy() for a in p] for p in params]
-    v: list = [None] * K
-    mean_square: list = [None] * K
-    delta: list = [None] * K
-    kept, grads = {}, {}
-    for t in range(T + K - 1):
-        lr = [LR * lr_factor(t)] * K  # each stage's lr at clock t
-        if "pipemare-lr" in rule or "pipemare" in rule:
-            lr = [a * d ** -max(0.0, 1.0 - t / ANNEAL) if d > 0 else a
-                  for a, d in zip(lr, delays)]
-
-        if t < T:
-            h = batches[t][0]
-            for k in range(K):
-                u = [a.copy() for a in w[k]]
-                if "lwp" in rule and delays[k] > 0 and v[k] is not None:
-                    u = [a - lr[k] * delays[k] * va for a, va in zip(w[k], v[k])]
-                kept[(k, t)] = (h, u)
-                h = layer_forward(h, *u, last=k == K - 1)
-        for k in range(K):
-            d, s = delays[k], t - delays[k]
-            if not 0 <= s < T:
-                continue
-            h, u = kept.pop((k, s))
-            if k == K - 1:
-                y = batches[s][1]
-                grad_out = 2.0 * (layer_forward(h, *u, last=True) - y) / y.size
-            else:
-                grad_out = grads.pop((k, s))
-            at = u
-            if stash == "none" and d > 0:
-                at = w[k]
-                if "pipemare" in rule and delta[k] is not None:
-                    at = [a - d * da for a, da in zip(w[k], delta[k])]
-            g, grad_in = layer_backward(h, *at, last=k == K - 1, grad_out=grad_out)
-            if k > 0:
-                grads[(k - 1, s)] = grad_in
-            if d > 0 and ("dc" in rule or "dc-c" in rule):
-                if "dc" in rule:
-                    if mean_square[k] is None:
-                        mean_square[k] = [np.zeros_like(a) for a in g]
-                    mean_square[k] = [0.95 * ms + 0.05 * gi * gi
-                                      for ms, gi in zip(mean_square[k], g)]
-                    lam = [2.0 / np.sqrt(ms + 1e-7) for ms in mean_square[k]]
-                else:
-                    lam = [0.04, 0.04]
-                g = [gi + li * gi * gi * (wi - ui) for gi, li, wi, ui in zip(g, lam, w[k], u)]
-            g = [gi + DECAY * wi for gi, wi in zip(g, w[k])]
-            v[k] = [gi.copy() for gi in g] if v[k] is None else \
-                [MOMENTUM * vi + gi for vi, gi in zip(v[k], g)]
-            old = [a.copy() for a in w[k]]
-            if "sc" in rule and d > 0:
-                a_, b_ = MOMENTUM**d, (1 - MOMENTUM**d) / (1 - MOMENTUM)
-                w[k] = [wi - lr[k] * (a_ * vi + b_ * gi) for wi, vi, gi in zip(w[k], v[k], g)]
-            else:
-                w[k] = [wi - lr[k] * vi for wi, vi in zip(w[k], v[k])]
-            if "pipemare" in rule and d > 0:
-                if delta[k] is None:
-                    delta[k] = [np.zeros_like(a) for a in w[k]]
-                delta[k] = [0.9 * da + 0.1 * (wn - wo) for da, wn, wo in zip(delta[k], w[k], old)]
-    return w
-
-
-def torch_pipeline(stages, batches, compensation, stash="graph", options=None):
-    widths = [5, 7, 6, 3][: stages + 1]
-    model = tanh_net(widths, seed=3)
-    start = numpy_params(model)
-    pipe = ddgpipe.DDG(
-        model, stages, lambda ps: torch.optim.SGD(ps, lr=LR, momentum=MOMENTUM,
-                                                  weight_decay=DECAY),
-        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_factor),
-        stash=stash, compensation=compensation, compensation_options=options)
-    for x, y in batches:
-        pipe.step(torch.from_numpy(x), torch.from_numpy(y), F.mse_loss)
-    pipe.drain()
-    return start, numpy_params(model)
-
-
-def oracle_batches(stages):
-    widths = [5, 7, 6, 3][: stages + 1]
-    rng = np.random.default_rng(0)
-    return [(rng.normal(size=(4, widths[0])), rng.normal(size=(4, widths[-1])))
-            for _ in range(7)]
+def torch_pipeline(stages, minibatches, compensation, stash="graph", options=None):
+    return torch_ddg(stages, minibatches, torch_sgd(), compensation, options, stash, float64=False)
 
 
 ORACLE_CASES = [  # (compensation, stash)
@@ -169,16 +63,16 @@ ORACLE_CASES = [  # (compensation, stash)
 @pytest.mark.parametrize("stages", [2, 3])
 @pytest.mark.parametrize("compensation,stash", ORACLE_CASES)
 def test_rule_matches_independent_numpy(compensation, stash, stages):
-    batches = oracle_batches(stages)
+    minibatches = oracle_batches(stages)
     options = {"pipemare_anneal": ANNEAL} if compensation and "pipemare" in compensation \
         else None
-    start, got = torch_pipeline(stages, batches, compensation, stash, options)
+    start, got = torch_pipeline(stages, minibatches, compensation, stash, options)
     rule = tuple(compensation.split(",")) if compensation else ()
-    expected = numpy_pipeline(start, batches, rule, stash)
+    expected = numpy_pipeline(start, minibatches, rule, stash)
     for (w, b), (ew, eb) in zip(got, expected):
         np.testing.assert_allclose(w, ew, rtol=0, atol=1e-10)
         np.testing.assert_allclose(b, eb, rtol=0, atol=1e-10)
-    plain = numpy_pipeline(start, batches, (), stash)
+    plain = numpy_pipeline(start, minibatches, (), stash)
     moved = max(np.abs(g[0] - p[0]).max() for g, p in zip(got, plain))
     if compensation == "pipemare-lr" and stages == 2:
         assert moved < 1e-12  # T1 rescales by delay^-p: nothing at delay 1
@@ -205,7 +99,7 @@ K1_CASES = [("sc", "graph"), ("lwp", "graph"), ("sc,lwp", "graph"), ("dc", "grap
 
 @pytest.mark.parametrize("compensation,stash", K1_CASES)
 def test_k1_with_compensation_equals_backprop_bitwise(compensation, stash):
-    data = digits_like_batches(3)
+    data = batches(3, sizes=16)
     bp_model, ddg_model = resnet(), resnet()
     bp = ddgpipe.Backprop(bp_model, sgd())
     pipe = ddgpipe.DDG(ddg_model, stages=1, optimizer=sgd(), stash=stash,
@@ -237,22 +131,18 @@ RUNTIME_CLOCKS = 5
 
 
 def build_runtime_pipe(case: str, executor: str | None = None, stages: int = 2):
-    from tests.runtime.test_processes import make_model, optimizer, scheduler
-
     compensation, stash, options = RUNTIME_CASES[case]
-    return ddgpipe.DDG(make_model(), stages, optimizer, lr_scheduler=scheduler, stash=stash,
+    return ddgpipe.DDG(dropout_convnet(), stages, sgd(), lr_scheduler=step_lr(), stash=stash,
                        compensation=compensation, compensation_options=options,
                        peer_timeout_s=30, executor=executor, threads=1)
 
 
 def every_case_worker(rank, world):
     """All cases in one process group, one after another: one spawn for the whole test."""
-    from tests.runtime.test_processes import batches
-
     results = {}
     for case in RUNTIME_CASES:
         pipe = build_runtime_pipe(case)
-        losses = run_clocks(pipe, rank, world, batches(RUNTIME_CLOCKS))
+        losses = run_clocks(pipe, rank, world, ragged_batches(RUNTIME_CLOCKS))
         results[case] = {"state": local_stage_arrays(pipe), "losses": losses}
     return results
 
@@ -262,31 +152,24 @@ def runtime_results():
     return run_workers(every_case_worker, 2, timeout_s=120, threads=1)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", list(RUNTIME_CASES))
 def test_runtime_matches_reference_bitwise(case, runtime_results):
-    from tests.runtime.test_processes import batches
-
     assert_runtime_matches_reference([r[case] for r in runtime_results],
                                      lambda: build_runtime_pipe(case, "reference"),
-                                     batches(RUNTIME_CLOCKS))
+                                     ragged_batches(RUNTIME_CLOCKS))
 
 
+@pytest.mark.usefixtures("one_thread")
 @pytest.mark.parametrize("case", list(RUNTIME_CASES))
 def test_threads_match_reference_bitwise(case):
     """A thread per stage, with each compensation, at K = 3 (two delayed stages)."""
-    from tests.runtime.test_processes import batches
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        runs = []
-        for executor in ("reference", "threads"):
-            torch.manual_seed(3)
-            pipe = build_runtime_pipe(case, executor, stages=3)
-            losses = run_clocks(pipe, 0, 1, batches(RUNTIME_CLOCKS + 2))
-            runs.append((losses, pipe.model.state_dict()))
-    finally:
-        torch.set_num_threads(threads)
+    runs = []
+    for executor in ("reference", "threads"):
+        torch.manual_seed(3)
+        pipe = build_runtime_pipe(case, executor, stages=3)
+        losses = run_clocks(pipe, 0, 1, ragged_batches(RUNTIME_CLOCKS + 2))
+        runs.append((losses, pipe.model.state_dict()))
     assert runs[0][0] == runs[1][0]
     for name, value in runs[0][1].items():
         assert torch.equal(value, runs[1][1][name]), name
@@ -295,12 +178,7 @@ def test_threads_match_reference_bitwise(case):
 # --- 4. checkpoint/resume keeps the compensation's state -------------------------------------
 
 def dropout_pipe(compensation, stash):
-    from torch import nn
-
-    torch.manual_seed(0)
-    blocks = [nn.Sequential(nn.Linear(6, 6), nn.ReLU(), nn.Dropout(0.3)) for _ in range(3)]
-    model = nn.Sequential(*blocks, nn.Linear(6, 3))
-    return ddgpipe.DDG(model, 3, sgd(lr=0.1), split=[1, 2], stash=stash,
+    return ddgpipe.DDG(dropout_mlp(), 3, sgd(lr=0.1), split=[1, 2], stash=stash,
                        compensation=compensation,
                        compensation_options={"pipemare_anneal": 6}
                        if "pipemare" in compensation else None)
@@ -312,9 +190,7 @@ def dropout_pipe(compensation, stash):
     ("accumulate", "graph", "sums"), ("accumulate,dc,delay-lr", "recompute", "sums"),
     ("stage-momentum", "graph", None)])
 def test_resume_mid_pipeline_is_bitwise(compensation, stash, state_key):
-    g = torch.Generator().manual_seed(1)
-    data = [(torch.randn(4, 6, generator=g), torch.randint(0, 3, (4,), generator=g))
-            for _ in range(9)]
+    data = batches(9, (6,), sizes=4, classes=3)
     uninterrupted = dropout_pipe(compensation, stash)
     for x, y in data:
         uninterrupted.step(x, y, F.cross_entropy)
@@ -399,14 +275,29 @@ def test_clear_errors(kwargs, message):
         build(**kwargs)
 
 
+def adam_run(compensation, stash, options):
+    """Three minibatches through K = 3 with Adam: the losses, every stage's step count, and
+    its weights before and after."""
+    pipe = build(compensation, adam, stash, options, stages=3)
+    before = [[p.detach().clone() for p in s.module.parameters()] for s in pipe.stages]
+    losses = [pipe.step(x, y, F.cross_entropy) for x, y in batches(3, sizes=16)]
+    pipe.drain()
+    after = [[p.detach().clone() for p in s.module.parameters()] for s in pipe.stages]
+    return losses, [s.steps for s in pipe.stages], before, after
+
+
 def test_rules_that_apply_to_adam_run_with_adam():
-    data = digits_like_batches(3)
     for compensation, stash, options in [("dc", "graph", None), ("dc-c", "recompute", None),
                                          ("pipemare", "none", {"pipemare_anneal": 2})]:
-        pipe = build(compensation, adam, stash, options, stages=3)
-        for x, y in data:
-            pipe.step(x, y, F.cross_entropy)
-        pipe.drain()
+        losses, steps, before, after = adam_run(compensation, stash, options)
+        assert all(torch.isfinite(loss).all() for loss in losses), compensation
+        assert steps == [3, 3, 3], compensation  # every stage learned from every minibatch
+        for k, (start, end) in enumerate(zip(before, after)):
+            assert all(torch.isfinite(p).all() for p in end), (compensation, k)
+            assert any(not torch.equal(a, b) for a, b in zip(start, end)), (compensation, k)
+        plain = adam_run(None, stash, None)[3]
+        assert any(not torch.equal(a, b) for stage, other in zip(after, plain)
+                   for a, b in zip(stage, other)), f"{compensation} changed nothing under Adam"
 
 
 @pytest.mark.parametrize("method", ["bp", "dni"])

@@ -12,9 +12,8 @@ import torch
 import torch.nn.functional as F
 
 import ddgpipe
-from tests.core.test_compensation import MOMENTUM, oracle_batches
-from tests.core.test_compensation_delay import momentum_of, torch_sgd
-from tests.methods.test_oracles import resnet, sgd, tanh_net
+from tests.helpers import resnet, sgd
+from tests.oracles import MOMENTUM, momentum_of, oracle_batches, tanh_net, torch_sgd
 
 # --- errors ------------------------------------------------------------------------------------
 

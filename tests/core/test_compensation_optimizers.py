@@ -29,16 +29,17 @@ import torch.nn.functional as F
 
 import ddgpipe
 from ddgpipe.training.optim import make_optimizer
-from tests.core.test_compensation import oracle_batches
-from tests.core.test_compensation_delay import (
+from tests.helpers import assert_state_equal, batches, dropout_convnet, ragged_batches
+from tests.oracles import (
     EPS,
     NpAdamW,
     NpNAdam,
+    compensated_ddg,
     momentum_of,
-    numpy_ddg,
+    oracle_batches,
     torch_ddg,
 )
-from tests.methods.test_oracles import assert_state_equal, digits_like_batches
+from tests.runtime_helpers import run_clocks
 
 NADAM_LR, NADAM_WD, NADAM_BETAS, NADAM_CLIP = 0.01, 0.1, (0.99, 0.999), 0.5
 
@@ -51,10 +52,10 @@ def max_gap(a, b):
 
 def nadam_run(stages, float64=True):
     factory = make_optimizer("nadam", NADAM_LR, weight_decay=NADAM_WD, betas=NADAM_BETAS)
-    batches = oracle_batches(stages)
-    start, got = torch_ddg(stages, batches, factory, clip=NADAM_CLIP, float64=float64)
-    expected = numpy_ddg(start, batches, lambda k, d: NpNAdam(*NADAM_BETAS, wd=NADAM_WD),
-                         base_lr=NADAM_LR, clip=NADAM_CLIP)
+    minibatches = oracle_batches(stages)
+    start, got = torch_ddg(stages, minibatches, factory, clip=NADAM_CLIP, float64=float64)
+    expected = compensated_ddg(start, minibatches, lambda k, d: NpNAdam(*NADAM_BETAS, wd=NADAM_WD),
+                               lr=NADAM_LR, clip=NADAM_CLIP)
     return start, got, expected
 
 
@@ -151,19 +152,19 @@ def float64_newton_schulz(grad, ns_coefficients, ns_steps, eps):
 def test_muon_in_float64_matches_numpy(stages, compensation, monkeypatch):
     monkeypatch.setattr(torch.optim._muon, "_zeropower_via_newtonschulz",
                         float64_newton_schulz)
-    batches = oracle_batches(stages)
-    start, got = torch_ddg(stages, batches, muon_factory(), compensation)
-    expected = numpy_ddg(start, batches, np_muon(stages, compensation is not None),
-                         base_lr=MUON_LR)
+    minibatches = oracle_batches(stages)
+    start, got = torch_ddg(stages, minibatches, muon_factory(), compensation)
+    expected = compensated_ddg(start, minibatches, np_muon(stages, compensation is not None),
+                               lr=MUON_LR)
     assert max_gap(got, expected) < 1e-10
     if compensation:
-        assert max_gap(got, numpy_ddg(start, batches, np_muon(stages), base_lr=MUON_LR)) > 1e-6
+        assert max_gap(got, compensated_ddg(start, minibatches, np_muon(stages), lr=MUON_LR)) > 1e-6
 
 
 def test_muon_in_bfloat16_matches_numpy_to_its_precision():
-    batches = oracle_batches(2)
-    start, got = torch_ddg(2, batches, muon_factory())
-    expected = numpy_ddg(start, batches, np_muon(2), base_lr=MUON_LR)
+    minibatches = oracle_batches(2)
+    start, got = torch_ddg(2, minibatches, muon_factory())
+    expected = compensated_ddg(start, minibatches, np_muon(2), lr=MUON_LR)
     gap = max_gap(got, expected)
     assert gap < MUON_BF16_ATOL
     assert gap > 1e-7  # bf16 really ran: the float64 test's 1e-10 is not reachable here
@@ -171,10 +172,8 @@ def test_muon_in_bfloat16_matches_numpy_to_its_precision():
 
 
 def test_muon_k1_equals_backprop_bitwise():
-    from tests.runtime.test_processes import make_model
-
-    data = digits_like_batches(3, batch=8)
-    bp_model, ddg_model = make_model(), make_model()
+    data = batches(3)
+    bp_model, ddg_model = dropout_convnet(), dropout_convnet()
     torch.manual_seed(5)
     bp = ddgpipe.Backprop(bp_model, muon_factory())
     losses = [bp.step(x, y, F.cross_entropy) for x, y in data]
@@ -187,21 +186,14 @@ def test_muon_k1_equals_backprop_bitwise():
 
 
 @pytest.mark.parametrize("compensation", [None, "stage-momentum,accumulate"])
+@pytest.mark.usefixtures("one_thread")
 def test_muon_threads_match_reference_bitwise(compensation):
-    from tests.runtime.test_processes import batches, make_model
-    from tests.runtime_helpers import run_clocks
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        runs = []
-        for executor in ("reference", "threads"):
-            torch.manual_seed(3)
-            pipe = ddgpipe.DDG(make_model(), 3, muon_factory(), compensation=compensation,
-                               executor=executor, threads=1, peer_timeout_s=30)
-            runs.append((run_clocks(pipe, 0, 1, batches(7)), pipe.model.state_dict()))
-    finally:
-        torch.set_num_threads(threads)
+    runs = []
+    for executor in ("reference", "threads"):
+        torch.manual_seed(3)
+        pipe = ddgpipe.DDG(dropout_convnet(), 3, muon_factory(), compensation=compensation,
+                           executor=executor, threads=1, peer_timeout_s=30)
+        runs.append((run_clocks(pipe, 0, 1, ragged_batches(7)), pipe.model.state_dict()))
     assert runs[0][0] == runs[1][0]
     for name, value in runs[0][1].items():
         assert torch.equal(value, runs[1][1][name]), name

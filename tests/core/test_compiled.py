@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import ddgpipe
+from tests.helpers import batches, sgd
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -23,18 +24,11 @@ def model() -> nn.Sequential:
     )
 
 
-def batches(n: int = 6):
-    g = torch.Generator().manual_seed(1)
-    return [(torch.randn(8, 6, generator=g), torch.randint(0, 4, (8,), generator=g))
-            for _ in range(n)]
-
-
-def sgd(ps):
-    return torch.optim.SGD(ps, lr=0.1, momentum=0.9)
+optimizer = sgd(lr=0.1, weight_decay=0.0)
 
 
 def train(method) -> tuple[list[float], list[torch.Tensor]]:
-    losses = [method.step(x, y, F.cross_entropy).item() for x, y in batches()]
+    losses = [method.step(x, y, F.cross_entropy).item() for x, y in batches(6, (6,), classes=4)]
     method.drain()
     weights = [p.detach().clone() for p in method.model.parameters()]
     method.close()
@@ -42,7 +36,7 @@ def train(method) -> tuple[list[float], list[torch.Tensor]]:
 
 
 def ddg(executor: str, stash: str = "graph", stages: int = 2, compile: bool = True):
-    return ddgpipe.DDG(model(), stages, sgd, stash=stash, executor=executor, threads=1,
+    return ddgpipe.DDG(model(), stages, optimizer, stash=stash, executor=executor, threads=1,
                        split=[1] if stages == 2 else None, compile=compile)
 
 
@@ -55,7 +49,7 @@ def test_compiled_threads_equal_compiled_reference_bitwise(stash):
 
 
 def test_compiled_backprop_equals_compiled_one_stage_ddg_bitwise():
-    bp_losses, bp_weights = train(ddgpipe.Backprop(model(), sgd, compile=True))
+    bp_losses, bp_weights = train(ddgpipe.Backprop(model(), optimizer, compile=True))
     losses, weights = train(ddg("reference", stages=1))
     assert losses == bp_losses
     assert all(torch.equal(a, b) for a, b in zip(weights, bp_weights, strict=True))

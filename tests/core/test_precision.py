@@ -9,58 +9,40 @@ from torch import nn
 import ddgpipe
 from ddgpipe.core.precision import LossScaler
 from ddgpipe.runtime.launch import run_workers
+from tests.helpers import batches, conv_block, pool_head, sgd, train
 from tests.runtime_helpers import assert_runtime_matches_reference, local_stage_arrays
 
 
 def model():
     torch.manual_seed(0)
     return nn.Sequential(
-        nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU()),
-        nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(), nn.Dropout(0.1)),
-        nn.Sequential(nn.Conv2d(8, 16, 3, padding=1, stride=2), nn.ReLU()),
-        nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10)),
+        conv_block(1, 8, batchnorm=True),
+        conv_block(8, 8, dropout=0.1),
+        conv_block(8, 16, stride=2),
+        pool_head(16),
     )
 
 
-def batches(n):
-    g = torch.Generator().manual_seed(1)
-    return [(torch.randn(8, 1, 8, 8, generator=g), torch.randint(0, 10, (8,), generator=g))
-            for _ in range(n)]
-
-
-def sgd(ps):
-    return torch.optim.SGD(ps, lr=0.05, momentum=0.9)
-
-
-def train(pipe, data):
-    torch.manual_seed(7)
-    losses = [pipe.step(x, y, F.cross_entropy).item() for x, y in data]
-    pipe.drain()
-    return losses, {k: v.clone() for k, v in pipe.model.state_dict().items()}
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+optimizer = sgd(weight_decay=0.0)
+SEED = 7
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_threads_match_the_reference_in_mixed_precision(precision):
     data = batches(7)
-    ref = train(ddgpipe.DDG(model(), 3, sgd, precision=precision, executor="reference"), data)
-    thr = train(ddgpipe.DDG(model(), 3, sgd, precision=precision, executor="threads",
-                            threads=1), data)
-    fp32 = train(ddgpipe.DDG(model(), 3, sgd, executor="reference"), data)
+    ref = train(ddgpipe.DDG(model(), 3, optimizer, precision=precision, executor="reference"),
+                data, SEED)
+    thr = train(ddgpipe.DDG(model(), 3, optimizer, precision=precision, executor="threads",
+                            threads=1), data, SEED)
+    fp32 = train(ddgpipe.DDG(model(), 3, optimizer, executor="reference"), data, SEED)
     assert thr[0] == ref[0]
     assert all(torch.equal(thr[1][k], ref[1][k]) for k in ref[1])
     assert ref[0] != fp32[0]  # autocast really ran
 
 
 def test_fp16_overflow_skips_the_step_everywhere_and_halves_the_scale():
-    pipe = ddgpipe.DDG(model(), 3, sgd, precision="fp16", executor="reference")
+    pipe = ddgpipe.DDG(model(), 3, optimizer, precision="fp16", executor="reference")
     pipe.stages[-1].loss_scaler.scale = 2.0**100  # every gradient overflows
     before = {k: v.clone() for k, v in pipe.model.state_dict().items() if "weight" in k}
     for x, y in batches(4):
@@ -81,9 +63,9 @@ def test_fp16_unscales_each_gradient_by_the_scale_its_loss_used():
     data = batches(6)
 
     def run(growth_interval):
-        pipe = ddgpipe.DDG(model(), 3, sgd, precision="fp16", executor="reference")
+        pipe = ddgpipe.DDG(model(), 3, optimizer, precision="fp16", executor="reference")
         pipe.stages[-1].loss_scaler = LossScaler(2.0**8, growth_interval=growth_interval)
-        return train(pipe, data)[1], pipe.stages[-1].loss_scaler.scale
+        return train(pipe, data, SEED)[1], pipe.stages[-1].loss_scaler.scale
 
     growing, grown = run(growth_interval=1)
     steady, kept = run(growth_interval=10**6)
@@ -95,7 +77,7 @@ def test_fp16_unscales_each_gradient_by_the_scale_its_loss_used():
 
 def stage_worker(rank, world, precision, clocks):
     torch.manual_seed(1234)
-    pipe = ddgpipe.DDG(model(), world, sgd, precision=precision, peer_timeout_s=30)
+    pipe = ddgpipe.DDG(model(), world, optimizer, precision=precision, peer_timeout_s=30)
     first, last = rank == 0, rank == world - 1
     losses = []
     for x, y in batches(clocks):
@@ -106,6 +88,7 @@ def stage_worker(rank, world, precision, clocks):
     return {"state": local_stage_arrays(pipe), "losses": losses}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_processes_match_the_reference_in_mixed_precision(precision):
     """Half-precision activations cross processes with their dtype, fp16 scales with the
@@ -113,14 +96,14 @@ def test_processes_match_the_reference_in_mixed_precision(precision):
     clocks = 5
     results = run_workers(stage_worker, 2, (precision, clocks), timeout_s=120, threads=1)
     assert_runtime_matches_reference(
-        results, lambda: ddgpipe.DDG(model(), 2, sgd, precision=precision,
+        results, lambda: ddgpipe.DDG(model(), 2, optimizer, precision=precision,
                                      executor="reference"), batches(clocks))
 
 
 def test_bad_precision_and_dni_fp16_are_refused():
     with pytest.raises(ddgpipe.UsageError, match="unknown precision 'fp8'"):
-        ddgpipe.DDG(model(), 2, sgd, precision="fp8")
+        ddgpipe.DDG(model(), 2, optimizer, precision="fp8")
     from ddgpipe.methods.dni import DNI
 
     with pytest.raises(ddgpipe.UsageError, match="use --precision bf16"):
-        DNI(model(), 2, sgd, precision="fp16")
+        DNI(model(), 2, optimizer, precision="fp16")

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from ddgpipe.core.stage import Stage
 from ddgpipe.errors import UsageError
+from tests import helpers
 
 F64 = torch.float64
 LR = 0.1
@@ -29,12 +30,8 @@ def block(seed: int = 0, dropout: float = 0.0) -> nn.Sequential:
     return nn.Sequential(*layers).to(F64)
 
 
-def sgd(params):
-    return torch.optim.SGD(params, lr=LR)
-
-
-def momentum_sgd(params):
-    return torch.optim.SGD(params, lr=LR, momentum=0.9, weight_decay=0.01)
+sgd = helpers.sgd(lr=LR, momentum=0.0, weight_decay=0.0)
+momentum_sgd = helpers.sgd(lr=LR, momentum=0.9, weight_decay=0.01)
 
 
 def halving(optimizer):

@@ -11,6 +11,7 @@ from torch import nn
 import ddgpipe
 from ddgpipe.core.values import CONTRACT, Blocks, handed_on, leaves
 from ddgpipe.errors import UsageError
+from tests import helpers
 
 
 class ReturnsNone(nn.Module):
@@ -32,8 +33,7 @@ class NeedsMask(nn.Module):
         return x * mask
 
 
-def sgd(ps):
-    return torch.optim.SGD(ps, lr=0.1)
+sgd = helpers.sgd(lr=0.1, momentum=0.0, weight_decay=0.0)
 
 
 def model_with(block, index=1):

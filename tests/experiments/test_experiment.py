@@ -17,6 +17,7 @@ from ddgpipe.experiments.staleness.summary import summarise
 from ddgpipe.training import TrainConfig
 
 
+@pytest.mark.slow
 def test_quick_paper_experiment(tmp_path, capsys):
     assert main(["experiment", "paper", "--quick", "--no-progress", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
@@ -55,6 +56,7 @@ def test_bad_experiment_input(capsys):
 # ---- experiment staleness ------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_quick_staleness_experiment_and_its_resumption(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))  # mnist1d generated here, once
     out = tmp_path / "stale"
@@ -244,6 +246,7 @@ def test_bad_staleness_input(argv, message, capsys, tmp_path):
     assert message in err and len(err.strip().splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_quick_lm_experiment_and_its_resumption(tmp_path, capsys):
     out = tmp_path / "lm"
     assert main(["experiment", "lm", "--quick", "--out", str(out)]) == 0

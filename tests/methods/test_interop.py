@@ -121,6 +121,7 @@ def test_tied_embeddings_across_stages_are_refused():
         ddgpipe.DDG(gpt2(tied=True), 2, adamw, split=[3])
 
 
+@pytest.mark.slow
 def test_the_example_trains_a_huggingface_gpt2_offline():
     """examples/hf_gpt2.py as a user runs it, for a few steps (no network)."""
     script = Path(__file__).parents[2] / "examples" / "hf_gpt2.py"

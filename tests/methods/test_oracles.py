@@ -12,36 +12,14 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 import ddgpipe
-from ddgpipe.models import build_model
-
-
-def sgd(lr=0.05, momentum=0.9, weight_decay=5e-4):
-    return lambda ps: torch.optim.SGD(ps, lr=lr, momentum=momentum, weight_decay=weight_decay)
-
-
-def digits_like_batches(n, batch=16, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    return [(torch.randn(batch, 1, 8, 8, generator=g), torch.randint(0, 10, (batch,), generator=g))
-            for _ in range(n)]
-
-
-def resnet(seed=0):
-    torch.manual_seed(seed)
-    return build_model("resnet20", in_channels=1, image_size=8, num_classes=10)
-
-
-def assert_state_equal(a: nn.Module, b: nn.Module):
-    sa, sb = a.state_dict(), b.state_dict()
-    assert sa.keys() == sb.keys()
-    for name in sa:
-        assert torch.equal(sa[name], sb[name]), f"{name} differs"
+from tests.helpers import assert_state_equal, batches, resnet, sgd
+from tests.oracles import DDGOracle, numpy_params, tanh_net
 
 
 def test_oracle1_k1_equals_backprop_bitwise():
-    data = digits_like_batches(6)
+    data = batches(6, sizes=16)
     sched = lambda opt: torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)  # noqa: E731
     bp_model, ddg_model = resnet(), resnet()
     bp = ddgpipe.Backprop(bp_model, sgd(), lr_scheduler=sched)
@@ -53,79 +31,21 @@ def test_oracle1_k1_equals_backprop_bitwise():
     assert bp.lr == pipe.lr == 0.05 * 0.5**3
 
 
-# --- oracle 2: the update rule, independently in numpy ---------------------------------------
-
-def tanh_net(widths, seed):
-    torch.manual_seed(seed)
-    layers = []
-    for i, (a, b) in enumerate(zip(widths[:-1], widths[1:])):
-        last = i == len(widths) - 2
-        layers.append(nn.Linear(a, b) if last else nn.Sequential(nn.Linear(a, b), nn.Tanh()))
-    return nn.Sequential(*layers).double()
-
-
-def numpy_params(model):
-    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
-    return [(lin.weight.detach().numpy().copy(), lin.bias.detach().numpy().copy())
-            for lin in linears]
-
-
-def numpy_gradients(params, x, y):
-    """Backprop by hand for h_{j+1} = tanh(W_j h_j + b_j), last layer linear, loss mean|out-y|^2."""
-    hs = [x]
-    for j, (w, b) in enumerate(params):
-        z = hs[-1] @ w.T + b
-        hs.append(z if j == len(params) - 1 else np.tanh(z))
-    delta = 2.0 * (hs[-1] - y) / y.size  # d loss / d out for the mean of squares
-    grads = [None] * len(params)
-    for j in reversed(range(len(params))):
-        w, _ = params[j]
-        grads[j] = (delta.T @ hs[j], delta.sum(axis=0))
-        if j > 0:
-            delta = (delta @ w) * (1.0 - hs[j] ** 2)  # through tanh of layer j-1's output
-    return grads
-
-
-def clipped(g, max_norm):
-    """One stage's gradient (weight, bias) scaled as torch's clip_grad_norm_ scales it."""
-    if max_norm is None:
-        return g
-    norm = np.sqrt(sum((part**2).sum() for part in g))
-    return tuple(part * min(1.0, max_norm / (norm + 1e-6)) for part in g)
-
-
-def numpy_ddg(params, batches, lr, delays, clip=None):
-    """w_k^{t+1} = w_k^t - lr * grad_k loss(x_{t-d_k}; weights of clock t-d_k), each stage's
-    gradient clipped to the norm ``clip`` on its own."""
-    history = [params]  # history[t] = all weights at clock t
-    T = len(batches)
-    for t in range(T + max(delays)):
-        current = history[-1]
-        new = []
-        for k, d in enumerate(delays):
-            s = t - d
-            if 0 <= s < T:
-                g = clipped(numpy_gradients(history[s], *batches[s])[k], clip)
-                new.append((current[k][0] - lr * g[0], current[k][1] - lr * g[1]))
-            else:
-                new.append(current[k])
-        history.append(new)
-    return history[-1]
-
+# --- oracle 2: the update rule, independently in numpy (tests/oracles.py) ----------------------
 
 @pytest.mark.parametrize("stages", [2, 3])
 @pytest.mark.parametrize("stash", ["graph", "recompute"])
 def test_oracle2_matches_hand_derived_update(stages, stash):
     widths = [5, 7, 6, 3][: stages + 1]
     rng = np.random.default_rng(0)
-    batches = [(rng.normal(size=(4, widths[0])), rng.normal(size=(4, widths[-1])))
-               for _ in range(7)]
+    minibatches = [(rng.normal(size=(4, widths[0])), rng.normal(size=(4, widths[-1])))
+                   for _ in range(7)]
     model = tanh_net(widths, seed=3)
     delays = [stages - 1 - k for k in range(stages)]  # one layer per module
-    expected = numpy_ddg(numpy_params(model), batches, lr=0.1, delays=delays)
+    expected = DDGOracle(numpy_params(model), minibatches, lr=0.1, delays=delays).run()
     pipe = ddgpipe.DDG(model, stages=stages, stash=stash,
                        optimizer=lambda ps: torch.optim.SGD(ps, lr=0.1))
-    for x, y in batches:
+    for x, y in minibatches:
         pipe.step(torch.from_numpy(x), torch.from_numpy(y), F.mse_loss)
     pipe.drain()
     got = numpy_params(model)
@@ -133,7 +53,8 @@ def test_oracle2_matches_hand_derived_update(stages, stash):
         np.testing.assert_allclose(w, ew, rtol=0, atol=1e-10)
         np.testing.assert_allclose(b, eb, rtol=0, atol=1e-10)
     # And it is not simply backprop: the delayed rule moves the weights elsewhere.
-    bp = numpy_ddg(numpy_params(tanh_net(widths, seed=3)), batches, lr=0.1, delays=[0] * stages)
+    bp = DDGOracle(numpy_params(tanh_net(widths, seed=3)), minibatches, lr=0.1,
+                   delays=[0] * stages).run()
     assert max(np.abs(g[0] - e[0]).max() for g, e in zip(got, bp)) > 1e-6
 
 
@@ -143,25 +64,26 @@ def test_each_stage_clips_its_own_gradient(stages):
     stages learn from different minibatches, so there is no norm across them)."""
     widths = [5, 7, 6, 3][: stages + 1]
     rng = np.random.default_rng(1)
-    batches = [(rng.normal(size=(4, widths[0])) * 3, rng.normal(size=(4, widths[-1])))
-               for _ in range(6)]
+    minibatches = [(rng.normal(size=(4, widths[0])) * 3, rng.normal(size=(4, widths[-1])))
+                   for _ in range(6)]
     model = tanh_net(widths, seed=3)
     delays = [stages - 1 - k for k in range(stages)]
-    expected = numpy_ddg(numpy_params(model), batches, lr=0.1, delays=delays, clip=0.5)
+    expected = DDGOracle(numpy_params(model), minibatches, lr=0.1, delays=delays, clip=0.5).run()
     pipe = ddgpipe.DDG(model, stages=stages, clip_grad=0.5,
                        optimizer=lambda ps: torch.optim.SGD(ps, lr=0.1))
-    for x, y in batches:
+    for x, y in minibatches:
         pipe.step(torch.from_numpy(x), torch.from_numpy(y), F.mse_loss)
     pipe.drain()
     for (w, b), (ew, eb) in zip(numpy_params(model), expected):
         np.testing.assert_allclose(w, ew, rtol=0, atol=1e-10)
         np.testing.assert_allclose(b, eb, rtol=0, atol=1e-10)
-    unclipped = numpy_ddg(numpy_params(tanh_net(widths, seed=3)), batches, 0.1, delays)
+    unclipped = DDGOracle(numpy_params(tanh_net(widths, seed=3)), minibatches, lr=0.1,
+                          delays=delays).run()
     assert max(np.abs(g[0] - e[0]).max() for g, e in zip(numpy_params(model), unclipped)) > 1e-3
 
 
 def test_one_stage_clipping_is_backprops_global_clip_bitwise():
-    data = digits_like_batches(4)
+    data = batches(4, sizes=16)
     bp_model, ddg_model = resnet(), resnet()
     bp = ddgpipe.Backprop(bp_model, sgd(), clip_grad=0.1)
     pipe = ddgpipe.DDG(ddg_model, stages=1, optimizer=sgd(), clip_grad=0.1)
@@ -176,7 +98,7 @@ def test_one_stage_clipping_is_backprops_global_clip_bitwise():
 def train_resnet(stash, stages=3, steps=6):
     model = resnet()
     pipe = ddgpipe.DDG(model, stages=stages, optimizer=sgd(), stash=stash)
-    for x, y in digits_like_batches(steps):
+    for x, y in batches(steps, sizes=16):
         pipe.step(x, y, F.cross_entropy)
     pipe.drain()
     return model
@@ -246,7 +168,7 @@ def test_oracle4_backward_uses_delayed_minibatch_and_its_weights(stash):
     pipe = ddgpipe.DDG(resnet(), stages=stages, optimizer=sgd(), stash=stash,
                        executor="reference")  # its clock is the schedule's
     rec = Recorder(pipe)
-    for x, y in digits_like_batches(T):
+    for x, y in batches(T, sizes=16):
         pipe.step(x, y, F.cross_entropy)
     pipe.drain()
     for k, clock, m in rec.backwards:
@@ -257,7 +179,7 @@ def test_oracle5_every_minibatch_learned_exactly_once():
     stages, T = 4, 5
     pipe = ddgpipe.DDG(resnet(), stages=stages, optimizer=sgd(), executor="reference")
     rec = Recorder(pipe)
-    for x, y in digits_like_batches(T):
+    for x, y in batches(T, sizes=16):
         pipe.step(x, y, F.cross_entropy)
     before_drain = sorted(rec.steps)
     pipe.drain()

@@ -40,6 +40,7 @@ def run_churn(setting: str | None, where: str = "main") -> tuple[bool, int]:
     return out[0] == "True", int(out[1])
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc only")
 @pytest.mark.parametrize("where", ["main", "thread"])
 def test_tuned_allocator_stops_refaulting_freed_memory(where):

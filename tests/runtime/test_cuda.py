@@ -12,11 +12,18 @@ os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuB
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
 import ddgpipe  # noqa: E402
 from ddgpipe.runtime.launch import run_workers  # noqa: E402
+from tests.helpers import (  # noqa: E402
+    assert_same,
+    batches,
+    conv_block,
+    pool_head,
+    sgd,
+    train,
+)
 from tests.runtime_helpers import (  # noqa: E402
     assert_runtime_matches_reference,
     local_stage_arrays,
@@ -39,76 +46,61 @@ def make_model():
     """BatchNorm and dropout in several stages: buffers and CUDA random streams matter."""
     torch.manual_seed(0)
     return nn.Sequential(
-        nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
-                      nn.Dropout(0.1)),
-        nn.Sequential(nn.Conv2d(16, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU()),
-        nn.Sequential(nn.Conv2d(16, 32, 3, padding=1, stride=2), nn.ReLU(), nn.Dropout(0.1)),
-        nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10)),
+        conv_block(3, 16, batchnorm=True, dropout=0.1),
+        conv_block(16, 16, batchnorm=True),
+        conv_block(16, 32, stride=2, dropout=0.1),
+        pool_head(32),
     )
 
 
-def batches(n):
-    g = torch.Generator().manual_seed(1)
-    return [(torch.randn(32, 3, 16, 16, generator=g), torch.randint(0, 10, (32,), generator=g))
-            for _ in range(n)]
+def image_batches(n):
+    return batches(n, (3, 16, 16), sizes=32)
 
 
-def sgd(ps):
-    return torch.optim.SGD(ps, lr=0.05, momentum=0.9, weight_decay=5e-4)
-
-
-def train(pipe, data):
-    torch.manual_seed(5)
-    torch.cuda.manual_seed_all(5)
-    losses = [pipe.step(x, y, F.cross_entropy).item() for x, y in data]
-    pipe.drain()
-    return losses, {k: v.detach().cpu().clone() for k, v in pipe.model.state_dict().items()}
-
-
-def assert_same(a, b):
-    assert a[0] == b[0]
-    for name in b[1]:
-        assert torch.equal(a[1][name], b[1][name]), name
+optimizer = sgd()
+SEED = 5
 
 
 @pytest.mark.parametrize("stash", ["graph", "recompute"])
 @pytest.mark.parametrize("stages", [2, 3])
 def test_threads_on_one_gpu_match_the_reference(stash, stages):
     devices = ["cuda:0"] * stages  # one GPU, a stream per stage
-    data = batches(7)
-    ref = train(ddgpipe.DDG(make_model(), stages, sgd, stash=stash, devices=devices,
-                            executor="reference"), data)
-    thr = train(ddgpipe.DDG(make_model(), stages, sgd, stash=stash, devices=devices,
-                            executor="threads"), data)
+    data = image_batches(7)
+    ref = train(ddgpipe.DDG(make_model(), stages, optimizer, stash=stash, devices=devices,
+                            executor="reference"), data, SEED)
+    thr = train(ddgpipe.DDG(make_model(), stages, optimizer, stash=stash, devices=devices,
+                            executor="threads"), data, SEED)
     assert_same(thr, ref)
     assert all(torch.isfinite(v).all() for v in thr[1].values() if v.is_floating_point())
 
 
 @pytest.mark.skipif(GPUS < 2, reason="needs two GPUs")
 def test_threads_across_gpus_match_the_reference():
-    data = batches(7)
-    ref = train(ddgpipe.DDG(make_model(), 2, sgd, device="cuda", executor="reference"), data)
-    thr = train(ddgpipe.DDG(make_model(), 2, sgd, device="cuda", executor="threads"), data)
+    data = image_batches(7)
+    ref = train(ddgpipe.DDG(make_model(), 2, optimizer, device="cuda", executor="reference"),
+                data, SEED)
+    thr = train(ddgpipe.DDG(make_model(), 2, optimizer, device="cuda", executor="threads"),
+                data, SEED)
     assert_same(thr, ref)
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_mixed_precision_on_gpu(precision):
-    data = batches(6)
-    ref = train(ddgpipe.DDG(make_model(), 2, sgd, devices=["cuda:0"] * 2, precision=precision,
-                            executor="reference"), data)
-    thr = train(ddgpipe.DDG(make_model(), 2, sgd, devices=["cuda:0"] * 2, precision=precision,
-                            executor="threads"), data)
+    data = image_batches(6)
+    ref = train(ddgpipe.DDG(make_model(), 2, optimizer, devices=["cuda:0"] * 2, precision=precision,
+                            executor="reference"), data, SEED)
+    thr = train(ddgpipe.DDG(make_model(), 2, optimizer, devices=["cuda:0"] * 2, precision=precision,
+                            executor="threads"), data, SEED)
     assert_same(thr, ref)
 
 
 def test_recompute_replays_gpu_dropout_exactly():
     """The replay restores the stage GPU's random state: recompute gives graph's weights."""
-    data = batches(6)
-    graph = train(ddgpipe.DDG(make_model(), 3, sgd, devices=["cuda:0"] * 3, stash="graph",
-                              executor="reference"), data)
-    recompute = train(ddgpipe.DDG(make_model(), 3, sgd, devices=["cuda:0"] * 3,
-                                  stash="recompute", executor="reference"), data)
+    data = image_batches(6)
+    graph = train(ddgpipe.DDG(make_model(), 3, optimizer, devices=["cuda:0"] * 3, stash="graph",
+                              executor="reference"), data, SEED)
+    recompute = train(ddgpipe.DDG(make_model(), 3, optimizer, devices=["cuda:0"] * 3,
+                                  stash="recompute", executor="reference"), data, SEED)
     for name in graph[1]:
         torch.testing.assert_close(recompute[1][name], graph[1][name], rtol=1e-5, atol=1e-6)
 
@@ -118,22 +110,24 @@ def gpu_stage_worker(rank, world, comm, clocks):
     torch.manual_seed(5)
     torch.cuda.manual_seed_all(5)
     device = "cuda:0" if comm == "host" else "cuda"  # host: both ranks share one GPU
-    pipe = ddgpipe.DDG(make_model(), world, sgd, device=device, comm=comm, peer_timeout_s=60)
-    losses = run_clocks(pipe, rank, world, batches(clocks))
+    pipe = ddgpipe.DDG(make_model(), world, optimizer, device=device, comm=comm, peer_timeout_s=60)
+    losses = run_clocks(pipe, rank, world, image_batches(clocks))
     return {"state": local_stage_arrays(pipe), "losses": losses}
 
 
 def reference_on_gpu():
-    return ddgpipe.DDG(make_model(), 2, sgd, devices=["cuda:0"] * 2, executor="reference")
+    return ddgpipe.DDG(make_model(), 2, optimizer, devices=["cuda:0"] * 2, executor="reference")
 
 
+@pytest.mark.slow
 def test_processes_sharing_one_gpu_through_host_memory():
     results = run_workers(gpu_stage_worker, 2, ("host", 5), timeout_s=300, threads=1)
     torch.manual_seed(5)
     torch.cuda.manual_seed_all(5)
-    assert_runtime_matches_reference(results, reference_on_gpu, batches(5))
+    assert_runtime_matches_reference(results, reference_on_gpu, image_batches(5))
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(GPUS < 2, reason="nccl needs a GPU per rank")
 def test_processes_over_nccl():
     results = run_workers(gpu_stage_worker, 2, ("auto", 5), timeout_s=300, threads=1,
@@ -141,8 +135,8 @@ def test_processes_over_nccl():
     torch.manual_seed(5)
     torch.cuda.manual_seed_all(5)
     assert_runtime_matches_reference(
-        results, lambda: ddgpipe.DDG(make_model(), 2, sgd, device="cuda",
-                                     executor="reference"), batches(5))
+        results, lambda: ddgpipe.DDG(make_model(), 2, optimizer, device="cuda",
+                                     executor="reference"), image_batches(5))
 
 
 def test_training_on_gpu_from_the_command_line(tmp_path, capsys):
@@ -156,6 +150,7 @@ def test_training_on_gpu_from_the_command_line(tmp_path, capsys):
     assert "test acc" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_gpu_bench_runs_and_reports_gpu_memory(tmp_path):
     from ddgpipe.bench import BenchConfig, run_bench
 

@@ -227,6 +227,7 @@ def reporting_worker(rank, world, folder, tag):
             "at": time.monotonic()}
 
 
+@pytest.mark.slow
 def test_results_come_back_in_rank_order_and_every_worker_is_reaped(tmp_path):
     results = run_workers(reporting_worker, 2, (str(tmp_path), "tag"), timeout_s=60, threads=2)
     assert [r["rank"] for r in results] == [0, 1]
@@ -249,6 +250,7 @@ def usage_worker(rank, world, folder):
     return "finished"
 
 
+@pytest.mark.slow
 def test_a_usage_error_in_a_worker_is_a_usage_error_here(tmp_path):
     with pytest.raises(UsageError, match=r"^pass --stages 2 \(rank 1 says\)$"):
         run_workers(usage_worker, 2, (str(tmp_path),), timeout_s=60, threads=1)
@@ -263,6 +265,7 @@ def raising_worker(rank, world, folder):
     time.sleep(60)
 
 
+@pytest.mark.slow
 def test_another_error_is_a_worker_error_naming_its_rank(tmp_path):
     start = time.monotonic()
     with pytest.raises(WorkerError) as caught:
@@ -282,6 +285,7 @@ def dying_worker(rank, world, folder):
     time.sleep(60)
 
 
+@pytest.mark.slow
 def test_a_worker_killed_by_a_signal_is_named(tmp_path):
     """It dies without reporting; the parent tells it from its exit code (an exit code of its
     own reads as such: see test_an_exit_is_described_by_its_signal_or_its_code)."""
@@ -301,6 +305,7 @@ def hanging_worker(rank, world, folder):
     time.sleep(60)
 
 
+@pytest.mark.slow
 def test_the_global_timeout_stops_every_worker(tmp_path):
     start = time.monotonic()
     with pytest.raises(WorkerError) as caught:
@@ -357,6 +362,7 @@ def _wait_gone(found: list[int], within_s: float) -> bool:
     return True
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("how", ["SIGTERM", "SIGKILL"])
 def test_a_launcher_stopped_from_outside_leaves_no_worker(tmp_path, how):
     """SIGTERM: the launcher stops and reaps its workers before it exits. SIGKILL (no cleanup

@@ -99,7 +99,9 @@ def test_an_indivisible_batch_is_refused_naming_the_fix():
 
 def test_a_world_of_stages_times_replicas_passes():
     for world, stages, replicas in [(1, 1, 1), (3, 3, 1), (6, 3, 2), (8, 2, 4)]:
-        check_world(world, stages, replicas)
+        assert check_world(world, stages, replicas) is None  # no error
+        with pytest.raises(UsageError, match=f"{world + 1} processes but {stages} stages"):
+            check_world(world + 1, stages, replicas)  # and one process more is refused
 
 
 def test_fewer_than_one_replica_is_refused():

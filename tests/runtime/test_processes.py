@@ -12,59 +12,33 @@ import time
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 import ddgpipe
 from ddgpipe.methods.dni import DNI
 from ddgpipe.runtime.launch import WorkerError, run_workers
+from tests.helpers import dropout_convnet, ragged_batches, sgd, step_lr
 from tests.runtime_helpers import (
     assert_runtime_matches_reference,
     local_stage_arrays,
     run_clocks,
 )
 
-
-def make_model():
-    """Dropout in every block, so every stage draws random numbers whatever the cut."""
-    torch.manual_seed(0)
-    return nn.Sequential(
-        nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
-                      nn.Dropout(0.2)),
-        nn.Sequential(nn.Conv2d(8, 8, 3, padding=1, stride=2), nn.BatchNorm2d(8), nn.ReLU(),
-                      nn.Dropout(0.2)),
-        nn.Sequential(nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.Dropout(0.2)),
-        nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(0.2), nn.Linear(16, 10)),
-    )
-
-
-def batches(n):
-    g = torch.Generator().manual_seed(1)
-    sizes = [8, 8, 7, 8, 5, 8, 8]  # ragged batches: shapes travel with the activations
-    return [(torch.randn(sizes[i % 7], 1, 8, 8, generator=g),
-             torch.randint(0, 10, (sizes[i % 7],), generator=g)) for i in range(n)]
-
-
-def optimizer(ps):
-    return torch.optim.SGD(ps, lr=0.05, momentum=0.9, weight_decay=5e-4)
-
-
-def scheduler(opt):
-    return torch.optim.lr_scheduler.StepLR(opt, step_size=3, gamma=0.5)
+pytestmark = pytest.mark.slow  # every test here spawns processes
 
 
 def build(method, stages, stash, executor=None):
-    model = make_model()
+    model = dropout_convnet()
     if method == "dni":
-        return DNI(model, stages, optimizer, lr_scheduler=scheduler, peer_timeout_s=30,
+        return DNI(model, stages, sgd(), lr_scheduler=step_lr(), peer_timeout_s=30,
                    executor=executor)
-    return ddgpipe.DDG(model, stages, optimizer, lr_scheduler=scheduler, stash=stash,
+    return ddgpipe.DDG(model, stages, sgd(), lr_scheduler=step_lr(), stash=stash,
                        peer_timeout_s=30, executor=executor)
 
 
 def stage_worker(rank, world, method, stash, clocks):
     torch.manual_seed(1234)  # must not matter: models are built from their own seed
     pipe = build(method, world, stash)
-    losses = run_clocks(pipe, rank, world, batches(clocks))
+    losses = run_clocks(pipe, rank, world, ragged_batches(clocks))
     state = local_stage_arrays(pipe)
     return {"state": state, "losses": losses}
 
@@ -78,12 +52,12 @@ def test_runtime_matches_reference_bitwise(method, stages, stash):
     results = run_workers(stage_worker, stages, (method, stash, clocks), timeout_s=120,
                           threads=1)
     assert_runtime_matches_reference(results, lambda: build(method, stages, stash, "reference"),
-                                     batches(clocks))
+                                     ragged_batches(clocks))
 
 
 def failing_worker(rank, world, how):
     pipe = build("ddg", world, "graph")
-    for i, (x, y) in enumerate(batches(50)):
+    for i, (x, y) in enumerate(ragged_batches(50)):
         if rank == 1 and i == 3:
             if how == "raise":
                 raise RuntimeError("injected failure in stage 1")
@@ -106,7 +80,7 @@ def test_a_dead_stage_stops_every_worker(how, expected):
 
 def nan_worker(rank, world):
     pipe = build("ddg", world, "graph")
-    for i, (x, y) in enumerate(batches(10)):
+    for i, (x, y) in enumerate(ragged_batches(10)):
         if i == 4:
             x = x * float("nan")
         pipe.step(x, y, F.cross_entropy)

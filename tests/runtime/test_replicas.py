@@ -25,6 +25,7 @@ from ddgpipe.core.stage import Stage
 from ddgpipe.errors import UsageError, WorkerError
 from ddgpipe.runtime.launch import run_workers
 from ddgpipe.runtime.layout import Layout, check_world
+from tests.helpers import batches
 
 CLOCKS = 6
 
@@ -148,11 +149,9 @@ MODELS = {"mlp64": _mlp64, "bn": _bn_net}
 
 
 def _batches(model: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    g = torch.Generator().manual_seed(1)
-    shape = (6,) if model == "mlp64" else (1, 6, 6)
-    dtype = torch.float64 if model == "mlp64" else torch.float32
-    return [(torch.randn(8, *shape, generator=g, dtype=dtype),
-             torch.randint(0, 3, (8,), generator=g)) for _ in range(CLOCKS)]
+    if model == "mlp64":
+        return batches(CLOCKS, (6,), classes=3, dtype=torch.float64)
+    return batches(CLOCKS, (1, 6, 6), classes=3, dtype=torch.float32)
 
 
 def _build(model: str, stash: str, replicas: int, **kwargs) -> ddgpipe.DDG:
@@ -202,6 +201,7 @@ def two_by_two():
     return run_workers(replica_worker, 4, (CASES,), timeout_s=150, threads=1)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stash", ["graph", "recompute"])
 def test_two_replicas_equal_one_pipeline_on_the_whole_batch_in_float64(two_by_two, stash):
     reference = _build("mlp64", stash, replicas=1, executor="reference")
@@ -218,6 +218,7 @@ def test_two_replicas_equal_one_pipeline_on_the_whole_batch_in_float64(two_by_tw
             assert result["losses"] == pytest.approx(losses, rel=0, abs=1e-12)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stash", ["graph", "recompute"])
 def test_replicas_with_batchnorm_stay_identical(two_by_two, stash):
     by_place = {}
@@ -253,6 +254,7 @@ def dying_worker(rank: int, world: int) -> str:
     return "finished"
 
 
+@pytest.mark.slow
 def test_a_killed_replica_stops_every_process_and_is_named():
     start = time.monotonic()
     with pytest.raises(WorkerError) as info:
@@ -266,6 +268,7 @@ def wrong_world_worker(rank: int, world: int) -> None:
     _build("bn", "graph", replicas=2)
 
 
+@pytest.mark.slow
 def test_the_world_must_be_stages_times_replicas():
     with pytest.raises(UsageError, match="3 processes but 2 stages x 2 replicas = 4"):
         run_workers(wrong_world_worker, 3, timeout_s=60, threads=1)

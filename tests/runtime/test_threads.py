@@ -12,70 +12,37 @@ from torch import nn
 import ddgpipe
 from ddgpipe.errors import StageError
 from ddgpipe.methods.dni import DNI
+from tests.helpers import (
+    assert_same,
+    conv_block,
+    dropout_convnet,
+    pool_head,
+    ragged_batches,
+    sgd,
+    step_lr,
+    train,
+)
 
-
-def make_model():
-    """Dropout in every block, so every stage draws random numbers whatever the cut."""
-    torch.manual_seed(0)
-    return nn.Sequential(
-        nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
-                      nn.Dropout(0.2)),
-        nn.Sequential(nn.Conv2d(8, 8, 3, padding=1, stride=2), nn.BatchNorm2d(8), nn.ReLU(),
-                      nn.Dropout(0.2)),
-        nn.Sequential(nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.Dropout(0.2)),
-        nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(0.2), nn.Linear(16, 10)),
-    )
+SEED = 1234  # the caller's RNG, which the stages' streams start from
 
 
 def deterministic_model():
     """No random layer: its stages run without the random-stream lock."""
     torch.manual_seed(0)
-    return nn.Sequential(
-        nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU()),
-        nn.Sequential(nn.Conv2d(8, 8, 3, padding=1, stride=2), nn.ReLU()),
-        nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10)),
-    )
+    return nn.Sequential(conv_block(1, 8, batchnorm=True), conv_block(8, 8, stride=2),
+                         pool_head(8))
 
 
-def batches(n, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    sizes = [8, 8, 7, 8, 5, 8, 8]  # ragged batches
-    return [(torch.randn(sizes[i % 7], 1, 8, 8, generator=g),
-             torch.randint(0, 10, (sizes[i % 7],), generator=g)) for i in range(n)]
+optimizer, scheduler = sgd(), step_lr()
 
 
-def optimizer(ps):
-    return torch.optim.SGD(ps, lr=0.05, momentum=0.9, weight_decay=5e-4)
-
-
-def scheduler(opt):
-    return torch.optim.lr_scheduler.StepLR(opt, step_size=3, gamma=0.5)
-
-
-def build(executor, method="ddg", stages=2, stash="graph", model=make_model, **kwargs):
+def build(executor, method="ddg", stages=2, stash="graph", model=dropout_convnet, **kwargs):
     if method == "dni":
         return DNI(model(), stages, optimizer, lr_scheduler=scheduler, executor=executor,
                    threads=1, peer_timeout_s=30)
     kwargs.setdefault("peer_timeout_s", 30)
     return ddgpipe.DDG(model(), stages, optimizer, lr_scheduler=scheduler, stash=stash,
                        executor=executor, threads=1, **kwargs)
-
-
-def train(pipe, data, use_run=False):
-    torch.manual_seed(1234)  # the stages' streams start from the caller's state
-    if use_run:
-        losses = [loss.item() for loss in pipe.run(data, F.cross_entropy)]
-    else:
-        losses = [pipe.step(x, y, F.cross_entropy).item() for x, y in data]
-    pipe.drain()
-    return losses, {k: v.clone() for k, v in pipe.model.state_dict().items()}
-
-
-def assert_same(a, b):
-    assert a[0] == b[0]
-    assert a[1].keys() == b[1].keys()
-    for name in a[1]:
-        assert torch.equal(a[1][name], b[1][name]), name
 
 
 def stage_threads():
@@ -100,24 +67,25 @@ def one_thread():
     assert no_stage_thread_within(1.0), "a stage thread outlived its test"
 
 
+@pytest.mark.slow
 def test_a_dropped_pipeline_stops_its_threads():
     pipe = build("threads", stages=3, model=deterministic_model)
-    pipe.step(*batches(1)[0], F.cross_entropy)
+    pipe.step(*ragged_batches(1)[0], F.cross_entropy)
     assert len(stage_threads()) == 3
     del pipe  # no drain, no close
     assert no_stage_thread_within(1.0)
 
 
 @pytest.mark.parametrize("method,stages,stash,model", [
-    ("ddg", 2, "graph", make_model), ("ddg", 2, "recompute", make_model),
-    ("ddg", 3, "graph", make_model), ("ddg", 3, "recompute", make_model),
-    ("ddg", 3, "none", make_model), ("ddg", 3, "graph", deterministic_model),
-    ("dni", 2, None, make_model), ("dni", 3, None, make_model),
+    ("ddg", 2, "graph", dropout_convnet), ("ddg", 2, "recompute", dropout_convnet),
+    ("ddg", 3, "graph", dropout_convnet), ("ddg", 3, "recompute", dropout_convnet),
+    ("ddg", 3, "none", dropout_convnet), ("ddg", 3, "graph", deterministic_model),
+    ("dni", 2, None, dropout_convnet), ("dni", 3, None, dropout_convnet),
 ])
 def test_threads_match_the_reference_bitwise(method, stages, stash, model):
-    data = batches(9)
-    reference = train(build("reference", method, stages, stash, model), data)
-    threaded = train(build("threads", method, stages, stash, model), data)
+    data = ragged_batches(9)
+    reference = train(build("reference", method, stages, stash, model), data, SEED)
+    threaded = train(build("threads", method, stages, stash, model), data, SEED)
     assert_same(threaded, reference)
 
 
@@ -127,7 +95,7 @@ def test_only_the_forwards_of_a_dropout_network_hold_the_generator_lock(stash, f
     """Backwards and steps that draw nothing (and replay no forward) run beside the other
     stages' work; a replay restores its forward's random state, so it keeps the lock."""
     with build("threads", stages=3, stash=stash) as pipe:
-        train(pipe, batches(6))
+        train(pipe, ragged_batches(6), SEED)
         free = pipe.executor.workers.free_ops
     assert all("F" not in ops and "S" in ops for ops in free)
     assert "B" in free[-1]  # the last stage never replays
@@ -136,19 +104,20 @@ def test_only_the_forwards_of_a_dropout_network_hold_the_generator_lock(stash, f
 
 @pytest.mark.parametrize("compensation", ["sc,lwp", "dc"])
 def test_threads_match_the_reference_with_a_compensation(compensation):
-    data = batches(7)
-    reference = train(build("reference", stages=3, compensation=compensation), data)
-    assert_same(train(build("threads", stages=3, compensation=compensation), data), reference)
+    data = ragged_batches(7)
+    reference = train(build("reference", stages=3, compensation=compensation), data, SEED)
+    threaded = train(build("threads", stages=3, compensation=compensation), data, SEED)
+    assert_same(threaded, reference)
 
 
 def test_run_feeds_ahead_and_gives_the_losses_of_step():
-    data = batches(9)
-    stepped = train(build("threads", stages=3), data)
-    assert_same(train(build("threads", stages=3), data, use_run=True), stepped)
+    data = ragged_batches(9)
+    stepped = train(build("threads", stages=3), data, SEED)
+    assert_same(train(build("threads", stages=3), data, SEED, use_run=True), stepped)
 
 
 def test_leaving_run_early_keeps_the_pipeline_consistent():
-    data = batches(8)
+    data = ragged_batches(8)
     pipe = build("threads", stages=3)
     losses = pipe.run(data[:6], F.cross_entropy)
     first = [next(losses).item() for _ in range(2)]  # K = 3 fed ahead of each loss taken
@@ -163,7 +132,7 @@ def test_leaving_run_early_keeps_the_pipeline_consistent():
 
 def test_evaluation_and_state_wait_for_the_stages():
     """Reading the weights mid-training (no drain) sees every fed clock finished."""
-    data = batches(5)
+    data = ragged_batches(5)
     threaded, reference = build("threads", stages=3), build("reference", stages=3)
     for pipe in (threaded, reference):
         torch.manual_seed(1234)
@@ -191,6 +160,7 @@ class Exploding(nn.Module):
         return x
 
 
+@pytest.mark.slow
 def test_a_failing_stage_stops_every_thread_with_its_name():
     model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4), nn.Sequential(Exploding(3)),
                           nn.Linear(4, 2))
@@ -221,6 +191,7 @@ class Sleeper(nn.Module):
         return x
 
 
+@pytest.mark.slow
 def test_a_hung_stage_times_out_instead_of_hanging():
     model = nn.Sequential(nn.Linear(4, 4), nn.Sequential(Sleeper(4.0, 2)), nn.Linear(4, 2))
     pipe = ddgpipe.DDG(model, 3, optimizer, executor="threads", split=[1, 2],
@@ -236,19 +207,22 @@ def test_a_hung_stage_times_out_instead_of_hanging():
     assert no_stage_thread_within(10.0)
 
 
+@pytest.mark.slow
 def test_waiting_for_the_caller_is_not_a_timeout():
     """Between two steps the stages wait for the next minibatch as long as the caller takes."""
     pipe = build("threads", stages=3, model=deterministic_model, peer_timeout_s=0.3)
-    data = batches(3)
-    pipe.step(*data[0], F.cross_entropy)
+    data = ragged_batches(3)
+    first = pipe.step(*data[0], F.cross_entropy)
     time.sleep(0.8)  # an evaluation, a checkpoint... longer than the peer timeout
-    pipe.step(*data[1], F.cross_entropy)
+    second = pipe.step(*data[1], F.cross_entropy)
     pipe.drain()
+    assert torch.isfinite(first) and torch.isfinite(second)
+    assert [stage.steps for stage in pipe.stages] == [2, 2, 2]  # both learned from everywhere
 
 
 def test_a_non_finite_loss_stops_the_threads():
     pipe = build("threads", stages=2)
-    data = batches(4)
+    data = ragged_batches(4)
     with pytest.raises(ddgpipe.NonFiniteLossError, match="minibatch 2"):
         for i, (x, y) in enumerate(data):
             pipe.step(x * float("nan") if i == 2 else x, y, F.cross_entropy)
@@ -268,7 +242,7 @@ def test_threads_is_the_default_for_several_stages():
 def test_drawing_from_the_global_generator_while_stages_run_is_warned_about_once():
     """Stages with dropout swap their streams into torch's one generator; a caller drawing
     from it between feeds races with them, which the executor sees and says, once."""
-    data = batches(6)
+    data = ragged_batches(6)
     with build("threads", stages=2) as pipe:
         with pytest.warns(RuntimeWarning, match="drew from torch's global random generator") \
                 as caught:
@@ -284,7 +258,7 @@ def test_drawing_from_the_global_generator_while_stages_run_is_warned_about_once
 def test_a_caller_with_its_own_generator_is_not_warned(recwarn):
     g = torch.Generator().manual_seed(0)
     with build("threads", stages=2) as pipe:
-        for x, y in batches(6):
+        for x, y in ragged_batches(6):
             pipe.step(x, y, F.cross_entropy)
             torch.rand(3, generator=g)
     assert not [w for w in recwarn if "global random generator" in str(w.message)]

@@ -11,8 +11,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from ddgpipe.cli import main
 from ddgpipe.runtime.launch import free_port
+
+pytestmark = pytest.mark.slow  # every test here spawns processes
 
 ARGS = ["--model", "resnet20", "--data", "digits", "--epochs", "1", "--batch-size", "128",
         "--method", "ddg", "--stages", "2", "--no-progress", "--threads", "1",

@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 import ddgpipe
 from ddgpipe.cli import main
+from tests.helpers import batches, dropout_mlp
 
 BASE = ["train", "--model", "resnet20", "--data", "digits", "--epochs", "2", "--batch-size",
         "128", "--threads", "1", "--no-progress", "--balance", "params"]
@@ -52,6 +52,7 @@ METHODS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(METHODS))
 def test_stop_and_resume_is_bitwise_the_uninterrupted_run(name, tmp_path, capsys):
     args = [*BASE, *METHODS[name], "--checkpoint-every", "4"]
@@ -66,6 +67,7 @@ def test_stop_and_resume_is_bitwise_the_uninterrupted_run(name, tmp_path, capsys
     assert epoch_lines(tmp_path / "full") == epoch_lines(tmp_path / "cut")
 
 
+@pytest.mark.slow
 def test_a_checkpoint_of_the_threads_resumes_under_the_reference(tmp_path, capsys):
     """Both in-process executors write the same state: stop under one, resume under the
     other, and get the uninterrupted run's weights."""
@@ -79,6 +81,7 @@ def test_a_checkpoint_of_the_threads_resumes_under_the_reference(tmp_path, capsy
     assert epoch_lines(tmp_path / "full") == epoch_lines(tmp_path / "cut")
 
 
+@pytest.mark.slow
 def test_epoch_checkpoints_and_pruning(tmp_path, capsys):
     run = tmp_path / "run"
     args = [*BASE, "--method", "ddg", "--stages", "2", "--epochs", "4",
@@ -145,6 +148,7 @@ def _kill_one_worker_and_resume(tmp_path: Path, args: list[str], workers: int,
     return cut
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stash", ["graph", "recompute"])
 def test_a_killed_worker_resumes_bitwise(stash, tmp_path):
     """One stage process is SIGKILLed mid-run; resuming from the last complete set gives the
@@ -154,6 +158,7 @@ def test_a_killed_worker_resumes_bitwise(stash, tmp_path):
     _kill_one_worker_and_resume(tmp_path, args, workers=2)
 
 
+@pytest.mark.slow
 def test_a_killed_replica_resumes_bitwise(tmp_path):
     """K = 2 stages x R = 2 replicas, four processes, BatchNorm in every stage: one process
     is SIGKILLed mid-epoch; each replica resumes from its stage's one copy (written by
@@ -178,10 +183,7 @@ def test_replicas_are_a_setting_a_resume_must_share():
 
 
 def _dropout_pipe(stash: str) -> ddgpipe.DDG:
-    torch.manual_seed(0)
-    blocks = [nn.Sequential(nn.Linear(6, 6), nn.ReLU(), nn.Dropout(0.3)) for _ in range(3)]
-    model = nn.Sequential(*blocks, nn.Linear(6, 3))
-    return ddgpipe.DDG(model, 3, lambda ps: torch.optim.SGD(ps, lr=0.1), split=[1, 2],
+    return ddgpipe.DDG(dropout_mlp(), 3, lambda ps: torch.optim.SGD(ps, lr=0.1), split=[1, 2],
                        stash=stash)
 
 
@@ -189,9 +191,7 @@ def _dropout_pipe(stash: str) -> ddgpipe.DDG:
 def test_reference_resume_continues_every_stage_random_stream(stash):
     """Mid-pipeline, each stage's own RNG stream is part of the state: dropout in every stage
     draws after resuming exactly what it would have drawn, whatever the caller's RNG."""
-    g = torch.Generator().manual_seed(1)
-    data = [(torch.randn(4, 6, generator=g), torch.randint(0, 3, (4,), generator=g))
-            for _ in range(9)]
+    data = batches(9, (6,), sizes=4, classes=3)
     uninterrupted = _dropout_pipe(stash)
     for x, y in data:
         uninterrupted.step(x, y, F.cross_entropy)

@@ -152,6 +152,7 @@ def test_nan_loss_stops_with_the_minibatch(capsys, tmp_path):
 
 # --- processes ------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_a_port_already_in_use(tmp_path):
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
@@ -172,6 +173,7 @@ def _dies_while_its_peer_waits(rank, world):
     torch.distributed.irecv(buf, 1).wait()
 
 
+@pytest.mark.slow
 def test_a_dead_peer_during_recv_is_named_not_a_hang():
     start = time.monotonic()
     with pytest.raises(WorkerError, match="rank 1: exited with code 3"):
@@ -280,6 +282,7 @@ def test_a_swallowed_ctrl_c_still_stops_training(tmp_path, capsys, monkeypatch, 
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
 
 
+@pytest.mark.slow
 def test_ctrl_c_during_training(tmp_path, capsys):
     run = tmp_path / "run"
     proc = subprocess.Popen(
