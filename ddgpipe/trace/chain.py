@@ -4,6 +4,7 @@ through the blocks between, as extra entries of the tuple they hand on."""
 
 from __future__ import annotations
 
+import copy
 import operator
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -13,7 +14,7 @@ import torch
 from torch import Tensor, fx, nn
 
 from ddgpipe.core.values import Value
-from ddgpipe.trace.modes import follow_training
+from ddgpipe.trace.modes import follow_training, rebind_owners
 
 __all__ = ["TracedBlock", "Wiring", "chain_wiring"]
 
@@ -55,6 +56,15 @@ class TracedBlock(nn.Module):
         made = [result[i] for i in w.gives] if w.tuple_result else [result]
         out = tuple([inputs[i] for i in w.keeps] + [_as_tensor(v) for v in made])
         return out if len(out) > 1 else out[0]
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> TracedBlock:
+        """A copy whose dropout follows the copies of its owners (copied along with it)."""
+        clone = type(self).__new__(type(self))
+        memo[id(self)] = clone
+        for key, value in self.__dict__.items():
+            clone.__dict__[key] = copy.deepcopy(value, memo)
+        rebind_owners(clone.stage, {id(o): memo[id(o)] for o in self._owners if id(o) in memo})
+        return clone
 
     def train(self, mode: bool = True) -> TracedBlock:
         super().train(mode)

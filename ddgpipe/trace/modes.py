@@ -7,13 +7,13 @@ the user's model, as the eager code does (``p if self.training else 0.0``).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
 from torch import fx, nn
 
-__all__ = ["follow_training", "FollowsTraining"]
+__all__ = ["follow_training", "FollowsTraining", "rebind_owners"]
 
 _TRAIN_FLAG_OPS = {"dropout", "feature_dropout", "alpha_dropout", "feature_alpha_dropout",
                    "native_dropout", "rrelu", "rrelu_with_noise", "batch_norm",
@@ -69,6 +69,25 @@ def follow_training(stage: nn.Module, model: nn.Module) -> tuple[list[nn.Module]
         if changed:
             _recompile(sub)
     return list(owners.values()), random
+
+
+def rebind_owners(stage: nn.Module, owners: Mapping[int, nn.Module]) -> None:
+    """After ``stage`` was copied, make its mode-following ops read the copies of their
+    owners (``owners`` maps ``id(original)`` to the copy): torch.fx copies a graph's nodes
+    but not their targets."""
+    for sub in stage.modules():
+        graph = getattr(sub, "graph", None)
+        if not isinstance(graph, fx.Graph):
+            continue
+        changed = False
+        for node in graph.nodes:
+            old = node.target
+            if isinstance(old, FollowsTraining) and id(old.owner) in owners:
+                node.target = FollowsTraining(old.op, owners[id(old.owner)], old.slot,
+                                              old.when_training, old.when_evaluating)
+                changed = True
+        if changed:
+            _recompile(sub)
 
 
 def _following(node: fx.Node, owner: nn.Module) -> FollowsTraining | None:
