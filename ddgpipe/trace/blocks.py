@@ -31,9 +31,9 @@ def as_pipeline_blocks(model: nn.Module, example_inputs: Value,
     ``example_inputs`` (a batch of two or more, passed positionally). The result is a
     :class:`~ddgpipe.core.values.Blocks`: calling it runs the blocks in turn.
 
-    A new block begins at each submodule named in ``split_points``; by default each entry of
-    the largest ``nn.ModuleList`` is a block, with what runs before and after it as the first
-    and last. A HuggingFace causal LM runs without its cache and its last block returns the
+    A new block begins at each submodule named in ``split_points``; by default at each entry
+    of the largest ``nn.ModuleList`` and after its last entry, so what runs before the list
+    and after it are the first and last blocks. A HuggingFace causal LM runs without its cache and its last block returns the
     logits. An ``nn.Sequential`` is returned as it is.
     """
     if isinstance(model, nn.Sequential):
@@ -43,10 +43,11 @@ def as_pipeline_blocks(model: nn.Module, example_inputs: Value,
     args = _example_args(example_inputs)
     kwargs = {**export_kwargs(model), **(example_kwargs or {})}
     if split_points is None:
-        boundaries, begins = repeated_blocks(model), []
+        begins = repeated_blocks(model)
+        ends = begins[-1:]
     else:
-        boundaries, begins = [], check_split_points(model, split_points)
-    pipe, out_spec = traced_pipe(model, args, kwargs, boundaries, begins)
+        begins, ends = check_split_points(model, split_points), []
+    pipe, out_spec = traced_pipe(model, args, kwargs, begins, ends)
     split = pipe.split_gm
     outputs = chosen_outputs(pytree.tree_unflatten(list(range(out_spec.num_leaves)), out_spec),
                              model)

@@ -13,8 +13,9 @@ __all__ = ["repeated_blocks", "check_split_points"]
 
 def repeated_blocks(model: nn.Module) -> list[str]:
     """The names of the entries of the model's largest ``nn.ModuleList`` (``model.layers.0``,
-    ``transformer.h.0`` ...): each becomes a block of its own, so the balance modes choose
-    among their boundaries. Without a list of two or more, the children holding parameters."""
+    ``transformer.h.0`` ...): a block begins at each, and one more after the last, so the
+    balance modes choose among their boundaries. Without a list of two or more, the children
+    holding parameters."""
     lists = [(len(m), -i, name) for i, (name, m) in enumerate(model.named_modules())
              if isinstance(m, nn.ModuleList) and len(m) >= 2]
     if lists:

@@ -24,20 +24,20 @@ TRACE_FIX = ("name the split points yourself (split_points=[...], the submodules
 
 
 def traced_pipe(model: nn.Module, args: tuple[Tensor, ...], kwargs: Mapping[str, Any],
-                boundaries: Sequence[str], begins: Sequence[str]) -> tuple[Any, Any]:
-    """torch's ``Pipe`` of ``model`` (a block ends before each module in ``begins`` and
-    around each module in ``boundaries``) and the structure of the model's output (a pytree
+                begins: Sequence[str], ends: Sequence[str]) -> tuple[Any, Any]:
+    """torch's ``Pipe`` of ``model`` (a block begins at each module in ``begins`` and after
+    each module in ``ends``) and the structure of the model's output (a pytree
     spec). The model's forwards, training flags and the random state are as they were
     afterwards."""
     from torch.distributed.pipelining._IR import Pipe
 
-    with _split_marks(model, boundaries, begins), _training_mode(model), rng_kept():
+    with _split_marks(model, begins, ends), _training_mode(model), rng_kept():
         program = _export(model, args, kwargs)
     try:
         return Pipe._from_traced(model, program), program.call_spec.out_spec
     except Exception as error:  # torch's splitter raises assorted internal errors
         raise UsageError(f"torch's pipeline splitter could not cut {type(model).__name__} at "
-                         f"{', '.join([*begins, *boundaries])}: {_first_line(error)}; "
+                         f"{', '.join([*begins, *ends])}: {_first_line(error)}; "
                          f"{TRACE_FIX}") from error
 
 
@@ -62,15 +62,16 @@ def _first_line(error: BaseException) -> str:
 
 
 @contextmanager
-def _split_marks(model: nn.Module, boundaries: Sequence[str],
-                 begins: Sequence[str]) -> Iterator[None]:
-    """Patch the named submodules' forwards to call torch's ``pipe_split`` marker (before,
-    and for ``boundaries`` after too), restoring them on exit."""
+def _split_marks(model: nn.Module, begins: Sequence[str],
+                 ends: Sequence[str]) -> Iterator[None]:
+    """Patch the named submodules' forwards to call torch's ``pipe_split`` marker before
+    (``begins``) or after (``ends``) them, restoring them on exit."""
     from torch.distributed.pipelining import pipe_split
 
     def marked(forward: Any, after: bool) -> Any:
         def split_forward(*a: Any, **k: Any) -> Any:
-            pipe_split()
+            if not after:
+                pipe_split()
             out = forward(*a, **k)
             if after:
                 pipe_split()
@@ -79,7 +80,7 @@ def _split_marks(model: nn.Module, boundaries: Sequence[str],
 
     patched: list[tuple[nn.Module, Any]] = []
     try:
-        for names, after in ((begins, False), (boundaries, True)):
+        for names, after in ((begins, False), (ends, True)):
             for name in names:
                 module = model.get_submodule(name)
                 patched.append((module, module.__dict__.get("forward")))

@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 from torch import fx, nn
+from torch.nn.modules.batchnorm import _NormBase
 
 __all__ = ["follow_training", "FollowsTraining", "rebind_owners"]
 
@@ -21,22 +22,27 @@ _TRAIN_FLAG_OPS = {"dropout", "feature_dropout", "alpha_dropout", "feature_alpha
 """ATen ops whose ``train``/``training`` argument is the calling module's ``self.training``."""
 
 _DROPOUT_P_OPS = {"scaled_dot_product_attention"}
-"""ATen ops whose ``dropout_p`` argument is ``p if self.training else 0.0`` in eager code."""
+"""ATen ops whose ``dropout_p`` argument is ``p if self.training else 0.0`` in eager code.
+A BatchNorm's in-place updates of its buffers (``num_batches_tracked``) run in training
+mode only, as in its eager forward."""
 
 _RUNNING_STATS = ("running_mean", "running_var")
 
 
 class FollowsTraining:
     """An ATen op whose mode argument (position ``slot``) is read from ``owner.training`` at
-    each call: ``when_training`` in training mode, ``when_evaluating`` otherwise."""
+    each call: ``when_training`` in training mode, ``when_evaluating`` otherwise. Without a
+    slot, the op runs in training mode only (an in-place update of a statistic)."""
 
-    def __init__(self, op: Any, owner: nn.Module, slot: int, when_training: Any,
-                 when_evaluating: Any):
+    def __init__(self, op: Any, owner: nn.Module, slot: int | None, when_training: Any = None,
+                 when_evaluating: Any = None):
         self.op, self.owner, self.slot = op, owner, slot
         self.when_training, self.when_evaluating = when_training, when_evaluating
         self.__name__ = f"{op.__name__.replace('.', '_')}_following_training"
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if self.slot is None:
+            return self.op(*args, **kwargs) if self.owner.training else args[0]
         mode = self.when_training if self.owner.training else self.when_evaluating
         name = self.op._schema.arguments[self.slot].name
         if self.slot < len(args):
@@ -109,7 +115,17 @@ def _following(node: fx.Node, owner: nn.Module) -> FollowsTraining | None:
         slot = names.index("dropout_p")
         p = traced.get("dropout_p", 0.0)
         return FollowsTraining(op, owner, slot, p, 0.0) if p else None
+    if isinstance(owner, _NormBase) and _updates_a_buffer(node):
+        return FollowsTraining(op, owner, None)  # num_batches_tracked += 1
     return None
+
+
+def _updates_a_buffer(node: fx.Node) -> bool:
+    """Whether ``node`` writes in place to a tensor the module holds (a ``get_attr``)."""
+    first = node.target._schema.arguments[0]  # type: ignore[union-attr]
+    target = node.args[0] if node.args else None
+    return (first.alias_info is not None and first.alias_info.is_write
+            and isinstance(target, fx.Node) and target.op == "get_attr")
 
 
 def _owner(model: nn.Module, path: str) -> nn.Module:
