@@ -33,8 +33,8 @@ def as_pipeline_blocks(model: nn.Module, example_inputs: Value,
 
     A new block begins at each submodule named in ``split_points``; by default at each entry
     of the largest ``nn.ModuleList`` and after its last entry, so what runs before the list
-    and after it are the first and last blocks. A HuggingFace causal LM runs without its cache and its last block returns the
-    logits. An ``nn.Sequential`` is returned as it is.
+    and after it are the first and last blocks. A HuggingFace causal LM runs without its
+    cache and its last block returns the logits. An ``nn.Sequential`` is returned as it is.
     """
     if isinstance(model, nn.Sequential):
         return model
