@@ -1,7 +1,5 @@
-"""Any traceable ``nn.Module`` as the ``nn.Sequential`` of blocks that DDG cuts.
-
-Why and how: ``docs/design.md``, "Models that are not a Sequential".
-"""
+"""Any traceable ``nn.Module`` as the ``nn.Sequential`` of blocks that DDG cuts: traced
+once by torch, checked against the model's own output before it is handed back."""
 
 from __future__ import annotations
 

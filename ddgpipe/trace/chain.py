@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, fx, nn
 
 from ddgpipe.core.values import Value
-from ddgpipe.trace.modes import follow_training, rebind_owners
+from ddgpipe.trace.modes import follow_training, rebind_owners, recompile
 
 __all__ = ["TracedBlock", "Wiring", "chain_wiring"]
 
@@ -47,9 +47,15 @@ class TracedBlock(nn.Module):
         owners, random = follow_training(stage, model)
         self._owners = tuple(owners)  # not submodules: their parameters belong elsewhere
         self.draws_random_numbers = random  # read by the engine's random streams
+        self._device: torch.device | None = None  # where the graph makes its tensors
 
     def forward(self, *inputs: Tensor) -> Value:
         w = self.wiring
+        if inputs and inputs[0].device != self._device:
+            # torch.export wrote the tracing device into the tensors the graph makes
+            # (arange, masks, x.to(device)): make them where this block's input now is
+            follow_device(self.stage, inputs[0].device)
+            self._device = inputs[0].device
         args = [int(inputs[i].item()) if is_int else inputs[i]
                 for i, is_int in zip(w.takes, w.ints)]
         result = self.stage(*args)
@@ -71,6 +77,31 @@ class TracedBlock(nn.Module):
         for owner in self._owners:
             owner.training = mode
         return self
+
+
+def follow_device(stage: nn.Module, device: torch.device) -> None:
+    """Point every device argument in ``stage``'s graphs (``arange(..., device=)``,
+    ``x.to(device)``) at ``device``."""
+    found: list[Any] = []
+
+    def moved(value: Any) -> Any:
+        if isinstance(value, torch.device) and value != device:
+            found.append(value)
+            return device
+        return value
+
+    for sub in stage.modules():
+        graph = getattr(sub, "graph", None)
+        if not isinstance(graph, fx.Graph):
+            continue
+        found.clear()
+        for node in graph.nodes:
+            before = len(found)
+            args, kwargs = fx.node.map_aggregate((node.args, node.kwargs), moved)
+            if len(found) > before:
+                node.args, node.kwargs = args, kwargs
+        if found:
+            recompile(sub)
 
 
 def _as_tensor(value: Any) -> Tensor:

@@ -14,7 +14,7 @@ import torch
 from torch import fx, nn
 from torch.nn.modules.batchnorm import _NormBase
 
-__all__ = ["follow_training", "FollowsTraining", "rebind_owners"]
+__all__ = ["follow_training", "FollowsTraining", "rebind_owners", "recompile"]
 
 _TRAIN_FLAG_OPS = {"dropout", "feature_dropout", "alpha_dropout", "feature_alpha_dropout",
                    "native_dropout", "rrelu", "rrelu_with_noise", "batch_norm",
@@ -73,7 +73,7 @@ def follow_training(stage: nn.Module, model: nn.Module) -> tuple[list[nn.Module]
                 node.target, changed = rewritten, True
                 owners[id(owner)] = owner
         if changed:
-            _recompile(sub)
+            recompile(sub)
     return list(owners.values()), random
 
 
@@ -93,7 +93,7 @@ def rebind_owners(stage: nn.Module, owners: Mapping[int, nn.Module]) -> None:
                                               old.when_training, old.when_evaluating)
                 changed = True
         if changed:
-            _recompile(sub)
+            recompile(sub)
 
 
 def _following(node: fx.Node, owner: nn.Module) -> FollowsTraining | None:
@@ -140,7 +140,7 @@ def _owner(model: nn.Module, path: str) -> nn.Module:
     return model
 
 
-def _recompile(module: nn.Module) -> None:
+def recompile(module: nn.Module) -> None:
     """Regenerate the code of a graph module whose nodes were rewritten."""
     finalize: Callable[[], None] | None = getattr(module, "finalize", None)
     if finalize is not None:  # torch.export's InterpreterModule

@@ -198,3 +198,23 @@ def test_a_tied_weight_stays_one_parameter_and_is_reported():
     assert [s.blocks for s in shared] == [(0, 3)]
     assert all(blocks[i].get_parameter(n) is model.embed.weight for i, n in shared[0].uses)
     assert "parameter block 0 'stage.embed.weight'" in str(shared[0])
+
+
+def test_moving_the_blocks_moves_the_tensors_their_graphs_create():
+    """torch.export writes the tracing device into ``arange`` and ``.to``; a block makes
+    them where its input is (the meta device stands for a GPU)."""
+
+    class Positional(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layers = nn.ModuleList(nn.Linear(4, 4) for _ in range(2))
+
+        def forward(self, x):
+            x = x + torch.arange(x.shape[1], device=x.device).to(torch.device("cpu"))
+            for layer in self.layers:
+                x = layer(x)
+            return x
+
+    blocks = as_pipeline_blocks(Positional(), torch.randn(2, 4)).to("meta")
+    out = blocks(torch.randn(3, 4, device="meta"))
+    assert out.device.type == "meta" and out.shape == (3, 4)
