@@ -10,16 +10,20 @@ from ddgpipe.errors import UsageError
 __all__ = ["cmd_train", "cmd_bench", "cmd_experiment", "cmd_plot",
            "config_from_args", "format_results"]
 
+BENCH_FILES = ("bench.json", "bench.png")  # what `ddgpipe bench --overwrite` replaces
+
 
 def config_from_args(args: argparse.Namespace):
     from ddgpipe.cli.options import model_defaults
     from ddgpipe.training import TrainConfig
+    from ddgpipe.training.run_dir import default_run_dir
 
     stages = args.stages if args.stages is not None else (1 if args.method == "bp" else 2)
     if args.resume and args.out and Path(args.out).resolve() != Path(args.resume).resolve():
         raise UsageError(f"--resume {args.resume} continues in that directory; drop --out or "
                          "make it the same")
-    out = args.resume or args.out or f"runs/{args.method}-k{stages}-s{args.seed}"
+    out = args.resume or args.out or str(default_run_dir(args.model, args.method, stages,
+                                                         args.seed))
     executor = args.executor
     if args.replicas > 1 and executor is None:  # replicas live in processes of their own
         executor = "processes"
@@ -56,7 +60,7 @@ def config_from_args(args: argparse.Namespace):
         compile=args.compile,
         timeout_s=args.timeout, checkpoint_every=args.checkpoint_every,
         checkpoint_every_epochs=args.checkpoint_every_epochs, stop_after=args.stop_after,
-        resume=args.resume,
+        resume=args.resume, overwrite=args.overwrite,
     )
 
 
@@ -94,13 +98,16 @@ def cmd_train(args: argparse.Namespace) -> int:
     from ddgpipe.runtime.launch import init_from_env, process_backend, run_workers, under_torchrun
     from ddgpipe.training import train, train_worker
     from ddgpipe.training.lm_plots import plot_runs
-    from ddgpipe.training.run_dir import prepare_out_dir
+    from ddgpipe.training.run_dir import check_out_dir, prepare_out_dir
 
     config = config_from_args(args)
     config.validate()
+    # every rank refuses another run's folder here, before any rendezvous
+    check_out_dir(str(config.out), resuming=config.resume is not None,
+                  overwrite=config.overwrite)
     if config.executor == "processes" and not under_torchrun():
         # Fail here, before spawning, if it is not writable.
-        prepare_out_dir(config.out, keep=config.resume is not None)
+        prepare_out_dir(config.out, keep=config.resume is not None, overwrite=config.overwrite)
         result = run_workers(train_worker, config.stages * config.replicas, (config,),
                              peer_timeout_s=config.timeout_s, threads=config.threads,
                              backend=process_backend(config.device, config.devices,
@@ -131,9 +138,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     from ddgpipe.bench import BenchConfig, format_bench_table, run_bench
     from ddgpipe.bench.predict import predict_measured, predict_scaling, predicted_stage_ms
-    from ddgpipe.training.run_dir import prepare_out_dir
+    from ddgpipe.training.run_dir import free_out_dir, prepare_out_dir
 
-    out = prepare_out_dir(args.out)
+    out = prepare_out_dir(args.out or free_out_dir("runs/bench"), overwrite=args.overwrite,
+                          owned=BENCH_FILES, resumable=False)
     config = BenchConfig(model=args.model, batch_size=args.batch_size, stages=args.stages,
                          steps=args.steps, warmup=args.warmup, rounds=args.rounds,
                          microbatches=tuple(args.microbatches),

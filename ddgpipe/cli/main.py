@@ -61,7 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="DDG stage counts to compare with backprop (default: 2; more stages "
                         "than cores share them)")
     p.add_argument("--out", default="runs/demo", metavar="DIR",
-                   help="parent folder of the runs and the plot (default: %(default)s)")
+                   help="parent folder of the runs and the plot; a new demo replaces the "
+                        "runs of the last one (default: %(default)s)")
     p.add_argument("--dni", action="store_true", help="also train the synthetic-gradient "
                    "baseline (DNI) at the largest K")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bars")

@@ -83,6 +83,7 @@ class TrainConfig:
     checkpoint_every_epochs: int = 0
     stop_after: int | None = None
     resume: str | None = None
+    overwrite: bool = False  # a non-empty ``out`` is refused unless resumed or this is set
 
     @property
     def is_language_model(self) -> bool:

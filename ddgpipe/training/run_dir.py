@@ -1,8 +1,10 @@
-"""A run's folder: made writable at the start, the trained model written atomically at the end."""
+"""A run's folder: claimed at the start (never another run's, unless asked), the trained
+model written atomically at the end."""
 
 from __future__ import annotations
 
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
 from typing import overload
 
@@ -13,18 +15,66 @@ from ddgpipe.errors import UsageError
 from ddgpipe.methods import Method, PipelineMethod
 from ddgpipe.training.checkpoints import atomic_torch_save
 
-__all__ = ["prepare_out_dir", "save_final_model", "gather_to_last"]
+__all__ = ["prepare_out_dir", "check_out_dir", "free_out_dir", "default_run_dir",
+           "save_final_model", "gather_to_last", "RUN_FILES"]
+
+# What a run writes in its folder: all that --overwrite removes (nothing else is touched).
+RUN_FILES = ("config.json", "metrics.jsonl", "timeline.jsonl", "model.pt", "model.safetensors",
+             "curves.png", "timeline.png", "checkpoints")
+
+
+def check_out_dir(out: str | Path, *, resuming: bool = False, overwrite: bool = False,
+                  resumable: bool = True) -> None:
+    """Refuse an existing, non-empty ``out`` unless the run continues there (``resuming``)
+    or replaces it (``overwrite``): a new run never deletes another's work silently."""
+    if resuming and overwrite:
+        raise UsageError("--overwrite replaces a run and --resume continues one; pass one of "
+                         "them")
+    path = Path(out)
+    if resuming or overwrite or not path.is_dir():
+        return
+    entries = sorted(p.name for p in path.iterdir())
+    if not entries:
+        return
+    shown = ", ".join(entries[:4]) + (", ..." if len(entries) > 4 else "")
+    fixes = f"continue it with --resume {path}, " if resumable and "checkpoints" in entries \
+        else ""
+    raise UsageError(f"{path} is not empty ({shown}); {fixes}pick another --out, or pass "
+                     "--overwrite to replace what this command writes there")
+
+
+def free_out_dir(base: str | Path) -> Path:
+    """``base``, or ``base-2``, ``base-3``, ... : the first that is missing or empty."""
+    base = Path(base)
+    candidate, n = base, 1
+    while candidate.is_dir() and any(candidate.iterdir()):
+        n += 1
+        candidate = base.with_name(f"{base.name}-{n}")
+    return candidate
+
+
+def default_run_dir(model: str, method: str, stages: int, seed: int,
+                    root: str | Path = "runs") -> Path:
+    """The folder of a run given no ``--out``: named by model, method, K and seed, made
+    unique by a numbered suffix, so two runs never share it."""
+    return free_out_dir(Path(root) / f"{model}-{method}-k{stages}-s{seed}")
 
 
 @overload
-def prepare_out_dir(out: str, keep: bool = False) -> Path: ...
+def prepare_out_dir(out: str | Path, keep: bool = False, overwrite: bool = False,
+                    owned: Sequence[str] = RUN_FILES, resumable: bool = True) -> Path: ...
 @overload
-def prepare_out_dir(out: None, keep: bool = False) -> None: ...
-def prepare_out_dir(out: str | None, keep: bool = False) -> Path | None:
-    """``out`` made (a writable folder, cleared of an older run's files unless ``keep``)."""
+def prepare_out_dir(out: None, keep: bool = False, overwrite: bool = False,
+                    owned: Sequence[str] = RUN_FILES, resumable: bool = True) -> None: ...
+def prepare_out_dir(out: str | Path | None, keep: bool = False, overwrite: bool = False,
+                    owned: Sequence[str] = RUN_FILES, resumable: bool = True) -> Path | None:
+    """``out`` made a writable folder for this run: kept as it is when the run continues
+    there (``keep``), cleared of the ``owned`` files with ``overwrite``, refused when it
+    holds anything else (:func:`check_out_dir`)."""
     if out is None:
         return None
     path = Path(out)
+    check_out_dir(path, resuming=keep, overwrite=overwrite, resumable=resumable)
     try:
         path.mkdir(parents=True, exist_ok=True)
         probe = path / ".write-test"
@@ -34,10 +84,12 @@ def prepare_out_dir(out: str | None, keep: bool = False) -> Path | None:
         raise UsageError(
             f"cannot write to output directory {path} ({e.strerror}); pass --out a writable path"
         ) from None
-    if not keep:  # a new run in an old directory must not inherit its files
-        for stale in ("metrics.jsonl", "timeline.jsonl", "model.pt"):
-            (path / stale).unlink(missing_ok=True)
-        shutil.rmtree(path / "checkpoints", ignore_errors=True)
+    if overwrite:  # only what this command writes: a user's own files stay
+        for name in owned:
+            if (path / name).is_dir():
+                shutil.rmtree(path / name, ignore_errors=True)
+            else:
+                (path / name).unlink(missing_ok=True)
     return path
 
 
