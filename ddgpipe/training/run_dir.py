@@ -13,10 +13,10 @@ from torch import Tensor, nn
 
 from ddgpipe.errors import UsageError
 from ddgpipe.methods import Method, PipelineMethod
-from ddgpipe.training.checkpoints import atomic_torch_save
+from ddgpipe.training.checkpoints import atomic_torch_save, atomic_write_bytes
 
 __all__ = ["prepare_out_dir", "check_out_dir", "free_out_dir", "default_run_dir",
-           "save_final_model", "gather_to_last", "RUN_FILES"]
+           "save_final_model", "save_safetensors", "gather_to_last", "RUN_FILES"]
 
 # What a run writes in its folder: all that --overwrite removes (nothing else is touched).
 RUN_FILES = ("config.json", "metrics.jsonl", "timeline.jsonl", "model.pt", "model.safetensors",
@@ -103,7 +103,8 @@ def gather_to_last(obj) -> list:
 
 def save_final_model(model: nn.Module, method: Method, run_dir: Path | None,
                      world: int) -> None:
-    """The trained network as one ``state_dict`` in ``RUN_DIR/model.pt`` (atomic).
+    """The trained network as one ``state_dict`` in ``RUN_DIR/model.pt`` and
+    ``RUN_DIR/model.safetensors`` (both atomic).
 
     Under the runtime each rank trained only its slice; the slices keep the whole model's
     key names, so the last rank merges them.
@@ -117,6 +118,24 @@ def save_final_model(model: nn.Module, method: Method, run_dir: Path | None,
         merged = _on_cpu(model.state_dict())
     if run_dir is not None:
         atomic_torch_save(merged, run_dir / "model.pt")
+        save_safetensors(merged, run_dir / "model.safetensors")
+
+
+def save_safetensors(state: dict, path: Path) -> None:
+    """``state``'s tensors as safetensors (atomic), loadable with ``load_file`` and
+    ``load_state_dict``. A tensor sharing storage with an earlier one (a tied embedding) is
+    written as its own copy: safetensors refuses shared storage, and every key must load."""
+    from safetensors.torch import save
+
+    seen: set[tuple[int, int]] = set()
+    tensors = {}
+    for name, value in state.items():
+        if not isinstance(value, Tensor):
+            continue
+        key = (value.untyped_storage().data_ptr(), value.untyped_storage().nbytes())
+        tensors[name] = value.detach().clone() if key in seen else value.detach().contiguous()
+        seen.add(key)
+    atomic_write_bytes(path, save(tensors, metadata={"format": "pt"}))
 
 
 def _on_cpu(state: dict) -> dict:

@@ -39,7 +39,7 @@ def test_a_rerun_into_a_finished_run_is_refused_and_deletes_nothing(tmp_path, ca
     capsys.readouterr()
     before = snapshot(run)
     assert {"checkpoints/iter-000010/manifest.json", "checkpoints/iter-000020/manifest.json",
-            "metrics.jsonl", "model.pt"} <= set(before)
+            "metrics.jsonl", "model.pt", "model.safetensors"} <= set(before)
     assert main([*MLP, "--method", "bp", "--iterations", "5", "--out", str(run)]) == 2
     line = one_line_error(capsys.readouterr().err)
     assert f"{run} is not empty" in line
