@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from ddgpipe.cli.commands import cmd_bench, cmd_experiment, cmd_plot, cmd_train
 from ddgpipe.cli.demo import DEMO_BATCH, DEMO_TARGET, cmd_demo
 from ddgpipe.cli.options import PRESETS, LineHelpFormatter, add_train_arguments, int_list
+from ddgpipe.cli.sample import add_sample_command
 from ddgpipe.cli.study_options import (
     add_bench_arguments,
     add_lm_arguments,
@@ -123,6 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeline", action="store_true",
                    help="draw the pipeline timeline recorded with `train --timeline`")
     p.set_defaults(func=cmd_plot)
+    add_sample_command(sub)
     return parser
 
 
