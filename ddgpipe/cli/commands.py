@@ -138,10 +138,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     from ddgpipe.bench import BenchConfig, format_bench_table, run_bench
     from ddgpipe.bench.predict import predict_measured, predict_scaling, predicted_stage_ms
-    from ddgpipe.training.run_dir import free_out_dir, prepare_out_dir
-
-    out = prepare_out_dir(args.out or free_out_dir("runs/bench"), overwrite=args.overwrite,
-                          owned=BENCH_FILES, resumable=False)
+    out = _bench_out_dir(args)
     config = BenchConfig(model=args.model, batch_size=args.batch_size, stages=args.stages,
                          steps=args.steps, warmup=args.warmup, rounds=args.rounds,
                          microbatches=tuple(args.microbatches),
@@ -193,6 +190,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
               f"({per * row['images_per_s']:.0f} {unit}, clock {row['clock_ms']:.2f} ms)")
     print(f"\nresults: {out / 'bench.json'}\nplot:    {out / 'bench.png'}")
     return 0
+
+
+def _bench_out_dir(args: argparse.Namespace) -> Path:
+    """``--out`` (refused when not empty, unless ``--overwrite``), else a free runs/bench."""
+    from ddgpipe.training.run_dir import free_out_dir, prepare_out_dir
+
+    return prepare_out_dir(args.out or free_out_dir("runs/bench"), overwrite=args.overwrite,
+                           owned=BENCH_FILES, resumable=False)
 
 
 def cmd_experiment(args: argparse.Namespace) -> int:
