@@ -29,7 +29,7 @@ lint: $(STAMP)
 	$(BIN)/mypy
 
 bench: $(STAMP)
-	$(BIN)/ddgpipe bench --model resnet20 --batch-size 128 --stages 2 --steps 30 --out runs/bench
+	$(BIN)/ddgpipe bench --model resnet20 --batch-size 128 --stages 2 --steps 30 --overwrite --out runs/bench
 
 # On a machine with a GPU and a CUDA build of torch (the pinned CPU build sees no GPU): the
 # CUDA tests and a short GPU bench; results under benchmarks/gpu/. GPU_PYTHON is the Python
@@ -48,7 +48,7 @@ gpu-check:
 		-q -p no:cacheprovider tests/runtime/test_cuda.py 2>&1 | tee $(GPU_OUT)/tests.txt
 	set -o pipefail; PYTHONPATH=. $(GPU_PYTHON) -m ddgpipe bench --device cuda \
 		--model resnet56 --batch-size 128 --stages 2 --steps 30 --rounds 3 \
-		--out $(GPU_OUT)/resnet56-k2 2>&1 | tee $(GPU_OUT)/resnet56-k2.txt
+		--overwrite --out $(GPU_OUT)/resnet56-k2 2>&1 | tee $(GPU_OUT)/resnet56-k2.txt
 
 clean:
 	rm -rf $(VENV) runs

@@ -10,16 +10,20 @@ from ddgpipe.errors import UsageError
 __all__ = ["cmd_train", "cmd_bench", "cmd_experiment", "cmd_plot",
            "config_from_args", "format_results"]
 
+BENCH_FILES = ("bench.json", "bench.png")  # what `ddgpipe bench --overwrite` replaces
+
 
 def config_from_args(args: argparse.Namespace):
     from ddgpipe.cli.options import compensation_options, model_defaults
     from ddgpipe.training import TrainConfig
+    from ddgpipe.training.run_dir import default_run_dir
 
     stages = args.stages if args.stages is not None else (1 if args.method == "bp" else 2)
     if args.resume and args.out and Path(args.out).resolve() != Path(args.resume).resolve():
         raise UsageError(f"--resume {args.resume} continues in that directory; drop --out or "
                          "make it the same")
-    out = args.resume or args.out or f"runs/{args.method}-k{stages}-s{args.seed}"
+    out = args.resume or args.out or str(default_run_dir(args.model, args.method, stages,
+                                                         args.seed))
     executor = args.executor
     if args.replicas > 1 and executor is None:  # replicas live in processes of their own
         executor = "processes"
@@ -56,7 +60,7 @@ def config_from_args(args: argparse.Namespace):
         compile=args.compile,
         timeout_s=args.timeout, checkpoint_every=args.checkpoint_every,
         checkpoint_every_epochs=args.checkpoint_every_epochs, stop_after=args.stop_after,
-        resume=args.resume,
+        resume=args.resume, overwrite=args.overwrite,
     )
 
 
@@ -85,14 +89,17 @@ def cmd_train(args: argparse.Namespace) -> int:
     from ddgpipe.runtime.launch import init_from_env, process_backend, run_workers, under_torchrun
     from ddgpipe.training import train, train_worker
     from ddgpipe.training.lm_plots import plot_runs
-    from ddgpipe.training.run_dir import prepare_out_dir
+    from ddgpipe.training.run_dir import check_out_dir, prepare_out_dir
 
     config = config_from_args(args)
     config.validate()
     where = config.placement
+    # every rank refuses another run's folder here, before any rendezvous
+    check_out_dir(str(config.out), resuming=config.resume is not None,
+                  overwrite=config.overwrite)
     if where.executor == "processes" and not under_torchrun():
         # Fail here, before spawning, if it is not writable.
-        prepare_out_dir(config.out, keep=config.resume is not None)
+        prepare_out_dir(config.out, keep=config.resume is not None, overwrite=config.overwrite)
         result = run_workers(train_worker, config.stages * where.replicas, (config,),
                              peer_timeout_s=where.peer_timeout_s, threads=where.threads,
                              backend=process_backend(where.device, where.devices,
@@ -123,9 +130,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     from ddgpipe.bench import BenchConfig, format_bench_table, run_bench
     from ddgpipe.bench.predict import predict_measured, predict_scaling, predicted_stage_ms
-    from ddgpipe.training.run_dir import prepare_out_dir
-
-    out = prepare_out_dir(args.out)
+    out = _bench_out_dir(args)
     config = BenchConfig(model=args.model, batch_size=args.batch_size, stages=args.stages,
                          steps=args.steps, warmup=args.warmup, rounds=args.rounds,
                          microbatches=tuple(args.microbatches),
@@ -177,6 +182,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
               f"({per * row['images_per_s']:.0f} {unit}, clock {row['clock_ms']:.2f} ms)")
     print(f"\nresults: {out / 'bench.json'}\nplot:    {out / 'bench.png'}")
     return 0
+
+
+def _bench_out_dir(args: argparse.Namespace) -> Path:
+    """``--out`` (refused when not empty, unless ``--overwrite``), else a free runs/bench."""
+    from ddgpipe.training.run_dir import free_out_dir, prepare_out_dir
+
+    return prepare_out_dir(args.out or free_out_dir("runs/bench"), overwrite=args.overwrite,
+                           owned=BENCH_FILES, resumable=False)
 
 
 def cmd_experiment(args: argparse.Namespace) -> int:

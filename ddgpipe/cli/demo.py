@@ -94,7 +94,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         config = TrainConfig(model=args.model, data=args.data, data_dir=args.data_dir,
                              method=method, stages=k, epochs=args.epochs, seed=args.seed,
                              batch_size=args.batch_size, out=str(out / f"{method}-k{k}"),
-                             progress=not args.no_progress)
+                             progress=not args.no_progress, overwrite=True)
         print(f"training {config.display_label()} ({args.model} on {args.data}, "
               f"{args.epochs} epochs, batch {args.batch_size}) ...", flush=True)
         result = train(config)

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from ddgpipe.cli.commands import cmd_bench, cmd_experiment, cmd_plot, cmd_train
 from ddgpipe.cli.demo import DEMO_BATCH, DEMO_TARGET, cmd_demo
 from ddgpipe.cli.options import PRESETS, LineHelpFormatter, add_train_arguments, int_list
+from ddgpipe.cli.sample import add_sample_command
 from ddgpipe.cli.study_options import (
     add_bench_arguments,
     add_lm_arguments,
@@ -38,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for add in (_train_command, _demo_command, _bench_command, _experiment_command,
-                _plot_command):
+                _plot_command, add_sample_command):
         add(sub)
     return parser
 
@@ -71,7 +72,8 @@ def _demo_command(sub: Subcommands) -> None:
                    help="DDG stage counts to compare with backprop (default: 2; more stages "
                         "than cores share them)")
     p.add_argument("--out", default="runs/demo", metavar="DIR",
-                   help="parent folder of the runs and the plot (default: %(default)s)")
+                   help="parent folder of the runs and the plot; a new demo replaces the "
+                        "runs of the last one (default: %(default)s)")
     p.add_argument("--dni", action="store_true", help="also train the synthetic-gradient "
                    "baseline (DNI) at the largest K")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bars")

@@ -236,8 +236,11 @@ def _run(p: argparse.ArgumentParser) -> None:
                    "augmentation; same seed, same numbers (default: %(default)s)")
     g.add_argument("--threads", type=int, help="torch intra-op threads per stage (default: "
                    "this machine's cores divided by the number of stages)")
-    g.add_argument("--out", metavar="RUN_DIR", help="write config.json and metrics.jsonl here "
-                   "(default: runs/<method>-k<K>-s<seed>)")
+    g.add_argument("--out", metavar="RUN_DIR", help="write config.json, metrics.jsonl and the "
+                   "model here; a folder that is not empty is refused (default: "
+                   "runs/<model>-<method>-k<K>-s<seed>, with -2, -3, ... when taken)")
+    g.add_argument("--overwrite", action="store_true", help="replace the run in a non-empty "
+                   "--out (its config, metrics, model and checkpoints; nothing else is removed)")
     g.add_argument("--log-every", type=int, default=0, metavar="N",
                    help="also log the training loss every N iterations (default: epochs only)")
     g.add_argument("--timeline", action="store_true",

@@ -58,8 +58,11 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
                    help="cpu, or cuda: every configuration on GPUs (stage or rank k on cuda:k "
                         "mod count; DDP and torch's pipelines only with K GPUs), timed with "
                         "CUDA events, with each GPU's peak memory (default: %(default)s)")
-    p.add_argument("--out", default="runs/bench", metavar="DIR", help="where bench.json and "
-                   "bench.png go (default: %(default)s)")
+    p.add_argument("--out", metavar="DIR", help="where bench.json and bench.png go; a folder "
+                   "that is not empty is refused (default: runs/bench, with -2, -3, ... when "
+                   "taken)")
+    p.add_argument("--overwrite", action="store_true", help="replace bench.json and bench.png "
+                   "in a non-empty --out (nothing else is removed)")
     p.add_argument("--no-progress", action="store_true", help="hide the per-run progress lines")
 
 

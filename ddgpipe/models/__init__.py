@@ -1,10 +1,10 @@
 """Models as flat ``nn.Sequential`` stacks of blocks, so DDG can cut them at any block boundary."""
 
-from ddgpipe.models.gpt import GPTConfig, gpt, parameter_count
+from ddgpipe.models.gpt import GPTConfig, generate, gpt, parameter_count
 from ddgpipe.models.mlp import mlp
 from ddgpipe.models.registry import MODEL_NAMES, build_model, is_language_model
 from ddgpipe.models.resnet import BasicBlock, ShortcutA, cifar_resnet
 from ddgpipe.models.resnet1d import resnet1d
 
 __all__ = ["MODEL_NAMES", "build_model", "is_language_model", "cifar_resnet", "resnet1d", "mlp",
-           "gpt", "GPTConfig", "parameter_count", "BasicBlock", "ShortcutA"]
+           "gpt", "generate", "GPTConfig", "parameter_count", "BasicBlock", "ShortcutA"]

@@ -18,7 +18,8 @@ from torch import Tensor, nn
 
 from ddgpipe.errors import UsageError
 
-__all__ = ["GPTConfig", "gpt", "parameter_count", "Embedding", "Block", "Head"]
+__all__ = ["GPTConfig", "gpt", "generate", "parameter_count", "Embedding", "Block",
+           "Head"]
 
 
 @dataclass(frozen=True)
@@ -156,3 +157,34 @@ def parameter_count(config: GPTConfig) -> int:
     v, c, w, n = config.vocab, config.context, config.width, config.layers
     head = 0 if config.tie_embeddings else v * w
     return v * w + c * w + n * (12 * w * w + 13 * w) + 2 * w + head
+
+
+@torch.no_grad()
+def generate(model: nn.Module, ids: Tensor, new_tokens: int, *, temperature: float = 1.0,
+             top_k: int | None = None, generator: torch.Generator | None = None) -> Tensor:
+    """``ids`` ``[B, T]`` followed by ``new_tokens`` tokens sampled one at a time, as nanoGPT
+    does: the model sees the last ``context`` tokens, its logits are divided by
+    ``temperature`` and cut to the ``top_k`` likeliest. Put the model in ``eval()`` first
+    (dropout off); the same ``generator`` state gives the same tokens."""
+    if new_tokens < 0:
+        raise UsageError(f"the number of tokens to generate must be >= 0 (got {new_tokens})")
+    if not temperature > 0:
+        raise UsageError(f"the temperature must be > 0 (got {temperature}); a small one such "
+                         "as 0.01 samples almost greedily")
+    if top_k is not None and top_k < 1:
+        raise UsageError(f"top-k must be >= 1 (got {top_k}), or None to keep every token")
+    if ids.dim() != 2 or ids.shape[1] < 1:
+        raise UsageError(f"generate takes token ids of shape [batch, length >= 1], got "
+                         f"{tuple(ids.shape)}")
+    context = next((m.context for m in model.modules() if isinstance(m, Embedding)), None)
+    if context is None:
+        raise UsageError("generate takes a GPT built by ddgpipe (gpt() or build_model('gpt-L')): "
+                         "the model has no token Embedding block")
+    for _ in range(new_tokens):
+        logits = model(ids[:, -context:])[:, -1, :].float() / temperature
+        if top_k is not None:
+            kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        probs = F.softmax(logits, dim=-1)
+        ids = torch.cat([ids, torch.multinomial(probs, 1, generator=generator)], dim=1)
+    return ids

@@ -11,6 +11,7 @@ import io
 import json
 import os
 import shutil
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,6 +30,8 @@ __all__ = [
     "write_rank_file",
     "publish",
     "load_manifest",
+    "newest_intact_set",
+    "FoundSet",
     "load_rank_file",
     "check_compatible",
     "COMPAT_FIELDS",
@@ -120,30 +123,94 @@ def publish(run_dir: Path, iteration: int, entries: list[dict], info: dict) -> P
             f"cannot write the checkpoint index in {root} ({e.strerror}); the previous "
             "checkpoint is intact: free space or fix permissions, then --resume"
         ) from None
-    sets = sorted(p for p in root.glob("iter-*") if p.is_dir())
+    sets = sorted((p for p in root.glob("iter-*") if p.is_dir()), key=_set_iteration)
     for old in sets[:-KEEP]:
         shutil.rmtree(old, ignore_errors=True)
     return folder
 
 
 def load_manifest(run_dir: str | Path) -> tuple[dict, Path]:
-    """The newest complete set of ``run_dir``: (manifest, folder)."""
+    """The newest intact set of ``run_dir``: (manifest, folder)."""
+    found = newest_intact_set(run_dir)
+    return found.manifest, found.folder
+
+
+@dataclass
+class FoundSet:
+    """The set a resume uses, and the newer ones passed over as damaged (folder, why)."""
+
+    manifest: dict
+    folder: Path
+    damaged: list[tuple[Path, str]] = field(default_factory=list)
+
+    def fallback_note(self) -> str | None:
+        """One line for stderr when a newer set was damaged; None when the newest is used."""
+        if not self.damaged:
+            return None
+        passed = "; ".join(f"{folder.name} is damaged ({why})" for folder, why in self.damaged)
+        return (f"ddgpipe: {passed}; resuming from {self.folder.name} (iteration "
+                f"{self.manifest['iteration']}), the newest intact set")
+
+
+def newest_intact_set(run_dir: str | Path) -> FoundSet:
+    """The newest set of ``run_dir`` whose manifest and files are all present and match
+    their checksums; every rank reads the same files, so every rank picks the same set. A
+    set newer than the published one and without a manifest was being written when the run
+    stopped: it is passed over without a word."""
     root = Path(run_dir) / "checkpoints"
-    latest = root / "latest.json"
-    if not latest.exists():
-        raise UsageError(f"{run_dir} has no checkpoint ({latest} is missing); train with "
+    sets = sorted((p for p in root.glob("iter-*") if p.is_dir()), key=_set_iteration,
+                  reverse=True) if root.is_dir() else []
+    if not sets:
+        raise UsageError(f"{run_dir} has no checkpoint (no set in {root}); train with "
                          "--checkpoint-every N to write them")
+    published = _published_iteration(root)
+    damaged: list[tuple[Path, str]] = []
+    for folder in sets:
+        unpublished = published is not None and _set_iteration(folder) > published
+        if unpublished and not (folder / "manifest.json").exists():
+            continue
+        manifest, problem = _check_set(folder)
+        if manifest is not None:
+            return FoundSet(manifest, folder, damaged)
+        damaged.append((folder, problem))
+    listed = "; ".join(f"{folder.name}: {why}" for folder, why in damaged)
+    raise UsageError(f"no checkpoint set in {root} is intact ({listed or 'none is complete'}); "
+                     "resume from an intact run directory or start a new run")
+
+
+def _set_iteration(folder: Path) -> int:
+    number = folder.name.removeprefix("iter-")
+    return int(number) if number.isdigit() else -1
+
+
+def _published_iteration(root: Path) -> int | None:
+    """The iteration ``latest.json`` points at, or None when it is missing or unreadable."""
     try:
-        pointer = json.loads(latest.read_text())
-        folder = root / pointer["set"]
+        return int(json.loads((root / "latest.json").read_text())["iteration"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _check_set(folder: Path) -> tuple[dict | None, str]:
+    """(manifest, "") when every file of the set is intact; (None, what is wrong) else."""
+    try:
         manifest = json.loads((folder / "manifest.json").read_text())
-    except (OSError, ValueError, KeyError) as e:
-        raise UsageError(f"the checkpoint index in {root} is unreadable ({e}); resume from an "
-                         "intact run directory") from None
+        entries = [(e["name"], e["sha256"]) for e in manifest["files"]]
+    except OSError:
+        return None, "manifest.json is missing or unreadable"
+    except (ValueError, KeyError, TypeError):
+        return None, "manifest.json is truncated or malformed"
     if manifest.get("format") not in READABLE:
         raise UsageError(f"{folder} has checkpoint format {manifest.get('format')}, this "
                          f"ddgpipe reads formats {', '.join(map(str, READABLE))}")
-    return manifest, folder
+    for name, digest in entries:
+        try:
+            data = (folder / name).read_bytes()
+        except OSError:
+            return None, f"{name} is missing or unreadable"
+        if hashlib.sha256(data).hexdigest() != digest:
+            return None, f"{name} does not match its manifest"
+    return manifest, ""
 
 
 def load_rank_file(folder: Path, manifest: dict, rank: int) -> dict:
@@ -222,7 +289,11 @@ class Checkpoints:
         self.manifest: dict | None = None
         self.folder: Path | None = None
         if config.resume:
-            self.manifest, self.folder = load_manifest(config.resume)
+            found = newest_intact_set(config.resume)
+            note = found.fallback_note()
+            if note and self.reporter:
+                print(note, file=sys.stderr, flush=True)
+            self.manifest, self.folder = found.manifest, found.folder
             check_compatible(self.manifest["config"], config.to_dict(), config.resume)
             if self.manifest["world"] != world:
                 raise UsageError(

@@ -104,6 +104,7 @@ class TrainConfig:
     checkpoint_every_epochs: int = 0
     stop_after: int | None = None
     resume: str | None = None
+    overwrite: bool = False  # a non-empty ``out`` is refused unless resumed or this is set
     # where the stages run; threads None: each stage's share of the cores (stage_threads)
     placement: Placement = field(default_factory=default_placement)
     compensation: CompensationSpec = field(default_factory=CompensationSpec)

@@ -77,7 +77,8 @@ def train(config: TrainConfig, dataset: Dataset | None = None, *,
     reporter = rank == world - 1
     checkpoints = Checkpoints(config, rank, world)  # a run to resume from is checked first
     data = dataset or load_dataset(config.data, config.data_dir, context=config.context)
-    run_dir = prepare_out_dir(config.out, keep=checkpoints.resuming) if reporter else None
+    run_dir = prepare_out_dir(config.out, keep=checkpoints.resuming,
+                              overwrite=config.overwrite) if reporter else None
 
     torch.manual_seed(config.seed)
     model = build_model(config.model, num_classes=data.num_classes, input_shape=data.input_shape,

@@ -1,8 +1,10 @@
-"""A run's folder: made writable at the start, the trained model written atomically at the end."""
+"""A run's folder: claimed at the start (never another run's, unless asked), the trained
+model written atomically at the end."""
 
 from __future__ import annotations
 
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
 from typing import overload
 
@@ -11,20 +13,68 @@ from torch import Tensor, nn
 
 from ddgpipe.errors import UsageError
 from ddgpipe.methods import Method, PipelineMethod
-from ddgpipe.training.checkpoints import atomic_torch_save
+from ddgpipe.training.checkpoints import atomic_torch_save, atomic_write_bytes
 
-__all__ = ["prepare_out_dir", "save_final_model", "gather_to_last"]
+__all__ = ["prepare_out_dir", "check_out_dir", "free_out_dir", "default_run_dir",
+           "save_final_model", "save_safetensors", "gather_to_last", "RUN_FILES"]
+
+# What a run writes in its folder: all that --overwrite removes (nothing else is touched).
+RUN_FILES = ("config.json", "metrics.jsonl", "timeline.jsonl", "model.pt", "model.safetensors",
+             "curves.png", "timeline.png", "checkpoints")
+
+
+def check_out_dir(out: str | Path, *, resuming: bool = False, overwrite: bool = False,
+                  resumable: bool = True) -> None:
+    """Refuse an existing, non-empty ``out`` unless the run continues there (``resuming``)
+    or replaces it (``overwrite``): a new run never deletes another's work silently."""
+    if resuming and overwrite:
+        raise UsageError("--overwrite replaces a run and --resume continues one; pass one of "
+                         "them")
+    path = Path(out)
+    if resuming or overwrite or not path.is_dir():
+        return
+    entries = sorted(p.name for p in path.iterdir())
+    if not entries:
+        return
+    shown = ", ".join(entries[:4]) + (", ..." if len(entries) > 4 else "")
+    fixes = f"continue it with --resume {path}, " if resumable and "checkpoints" in entries \
+        else ""
+    raise UsageError(f"{path} is not empty ({shown}); {fixes}pick another --out, or pass "
+                     "--overwrite to replace what this command writes there")
+
+
+def free_out_dir(base: str | Path) -> Path:
+    """``base``, or ``base-2``, ``base-3``, ... : the first that is missing or empty."""
+    base = Path(base)
+    candidate, n = base, 1
+    while candidate.is_dir() and any(candidate.iterdir()):
+        n += 1
+        candidate = base.with_name(f"{base.name}-{n}")
+    return candidate
+
+
+def default_run_dir(model: str, method: str, stages: int, seed: int,
+                    root: str | Path = "runs") -> Path:
+    """The folder of a run given no ``--out``: named by model, method, K and seed, made
+    unique by a numbered suffix, so two runs never share it."""
+    return free_out_dir(Path(root) / f"{model}-{method}-k{stages}-s{seed}")
 
 
 @overload
-def prepare_out_dir(out: str, keep: bool = False) -> Path: ...
+def prepare_out_dir(out: str | Path, keep: bool = False, overwrite: bool = False,
+                    owned: Sequence[str] = RUN_FILES, resumable: bool = True) -> Path: ...
 @overload
-def prepare_out_dir(out: None, keep: bool = False) -> None: ...
-def prepare_out_dir(out: str | None, keep: bool = False) -> Path | None:
-    """``out`` made (a writable folder, cleared of an older run's files unless ``keep``)."""
+def prepare_out_dir(out: None, keep: bool = False, overwrite: bool = False,
+                    owned: Sequence[str] = RUN_FILES, resumable: bool = True) -> None: ...
+def prepare_out_dir(out: str | Path | None, keep: bool = False, overwrite: bool = False,
+                    owned: Sequence[str] = RUN_FILES, resumable: bool = True) -> Path | None:
+    """``out`` made a writable folder for this run: kept as it is when the run continues
+    there (``keep``), cleared of the ``owned`` files with ``overwrite``, refused when it
+    holds anything else (:func:`check_out_dir`)."""
     if out is None:
         return None
     path = Path(out)
+    check_out_dir(path, resuming=keep, overwrite=overwrite, resumable=resumable)
     try:
         path.mkdir(parents=True, exist_ok=True)
         probe = path / ".write-test"
@@ -34,10 +84,12 @@ def prepare_out_dir(out: str | None, keep: bool = False) -> Path | None:
         raise UsageError(
             f"cannot write to output directory {path} ({e.strerror}); pass --out a writable path"
         ) from None
-    if not keep:  # a new run in an old directory must not inherit its files
-        for stale in ("metrics.jsonl", "timeline.jsonl", "model.pt"):
-            (path / stale).unlink(missing_ok=True)
-        shutil.rmtree(path / "checkpoints", ignore_errors=True)
+    if overwrite:  # only what this command writes: a user's own files stay
+        for name in owned:
+            if (path / name).is_dir():
+                shutil.rmtree(path / name, ignore_errors=True)
+            else:
+                (path / name).unlink(missing_ok=True)
     return path
 
 
@@ -51,7 +103,8 @@ def gather_to_last(obj) -> list:
 
 def save_final_model(model: nn.Module, method: Method, run_dir: Path | None,
                      world: int) -> None:
-    """The trained network as one ``state_dict`` in ``RUN_DIR/model.pt`` (atomic).
+    """The trained network as one ``state_dict`` in ``RUN_DIR/model.pt`` and
+    ``RUN_DIR/model.safetensors`` (both atomic).
 
     Under the runtime each rank trained only its slice; the slices keep the whole model's
     key names, so the last rank merges them.
@@ -65,6 +118,24 @@ def save_final_model(model: nn.Module, method: Method, run_dir: Path | None,
         merged = _on_cpu(model.state_dict())
     if run_dir is not None:
         atomic_torch_save(merged, run_dir / "model.pt")
+        save_safetensors(merged, run_dir / "model.safetensors")
+
+
+def save_safetensors(state: dict, path: Path) -> None:
+    """``state``'s tensors as safetensors (atomic), loadable with ``load_file`` and
+    ``load_state_dict``. A tensor sharing storage with an earlier one (a tied embedding) is
+    written as its own copy: safetensors refuses shared storage, and every key must load."""
+    from safetensors.torch import save
+
+    seen: set[tuple[int, int]] = set()
+    tensors = {}
+    for name, value in state.items():
+        if not isinstance(value, Tensor):
+            continue
+        key = (value.untyped_storage().data_ptr(), value.untyped_storage().nbytes())
+        tensors[name] = value.detach().clone() if key in seen else value.detach().contiguous()
+        seen.add(key)
+    atomic_write_bytes(path, save(tensors, metadata={"format": "pt"}))
 
 
 def _on_cpu(state: dict) -> dict:

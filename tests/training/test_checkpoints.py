@@ -93,6 +93,49 @@ def test_epoch_checkpoints_and_pruning(tmp_path, capsys):
     assert [r["epoch"] for r in epoch_lines(run)] == [1, 2, 3, 4]
 
 
+FALLBACK = ["train", "--model", "mlp", "--data", "digits", "--method", "ddg", "--stages", "2",
+            "--iterations", "30", "--batch-size", "64", "--checkpoint-every", "5",
+            "--executor", "reference", "--threads", "1", "--balance", "params", "--no-progress"]
+
+
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+@pytest.mark.parametrize("damage", [
+    lambda s: _truncate(s / "rank-0.pt"),
+    lambda s: (s / "rank-0.pt").unlink(),
+    lambda s: _truncate(s / "manifest.json"),
+], ids=["truncated-file", "missing-file", "truncated-manifest"])
+def test_a_damaged_newest_set_falls_back_to_the_older_one(damage, tmp_path, capsys):
+    """The two newest sets are kept: with the newest damaged, the resume says so, continues
+    from the older one and ends bitwise like the uninterrupted run."""
+    assert main([*FALLBACK, "--out", str(tmp_path / "full")]) == 0
+    cut = tmp_path / "cut"
+    assert main([*FALLBACK, "--out", str(cut), "--stop-after", "20"]) == 0
+    capsys.readouterr()
+    damage(cut / "checkpoints" / "iter-000020")
+    assert main([*FALLBACK, "--resume", str(cut)]) == 0
+    err = capsys.readouterr().err
+    assert "iter-000020 is damaged" in err
+    assert "resuming from iter-000015 (iteration 15), the newest intact set" in err
+    assert_same_weights(tmp_path / "full", cut)
+    assert epoch_lines(tmp_path / "full") == epoch_lines(cut)
+
+
+def test_a_set_being_written_when_the_run_stopped_is_passed_over_quietly(tmp_path):
+    """A folder newer than the published set, without a manifest, was never complete: not
+    damage, nothing to report."""
+    from ddgpipe.training.checkpoints import newest_intact_set
+
+    run = tmp_path / "run"
+    assert main([*FALLBACK, "--out", str(run), "--stop-after", "10"]) == 0
+    (run / "checkpoints" / "iter-000015").mkdir()
+    (run / "checkpoints" / "iter-000015" / "rank-0.pt").write_bytes(b"partial")
+    found = newest_intact_set(run)
+    assert found.folder.name == "iter-000010" and found.fallback_note() is None
+
+
 def _workers_of(pid: int) -> list[int]:
     """Child processes of ``pid`` that are spawned multiprocessing workers."""
     found = []

@@ -211,11 +211,17 @@ def test_a_checkpoint_from_another_run(stopped_run, args, expected, capsys):
     assert_checkpoint_intact(stopped_run, capsys)
 
 
-def test_a_damaged_checkpoint_file_is_refused(stopped_run, capsys):
-    rank_file = stopped_run / "checkpoints" / "iter-000006" / "rank-0.pt"
-    rank_file.write_bytes(rank_file.read_bytes()[:100])
+def test_a_resume_with_no_intact_set_is_refused(stopped_run, capsys):
+    """Both kept sets damaged: nothing to fall back to (one damaged set falls back, see
+    test_checkpoints)."""
+    for name in ("iter-000003", "iter-000006"):
+        rank_file = stopped_run / "checkpoints" / name / "rank-0.pt"
+        rank_file.write_bytes(rank_file.read_bytes()[:100])
     code, err = cli([*CKPT, "--resume", str(stopped_run)], capsys)
-    assert code == 2 and "does not match its manifest" in one_line_error(err)
+    line = one_line_error(err)
+    assert code == 2 and "no checkpoint set" in line and "is intact" in line
+    assert "iter-000006: rank-0.pt does not match its manifest" in line
+    assert "iter-000003: rank-0.pt does not match its manifest" in line
 
 
 def test_a_full_disk_while_checkpointing(stopped_run, capsys, monkeypatch):
