@@ -6,6 +6,7 @@ Why and how: ``docs/design.md``, "Experiments: resumable grids".
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import multiprocessing as mp
