@@ -4,7 +4,8 @@
 
 ``sc``, ``lwp`` (Kosson et al. 2021); ``dc``, ``dc-c`` (DC-ASGD, Zheng et al. 2017);
 ``pipemare-lr``, ``pipemare`` (Yang et al. 2021); ``stage-momentum`` (AsyncPP, Ajanthan et al.
-2025); ``delay-lr`` (Mishchenko et al. 2022); ``accumulate`` (PipeDream-2BW, PACI). Commas
+2025); ``delay-lr`` (Mishchenko et al. 2022); ``accumulate`` (PipeDream-2BW, PACI); ``wp``
+(XPipe, PipeOptim: Guan et al. 2019, 2023). Commas
 combine rules that change different phases of a step; only delayed stages use them.
 
 Each rule, its optimizers, stash modes and sources: ``docs/compensation.md``, "Overview".
@@ -22,6 +23,7 @@ from ddgpipe.core.compensation.accumulate import Accumulate
 from ddgpipe.core.compensation.base import PHASES, Compensation, Rule, Rules
 from ddgpipe.core.compensation.delay import DelayCompensation
 from ddgpipe.core.compensation.delay_lr import DelayAdaptiveLR
+from ddgpipe.core.compensation.optimizer_prediction import OptimizerWeightPrediction
 from ddgpipe.core.compensation.pipemare import PipeMareLR, PipeMareReplay
 from ddgpipe.core.compensation.prediction import LinearWeightPrediction
 from ddgpipe.core.compensation.spike import SpikeCompensation
@@ -51,6 +53,10 @@ COMPENSATIONS: dict[str, str] = {
                 "min(1, --delay-lr-c / d_k); any optimizer",
     "accumulate": "bounded staleness (PipeDream-2BW, PACI): a delayed stage steps once every "
                   "--accumulate-steps gradients with their mean; any optimizer",
+    "wp": "optimizer-dependent weight prediction (XPipe, PipeOptim; Guan et al. 2019, 2023): "
+          "the forward (and the stash) uses w - lr D u, u the optimizer's update direction "
+          "(Adam/AdamW: m_hat / (sqrt(v_hat) + eps) + decoupled decay); momentum SGD, Adam, "
+          "AdamW, NAdam",
 }
 
 #: option name -> default (None: the rule's own default, or required)
@@ -133,6 +139,10 @@ def _options(names: tuple[str, ...], given: Mapping[str, float] | None) -> dict:
         raise UsageError("compensations stage-momentum and sc both set how momentum applies a "
                          "late gradient (sc replaces momentum SGD's update for the delay); "
                          "choose one of them")
+    if {"wp", "accumulate"} <= set(names):
+        raise UsageError("compensation wp predicts d_k optimizer steps ahead, but accumulate "
+                         "steps a delayed stage once every --accumulate-steps gradients, so "
+                         "the prediction would overshoot; choose one of them")
     return opts
 
 
@@ -157,6 +167,8 @@ def _rules(names: tuple[str, ...], opts: dict) -> list[Rule]:
             rules.append(DelayAdaptiveLR(float(opts["delay_lr_c"])))
         elif name == "accumulate":
             rules.append(Accumulate(int(opts["accumulate_steps"])))
+        elif name == "wp":
+            rules.append(OptimizerWeightPrediction())
     return rules
 
 
