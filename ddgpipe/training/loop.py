@@ -38,6 +38,7 @@ from ddgpipe.training.evaluation import bits_per_byte, evaluate
 from ddgpipe.training.interrupts import InterruptGuard
 from ddgpipe.training.metrics import MetricsWriter, RunningStats
 from ddgpipe.training.optim import schedule_factor
+from ddgpipe.training.recipes import warmup_for
 from ddgpipe.training.run_dir import gather_to_last, prepare_out_dir, save_final_model
 
 __all__ = ["train", "train_worker"]
@@ -140,7 +141,8 @@ def _train_loop(config: TrainConfig, data: Dataset, model: nn.Sequential, loader
     factor = schedule_factor(config.lr_schedule, len(loader), epochs, config.milestones,
                              config.lr_gamma, warmup_epochs=config.warmup_epochs,
                              warmup_factor=config.warmup_factor,
-                             warmup_iters=config.warmup_iters, total_iterations=total)
+                             warmup_iters=warmup_for(config, total), total_iterations=total,
+                             lr_floor=config.lr_floor)
 
     def lr_at(iteration: int) -> float:  # every stage's lr at a clock: the schedule's
         return config.lr * factor(iteration)
