@@ -28,13 +28,8 @@ import torch.nn.functional as F
 import ddgpipe
 from ddgpipe.cli import main
 from ddgpipe.training.optim import decay_groups
-from tests.core.test_compensation import (
-    layer_backward,
-    layer_forward,
-    lr_factor,
-    oracle_batches,
-)
-from tests.core.test_compensation_delay import (
+from tests.helpers import assert_state_equal, batches, resnet, sgd
+from tests.oracles import (
     ADAM_LR,
     ADAM_WD,
     BETAS,
@@ -42,9 +37,16 @@ from tests.core.test_compensation_delay import (
     NpAdamW,
     NpNAdam,
     decayed,
+    layer_backward,
+    layer_forward,
+    lr_factor,
+    oracle_batches,
     torch_ddg,
 )
-from tests.methods.test_oracles import assert_state_equal, digits_like_batches, resnet, sgd
+
+
+def digits_like_batches(n: int, batch: int = 16, seed: int = 1):
+    return batches(n, sizes=batch, seed=seed)
 
 NADAM_PSI = 0.3  # a fast momentum schedule: mu moves visibly within the run
 
@@ -182,7 +184,9 @@ def test_k1_with_wp_equals_backprop_bitwise():
 
 @pytest.mark.parametrize("optimizer", [adamw, nadam])
 def test_threads_match_reference_bitwise(optimizer):
-    from tests.runtime.test_processes import batches, make_model, scheduler
+    from tests.helpers import dropout_convnet as make_model
+    from tests.helpers import ragged_batches as batches
+    from tests.helpers import step_lr
     from tests.runtime_helpers import run_clocks
 
     threads = torch.get_num_threads()
@@ -191,7 +195,7 @@ def test_threads_match_reference_bitwise(optimizer):
         runs = []
         for executor in ("reference", "threads"):
             torch.manual_seed(3)
-            pipe = ddgpipe.DDG(make_model(), 3, optimizer, lr_scheduler=scheduler,
+            pipe = ddgpipe.DDG(make_model(), 3, optimizer, lr_scheduler=step_lr(),
                                compensation="wp", executor=executor, threads=1,
                                peer_timeout_s=30)
             runs.append((run_clocks(pipe, 0, 1, batches(7)), pipe.model.state_dict()))
