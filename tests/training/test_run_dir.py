@@ -104,7 +104,7 @@ def test_prepare_out_dir_clears_only_what_it_owns(tmp_path):
 
 def test_an_experiment_trains_over_its_own_unfinished_run(tmp_path):
     run = tmp_path / "run"
-    config = TrainConfig(model="mlp", method="ddg", stages=2, iterations=4, batch_size=64,
+    config = TrainConfig.from_flat(model="mlp", method="ddg", stages=2, iterations=4, batch_size=64,
                          out=str(run), executor="reference", threads=1, progress=False,
                          balance="params")
     run.mkdir()
