@@ -36,7 +36,8 @@ def config_from_args(args: argparse.Namespace):
     # an explicit --epochs sets the length, unless --iterations is given too
     iterations = args.iterations if args.iterations is not None or args.epochs is not None \
         else defaults["iterations"]
-    warmup = given("warmup_iters")
+    warmup = given("warmup_iters") if args.warmup_iters is not None or not args.warmup_share \
+        else 0  # a --warmup-share replaces the default warm-up
     if args.warmup_iters is None and iterations:  # the default warm-up: at most a tenth
         warmup = min(warmup, iterations // 10)
     return TrainConfig.from_flat(
@@ -52,7 +53,8 @@ def config_from_args(args: argparse.Namespace):
         weight_decay=given("weight_decay"), lr_schedule=args.lr_schedule,
         milestones=args.milestones, lr_gamma=args.lr_gamma, seed=args.seed,
         warmup_epochs=args.warmup_epochs, warmup_factor=args.warmup_factor,
-        warmup_iters=warmup, context=args.context, width=args.width,
+        warmup_iters=warmup, warmup_share=args.warmup_share, lr_floor=args.lr_floor,
+        nadam_horizon=args.nadam_horizon, context=args.context, width=args.width,
         heads=args.heads, dropout=args.dropout, tie_embeddings=args.tie_embeddings,
         threads=args.threads, log_every=args.log_every, timeline=args.timeline,
         label=args.label, out=out, progress=not args.no_progress, executor=executor,

@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 import textwrap
 
+from ddgpipe.training.recipes import ASYNCPP
+
 __all__ = ["PRESETS", "LineHelpFormatter", "add_train_arguments", "model_defaults",
            "int_list", "str_list"]
 
@@ -14,6 +16,7 @@ PRESETS = {
     "paper-cifar": dict(data="cifar10", batch_size=128, optimizer="sgd", momentum=0.9,
                         weight_decay=5e-4, lr=0.1, lr_schedule="multistep",
                         milestones=[150, 225], lr_gamma=0.1, epochs=300),
+    "asyncpp": ASYNCPP,
 }
 
 
@@ -200,6 +203,7 @@ def _optimisation(p: argparse.ArgumentParser) -> None:
     g.add_argument("--warmup-iters", type=int, metavar="N",
                    help="raise the lr linearly over the first N iterations, then run the "
                         f"schedule over the rest (nanoGPT's warm-up) {_both('warmup_iters')}")
+    _scaled_to_the_run(g)
     g.add_argument("--warmup-epochs", type=int, default=0, metavar="N",
                    help="multiply the lr by --warmup-factor for the first N epochs (He et al.'s "
                         "ResNet-110 recipe) (default: %(default)s)")
@@ -209,7 +213,24 @@ def _optimisation(p: argparse.ArgumentParser) -> None:
                    "explicitly override it. paper-cifar: the DDG paper's CIFAR schedule (data "
                    "cifar10, batch 128, SGD momentum 0.9, weight decay 5e-4, lr 0.1 x0.1 at "
                    "epochs 150 and 225, 300 epochs, crop+flip; lr 0.01 for the first epoch of "
-                   "resnet110)")
+                   "resnet110). asyncpp: Ajanthan et al.'s recipe for a run of any length "
+                   "(NAdam, betas 0.99/0.999, lr 3e-4, weight decay 0.01 decoupled, clip 10, "
+                   "warm-up 6%% of the run, cosine to 0.1x, --nadam-horizon 50000)")
+
+
+def _scaled_to_the_run(g: argparse._ArgumentGroup) -> None:
+    """The settings a recipe scales with the run's length (``ddgpipe.training.recipes``)."""
+    g.add_argument("--warmup-share", type=float, default=0.0, metavar="F",
+                   help="warm up linearly over this fraction of the run's iterations instead "
+                        "of --warmup-iters (AsyncPP: 0.06, 3000 of 50 000)")
+    g.add_argument("--lr-floor", type=float, default=0.0, metavar="F",
+                   help="cosine ends at this fraction of the lr instead of 0 (AsyncPP: 0.1) "
+                        "(default: %(default)s)")
+    g.add_argument("--nadam-horizon", type=int, metavar="N",
+                   help="nadam: pace its momentum schedule, mu_t = beta1 (1 - 0.5 * 0.96^(t "
+                        "psi)), with psi = 0.004 N / (the run's iterations), so mu over this "
+                        "run follows torch's default over N steps (AsyncPP: 50000); default: "
+                        "torch's psi 0.004")
 
 
 def _language_model(p: argparse.ArgumentParser) -> None:

@@ -13,6 +13,7 @@ from ddgpipe.methods import DDG, Backprop, Method
 from ddgpipe.methods.dni import DNI
 from ddgpipe.training.config import TrainConfig, compensation_options
 from ddgpipe.training.optim import make_lr_scheduler, make_optimizer
+from ddgpipe.training.recipes import momentum_decay_for, warmup_for
 
 __all__ = ["build_method", "check_model_accepts"]
 
@@ -21,14 +22,17 @@ def build_method(config: TrainConfig, model: nn.Module, steps_per_epoch: int,
                  timeline: Timeline | None, sample_input: Tensor | None = None,
                  total_iterations: int | None = None) -> Method:
     """The method ``config`` names, its optimizer and LR schedule, placed as it says."""
+    total = total_iterations or steps_per_epoch * config.epochs
     optimizer = make_optimizer(
         config.optimizer, config.lr, config.momentum, config.nesterov, config.weight_decay,
         betas=config.betas, adamw_only=muon_exclusions(model),
+        momentum_decay=momentum_decay_for(config, total),
     )
     scheduler = make_lr_scheduler(
         config.lr_schedule, steps_per_epoch, config.epochs, config.milestones, config.lr_gamma,
         warmup_epochs=config.warmup_epochs, warmup_factor=config.warmup_factor,
-        warmup_iters=config.warmup_iters, total_iterations=total_iterations,
+        warmup_iters=warmup_for(config, total), total_iterations=total_iterations,
+        lr_floor=config.lr_floor,
     )
     if config.method == "bp":
         return Backprop(model, optimizer, lr_scheduler=scheduler, clip_grad=config.clip_grad,

@@ -47,9 +47,12 @@ COMPAT_FIELDS = (
     "model", "data", "method", "stages", "stash", "batch_size", "seed", "optimizer", "lr",
     "momentum", "nesterov", "weight_decay", "lr_schedule", "milestones", "lr_gamma",
     "warmup_epochs", "warmup_factor", "epochs", "grad_shrink", "compensation",
-    "compensation_options", "precision", "replicas", "compile",
+    "compensation_options", "precision", "replicas", "compile", "warmup_share", "lr_floor",
+    "nadam_horizon",
 )
-DEFAULTS = {"replicas": 1, "compile": False}  # what a set written before a setting existed had
+# what a set written before a setting existed had
+DEFAULTS = {"replicas": 1, "compile": False, "warmup_share": 0.0, "lr_floor": 0.0,
+            "nadam_horizon": None}
 
 
 def _fsync_dir(path: Path) -> None:

@@ -20,6 +20,7 @@ from ddgpipe.models import GPTConfig, is_language_model
 from ddgpipe.runtime.devices import cores_per_stage
 from ddgpipe.runtime.placement import Placement
 from ddgpipe.training.optim import make_optimizer
+from ddgpipe.training.recipes import check_scaled_settings
 
 __all__ = ["TrainConfig", "TrainResult", "METHODS", "TEXT_DATA", "compensation_options",
            "stage_threads", "flatten", "flat_keys"]
@@ -87,6 +88,9 @@ class TrainConfig:
     warmup_epochs: int = 0
     warmup_factor: float = 0.1
     warmup_iters: int = 0  # linear warm-up from 0 over N iterations, then the schedule
+    warmup_share: float = 0.0  # or over this fraction of the run (ddgpipe.training.recipes)
+    lr_floor: float = 0.0  # cosine ends at lr_floor * lr
+    nadam_horizon: int | None = None  # NAdam's momentum_decay = 0.004 * N / iterations
     context: int = 128  # language models: tokens per window
     width: int | None = None  # gpt-L: None is GPTConfig's
     heads: int | None = None
@@ -257,6 +261,7 @@ class TrainConfig:
         if self.eval_every < 0 or self.warmup_iters < 0:
             raise UsageError(f"--eval-every and --warmup-iters must be >= 0 (got "
                              f"{self.eval_every}, {self.warmup_iters})")
+        check_scaled_settings(self)
 
     def _validate_checkpoints(self) -> None:
         if self.checkpoint_every < 0 or self.checkpoint_every_epochs < 0:

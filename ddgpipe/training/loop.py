@@ -39,6 +39,7 @@ from ddgpipe.training.evaluation import bits_per_byte, evaluate
 from ddgpipe.training.interrupts import InterruptGuard
 from ddgpipe.training.metrics import MetricsWriter, RunningStats
 from ddgpipe.training.optim import schedule_factor
+from ddgpipe.training.recipes import warmup_for
 from ddgpipe.training.run_dir import gather_to_last, prepare_out_dir, save_final_model
 
 __all__ = ["train", "train_worker"]
@@ -121,7 +122,8 @@ class TrainingRun:
         self.lr_factor = schedule_factor(
             config.lr_schedule, len(loader), self.epochs, config.milestones, config.lr_gamma,
             warmup_epochs=config.warmup_epochs, warmup_factor=config.warmup_factor,
-            warmup_iters=config.warmup_iters, total_iterations=self.total)
+            warmup_iters=warmup_for(config, self.total), total_iterations=self.total,
+            lr_floor=config.lr_floor)
         self.criterion = token_cross_entropy if data.tokens else F.cross_entropy
         self.tokens_per_sample = data.train_x.shape[1] if data.tokens else 1
         self.stats, self.recent = RunningStats(), RunningStats()  # the epoch's; since the eval

@@ -74,6 +74,7 @@ def make_optimizer(
     betas: tuple[float, float] | None = None,
     eps: float = 1e-8,
     adamw_only: frozenset[int] = frozenset(),
+    momentum_decay: float = 0.004,
 ) -> Callable[[list], torch.optim.Optimizer]:
     """A ``params -> optimizer`` factory: DDG builds one optimizer per stage with it.
 
@@ -81,7 +82,8 @@ def make_optimizer(
     parameter; ``adamw``, ``nadam`` (NAdam with decoupled weight decay, torch's momentum
     schedule) and ``muon`` (:class:`MuonAdamW`) decay matrices only (:func:`decay_groups`).
     ``betas`` default to torch's (0.9, 0.999); ``adamw_only`` are ids of matrices Muon leaves
-    to AdamW (embeddings, the output projection).
+    to AdamW (embeddings, the output projection). ``momentum_decay`` is NAdam's psi (torch's
+    default 0.004), the pace of its momentum schedule.
     """
     if name not in OPTIMIZERS:
         raise UsageError(f"unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}")
@@ -110,7 +112,8 @@ def make_optimizer(
                                             eps=eps)
     if name == "nadam":
         return lambda ps: torch.optim.NAdam(decay_groups(ps, weight_decay), lr=lr, betas=b,
-                                            eps=eps, decoupled_weight_decay=True)
+                                            eps=eps, decoupled_weight_decay=True,
+                                            momentum_decay=momentum_decay)
     return lambda ps: MuonAdamW(list(ps), lr, b, eps, weight_decay, adamw_only)
 
 
@@ -121,6 +124,7 @@ def lr_factor(
     total_iterations: int,
     milestones: Sequence[int] = (),
     gamma: float = 0.1,
+    floor: float = 0.0,
 ) -> float:
     """Multiplier of the base lr at ``iteration`` (0-based).
 
@@ -129,7 +133,8 @@ def lr_factor(
       CIFAR recipe: x0.1 at epochs 150 and 225).
     * ``sqrt``: ``1 / sqrt(1 + t)`` and ``inverse``: ``1 / (1 + t)``, the diminishing step
       sizes of the convergence analysis, with t = iteration / steps_per_epoch (epochs so far).
-    * ``cosine``: half a cosine from 1 to 0 over the run.
+    * ``cosine``: half a cosine from 1 to ``floor`` over the run (AsyncPP's and nanoGPT's
+      ``min_lr``: ``floor + (1 - floor) (1 + cos(pi t / T)) / 2``).
     """
     t = iteration / steps_per_epoch
     if schedule == "constant":
@@ -141,7 +146,8 @@ def lr_factor(
     if schedule == "inverse":
         return 1.0 / (1.0 + t)
     if schedule == "cosine":
-        return 0.5 * (1.0 + math.cos(math.pi * min(iteration, total_iterations) / total_iterations))
+        half = 0.5 * (1.0 + math.cos(math.pi * min(iteration, total_iterations) / total_iterations))
+        return floor + (1.0 - floor) * half  # floor 0: exactly the half cosine
     raise UsageError(f"unknown LR schedule {schedule!r}; choose one of {', '.join(LR_SCHEDULES)}")
 
 
@@ -156,6 +162,7 @@ def make_lr_scheduler(
     warmup_factor: float = 0.1,
     warmup_iters: int = 0,
     total_iterations: int | None = None,
+    lr_floor: float = 0.0,
 ) -> Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LambdaLR]:
     """An ``optimizer -> LambdaLR`` factory stepped once per iteration/clock.
 
@@ -165,7 +172,8 @@ def make_lr_scheduler(
     """
     factor = schedule_factor(schedule, steps_per_epoch, epochs, milestones, gamma,
                              warmup_epochs=warmup_epochs, warmup_factor=warmup_factor,
-                             warmup_iters=warmup_iters, total_iterations=total_iterations)
+                             warmup_iters=warmup_iters, total_iterations=total_iterations,
+                             lr_floor=lr_floor)
     return lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
 
@@ -180,13 +188,15 @@ def schedule_factor(
     warmup_factor: float = 0.1,
     warmup_iters: int = 0,
     total_iterations: int | None = None,
+    lr_floor: float = 0.0,
 ) -> Callable[[int], float]:
     """The multiplier of the base lr at each iteration: what :func:`make_lr_scheduler` runs,
     so ``base_lr * schedule_factor(...)(t)`` is exactly the lr every stage uses at clock t.
 
     ``total_iterations`` (default: every batch of every epoch) is where cosine reaches 0.
     ``warmup_iters`` > 0 is nanoGPT's warm-up: the factor rises linearly, ``(t + 1) / W``,
-    over the first W iterations, and the schedule then runs over the remaining ones."""
+    over the first W iterations, and the schedule then runs over the remaining ones.
+    ``lr_floor``: cosine ends at that fraction of the base lr instead of 0."""
     if schedule not in LR_SCHEDULES:
         raise UsageError(
             f"unknown LR schedule {schedule!r}; choose one of {', '.join(LR_SCHEDULES)}"
@@ -196,6 +206,9 @@ def schedule_factor(
         raise UsageError(f"LR milestones must be epochs >= 1 (got {bad})")
     if not 0 < gamma <= 1:
         raise UsageError(f"--lr-gamma must be in (0, 1] (got {gamma})")
+    if not 0 <= lr_floor < 1 or (lr_floor and schedule != "cosine"):
+        raise UsageError(f"--lr-floor is the fraction of the lr cosine ends at, in [0, 1) and "
+                         f"for --lr-schedule cosine only (got {lr_floor} with {schedule})")
     total = total_iterations or steps_per_epoch * epochs
     milestones = tuple(milestones)
     if not 0 <= warmup_iters < total:
@@ -209,8 +222,9 @@ def schedule_factor(
                 return (i + 1) / warmup_iters
             i -= warmup_iters
             return lr_factor(schedule, i, steps_per_epoch, total - warmup_iters, milestones,
-                             gamma)
+                             gamma, lr_floor)
         scale = warmup_factor if i < warmup_iterations else 1.0
-        return scale * lr_factor(schedule, i, steps_per_epoch, total, milestones, gamma)
+        return scale * lr_factor(schedule, i, steps_per_epoch, total, milestones, gamma,
+                                 lr_floor)
 
     return factor

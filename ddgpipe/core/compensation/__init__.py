@@ -4,7 +4,8 @@
 
 ``sc``, ``lwp`` (Kosson et al. 2021); ``dc``, ``dc-c`` (DC-ASGD, Zheng et al. 2017);
 ``pipemare-lr``, ``pipemare`` (Yang et al. 2021); ``stage-momentum`` (AsyncPP, Ajanthan et al.
-2025); ``delay-lr`` (Mishchenko et al. 2022); ``accumulate`` (PipeDream-2BW, PACI). Commas
+2025); ``delay-lr`` (Mishchenko et al. 2022); ``accumulate`` (PipeDream-2BW, PACI); ``wp``
+(XPipe, PipeOptim: Guan et al. 2019, 2023). Commas
 combine rules that change different phases of a step; only delayed stages use them.
 
 Each rule, its optimizers, stash modes and sources: ``docs/compensation.md``, "Overview".
@@ -23,6 +24,7 @@ from ddgpipe.core.compensation.accumulate import Accumulate
 from ddgpipe.core.compensation.base import PHASES, Compensation, Rule, Rules
 from ddgpipe.core.compensation.delay import DelayCompensation
 from ddgpipe.core.compensation.delay_lr import DelayAdaptiveLR
+from ddgpipe.core.compensation.optimizer_prediction import OptimizerWeightPrediction
 from ddgpipe.core.compensation.options import (
     COMPENSATIONS,
     OPTION_TABLE,
@@ -133,6 +135,8 @@ def _rules(names: tuple[str, ...], opts: dict) -> list[Rule]:
             rules.append(DelayAdaptiveLR(float(opts["delay_lr_c"])))
         elif name == "accumulate":
             rules.append(Accumulate(int(opts["accumulate_steps"])))
+        elif name == "wp":
+            rules.append(OptimizerWeightPrediction())
     return rules
 
 

@@ -113,6 +113,12 @@ class Rule:
         return self.stage.delay
 
     @property
+    def stale_steps(self) -> int:
+        """Optimizer steps between a forward and the step that applies its gradient: the one
+        place a rule reads staleness in steps from (d_k while every clock is a step)."""
+        return self.stage.delay
+
+    @property
     def params(self) -> dict[str, torch.nn.Parameter]:
         return self.stage.params
 

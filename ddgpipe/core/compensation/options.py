@@ -33,6 +33,10 @@ COMPENSATIONS: dict[str, str] = {
                 "min(1, --delay-lr-c / d_k); any optimizer",
     "accumulate": "bounded staleness (PipeDream-2BW, PACI): a delayed stage steps once every "
                   "--accumulate-steps gradients with their mean; any optimizer",
+    "wp": "optimizer-dependent weight prediction (XPipe, PipeOptim; Guan et al. 2019, 2023): "
+          "the forward (and the stash) uses w - lr D u, u the optimizer's update direction "
+          "(Adam/AdamW: m_hat / (sqrt(v_hat) + eps) + decoupled decay); momentum SGD, Adam, "
+          "AdamW, NAdam",
 }
 
 
@@ -111,6 +115,10 @@ def check_options(names: tuple[str, ...], given: Mapping[str, Any]) -> dict[str,
                              f"add the compensation")
     opts: dict[str, Any] = dict(OPTIONS) | {k: v for k, v in given.items() if v is not None}
     _check_values(opts)
+    if {"wp", "accumulate"} <= set(names):
+        raise UsageError("compensation wp predicts d_k optimizer steps ahead, but accumulate "
+                         "steps a delayed stage once every --accumulate-steps gradients, so "
+                         "the prediction would overshoot; choose one of them")
     if {"stage-momentum", "sc"} <= set(names):
         raise UsageError("compensations stage-momentum and sc both set how momentum applies a "
                          "late gradient (sc replaces momentum SGD's update for the delay); "

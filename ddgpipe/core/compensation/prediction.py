@@ -22,7 +22,7 @@ class LinearWeightPrediction(Rule):
 
     def check(self, optimizer: torch.optim.Optimizer) -> None:
         require_momentum_sgd(optimizer, self.name, "the prediction extrapolates with "
-                             "momentum's velocity")
+                             "momentum's velocity (wp predicts for Adam, AdamW and NAdam)")
 
     def bind(self, stage) -> None:
         super().bind(stage)
@@ -37,5 +37,5 @@ class LinearWeightPrediction(Rule):
             if v is None:
                 predicted[name] = p.detach().clone()
             else:
-                predicted[name] = p - v * (groups[id(p)]["lr"] * self.delay)
+                predicted[name] = p - v * (groups[id(p)]["lr"] * self.stale_steps)
         return predicted
