@@ -14,6 +14,7 @@ import ctypes
 import multiprocessing as mp
 import os
 import queue
+import random
 import signal
 import socket
 import sys
@@ -22,6 +23,7 @@ import time
 import traceback
 from collections.abc import Callable, Iterator
 from datetime import timedelta
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -38,10 +40,30 @@ _PR_SET_PDEATHSIG = 1  # from <sys/prctl.h>
 
 
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that is free right now."""
+    """A TCP port on 127.0.0.1 that is free right now, chosen below the kernel's ephemeral
+    range where it can be: a port from that range may be taken again by an outgoing
+    connection (an earlier run's store client) before rank 0 listens on it (EADDRINUSE)."""
+    low = _ephemeral_low()
+    rng = random.Random()
+    for _ in range(64):
+        port = rng.randrange(10000, low) if low > 10000 else 0
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return s.getsockname()[1]
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _ephemeral_low() -> int:
+    """The first port of the kernel's ephemeral range (Linux; else 0: any port will do)."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 0
 
 
 def under_torchrun() -> bool:
