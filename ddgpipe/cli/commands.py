@@ -245,12 +245,25 @@ def cmd_lm(args: argparse.Namespace) -> int:
     from ddgpipe.experiments.lm import lm_plan, run_lm
 
     plan = lm_plan(quick=args.quick)
-    for field, value in (("seeds", args.seeds), ("stage_counts", args.stages),
-                         ("variants", args.variants)):
+    for field, value in (("horizons", args.horizons), ("seeds", args.seeds),
+                         ("stage_counts", args.stages), ("variants", args.variants),
+                         ("long_variants", args.long_variants)):
         if value is not None:
             setattr(plan, field, tuple(value))
+    if args.long_from is not None:
+        plan.long_from = args.long_from
     plan.workers = args.workers
-    run_lm(plan, args.out, progress=not args.no_progress, report_only=args.report_only)
+    summary = run_lm(plan, args.out, progress=not args.no_progress,
+                     report_only=args.report_only)
+    if args.wallclock:
+        from ddgpipe.experiments.lm.wallclock import run_wallclock
+
+        run_wallclock(plan, summary, Path(args.out), recommended=args.recommended,
+                      progress=not args.no_progress)
+        run_lm(plan, args.out, progress=False, report_only=True)  # the report shows it
+    elif args.recommended:
+        raise UsageError("--recommended names the DDG variant --wallclock times: add "
+                         "--wallclock")
     return _print_report(Path(args.out))
 
 

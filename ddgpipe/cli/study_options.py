@@ -115,17 +115,35 @@ def add_staleness_arguments(p: argparse.ArgumentParser) -> None:
 
 def add_lm_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quick", action="store_true",
-                   help="a smoke version: a tiny GPT, one seed, K = 2, BP, DDG, DDG at half "
-                        "the rate and DDG + dc, a dozen steps")
+                   help="a smoke version: a tiny GPT, one seed, K = 2, horizons of 12 and 24 "
+                        "steps, two backprop rates, DDG and Muon")
+    p.add_argument("--horizons", type=int_list, metavar="H1,H2",
+                   help="training lengths in iterations, each with a warm-up of a tenth and "
+                        "its own cosine; 800 goes to DIR, others to DIR/hH (default: "
+                        "800,3200,12800)")
     p.add_argument("--seeds", type=int_list, metavar="S1,S2",
-                   help="seeds of every run (default: 0,1,2; quick: 0)")
+                   help="seeds; 3200 trains the first one and 12800 the first two "
+                        "(default: 0,1,2; quick: 0)")
     p.add_argument("--stages", type=int_list, metavar="K1,K2",
                    help="the K values, each between 2 and the model's blocks; backprop is "
                         "always run (default: 2,4,8; quick: 2)")
     p.add_argument("--variants", type=str_list, metavar="V1,V2",
-                   help="the ways of training to compare, e.g. bp,ddg,ddg+delay-lr (default: "
-                        "all; results.md lists them)")
-    _grid_arguments(p, "runs/lm", "DIR/VARIANT/kK-sSEED")
+                   help="the ways of training below --long-from, e.g. bp,bp-lr2,ddg,ddg-m4 "
+                        "(default: every backprop rate and method; results.md lists them)")
+    p.add_argument("--long-variants", type=str_list, metavar="V1,V2",
+                   help="the ways of training at horizons from --long-from on: the methods "
+                        "that lead at the shorter ones, with backprop rates (default: "
+                        "bp,bp-lr2,bp-lr4,ddg-m4,ddg-m8)")
+    p.add_argument("--long-from", type=int, metavar="H",
+                   help="the first horizon that trains --long-variants only (default: 12800)")
+    p.add_argument("--wallclock", action="store_true",
+                   help="also time bench rows of the model at K = 2 (two-thread backprop, "
+                        "DDP, GPipe, 1F1B, the recommended DDG) on this machine and combine "
+                        "them with the study's iso-loss steps: DIR/wallclock.md")
+    p.add_argument("--recommended", metavar="VARIANT",
+                   help="--wallclock: the DDG variant to time (default: the report's "
+                        "recommendation)")
+    _grid_arguments(p, "runs/lm", "DIR/[hH/]VARIANT/kK-sSEED")
 
 
 def _grid_arguments(p: argparse.ArgumentParser, out: str, layout: str) -> None:

@@ -1,160 +1,180 @@
-"""``results.md`` of the language-model experiment, and its figures, from ``summary.json``'s
-data and the runs' own metrics files."""
+"""``results.md`` of the language-model horizon study, from ``summary.json``'s data."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
-from ddgpipe.experiments.lm.plan import VARIANTS_BY_NAME, GridRun, LMPlan
-from ddgpipe.experiments.lm.summary import TOLERANCE_PCT, find
-from ddgpipe.training.lm_plots import LMLine, plot_lm_panels
+from ddgpipe.experiments.lm.summary import TOLERANCE_PCT, find, rows_at
+from ddgpipe.experiments.lm.variants import BEST_BP, VARIANTS_BY_NAME
 
-__all__ = ["make_figures", "render_report"]
-
-COLOURS = {"bp": "black", "ddg": "C0", "ddg-lr0.5": "C9", "ddg-lr0.25": "C5",
-           "ddg+dc": "C1", "ddg+pipemare-lr": "C2", "ddg+delay-lr": "C3",
-           "ddg+accumulate": "C4", "ddg+stage-momentum": "C6", "ddg-nadam": "C7",
-           "ddg-muon": "C8", "bp-nadam": "grey", "bp-muon": "tan"}
+__all__ = ["render_report", "cell_text"]
 
 
-def _seeds_note(seeds: list, planned) -> str:
-    """Which seeds the sweep's bar rests on, when not all of the plan's."""
-    if [str(x) for x in seeds] == [str(x) for x in planned]:
-        return ""
-    return f" over seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}"
-
-def make_figures(plan: LMPlan, runs: list[GridRun], out: Path) -> list[Path]:
-    """Held-out bits per byte per K (mean over seeds) against tokens and against time."""
-    by_variant: dict[str, dict[int, list[Path]]] = {}
-    for run in runs:
-        if (out / run.name / "metrics.jsonl").exists():
-            by_variant.setdefault(run.variant.name, {}).setdefault(run.stages, []).append(
-                out / run.name)
-    panels = []
-    for k in plan.stage_counts:
-        lines: list[LMLine] = []
-        for name in plan.variants:
-            stages = 1 if VARIANTS_BY_NAME[name].method == "bp" else k
-            found = by_variant.get(name, {}).get(stages, [])
-            style = "--" if VARIANTS_BY_NAME[name].method == "bp" else None
-            lines.append((VARIANTS_BY_NAME[name].label, found, COLOURS.get(name), style))
-        panels.append((f"K = {k}", lines))
-    if not panels:
-        return []
-    # Against wall time too, as a sketch: every run computes on one core with the reference
-    # executor (no overlap between stages), and its clock also counts whatever else shares
-    # the machine; the bench measures speed.
-    return [plot_lm_panels(panels, out / "loss-tokens.png", "tokens",
-                           "held-out loss against tokens seen"),
-            plot_lm_panels(panels, out / "loss-time.png", "wall_time",
-                           "held-out loss against training time (one core per run, reference "
-                           "executor: not DDG's speed)")]
-
-
-def _cell(row: dict | None, gap_key: str = "gap_pct") -> str:
+def cell_text(row: dict | None) -> str:
+    """A cell: mean held-out loss (± std, or the one seed), the gap to the best backprop, the
+    iso-loss step ratio; ``–`` when nothing finished."""
     if row is None or row["val_loss_mean"] is None:
-        return "–"
-    # one seed has no spread to show: say so instead of a ± 0
-    std = f" ± {row['val_loss_std']:.3f}" if row["seeds"] > 1 else " (1 seed)"
-    gap = row.get(gap_key)
-    tail = "" if gap is None or row["stages"] == 1 else f" ({gap:+.1f}%)"
-    diverged = f", {row['diverged']} diverged" if row["diverged"] else ""
-    return f"{row['val_loss_mean']:.3f}{std}{tail}{diverged}"
+        return "–" if row is None or not row["diverged"] else f"{row['diverged']} diverged"
+    spread = f" ± {row['val_loss_std']:.3f}" if row["seeds"] > 1 else " (1 seed)"
+    text = f"{row['val_loss_mean']:.3f}{spread}"
+    if row["stages"] > 1 and row["gap_to_best_bp_pct"] is not None:
+        text += f" ({row['gap_to_best_bp_pct']:+.1f}%)"
+        if row["target_reached"] is False:
+            text += ", not reached"
+        elif row["iso_ratio"] is not None:
+            text += f", x{row['iso_ratio']:.2f} steps"
+    if row["diverged"]:
+        text += f", {row['diverged']} diverged"
+    return text
 
 
-def render_report(summary: dict, plan: LMPlan, figures: list[Path], out: Path) -> str:
-    """``results.md``: the setup, the loss table, the gaps, the goals, the figures."""
-    lines = _setup(summary, plan) + _loss_table(summary["rows"], plan)
-    lines += _gap_table(summary["rows"], plan) + _goals(summary, plan)
-    lines += ["", "## Figures", "",
-              "Against training time, each run computed every stage in turn on one core (the "
-              "reference executor), so the time axis shows what a method costs in compute "
-              "(Muon's orthogonalisation, a replay), not DDG's parallel speed (see the bench); "
-              "the runs shared the machine with other work, so times are rough.", ""]
-    lines += [f"![{f.stem}]({f.name})" for f in figures] + [""]
+def render_report(summary: dict, plan: Any, figures: list[Path],
+                  wallclock: dict | None = None) -> str:
+    """The setup, the sweep, one table per horizon, the goal, the wall clock (when timed),
+    the seeds, the figures."""
+    lines = _setup(summary, plan) + _sweep(summary, plan)
+    for horizon in sorted(plan.horizons):
+        lines += _horizon_table(summary, plan, horizon)
+    lines += _goal(summary, plan) + (_wallclock(wallclock) if wallclock else [])
+    lines += _seeds(summary, plan)
+    lines += ["", "## Figures", ""] + [f"![{f.stem}]({f.name})" for f in figures] + [""]
     return "\n".join(lines)
 
 
-def _setup(summary: dict, plan: LMPlan) -> list[str]:
+def _setup(summary: dict, plan: Any) -> list[str]:
     shape = plan.shape
+    horizons = ", ".join(
+        f"{h} ({len(plan.seeds_at(h))} seed{'s' if len(plan.seeds_at(h)) > 1 else ''})"
+        for h in sorted(plan.horizons))
     return [
-        "# DDG on a transformer language model",
-        "",
+        "# DDG on a transformer language model: the horizon study", "",
         f"`ddgpipe experiment lm`: {plan.model} (width {shape['width']}, {shape['heads']} heads, "
         f"context {shape['context']}, dropout {shape['dropout']}) on the Shakespeare corpus "
-        f"(byte tokens), {plan.recipe['iterations']} iterations of batch "
-        f"{plan.recipe['batch_size']}, seeds {', '.join(map(str, plan.seeds))}; every run on "
-        "one thread, reference executor. Backprop's recipe for every method and K: "
-        + ", ".join(f"{k} {v}" for k, v in plan.recipe.items()) + ". "
-        + summary.get("machines", ""),
-        "",
-    ]
+        f"(byte tokens), batch {plan.recipe['batch_size']}, at horizons of {horizons} "
+        "iterations; each horizon has its own linear warm-up (a tenth of the run) and cosine "
+        f"to 0, evals every {plan.horizon_settings(max(plan.horizons))['eval_every']} "
+        "iterations. Every run on one thread, reference executor. Recipe: "
+        + ", ".join(f"{k} {v}" for k, v in plan.recipe.items()
+                    if k not in ("iterations", "warmup_iters", "eval_every")) + ". "
+        + summary.get("machines", ""), "",
+        "Losses are held-out cross-entropy in nats per byte (one token is one byte). A cell: "
+        "mean ± std over seeds; in brackets the gap in % of the best backprop's loss at that "
+        "horizon (the best of the AdamW rates, whatever the method's optimizer); then the "
+        "iso-loss step ratio, the steps the method's mean curve needs to reach the best "
+        "backprop's final loss divided by the horizon (linear between evals), or *not "
+        "reached* within the horizon.", ""]
 
 
-def _header(ks: tuple[int, ...], extra: str = "") -> list[str]:
-    columns = " | ".join(f"K = {k}" for k in ks)
-    return [f"| method | {columns} |{extra}", "|---|" + "---|" * (len(ks) + bool(extra))]
-
-
-def _loss_table(rows: list[dict], plan: LMPlan) -> list[str]:
-    ks = plan.stage_counts
-    lines = [
-        "Final held-out loss (nats per byte, mean ± std over seeds) and, in brackets, the gap "
-        "to backprop with the same optimizer, in % of its loss. Lower is better; the goal is "
-        f"within {TOLERANCE_PCT:g}%.",
-        "",
-        *_header(ks),
-    ]
-    for name in plan.variants:
-        variant = VARIANTS_BY_NAME[name]
-        if variant.method == "bp":
-            row = find(rows, name, 1)
-            lines.append(f"| {variant.label} | {_cell(row)} (K = 1) |" + " |" * (len(ks) - 1))
-        else:
-            lines.append(f"| {variant.label} | " + " | ".join(_cell(find(rows, name, k))
-                                                            for k in ks) + " |")
-    bp = find(rows, "bp", 1)
-    if bp and bp["val_bpb_mean"] is not None:
-        lines += ["", f"Backprop (AdamW) ends at {bp['val_bpb_mean']:.3f} bits per byte."]
-    return lines
-
-
-def _gap_table(rows: list[dict], plan: LMPlan) -> list[str]:
-    ks = plan.stage_counts
-    lines = ["", "Gap to backprop with AdamW, whatever the method's optimizer (%):", "",
-             *_header(ks)]
-    for name in plan.variants:
-        if VARIANTS_BY_NAME[name].method == "bp":
+def _sweep(summary: dict, plan: Any) -> list[str]:
+    lines = ["## Backprop's learning rate at each horizon", "",
+             "The DDG variants marked tuned train at the rate of the best AdamW backprop of "
+             "their horizon, resolved from the finished sweep (compared over the seeds every "
+             "rate has); the others keep their own optimizer's rate (AsyncPP's recipe, Muon).",
+             "", "| iterations | rates tried | best | tuned variants' lr |", "|---|---|---|---|"]
+    for horizon in sorted(plan.horizons):
+        best = summary["best_bp"].get(str(horizon))
+        rates = [r for r in rows_at(summary["rows"], horizon)
+                 if VARIANTS_BY_NAME[r["variant"]].sweep]
+        tried = ", ".join(f"{r['label']} {r['val_loss_mean']:.3f}" for r in rates
+                          if r["val_loss_mean"] is not None) or "–"
+        if best is None:
+            lines.append(f"| {horizon} | {tried} | not yet (sweep unfinished) | – |")
             continue
-        cells = []
-        for k in ks:
-            row = find(rows, name, k)
-            gap = None if row is None else row["gap_to_adamw_pct"]
-            cells.append("–" if gap is None else f"{gap:+.1f}")
-        lines.append(f"| {VARIANTS_BY_NAME[name].label} | " + " | ".join(cells) + " |")
+        seeds = ", ".join(map(str, best["seeds"]))
+        lines.append(f"| {horizon} | {tried} | {best['variant']} ({best['val_loss_mean']:.3f}"
+                     f" over seeds {seeds}) | {best['lr']:g} |")
+    if summary.get("waiting_for_sweep"):
+        lines += ["", "Waiting for their horizon's sweep (not yet planned): the tuned runs at "
+                  + ", ".join(map(str, summary["waiting_for_sweep"])) + " iterations."]
     return lines
 
 
-def _goals(summary: dict, plan: LMPlan) -> list[str]:
+def _horizon_table(summary: dict, plan: Any, horizon: int) -> list[str]:
+    rows = rows_at(summary["rows"], horizon)
     ks = plan.stage_counts
-    lines = ["", "## Goals", "",
-             f"Within {TOLERANCE_PCT:g}% of backprop's held-out loss at every K, and no worse "
-             "than plain DDG at its best swept learning rate (" + "; ".join(
-                 f"K = {s['stages']}: {s['best']}" + _seeds_note(s["seeds"], plan.seeds)
-                 for s in summary["sweep"] if s["best"])
-             + "). Where the swept rates have fewer seeds than a method, both are compared "
-             "over the seeds they share.", "",
-             *_header(ks, " met |")]
-    marks = {True: "yes", False: "no", None: "n/a"}
-    for goal in summary["goals"]:
-        cells = [f"{marks[c['within']]} / {marks[c['no_worse_than_tuned_ddg']]}"
-                 for c in goal["per_k"]]
-        lines.append(f"| {goal['label']} | " + " | ".join(cells) + f" | {marks[goal['met']]} |")
-    lines += ["", "Each cell: within the tolerance / no worse than tuned DDG."]
+    lines = ["", f"## {horizon} iterations", "", "| method | K = 1 | "
+             + " | ".join(f"K = {k}" for k in ks) + " |", "|---|" + "---|" * (len(ks) + 1)]
+    for name in plan.variants_at(horizon):
+        variant = VARIANTS_BY_NAME[name]
+        label = variant.label + (" (tuned lr)" if variant.tuned else "")
+        if variant.method == "bp":
+            lines.append(f"| {label} | {cell_text(find(rows, horizon, name, 1))} |"
+                         + " |" * len(ks))
+            continue
+        cells = [cell_text(find(rows, horizon, name, k)) if k in plan.stages_of(variant)
+                 else "n/a" for k in ks]
+        lines.append(f"| {label} | | " + " | ".join(cells) + " |")
+    own = [r for r in rows if r["stages"] > 1 and r["baseline"] != BEST_BP
+           and r["gap_pct"] is not None]
+    if own:
+        lines += ["", "Against backprop with the same optimizer and recipe: " + "; ".join(
+            f"{r['label']} K = {r['stages']}: {r['gap_pct']:+.1f}% to {r['baseline']}"
+            for r in own) + "."]
+    return lines
+
+
+def _goal(summary: dict, plan: Any) -> list[str]:
+    goal = summary["goal"]
+    lines = ["", "## Goal", "",
+             f"With the recommended configuration, DDG within {TOLERANCE_PCT:g}% of the best "
+             f"backprop at K = {', '.join(map(str, plan.stage_counts))} at the longest horizon."]
+    if goal.get("horizon") is None:
+        return lines + ["", "No DDG run has finished yet."]
+    if goal["horizon"] != max(plan.horizons):
+        lines += ["", f"The longest horizon has no DDG runs yet; this is {goal['horizon']} "
+                      "iterations."]
+    per_k = "; ".join(f"K = {k}: {v['variant']} {v['gap_pct']:+.2f}%" if v else f"K = {k}: –"
+                      for k, v in goal["per_k"].items())
+    lines += ["", f"At {goal['horizon']} iterations the closest DDG variant per K: {per_k}."]
+    if goal["recommended"] is None:
+        return lines + ["No one variant has finished at every K there: no recommendation yet."]
+    worst = goal["recommended_worst_gap_pct"]
+    verdict = ("met" if goal["met"] else
+               f"missed by {worst - TOLERANCE_PCT:.2f} percentage points")
+    return lines + [f"The variant whose worst K is best, **{goal['recommended']}**, is at most "
+                    f"{worst:+.2f}% above the best backprop: the goal is {verdict}."]
+
+
+def _seeds(summary: dict, plan: Any) -> list[str]:
+    fewer = [f"{r['horizon']} {r['label']} K = {r['stages']} ({r['seeds']})"
+             for r in summary["rows"] if r["seeds"] < len(plan.seeds_at(r["horizon"]))]
+    lines = ["", "## Seeds", "", "Planned seeds per horizon: " + ", ".join(
+        f"{h}: {', '.join(map(str, plan.seeds_at(h)))}" for h in sorted(plan.horizons)) + "."]
+    if fewer:
+        lines += ["", "Cells resting on fewer seeds than planned: " + ", ".join(fewer) + "."]
     if summary.get("missing"):
         lines += ["", f"Missing runs ({len(summary['missing'])}): "
                   + ", ".join(summary["missing"][:20])
                   + (" ..." if len(summary["missing"]) > 20 else "")]
     if summary["diverged"]:
         lines += ["", "Diverged: " + ", ".join(summary["diverged"])]
+    return lines
+
+
+def _num(value: float | None, fmt: str, missing: str = "–") -> str:
+    return missing if value is None else format(value, fmt)
+
+
+def _wallclock(record: dict) -> list[str]:
+    """Time to the best backprop's final loss at K = 2 on this machine."""
+    lines = ["", "## Wall clock at K = 2", "",
+             f"Time to reach the best backprop's final loss at {record['horizon']} iterations. "
+             f"Steps: GPipe, 1F1B and DDP compute backprop's exact gradient at the same batch "
+             f"of {record['batch_size']}, so they need backprop's {record['horizon']} steps; "
+             f"DDG ({record['variant']}, bench row {record['ddg_row']}) needs its iso-loss "
+             f"steps from the table above. Seconds per step: `ddgpipe bench` rows of the same "
+             f"model and batch on this machine (median of {record['bench_rounds']} rounds of "
+             f"{record['bench_steps']} steps, SGD; a compensation's own cost is not timed). "
+             "Time = steps x seconds per step.", "",
+             "| configuration | samples/s | s per step | steps | time (s) | vs two-thread BP |",
+             "|---|---|---|---|---|---|"]
+    for row in record["rows"]:
+        steps = _num(row["steps"], ".0f", "not reached")
+        lines.append(f"| {row['name']}: {row['what']} | {_num(row['samples_per_s'], '.1f')} | "
+                     f"{_num(row['step_s'], '.3f')} | {steps} | {_num(row['time_s'], '.0f')} "
+                     f"| {_num(row['vs_bp_2t'], '.2f')} |")
+    failed = [f"{r['name']} ({r['error']})" for r in record["rows"] if r.get("error")]
+    if failed:
+        lines += ["", "Failed bench rows: " + "; ".join(failed)]
     return lines

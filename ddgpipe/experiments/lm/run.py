@@ -1,46 +1,114 @@
-"""Run the language-model grid (skipping finished runs) and write its report from the files."""
+"""Run the language-model study in two phases (backprop's learning-rate sweep, then every
+other run at the best rate found), skipping finished runs, and write its report from the
+runs' own files."""
 
 from __future__ import annotations
 
 import json
+import sys
 import time
 from pathlib import Path
 
 from ddgpipe.experiments.common import machines_line, read_outcome, run_grid
-from ddgpipe.experiments.lm.plan import LMPlan, plan_record
-from ddgpipe.experiments.lm.report import make_figures, render_report
-from ddgpipe.experiments.lm.summary import summarise
+from ddgpipe.experiments.lm.curves import Curve, mean_curve, read_curve
+from ddgpipe.experiments.lm.figures import make_figures
+from ddgpipe.experiments.lm.plan import GridRun, LMPlan, plan_record
+from ddgpipe.experiments.lm.report import render_report
+from ddgpipe.experiments.lm.summary import best_backprop, summarise
 
-__all__ = ["run_lm"]
+__all__ = ["run_lm", "resolve_rates"]
+
+
+def _outcomes(runs: list[GridRun]) -> tuple[list[dict], list[str]]:
+    """The finished runs' outcomes, labelled with their cell, and the missing runs' names."""
+    found, missing = [], []
+    for run in runs:
+        outcome = read_outcome(run.config)
+        if outcome is None:
+            missing.append(run.name)
+            continue
+        found.append(outcome | {"name": run.name, "variant": run.variant.name,
+                                "horizon": run.horizon, "seed": run.seed,
+                                "lr": run.config.lr})
+    return found, missing
+
+
+def resolve_rates(plan: LMPlan, out: Path) -> dict[int, dict | None]:
+    """Each horizon's best AdamW backprop rate, from its finished sweep runs (None: none)."""
+    outcomes, _ = _outcomes(plan.runs(out, {}, bp_only=True))
+    return {h: best_backprop(outcomes, h) for h in plan.horizons}
+
+
+def _multiples(resolved: dict[int, dict | None]) -> dict[int, float | None]:
+    return {h: best["multiple"] if best else None for h, best in resolved.items()}
 
 
 def run_lm(plan: LMPlan, out: str | Path, progress: bool = True,
            report_only: bool = False) -> dict:
-    """Train the grid, then write ``summary.json``, ``results.md`` and the figures.
+    """Train the sweep, resolve each horizon's rate, train the rest; write ``plan.json``,
+    ``summary.json``, ``results.md`` and the figures.
 
-    ``report_only`` trains nothing: the report covers the runs finished so far and names the
-    missing ones."""
+    ``report_only`` trains nothing: the report covers the runs finished so far, names the
+    missing ones, and counts the runs that wait for their horizon's sweep."""
     plan.validate()
     out = Path(out)
-    runs = plan.runs(out)
-    for run in runs:  # a bad combination fails here, in one line, not in a worker
+    start = time.perf_counter()
+    bp_runs = plan.runs(out, {}, bp_only=True)
+    for run in bp_runs:  # a bad combination fails here, in one line, not in a worker
         run.config.validate()
     out.mkdir(parents=True, exist_ok=True)
-    (out / "plan.json").write_text(json.dumps(plan_record(plan), indent=2) + "\n")
-    start = time.perf_counter()
-    if report_only:
-        found = [(run, read_outcome(run.config)) for run in runs]
-        missing = [run.name for run, outcome in found if outcome is None]
-        runs, outcomes = [run for run, o in found if o], [o for _, o in found if o]
-    else:
-        outcomes, missing = run_grid([r.config for r in runs], out, plan.workers, progress), []
-    for run, outcome in zip(runs, outcomes, strict=True):
-        outcome.update(name=run.name, variant=run.variant.name, seed=run.seed)
-    summary = summarise(outcomes, plan)
-    summary.update(missing=missing, runs=len(runs), wall_time_s=time.perf_counter() - start,
+    if not report_only:
+        run_grid([r.config for r in bp_runs], out, plan.workers, progress)
+    resolved = resolve_rates(plan, out)
+    _write_plan(plan, resolved, out)
+    runs = plan.runs(out, _multiples(resolved))
+    for run in runs:
+        run.config.validate()
+    if not report_only:
+        if progress:
+            _log_rates(resolved)
+        run_grid([r.config for r in runs], out, plan.workers, progress)
+    return write_report(plan, runs, resolved, out, time.perf_counter() - start)
+
+
+def _write_plan(plan: LMPlan, resolved: dict[int, dict | None], out: Path) -> None:
+    record = plan_record(plan, {str(h): b for h, b in resolved.items()})
+    record["estimated_core_minutes"] = plan.estimated_core_minutes(
+        plan.runs(out, _multiples(resolved)))
+    (out / "plan.json").write_text(json.dumps(record, indent=2) + "\n")
+
+
+def _log_rates(resolved: dict[int, dict | None]) -> None:
+    for horizon, best in resolved.items():
+        if best:
+            print(f"{horizon} iterations: the tuned variants train at lr {best['lr']:g} "
+                  f"({best['variant']}, the best backprop over seeds "
+                  f"{', '.join(map(str, best['seeds']))})", file=sys.stderr, flush=True)
+
+
+def write_report(plan: LMPlan, runs: list[GridRun], resolved: dict[int, dict | None],
+                 out: Path, wall_time_s: float = 0.0) -> dict:
+    """``summary.json``, ``results.md`` and the figures from the runs finished in ``out``."""
+    outcomes, missing = _outcomes(runs)
+    waiting = [h for h, best in resolved.items() if best is None]
+    curves = cell_curves(outcomes)
+    summary = summarise(outcomes, plan, curves)
+    summary.update(missing=missing, waiting_for_sweep=waiting, runs=len(runs),
+                   wall_time_s=wall_time_s, machines=machines_line(outcomes),
                    train_time_s=sum(o["train_time_s"] or 0.0 for o in outcomes))
-    summary["machines"] = machines_line(outcomes)
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    figures = make_figures(plan, runs, out)
-    (out / "results.md").write_text(render_report(summary, plan, figures, out))
+    figures = make_figures(plan, summary, curves, out)
+    timed = out / "wallclock.json"
+    wallclock = json.loads(timed.read_text()) if timed.exists() else None
+    (out / "results.md").write_text(render_report(summary, plan, figures, wallclock))
     return summary
+
+
+def cell_curves(outcomes: list[dict]) -> dict[tuple[int, str, int], Curve]:
+    """Each cell's held-out loss curve, the mean over its finished seeds."""
+    by_cell: dict[tuple[int, str, int], list[Curve]] = {}
+    for o in outcomes:
+        if o["status"] == "finished":
+            by_cell.setdefault((o["horizon"], o["variant"], o["stages"]), []).append(
+                read_curve(o["out"]))
+    return {cell: mean_curve(curves) for cell, curves in by_cell.items()}
