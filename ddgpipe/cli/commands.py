@@ -253,6 +253,9 @@ def cmd_lm(args: argparse.Namespace) -> int:
     if args.long_from is not None:
         plan.long_from = args.long_from
     plan.workers = args.workers
+    if args.recommended and not args.wallclock:
+        raise UsageError("--recommended names the DDG variant --wallclock times: add "
+                         "--wallclock")
     summary = run_lm(plan, args.out, progress=not args.no_progress,
                      report_only=args.report_only)
     if args.wallclock:
@@ -261,9 +264,6 @@ def cmd_lm(args: argparse.Namespace) -> int:
         run_wallclock(plan, summary, Path(args.out), recommended=args.recommended,
                       progress=not args.no_progress)
         run_lm(plan, args.out, progress=False, report_only=True)  # the report shows it
-    elif args.recommended:
-        raise UsageError("--recommended names the DDG variant --wallclock times: add "
-                         "--wallclock")
     return _print_report(Path(args.out))
 
 

@@ -37,6 +37,7 @@ def plot_gap_vs_horizon(rows: list[dict], plan: Any, out_png: Path) -> Path | No
         ax.axhline(0.0, color="black", lw=0.5)
         ax.set_xscale("log")
         ax.set_xticks(list(plan.horizons), [str(h) for h in plan.horizons])
+        ax.minorticks_off()
         ax.set(xlabel="iterations (horizon)", title=f"K = {k}")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
