@@ -25,7 +25,8 @@ from ddgpipe.training.config import flatten
 from ddgpipe.training.plots import read_jsonl
 
 __all__ = ["FINISHED", "DIVERGED", "DIVERGED_FILE", "UNRECORDED_MACHINE", "read_outcome",
-           "run_grid", "mean_std", "config_matches", "machines_line", "run_machine"]
+           "run_grid", "mean_std", "config_matches", "machines_line", "run_machine",
+           "microbatching_available"]
 
 FINISHED, DIVERGED = "finished", "diverged"
 DIVERGED_FILE = "diverged.json"
@@ -186,3 +187,9 @@ def mean_std(values: Sequence[float]) -> tuple[float | None, float | None]:
     if not values:
         return None, None
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def microbatching_available() -> bool:
+    """Whether this ddgpipe's TrainConfig has microbatched DDG (``microbatches``): the grids
+    leave its variants out of their defaults until it does."""
+    return any(f.name == "microbatches" for f in dataclasses.fields(TrainConfig))

@@ -10,7 +10,12 @@ import pytest
 
 from ddgpipe.cli import main
 from ddgpipe.data.mnist1d import CACHE_ENV
-from ddgpipe.experiments.common import DIVERGED_FILE, _train_one, read_outcome
+from ddgpipe.experiments.common import (
+    DIVERGED_FILE,
+    _train_one,
+    microbatching_available,
+    read_outcome,
+)
 from ddgpipe.experiments.paper import ExperimentPlan, summarise_runs
 from ddgpipe.experiments.staleness.plan import StalenessPlan
 from ddgpipe.experiments.staleness.summary import summarise
@@ -228,6 +233,35 @@ def test_staleness_gaps_sweep_budget_and_goals_are_computed():
                                        ("ddg+lwp", 8): [97.0]}), no_sweep)
     goals = {g["variant"]: g for g in summary["goals"]}
     assert goals["ddg+sc"]["met"] is None and goals["ddg"]["met"] is False
+
+
+def test_staleness_microbatched_rows_count_only_at_their_k():
+    plan = StalenessPlan(benchmarks=("digits",), stage_counts=(2, 4), seeds=(0,),
+                         parts=("main",), variants=("bp", "ddg", "ddg-m4"))
+    summary = summarise(fake_outcomes({("bp", 1): [97.0], ("ddg", 2): [96.0],
+                                       ("ddg", 4): [95.0], ("ddg-m4", 4): [96.9]}), plan)
+    goal = next(g for g in summary["goals"] if g["variant"] == "ddg-m4")
+    assert [c.get("not_run", False) for c in goal["per_k"]] == [True, False]
+    assert goal["per_k"][1]["within_bp"] is True
+    assert goal["met"] is None  # no sweep part to compare with: n/a, K = 2 not counted
+
+
+def test_staleness_default_variants_follow_microbatching():
+    from ddgpipe.experiments.staleness.plan import default_variants
+
+    micro = {"ddg-m4", "ddg-m8"} & set(default_variants())
+    assert micro == ({"ddg-m4", "ddg-m8"} if microbatching_available() else set())
+
+
+@pytest.mark.skipif(not microbatching_available(), reason="microbatched DDG is not merged")
+def test_staleness_microbatched_runs_at_k4_and_8():
+    plan = StalenessPlan(seeds=(0,), parts=("main",), variants=("bp", "ddg-m4", "ddg-m8"))
+    plan.validate()
+    runs = {r.name: r for r in plan.runs("out")}
+    for bench in ("digits", "mnist1d"):
+        assert {n for n in runs if n.startswith(f"{bench}/ddg-m")} == {
+            f"{bench}/ddg-m{m}/k{k}-s0" for m in (4, 8) for k in (4, 8)}
+    assert runs["digits/ddg-m8/k4-s0"].config.microbatches == 8
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -9,12 +9,12 @@ from pathlib import Path
 import pytest
 
 from ddgpipe.cli import main
-from ddgpipe.experiments.common import read_outcome
+from ddgpipe.experiments.common import microbatching_available, read_outcome
 from ddgpipe.experiments.lm.curves import mean_curve, steps_to_reach
 from ddgpipe.experiments.lm.plan import LMPlan, lm_plan
 from ddgpipe.experiments.lm.report import render_report
 from ddgpipe.experiments.lm.summary import best_backprop, find, summarise
-from ddgpipe.experiments.lm.variants import VARIANTS_BY_NAME, microbatching_available
+from ddgpipe.experiments.lm.variants import VARIANTS_BY_NAME
 from ddgpipe.experiments.lm.wallclock import combine, ddg_bench_row
 
 DOCS_LM = Path(__file__).resolve().parents[2] / "docs" / "lm"

@@ -16,12 +16,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ddgpipe.errors import UsageError
+from ddgpipe.experiments.common import microbatching_available
 from ddgpipe.experiments.lm.variants import (
     BEST_BP,
     RECIPE,
     VARIANTS_BY_NAME,
     Variant,
-    microbatching_available,
     run_folder,
 )
 from ddgpipe.training import TrainConfig

@@ -8,14 +8,13 @@ that DDG is never measured against a backprop better tuned than itself.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
 from ddgpipe.training.recipes import ASYNCPP
 
 __all__ = ["Variant", "VARIANTS", "VARIANTS_BY_NAME", "RECIPE", "BEST_BP", "bp_rate",
-           "microbatching_available", "run_folder"]
+           "run_folder"]
 
 RECIPE: dict[str, Any] = {
     "optimizer": "adamw", "lr": 1e-3, "beta1": 0.9, "beta2": 0.95, "weight_decay": 0.1,
@@ -101,10 +100,3 @@ def run_folder(variant: Variant, multiple: float | None) -> str:
     if not variant.tuned or multiple is None or multiple == 1:
         return variant.name
     return f"{variant.name}-lr{multiple:g}"
-
-
-def microbatching_available() -> bool:
-    """Whether this ddgpipe's TrainConfig has microbatched DDG (``microbatches``)."""
-    from ddgpipe.training import TrainConfig
-
-    return any(f.name == "microbatches" for f in dataclasses.fields(TrainConfig))

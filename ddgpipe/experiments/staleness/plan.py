@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ddgpipe.errors import UsageError
+from ddgpipe.experiments.common import microbatching_available
 from ddgpipe.experiments.paper import SETTINGS
 from ddgpipe.training import TrainConfig
 
@@ -80,6 +81,11 @@ class Variant:
     lr: float = BASE_LR
     epochs_factor: int = 1
     baseline: str = "bp"
+    microbatches: int = 1  # microbatched DDG: M microbatches of B/M per optimizer step
+    stages: tuple[int, ...] | None = None  # the K it runs at (None: every K of the plan)
+
+    def runs_at(self, k: int) -> bool:
+        return self.stages is None or k in self.stages
 
 
 MAIN_VARIANTS = (
@@ -97,8 +103,18 @@ MAIN_VARIANTS = (
     Variant("ddg+delay-lr", "DDG + delay-lr", compensation="delay-lr"),
     Variant("ddg+accumulate", "DDG + accumulate 4", compensation="accumulate"),
     Variant("ddg+stage-momentum", "DDG + stage-momentum", compensation="stage-momentum"),
+    # microbatched DDG at the grid's batch (64: M = 4 and 8 divide it), where the delay of
+    # K = 4 and 8 is longest: a stage's gradient is then at most ceil(delay / M) steps stale
+    Variant("ddg-m4", "DDG M=4", microbatches=4, stages=(4, 8)),
+    Variant("ddg-m8", "DDG M=8", microbatches=8, stages=(4, 8)),
 )
 VARIANTS_BY_NAME = {v.name: v for v in MAIN_VARIANTS}
+
+
+def default_variants() -> tuple[str, ...]:
+    """Every main variant this ddgpipe can train (microbatched DDG is merged separately)."""
+    available = microbatching_available()
+    return tuple(v.name for v in MAIN_VARIANTS if available or v.microbatches == 1)
 
 
 def sweep_variant(lr: float) -> Variant:
@@ -132,7 +148,7 @@ class StalenessPlan:
     stage_counts: tuple[int, ...] = (2, 3, 4, 8)
     seeds: tuple[int, ...] = (0, 1, 2)
     parts: tuple[str, ...] = PARTS
-    variants: tuple[str, ...] = tuple(VARIANTS_BY_NAME)  # the main part's
+    variants: tuple[str, ...] = field(default_factory=default_variants)  # the main part's
     sweep_lrs: tuple[float, ...] = (BASE_LR, BASE_LR / 2, BASE_LR / 4)
     budget_factor: int = BUDGET_FACTOR
     budget_stages: tuple[int, ...] = BUDGET_STAGES
@@ -174,6 +190,7 @@ class StalenessPlan:
                                  "(K = 1) is always run")
         if self.workers < 1:
             raise UsageError(f"--workers must be >= 1 (got {self.workers})")
+        self._validate_microbatches()
         for name in self.benchmarks:
             bench = self.benchmark(name)
             blocks = len(build_model(bench.model))  # the cuttable entries of its stack
@@ -182,6 +199,18 @@ class StalenessPlan:
                                  f"fit {bench.model} "
                                  f"({name}): it has {blocks} blocks to cut between; use "
                                  f"--stages up to {blocks}")
+
+    def _validate_microbatches(self) -> None:
+        micro = [VARIANTS_BY_NAME[v] for v in self.variants if VARIANTS_BY_NAME[v].microbatches > 1]
+        if micro and not microbatching_available():
+            raise UsageError(f"{', '.join(v.name for v in micro)} need microbatched DDG, which "
+                             "this ddgpipe lacks: leave them out of --variants")
+        for variant in micro:
+            for name in self.benchmarks:
+                batch = self.benchmark(name).batch_size
+                if batch % variant.microbatches:
+                    raise UsageError(f"{variant.name}: {variant.microbatches} microbatches do "
+                                     f"not divide {name}'s batch of {batch}")
 
     def part_variants(self, part: str) -> list[Variant]:
         """The variants a part needs (backprop included where its gaps are measured)."""
@@ -210,7 +239,8 @@ class StalenessPlan:
                 for bench_name in self.benchmarks:
                     bench = self.benchmark(bench_name)
                     for variant in self.part_variants(part):
-                        for k in [1] if variant.method == "bp" else stage_counts:
+                        for k in [1] if variant.method == "bp" else [
+                                k for k in stage_counts if variant.runs_at(k)]:
                             name = f"{bench_name}/{variant.name}/k{k}-s{seed}"
                             if name not in runs:
                                 runs[name] = GridRun(name, bench_name, variant, k, seed,
@@ -220,8 +250,9 @@ class StalenessPlan:
 
     @staticmethod
     def _config(bench: Benchmark, variant: Variant, k: int, seed: int, out: Path) -> TrainConfig:
+        micro = {"microbatches": variant.microbatches} if variant.microbatches > 1 else {}
         return TrainConfig.from_flat(
-            model=bench.model, data=bench.data, method=variant.method, stages=k,
+            model=bench.model, data=bench.data, method=variant.method, stages=k, **micro,
             compensation=variant.compensation, grad_shrink=variant.grad_shrink,
             epochs=bench.epochs * variant.epochs_factor, batch_size=bench.batch_size,
             seed=seed, balance="params", executor="reference", threads=1, progress=False,

@@ -51,6 +51,10 @@ DESCRIPTIONS = {
     "ddg+stage-momentum": ("stage-dependent Nesterov momentum 0.9 + d_k (0.99 - 0.9) / K, "
                            "effective step kept (Ajanthan et al. 2025, carried to SGD)",
                            "--compensation stage-momentum"),
+    **{f"ddg-m{m}": (f"microbatched DDG: the batch fed as {m} microbatches of batch/{m}, one "
+                     "per clock; every stage steps once per batch with their mean gradient, "
+                     f"so its staleness is ceil(delay / {m}) steps; K = 4 and 8 only",
+                     f"--microbatches {m}") for m in (4, 8)},
 }
 STYLES = {v.name: (f"C{i}", "--" if v.method == "fr" else "-")
           for i, v in enumerate(MAIN_VARIANTS)}
@@ -227,7 +231,8 @@ def _goals_section(summary: dict, plan: StalenessPlan) -> list[str]:
         "|---|---|" + "|".join("---" for _ in ks) + "|---|",
     ]
     for goal in summary["goals"]:
-        cells = [f"{_num(c['gap_to_bp_pp'], '+.2f')} {_mark(c['within_bp'])} / "
+        cells = ["not run at this K" if c.get("not_run") else
+                 f"{_num(c['gap_to_bp_pp'], '+.2f')} {_mark(c['within_bp'])} / "
                  f"{_num(c['vs_tuned_ddg_pp'], '+.2f')} {_mark(c['not_worse_than_tuned_ddg'])}"
                  + (f" [{c['diverged']} diverged]" if c["diverged"] else "")
                  for c in goal["per_k"]]
