@@ -253,6 +253,11 @@ def cmd_lm(args: argparse.Namespace) -> int:
     if args.long_from is not None:
         plan.long_from = args.long_from
     plan.workers = args.workers
+    if args.plan_only:
+        from ddgpipe.experiments.lm.run import format_plan_cost, plan_cost
+
+        print(format_plan_cost(plan_cost(plan, args.out), plan.workers))
+        return 0
     if args.recommended and not args.wallclock:
         raise UsageError("--recommended names the DDG variant --wallclock times: add "
                          "--wallclock")

@@ -140,6 +140,9 @@ def add_lm_arguments(p: argparse.ArgumentParser) -> None:
                    help="also time bench rows of the model at K = 2 (two-thread backprop, "
                         "DDP, GPipe, 1F1B, the recommended DDG) on this machine and combine "
                         "them with the study's iso-loss steps: DIR/wallclock.md")
+    p.add_argument("--plan-only", action="store_true",
+                   help="train nothing: print per horizon the runs planned, finished and left "
+                        "in --out, and the core-minutes left (about 7 per 800 iterations)")
     p.add_argument("--recommended", metavar="VARIANT",
                    help="--wallclock: the DDG variant to time (default: the report's "
                         "recommendation)")

@@ -222,3 +222,29 @@ def test_quick_plan_is_small():
     plan = lm_plan(quick=True)
     plan.validate()
     assert plan.horizons == (12, 24) and plan.variants_at(24) == ("bp", "bp-lr2", "ddg")
+
+
+def test_plan_cost_counts_runs_left_and_their_core_minutes(tmp_path):
+    from ddgpipe.experiments.lm.run import format_plan_cost, plan_cost
+
+    plan = _plan(variants=("bp", "bp-lr2", "ddg"), long_variants=("bp", "bp-lr2"))
+    table = plan_cost(plan, tmp_path)  # nothing trained: every run is left
+    assert [(r["horizon"], r["seeds"], r["runs"], r["left"]) for r in table] == [
+        (800, 3, 15, 15), (3200, 1, 5, 5), (12800, 2, 4, 4)]
+    assert [r["core_minutes_left"] for r in table] == [105.0, 140.0, 448.0]
+    assert format_plan_cost(table, 2).endswith("left: 693 core-minutes, about 5.8 hours with "
+                                               "2 workers")
+
+
+def test_wallclock_times_the_recommended_variant_or_the_one_named():
+    from ddgpipe.errors import UsageError
+    from ddgpipe.experiments.lm.wallclock import _choose
+
+    plan = _plan(variants=("bp", "bp-lr2", "ddg"), horizons=(800,), stage_counts=(2, 4))
+    summary = _synthetic_summary(plan)
+    name, row = _choose(summary, None)
+    assert (name, row["horizon"], row["iso_steps"]) == ("ddg", 800, 600.0)
+    with pytest.raises(UsageError, match="not a DDG variant"):
+        _choose(summary, "bp-lr2")
+    with pytest.raises(UsageError, match="no finished run at K = 2"):
+        _choose(summary, "ddg+wp")

@@ -177,8 +177,7 @@ class LMPlan:
 
     def estimated_core_minutes(self, runs: list[GridRun]) -> float:
         """What ``runs`` cost on one core of the reference machine, roughly."""
-        scale = CORE_MINUTES_PER_800 / 800
-        return sum(scale * r.horizon for r in runs)
+        return CORE_MINUTES_PER_800 * sum(r.horizon for r in runs) / 800
 
 
 def _buildable(names: tuple[str, ...]) -> tuple[str, ...]:

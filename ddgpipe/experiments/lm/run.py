@@ -16,7 +16,7 @@ from ddgpipe.experiments.lm.plan import GridRun, LMPlan, plan_record
 from ddgpipe.experiments.lm.report import render_report
 from ddgpipe.experiments.lm.summary import best_backprop, summarise
 
-__all__ = ["run_lm", "resolve_rates"]
+__all__ = ["run_lm", "resolve_rates", "plan_cost", "format_plan_cost"]
 
 
 def _outcomes(runs: list[GridRun]) -> tuple[list[dict], list[str]]:
@@ -112,3 +112,35 @@ def cell_curves(outcomes: list[dict]) -> dict[tuple[int, str, int], Curve]:
             by_cell.setdefault((o["horizon"], o["variant"], o["stages"]), []).append(
                 read_curve(o["out"]))
     return {cell: mean_curve(curves) for cell, curves in by_cell.items()}
+
+
+def plan_cost(plan: LMPlan, out: str | Path) -> list[dict]:
+    """Per horizon: the runs planned, finished and left, and what those left cost on one core
+    (roughly). Tuned runs of a horizon whose sweep is unfinished all count as left."""
+    plan.validate()
+    out = Path(out)
+    resolved = resolve_rates(plan, out)
+    waiting = {h: 1.0 for h, best in resolved.items() if best is None}  # a stand-in rate
+    multiples: dict[int, float | None] = {**_multiples(resolved), **waiting}
+    runs = plan.runs(out, multiples)
+    table = []
+    for horizon in sorted(plan.horizons):
+        here = [r for r in runs if r.horizon == horizon]
+        left = [r for r in here if (r.variant.tuned and horizon in waiting)
+                or read_outcome(r.config) is None]
+        table.append({"horizon": horizon, "seeds": len(plan.seeds_at(horizon)),
+                      "runs": len(here), "finished": len(here) - len(left),
+                      "left": len(left), "core_minutes_left": plan.estimated_core_minutes(left),
+                      "core_minutes": plan.estimated_core_minutes(here)})
+    return table
+
+
+def format_plan_cost(table: list[dict], workers: int) -> str:
+    """``--plan-only``'s table: per horizon, runs and core-minutes left."""
+    lines = ["horizon  seeds  runs  finished  left  core-min left  (all)"]
+    lines += [f"{r['horizon']:>7}  {r['seeds']:>5}  {r['runs']:>4}  {r['finished']:>8}  "
+              f"{r['left']:>4}  {r['core_minutes_left']:>13.0f}  ({r['core_minutes']:.0f})"
+              for r in table]
+    left = sum(r["core_minutes_left"] for r in table)
+    return "\n".join(lines + [f"left: {left:.0f} core-minutes, about {left / 60 / workers:.1f} "
+                               f"hours with {workers} workers"])
