@@ -264,12 +264,32 @@ def cmd_lm(args: argparse.Namespace) -> int:
     summary = run_lm(plan, args.out, progress=not args.no_progress,
                      report_only=args.report_only)
     if args.wallclock:
-        from ddgpipe.experiments.lm.wallclock import run_wallclock
-
-        run_wallclock(plan, summary, Path(args.out), recommended=args.recommended,
-                      progress=not args.no_progress)
+        _lm_wallclock(plan, summary, Path(args.out), args.recommended, not args.no_progress)
         run_lm(plan, args.out, progress=False, report_only=True)  # the report shows it
     return _print_report(Path(args.out))
+
+
+def _lm_wallclock(plan, summary: dict, out: Path, recommended: str | None,
+                  progress: bool) -> None:
+    """Time the bench rows of the study's model at K = 2 (unless timed already with the same
+    settings) and combine them with the study's steps to backprop's loss."""
+    from ddgpipe.bench import BenchConfig, run_bench
+    from ddgpipe.experiments.lm.wallclock import (
+        bench_settings,
+        choose_variant,
+        ddg_bench_row,
+        saved_bench,
+        write_wallclock,
+    )
+
+    name, row = choose_variant(summary, recommended)
+    settings = bench_settings(plan, ddg_bench_row(name))
+    bench = saved_bench(out / "wallclock", settings)
+    if bench is None:
+        config = BenchConfig(**(settings | {"microbatches": tuple(settings["microbatches"]),
+                                            "configs": tuple(settings["configs"])}))
+        bench = run_bench(config, out / "wallclock", progress=progress)
+    write_wallclock(name, row, settings, bench, out)
 
 
 def _print_report(out: Path) -> int:

@@ -238,13 +238,26 @@ def test_plan_cost_counts_runs_left_and_their_core_minutes(tmp_path):
 
 def test_wallclock_times_the_recommended_variant_or_the_one_named():
     from ddgpipe.errors import UsageError
-    from ddgpipe.experiments.lm.wallclock import _choose
+    from ddgpipe.experiments.lm.wallclock import choose_variant
 
     plan = _plan(variants=("bp", "bp-lr2", "ddg"), horizons=(800,), stage_counts=(2, 4))
     summary = _synthetic_summary(plan)
-    name, row = _choose(summary, None)
+    name, row = choose_variant(summary, None)
     assert (name, row["horizon"], row["iso_steps"]) == ("ddg", 800, 600.0)
     with pytest.raises(UsageError, match="not a DDG variant"):
-        _choose(summary, "bp-lr2")
+        choose_variant(summary, "bp-lr2")
     with pytest.raises(UsageError, match="no finished run at K = 2"):
-        _choose(summary, "ddg+wp")
+        choose_variant(summary, "ddg+wp")
+
+
+def test_a_bench_timed_with_the_same_settings_is_reused(tmp_path):
+    from ddgpipe.experiments.lm.wallclock import bench_settings, saved_bench
+
+    settings = bench_settings(lm_plan(quick=True), "ddg-graph-threads")
+    assert settings["configs"] == ["bp-2t", "ddp", "gpipe-m2", "gpipe-m4", "1f1b-m2",
+                                   "1f1b-m4", "ddg-graph-threads"]
+    assert saved_bench(tmp_path, settings) is None
+    result = {"config": settings | {"seed": 0}, "rows": []}
+    (tmp_path / "bench.json").write_text(json.dumps(result))
+    assert saved_bench(tmp_path, settings) == result
+    assert saved_bench(tmp_path, settings | {"steps": 30}) is None

@@ -4,14 +4,13 @@ for two-thread backprop, DDP, GPipe, 1F1B and the recommended DDG.
 Steps come from the study (GPipe, 1F1B and DDP compute backprop's exact gradient at the same
 batch, so they need backprop's steps; DDG needs its iso-loss steps); time per step from
 ``ddgpipe bench`` rows of the study's model on this machine (threads or processes on its
-cores). Time to the loss = steps x seconds per step.
+cores), which the command line runs (bench and experiments sit side by side: neither imports
+the other). Time to the loss = steps x seconds per step.
 """
 
 from __future__ import annotations
 
 import json
-import sys
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +18,8 @@ from ddgpipe.errors import UsageError
 from ddgpipe.experiments.lm.summary import find
 from ddgpipe.experiments.lm.variants import VARIANTS_BY_NAME
 
-__all__ = ["run_wallclock", "combine", "ddg_bench_row", "bench_config", "WALLCLOCK_K"]
+__all__ = ["choose_variant", "combine", "ddg_bench_row", "bench_settings", "saved_bench",
+           "write_wallclock", "WALLCLOCK_K"]
 
 WALLCLOCK_K = 2
 PIPELINE_MICROBATCHES = (2, 4)
@@ -35,19 +35,29 @@ def ddg_bench_row(variant: str) -> str:
     return f"ddg-m{m}" if m > 1 else "ddg-graph-threads"
 
 
-def bench_config(plan: Any, ddg_row: str) -> Any:
-    """The bench settings: the study's model, width, context and batch at K = 2."""
-    from ddgpipe.bench import BenchConfig
-
+def bench_settings(plan: Any, ddg_row: str) -> dict:
+    """``BenchConfig``'s settings: the study's model, width, context and batch at K = 2."""
     batch = plan.recipe["batch_size"]
-    ms = tuple(m for m in PIPELINE_MICROBATCHES if batch % m == 0)
+    ms = [m for m in PIPELINE_MICROBATCHES if batch % m == 0]
     pipes = [f"{s}-m{m}" for s in ("gpipe", "1f1b") for m in ms
              if s == "gpipe" or m >= WALLCLOCK_K]  # torch's 1F1B needs M >= K
     steps, warmup, rounds = (2, 1, 1) if plan.quick else (20, 5, 3)
-    return BenchConfig(model=plan.model, batch_size=batch, stages=WALLCLOCK_K,
-                       context=plan.shape["context"], width=plan.shape["width"],
-                       microbatches=ms, configs=("bp-2t", "ddp", *pipes, ddg_row),
-                       steps=steps, warmup=warmup, rounds=rounds)
+    return {"model": plan.model, "batch_size": batch, "stages": WALLCLOCK_K,
+            "context": plan.shape["context"], "width": plan.shape["width"],
+            "microbatches": ms, "configs": ["bp-2t", "ddp", *pipes, ddg_row],
+            "steps": steps, "warmup": warmup, "rounds": rounds}
+
+
+def saved_bench(bench_dir: Path, settings: dict) -> dict | None:
+    """``bench_dir/bench.json`` when it was timed with these settings (a resumed study
+    does not time again), else None."""
+    path = bench_dir / "bench.json"
+    try:
+        result = json.loads(path.read_text())
+        saved = result["config"]
+    except (OSError, json.JSONDecodeError, KeyError, TypeError):
+        return None
+    return result if all(saved.get(k) == v for k, v in settings.items()) else None
 
 
 def combine(bench_rows: list[dict], horizon: int, ddg_row: str, ddg_steps: float | None,
@@ -80,8 +90,9 @@ def _describe(name: str) -> str:
     return f"{words.get(kind, kind)}, {m} microbatches" if m else name
 
 
-def _choose(summary: dict, recommended: str | None) -> tuple[str, dict]:
-    """The DDG variant to time and its K = 2 row at the longest horizon it finished."""
+def choose_variant(summary: dict, recommended: str | None) -> tuple[str, dict]:
+    """The DDG variant to time (``recommended``, else the study's recommendation, else its
+    closest at K = 2) and its K = 2 row at the longest horizon it finished."""
     name = recommended or summary["goal"].get("recommended") or \
         (summary["goal"].get("per_k", {}).get(str(WALLCLOCK_K)) or {}).get("variant")
     if name is None:
@@ -89,8 +100,7 @@ def _choose(summary: dict, recommended: str | None) -> tuple[str, dict]:
                          "first, or name one with --recommended")
     if name not in VARIANTS_BY_NAME or VARIANTS_BY_NAME[name].method == "bp":
         raise UsageError(f"--recommended {name!r} is not a DDG variant of the study")
-    horizons = sorted({r["horizon"] for r in summary["rows"]}, reverse=True)
-    for horizon in horizons:
+    for horizon in sorted({r["horizon"] for r in summary["rows"]}, reverse=True):
         row = find(summary["rows"], horizon, name, WALLCLOCK_K)
         if row and row["target_reached"] is not None:
             return name, row
@@ -98,28 +108,15 @@ def _choose(summary: dict, recommended: str | None) -> tuple[str, dict]:
                      "from")
 
 
-def run_wallclock(plan: Any, summary: dict, out: Path, recommended: str | None = None,
-                  progress: bool = True) -> dict:
-    """Time the bench rows (reusing ``out/wallclock/bench.json`` when its settings match) and
-    write ``out/wallclock.json``; the study's report shows it."""
-    from ddgpipe.bench import run_bench
-
-    name, row = _choose(summary, recommended)
+def write_wallclock(name: str, row: dict, settings: dict, bench: dict, out: Path) -> dict:
+    """``out/wallclock.json``: the bench's speeds times the study's steps; the study's report
+    shows it."""
     ddg_row = ddg_bench_row(name)
-    config = bench_config(plan, ddg_row)
-    bench_dir = out / "wallclock"
-    saved = bench_dir / "bench.json"
-    result = json.loads(saved.read_text()) if saved.exists() else None
-    if result is None or result.get("config") != json.loads(json.dumps(asdict(config))):
-        if progress:
-            print(f"wall clock: timing {', '.join(config.configs or ())} at K = "
-                  f"{WALLCLOCK_K}", file=sys.stderr, flush=True)
-        result = run_bench(config, bench_dir, progress=progress)
     record = {"variant": name, "horizon": row["horizon"], "ddg_row": ddg_row,
-              "iso_steps": row["iso_steps"], "batch_size": config.batch_size,
-              "bench_steps": config.steps, "bench_rounds": config.rounds,
-              "machine": result.get("machine"),
-              "rows": combine(result["rows"], row["horizon"], ddg_row, row["iso_steps"],
-                              config.batch_size)}
+              "iso_steps": row["iso_steps"], "batch_size": settings["batch_size"],
+              "bench_steps": settings["steps"], "bench_rounds": settings["rounds"],
+              "machine": bench.get("machine"),
+              "rows": combine(bench["rows"], row["horizon"], ddg_row, row["iso_steps"],
+                              settings["batch_size"])}
     (out / "wallclock.json").write_text(json.dumps(record, indent=2) + "\n")
     return record
