@@ -252,6 +252,8 @@ def cmd_lm(args: argparse.Namespace) -> int:
             setattr(plan, field, tuple(value))
     if args.long_from is not None:
         plan.long_from = args.long_from
+    if args.seed_counts is not None:
+        plan.seed_counts = _seed_counts(args.seed_counts)
     plan.workers = args.workers
     if args.plan_only:
         from ddgpipe.experiments.lm.run import format_plan_cost, plan_cost
@@ -267,6 +269,18 @@ def cmd_lm(args: argparse.Namespace) -> int:
         _lm_wallclock(plan, summary, Path(args.out), args.recommended, not args.no_progress)
         run_lm(plan, args.out, progress=False, report_only=True)  # the report shows it
     return _print_report(Path(args.out))
+
+
+def _seed_counts(pairs: list[str]) -> dict[int, int]:
+    """``--seed-counts 3200:1,12800:2`` as {3200: 1, 12800: 2}."""
+    counts = {}
+    for pair in pairs:
+        horizon, _, count = pair.partition(":")
+        if not (horizon.isdigit() and count.isdigit()):
+            raise UsageError(f"--seed-counts takes HORIZON:SEEDS pairs, e.g. 3200:1,12800:2 "
+                             f"(got {pair!r})")
+        counts[int(horizon)] = int(count)
+    return counts
 
 
 def _lm_wallclock(plan, summary: dict, out: Path, recommended: str | None,

@@ -122,8 +122,11 @@ def add_lm_arguments(p: argparse.ArgumentParser) -> None:
                         "its own cosine; 800 goes to DIR, others to DIR/hH (default: "
                         "800,3200,12800)")
     p.add_argument("--seeds", type=int_list, metavar="S1,S2",
-                   help="seeds; 3200 trains the first one and 12800 the first two "
-                        "(default: 0,1,2; quick: 0)")
+                   help="seeds; by default 3200 trains the first one and 12800 the first "
+                        "two (see --seed-counts) (default: 0,1,2; quick: 0)")
+    p.add_argument("--seed-counts", type=str_list, metavar="H:N,H:N",
+                   help="how many of --seeds (the first ones) each named horizon trains; "
+                        "others train all (default: 3200:1,12800:2)")
     p.add_argument("--stages", type=int_list, metavar="K1,K2",
                    help="the K values, each between 2 and the model's blocks; backprop is "
                         "always run (default: 2,4,8; quick: 2)")

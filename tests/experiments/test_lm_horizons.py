@@ -210,6 +210,8 @@ def test_quick_horizon_study_its_phases_and_resumption(tmp_path, capsys):
     (["--horizons", "800,800"], "--horizons needs distinct values"),
     (["--long-variants", "bp,ddg-nope"], "unknown variant 'ddg-nope'"),
     (["--recommended", "ddg"], "--recommended names the DDG variant --wallclock times"),
+    (["--seed-counts", "3200-1"], "--seed-counts takes HORIZON:SEEDS pairs"),
+    (["--seed-counts", "12:0"], "every horizon needs at least one seed"),
 ])
 def test_bad_lm_input(argv, message, capsys, tmp_path):
     assert main(["experiment", "lm", "--quick", "--report-only", "--out", str(tmp_path),
