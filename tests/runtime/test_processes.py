@@ -16,7 +16,7 @@ import torch.nn.functional as F
 import ddgpipe
 from ddgpipe.methods.dni import DNI
 from ddgpipe.runtime.launch import WorkerError, run_workers
-from tests.helpers import dropout_convnet, ragged_batches, sgd, step_lr
+from tests.helpers import batches, dropout_convnet, ragged_batches, sgd, step_lr
 from tests.runtime_helpers import (
     assert_runtime_matches_reference,
     local_stage_arrays,
@@ -53,6 +53,27 @@ def test_runtime_matches_reference_bitwise(method, stages, stash):
                           threads=1)
     assert_runtime_matches_reference(results, lambda: build(method, stages, stash, "reference"),
                                      ragged_batches(clocks))
+
+
+def microbatched(stages, stash, executor=None):
+    return ddgpipe.DDG(dropout_convnet(), stages, sgd(), lr_scheduler=step_lr(), stash=stash,
+                       peer_timeout_s=30, executor=executor, microbatches=2)
+
+
+def microbatched_worker(rank, world, stash, minibatches):
+    pipe = microbatched(world, stash)
+    losses = run_clocks(pipe, rank, world, batches(minibatches, sizes=(8, 6, 4)))
+    return {"state": local_stage_arrays(pipe), "losses": losses}
+
+
+@pytest.mark.parametrize("stages,stash", [(2, "graph"), (3, "recompute")])
+def test_runtime_matches_reference_bitwise_with_microbatches(stages, stash):
+    """Microbatched DDG (M = 2): every rank's weights and the losses agree with the reference."""
+    minibatches = 5
+    results = run_workers(microbatched_worker, stages, (stash, minibatches), timeout_s=120,
+                          threads=1)
+    assert_runtime_matches_reference(results, lambda: microbatched(stages, stash, "reference"),
+                                     batches(minibatches, sizes=(8, 6, 4)))
 
 
 def failing_worker(rank, world, how):

@@ -14,6 +14,7 @@ from ddgpipe.errors import StageError
 from ddgpipe.methods.dni import DNI
 from tests.helpers import (
     assert_same,
+    batches,
     conv_block,
     dropout_convnet,
     pool_head,
@@ -87,6 +88,19 @@ def test_threads_match_the_reference_bitwise(method, stages, stash, model):
     reference = train(build("reference", method, stages, stash, model), data, SEED)
     threaded = train(build("threads", method, stages, stash, model), data, SEED)
     assert_same(threaded, reference)
+
+
+@pytest.mark.parametrize("stages", [2, 3])
+@pytest.mark.parametrize("stash", ["graph", "recompute"])
+def test_threads_match_the_reference_with_microbatches(stages, stash):
+    """Microbatched DDG (M = 2): a dropout network's losses, weights and buffers agree."""
+    data = batches(7, sizes=(8, 6, 4))
+    reference = train(build("reference", "ddg", stages, stash, microbatches=2), data, SEED)
+    threaded = train(build("threads", "ddg", stages, stash, microbatches=2), data, SEED)
+    assert_same(threaded, reference)
+    fed_by_run = train(build("threads", "ddg", stages, stash, microbatches=2), data, SEED,
+                       use_run=True)
+    assert_same(fed_by_run, reference)
 
 
 @pytest.mark.parametrize("stash,free_backward", [("graph", True), ("recompute", False),
