@@ -2,8 +2,6 @@
 
 import pytest
 
-from ddgpipe.errors import UsageError
-
 from ddgpipe.core.schedule import (
     DDGSchedule,
     ScheduleError,
@@ -15,6 +13,7 @@ from ddgpipe.core.schedule import (
     num_clocks,
     validate_ddg,
 )
+from ddgpipe.errors import UsageError
 
 
 def as_text(schedule):

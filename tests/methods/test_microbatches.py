@@ -23,7 +23,6 @@ from tests.oracles import (
     NpAdamW,
     NpSGD,
     lr_factor,
-    numpy_params,
     tanh_net,
     torch_ddg,
     torch_sgd,

@@ -49,6 +49,8 @@ METHODS = {
                       "--executor", "reference"],
     "ddg-graph-threads": ["--method", "ddg", "--stages", "3", "--stash", "graph",
                           "--executor", "threads"],
+    "ddg-microbatches": ["--method", "ddg", "--stages", "3", "--microbatches", "4",
+                         "--executor", "reference"],
 }
 
 

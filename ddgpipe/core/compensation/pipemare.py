@@ -31,7 +31,9 @@ class PipeMareLR(Rule):
 
     def lr_factor(self) -> float:
         # S of clock t applies minibatch t - d_k after t - d_k earlier steps: k = steps + d_k
-        return pipemare_lr_factor(self.stale_steps, self.stage.steps + self.stale_steps, self.anneal)
+        # (under microbatches d_k in steps, ceil(d_k / M))
+        delay = self.stale_steps
+        return pipemare_lr_factor(delay, self.stage.steps + delay, self.anneal)
 
 
 class PipeMareReplay(Rule):
