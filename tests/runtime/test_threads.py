@@ -116,11 +116,14 @@ def test_only_the_forwards_of_a_dropout_network_hold_the_generator_lock(stash, f
     assert all(("B" in ops) == free_backward for ops in free[:-1])
 
 
-@pytest.mark.parametrize("compensation", ["sc,lwp", "dc"])
-def test_threads_match_the_reference_with_a_compensation(compensation):
-    data = ragged_batches(7)
-    reference = train(build("reference", stages=3, compensation=compensation), data, SEED)
-    threaded = train(build("threads", stages=3, compensation=compensation), data, SEED)
+@pytest.mark.parametrize("compensation, microbatches", [("sc,lwp", 1), ("dc", 1),
+                                                        ("sc,lwp", 2)])
+def test_threads_match_the_reference_with_a_compensation(compensation, microbatches):
+    data = batches(7, sizes=(8, 6, 4)) if microbatches > 1 else ragged_batches(7)
+    reference = train(build("reference", stages=3, compensation=compensation,
+                            microbatches=microbatches), data, SEED)
+    threaded = train(build("threads", stages=3, compensation=compensation,
+                           microbatches=microbatches), data, SEED)
     assert_same(threaded, reference)
 
 
