@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 import ddgpipe
 from ddgpipe.cli import main
+from ddgpipe.methods.microbatches import split_minibatch
 from tests.helpers import batches, dropout_mlp
 
 BASE = ["train", "--model", "resnet20", "--data", "digits", "--epochs", "2", "--batch-size",
@@ -269,7 +270,6 @@ def test_a_checkpoint_between_the_clocks_of_a_microbatched_step_resumes_bitwise(
     """Taken through the executor after an odd number of microbatches, mid-step, the state
     holds each stage's gradients summed so far and their count; resumed (under the other
     executor) the run ends where the uninterrupted one does."""
-    from ddgpipe.methods.microbatches import split_minibatch
     data = batches(6, (6,), sizes=4, classes=3)
     micro = [part for x, y in data for part in split_minibatch(x, y, 2)]
     uninterrupted = _microbatched_pipe(stash, "reference")
