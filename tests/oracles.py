@@ -310,6 +310,36 @@ class DDGOracle:
         """The end of the drain."""
 
 
+class MicrobatchedOracle(DDGOracle):
+    """Microbatched DDG: each minibatch is fed as ``microbatches`` M microbatches of B / M rows,
+    one per clock (``self.batches`` holds the microbatches); every stage sums the gradients
+    that reach it during a step's M clocks and, at the last of them (clock sM + M - 1), steps
+    once with their mean at lr_s; the drain ends with a step on what is left."""
+
+    def __init__(self, params, batches, optimizer: Callable[[int, int], object] = plain_sgd, *,
+                 microbatches: int, **settings):
+        rows = len(batches[0][0]) // microbatches
+        micro = [(x[i * rows:(i + 1) * rows], y[i * rows:(i + 1) * rows])
+                 for x, y in batches for i in range(microbatches)]
+        super().__init__(params, micro, optimizer, **settings)
+        self.microbatches = microbatches
+        self.summed: dict[int, tuple[Weights, int]] = {}  # stage -> (sum, count)
+
+    def clock(self, t: int) -> None:
+        if t < len(self.batches):
+            self.forward(t)
+        for arrival in self.arrivals(t):
+            k, g = arrival.stage, arrival.grad
+            total, count = self.summed.pop(k, (None, 0))
+            total = g if total is None else [a + b for a, b in zip(total, g)]
+            if (t + 1) % self.microbatches and arrival.minibatch < len(self.batches) - 1:
+                self.summed[k] = (total, count + 1)
+                continue
+            mean = [a / (count + 1) for a in total]
+            self.learn(Arrival(k, arrival.minibatch, mean, arrival.forward_weights),
+                       t // self.microbatches)
+
+
 def oracle_with(*rules: type[DDGOracle]) -> type[DDGOracle]:
     """DDG with the given rules, composed in order (each calls ``super()`` for the rest)."""
     if not rules:
@@ -345,7 +375,7 @@ def torch_sgd(nesterov=False):
 
 
 def torch_ddg(stages, batches, optimizer, compensation=None, options=None, stash="graph",
-              clip=None, executor=None, float64=True):
+              clip=None, executor=None, float64=True, microbatches=1):
     """ddgpipe's DDG on the tanh network with the oracles' lr schedule: the start and final
     weights as :func:`numpy_params` gives them."""
     model = tanh_net(WIDTHS[: stages + 1], seed=3)
@@ -354,7 +384,7 @@ def torch_ddg(stages, batches, optimizer, compensation=None, options=None, stash
         pipe = ddgpipe.DDG(
             model, stages, optimizer, stash=stash, clip_grad=clip, compensation=compensation,
             lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_factor),
-            compensation_options=options, executor=executor)
+            compensation_options=options, executor=executor, microbatches=microbatches)
         for x, y in batches:
             pipe.step(torch.from_numpy(x), torch.from_numpy(y), F.mse_loss)
         pipe.drain()

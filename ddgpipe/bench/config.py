@@ -20,7 +20,9 @@ GPU_BASELINE = "bp-1gpu"
 DDG_STASHES = ("graph", "recompute", "none")
 DDG_EXECUTORS = ("threads", "processes")
 _DDG_RE = re.compile(r"^ddg-(graph|recompute|none)-(threads|processes)$")
-_PIPE_RE = re.compile(r"^(gpipe|1f1b)-m(\d+)$")
+_PIPE_RE = re.compile(r"^(gpipe|1f1b|ddg)-m(\d+)$")
+#: the rows fed M microbatches per step: torch's synchronous pipelines, microbatched DDG
+MICROBATCHED = ("gpipe", "1f1b", "ddg")
 _BP_RE = re.compile(r"^bp-(\d+)t$")
 _REPLICAS_RE = re.compile(r"^ddg-(graph|recompute|none)-k(\d+)r(\d+)$")
 COMPILED = "-compile"  # a name's suffix: the same configuration through torch.compile
@@ -33,7 +35,8 @@ class BenchConfig:
 
     ``stages`` is K, the number of workers (processes for ddp/pipelines/DDG, threads for
     ``bp-{K}t``); ``steps`` are timed after ``warmup`` untimed ones, in every one of
-    ``rounds`` rounds; ``microbatches`` lists the M of ``gpipe-m{M}``/``1f1b-m{M}``;
+    ``rounds`` rounds; ``microbatches`` lists the M of ``gpipe-m{M}``/``1f1b-m{M}`` and of
+    microbatched DDG, ``ddg-m{M}`` (processes, stash graph, the same batch);
     ``configs`` picks a subset of names (``bp-1t`` is always added: it is the baseline);
     ``timeout_s`` bounds each configuration run; ``replicas`` R > 1 adds the K x R rows;
     ``compile`` adds ``-compile`` twins of backprop and DDG (torch.compile, compiled in the
@@ -132,7 +135,7 @@ def replica_names(config: BenchConfig) -> list[str]:
 
 def _pipeline_names(config: BenchConfig) -> list[str]:
     names = []
-    for schedule in ("gpipe", "1f1b"):
+    for schedule in MICROBATCHED:
         names += [f"{schedule}-m{m}" for m in config.microbatches
                   if _microbatch_problem(config, schedule, m) is None]
     return names
@@ -225,6 +228,8 @@ def _spec(config: BenchConfig, name: object, base: str, available: tuple[str, ..
         problem = _microbatch_problem(config, schedule, m)
         if problem:
             raise UsageError(problem)
+        if schedule == "ddg":  # microbatched DDG, on the process runtime like ddg-*-processes
+            return ConfigSpec(name, "ddg", k, share, microbatches=m, stash="graph")
         return ConfigSpec(name, schedule, k, share, microbatches=m)
     if ddg and ddg.group(2) == "threads":
         return ConfigSpec(name, "ddg-threads", 1, share, stash=ddg.group(1))
@@ -234,7 +239,7 @@ def _spec(config: BenchConfig, name: object, base: str, available: tuple[str, ..
         return _replica_spec(config, name, replicated)
     raise UsageError(
         f"unknown bench config {name!r}; choose from {', '.join(available)} "
-        f"(gpipe-m<M>/1f1b-m<M> take any M that divides the batch)"
+        f"(gpipe-m<M>/1f1b-m<M>/ddg-m<M> take any M that divides the batch)"
     )
 
 

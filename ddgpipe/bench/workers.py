@@ -230,7 +230,7 @@ def _run_ddg(rank, world_size, cfg, spec, split) -> dict:
     timeline = Timeline(max_minibatches=None)
     pipe = DDG(_model(cfg), stages=world_size, optimizer=_optimizer, stash=spec.stash,
                split=list(split), timeline=timeline, device=device, comm=_comm(cfg),
-               compile=spec.compile)
+               compile=spec.compile, microbatches=spec.microbatches or 1)
     first, last = rank == 0, rank == world_size - 1
     xs, ys, loss_fn = (x if first else None), (y if last else None), bench_loss(cfg)
 

@@ -44,7 +44,7 @@ def config_from_args(args: argparse.Namespace):
         model=args.model, data=given("data"), data_dir=args.data_dir, method=args.method,
         stages=stages, replicas=args.replicas, stash=args.stash, split=args.split,
         balance=args.balance,
-        grad_shrink=args.grad_shrink, clip_grad=given("clip_grad"),
+        grad_shrink=args.grad_shrink, microbatches=args.microbatches, clip_grad=given("clip_grad"),
         compensation=args.compensation, compensation_options=compensation_options(args),
         epochs=given("epochs"), iterations=iterations, batch_size=given("batch_size"),
         eval_every=given("eval_every"),

@@ -103,6 +103,12 @@ def _method(p: argparse.ArgumentParser) -> None:
                         "from the authors' follow-up, Fully Decoupled Neural Network Learning "
                         "Using Delayed Gradients, Zhuang et al. 2019); 1 is DDG "
                         "(default: %(default)s)")
+    g.add_argument("--microbatches", type=int, default=1, metavar="M",
+                   help="ddg/fr: feed each minibatch as M microbatches of batch-size / M, one "
+                        "per clock; every stage steps once per M clocks with the mean of the "
+                        "gradients it summed meanwhile, so a gradient is at most "
+                        "ceil(delay / M) steps stale (microbatched DDG, as pipelines are run); "
+                        "1 is the paper's DDG (default: %(default)s)")
     _compensation(g)
 
 

@@ -61,14 +61,15 @@ def _no_guard(stage: Stage, op: str) -> AbstractContextManager:
 
 def run_stage_clock(stage: Stage, actions: list[Action], links: Links, *,
                     guard=_no_guard, timeline: Timeline | None = None,
-                    on_loss=None) -> Tensor | None:
+                    on_loss=None, ends_step: bool = True) -> Tensor | None:
     """Run ``actions`` (one clock of ``stage``) in order, then end the stage's clock.
 
     ``guard(stage, op)`` is entered around each computation (not around waits for peers): the
     threaded executor uses it to give a stage that draws random numbers its own stream.
     ``on_loss(minibatch, loss)`` is called as soon as the last stage has the loss, before its
-    backward: the threaded executor hands it to the caller from there. Returns the loss when
-    the last stage ran a forward, else None.
+    backward: the threaded executor hands it to the caller from there. ``ends_step``: whether
+    the clock closes an optimizer step (:meth:`Schedule.ends_step`; the LR advances). Returns
+    the loss when the last stage ran a forward, else None.
     """
     loss = None
     for action in actions:
@@ -107,5 +108,5 @@ def run_stage_clock(stage: Stage, actions: list[Action], links: Links, *,
             raise RuntimeError(f"no executor for op {action.op!r} ({action})")
         if timeline is not None:
             timeline.record(action, start, time.perf_counter())
-    stage.end_clock()
+    stage.end_clock(ends_step)
     return loss

@@ -96,6 +96,11 @@ class Schedule:
         """Clocks between a minibatch's forward and its backward at ``stage``."""
         raise NotImplementedError
 
+    def ends_step(self, clock: int) -> bool:
+        """Whether ``clock`` closes an optimizer step: the LR schedule advances after it
+        (every clock, unless several clocks feed one step)."""
+        return True
+
     def cut_fields(self) -> dict[str, object]:
         """What a remembered timed cut depends on in this schedule (a knob adds its field
         only where it differs from the plain schedule, so the keys of before still hit)."""
@@ -135,27 +140,50 @@ def make_schedule(name: str, stages: int, **knobs: object) -> Schedule:
 @register_schedule
 @dataclass(frozen=True)
 class DDGSchedule(Schedule):
-    """DDG: at clock t stage k runs F t, then B and S of minibatch t - d_k (d_k = K-1-k).
+    """DDG: at clock t stage k runs F t, then B of t - d_k (d_k = K-1-k), then S if a step ends.
 
-    The step is its own decision (:meth:`steps_after`), so a schedule that steps once per
-    several backwards (microbatches) is a subclass overriding it.
+    With ``microbatches`` M > 1 each clock feeds one microbatch, M of them per minibatch, and
+    a stage steps once per M clocks (at clocks sM + M - 1) with the mean of the gradients its
+    backwards summed since its last step; the drain ends with a step on what is left. M = 1 is
+    the paper's DDG, a step after every backward. See ``docs/design.md``, "Microbatched DDG".
     """
+
+    microbatches: int = 1
 
     name: ClassVar[str] = "ddg"
     checkpoints: ClassVar[bool] = True
     averages_replicas: ClassVar[bool] = True
 
+    def check(self) -> None:
+        super().check()
+        m = self.microbatches
+        if isinstance(m, bool) or not isinstance(m, int) or m < 1:
+            raise UsageError(f"microbatches must be an integer >= 1, got {m!r}; 1 feeds each "
+                             "minibatch whole")
+
     def delay(self, stage: int) -> int:
         self._check_stage(stage)
         return self.stages - 1 - stage
+
+    def stale_steps(self, stage: int) -> int:
+        """The most optimizer steps a gradient of ``stage`` is stale: ceil(d_k / M)."""
+        return -(-self.delay(stage) // self.microbatches)
 
     def clocks(self, minibatches: int) -> int:
         """T + K - 1: the last minibatch's backward reaches stage 0 K - 1 clocks after."""
         return minibatches + self.stages - 1
 
+    def ends_step(self, clock: int) -> bool:
+        return (clock + 1) % self.microbatches == 0
+
     def steps_after(self, stage: int, minibatch: int, minibatches: int | None) -> bool:
-        """Whether ``stage`` steps its optimizer right after the backward of ``minibatch``."""
-        return True
+        """Whether ``stage`` steps its optimizer right after the backward of ``minibatch``:
+        at a clock closing a step, and after the last backward of the drain."""
+        return self.ends_step(minibatch + self.delay(stage)) or minibatch + 1 == minibatches
+
+    def cut_fields(self) -> dict[str, object]:
+        fields = super().cut_fields()
+        return fields if self.microbatches == 1 else fields | {"microbatches": self.microbatches}
 
     def actions(self, stage: int, clock: int, minibatches: int | None = None) -> list[Action]:
         backward = clock - self.delay(stage)

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from torch.optim.lr_scheduler import LRScheduler
 
 from ddgpipe.core.compensation import Compensation
+from ddgpipe.core.gradient_sum import GradientSum
 from ddgpipe.core.precision import LossScaler, autocast, check_precision, unscale_
 from ddgpipe.core.stash import Pending, Stash, updates_unseen
 from ddgpipe.core.streams import new_stream
@@ -57,6 +58,9 @@ class Stage:
     stages learn from different minibatches, so a norm across stages would mean nothing;
     with one stage it is backprop's global clip.
     ``precision`` is ``fp32``, ``bf16`` or ``fp16`` (see :mod:`ddgpipe.core.precision`).
+    ``microbatches`` M is how many clocks feed one optimizer step (microbatched DDG): the
+    backwards between two steps are summed and the step applies their mean; a gradient is
+    then at most ``stale_steps`` = ceil(delay / M) steps stale.
     """
 
     #: the op that consumes the gradient stage k+1 sends back: DDG's delayed backward
@@ -77,10 +81,13 @@ class Stage:
         precision: str = "fp32",
         clip_grad: float | None = None,
         compile: bool = False,
+        microbatches: int = 1,
     ):
         self.index = index
         self.num_stages = num_stages
         self.delay = num_stages - 1 - index if delay is None else delay
+        self.stale_steps = -(-self.delay // microbatches)  # what the compensations count
+        self.gradient_sum = GradientSum()  # the backwards since the last step
         self.device = torch.device(device)
         self.precision = check_precision(precision)
         self.module = module.to(self.device)
@@ -213,6 +220,7 @@ class Stage:
         else:  # each bucket's average starts as soon as the backward has produced it
             with self.averager.watching(self.stash.grad_leaves(pending)):
                 grad_in = self.stash.backward(pending, output, grads)
+        self.gradient_sum.add(self.stash.params)
         self._forward_weights = None if replayed else pending.weights
         self.grad_loss_scale = loss_scale
         return grad_in
@@ -239,7 +247,9 @@ class Stage:
                     p.grad.mul_(self.grad_scale)
 
     def step(self, minibatch: int) -> None:
-        """S: apply the gradient of minibatch ``minibatch`` (through the compensation)."""
+        """S: apply the gradient of minibatch ``minibatch`` (through the compensation); under
+        microbatches the mean of the gradients summed since the last step."""
+        self.gradient_sum.apply(self.stash.params)
         self._finish_gradients()
         if self._skip_step:  # fp16 overflow: skip, as GradScaler does
             self._skip_step = False
@@ -260,14 +270,15 @@ class Stage:
         if self.delay > 0 and self.optimizer is not None:
             self.compensation.finish()
 
-    def end_clock(self) -> None:
-        """Advance the LR schedule: every stage advances every clock, so all share lr_t.
+    def end_clock(self, ends_step: bool = True) -> None:
+        """Advance the LR schedule where the clock ``ends_step`` (every clock unless several
+        feed one step): every stage advances alike, so all share lr_t.
 
         The last stage also updates the fp16 loss scale from this clock's overflow reports.
         """
         if self.loss_scaler is not None:
             self.loss_scaler.update(self.take_overflow())
-        if self.lr_scheduler is None:
+        if self.lr_scheduler is None or not ends_step:
             return
         with warnings.catch_warnings():
             # During warm-up a stage has not stepped yet; the schedule must still advance.
@@ -297,6 +308,8 @@ class Stage:
             state["fp16"] = {"overflow": self._overflow, "skips": self.overflow_skips,
                              "scaler": self.loss_scaler.state_dict() if self.loss_scaler
                              else None}
+        if self.gradient_sum.count:  # a checkpoint between two clocks of one step
+            state["gradient_sum"] = self.gradient_sum.state_dict()
         return state
 
     def pipeline_state(self) -> dict:
@@ -334,6 +347,7 @@ class Stage:
             self.lr_scheduler.load_state_dict(state["lr_scheduler"])
         self.steps = state.get("steps", 0)
         self.compensation.load_state_dict(state.get("compensation", {}))
+        self.gradient_sum.load_state_dict(state.get("gradient_sum", {}), self.device)
         fp16 = state.get("fp16")
         if fp16 is not None:
             self._overflow, self.overflow_skips = fp16["overflow"], fp16["skips"]

@@ -32,7 +32,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ddgpipe.core.compensation import make_compensation
+from ddgpipe.core.compensation import CompensationSpec, make_compensation
+from ddgpipe.core.compensation.options import check_microbatches
 from ddgpipe.core.precision import check_precision
 from ddgpipe.core.schedule import DDGSchedule
 from ddgpipe.core.stage import OptimizerFactory, SchedulerFactory, Stage
@@ -67,6 +68,11 @@ class DDG(PipelineMethod):
             (see :mod:`ddgpipe.core.compensation`); None is plain DDG.
         compensation_options: its hyperparameters, e.g. ``{"dc_lambda": 1.0}``
             (``ddgpipe.core.compensation.OPTIONS`` lists them with their defaults).
+        microbatches: M; each minibatch of B samples is fed as M microbatches of B / M, one
+            per clock, and every stage steps once per M clocks with the mean of the
+            gradients it summed meanwhile (a gradient is then at most ceil(d_k / M) steps
+            stale); the loss returned is the mean of the M microbatches'. 1 is the paper's
+            DDG; see ``docs/design.md``, "Microbatched DDG".
         timeline: a :class:`Timeline` to record every op's start and end.
         check_finite: stop with :class:`NonFiniteLossError` when the loss is NaN or inf.
         precision: ``fp32``, ``bf16`` or ``fp16`` (autocast per stage; fp16 with loss scaling
@@ -113,6 +119,7 @@ class DDG(PipelineMethod):
         clip_grad: float | None = None,
         compensation: str | Sequence[str] | None = None,
         compensation_options: Mapping[str, float] | None = None,
+        microbatches: int = 1,
         timeline: Timeline | None = None,
         check_finite: bool = True,
         precision: str = "fp32",
@@ -128,16 +135,33 @@ class DDG(PipelineMethod):
         if not 0.0 < grad_shrink <= 1.0:
             raise UsageError(f"grad_shrink must be in (0, 1] (got {grad_shrink}); 1 is plain DDG")
         self.stash_mode = stash
+        schedule = DDGSchedule(stages, microbatches=microbatches)
         new_compensation = make_compensation(compensation, stash, compensation_options)
+        check_microbatches(CompensationSpec.parse(compensation).names, microbatches)
+        placed = Placement.of(placement, **where).check()
+        _check_microbatched(microbatches, precision, placed.replicas)
 
         def make_stage(k: int, num_stages: int, module: nn.Module, device: torch.device) -> Stage:
             return Stage(k, num_stages, module, optimizer, lr_scheduler, stash, grad_shrink,
                          clip_grad=clip_grad, compensation=new_compensation(), device=device,
-                         precision=precision, compile=compile)
+                         precision=precision, compile=compile, microbatches=microbatches)
 
-        placed = Placement.of(placement, **where).check()
-        executor = build_stages(model, DDGSchedule(stages), make_stage, placed,
+        executor = build_stages(model, schedule, make_stage, placed,
                                 sample_input=sample_input, timeline=timeline,
                                 stash_precision=(stash, precision))
         self.replicas = placed.replicas
         super().__init__(model, executor, check_finite)
+
+
+def _check_microbatched(microbatches: int, precision: str, replicas: int) -> None:
+    """Refuse what microbatched DDG (M > 1) does not run yet, saying why and what to do."""
+    if microbatches == 1:
+        return
+    if precision == "fp16":
+        raise UsageError(f"microbatches ({microbatches}) with fp16 are not supported: the "
+                         "microbatches summed into one step may carry different loss scales; "
+                         "use bf16 or fp32, or microbatches=1")
+    if replicas > 1:
+        raise UsageError(f"microbatches ({microbatches}) with replicas ({replicas}) are not "
+                         "supported: replicas average each backward's gradients, not a step's "
+                         "sum; use replicas=1 or microbatches=1")

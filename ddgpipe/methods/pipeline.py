@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from ddgpipe.core.stage import LossFn
 from ddgpipe.core.values import Value
 from ddgpipe.errors import NonFiniteLossError, UsageError
+from ddgpipe.methods.microbatches import mean_loss, split_minibatch
 from ddgpipe.runtime.executor import Executor
 
 __all__ = ["PipelineMethod"]
@@ -26,6 +27,9 @@ class PipelineMethod:
     :meth:`predict`, :meth:`state_dict`, checkpoints) first waits for them to finish the
     clocks fed so far. :meth:`close` (or ``with`` the method) stops the stage threads; it
     runs by itself when a step fails.
+
+    Under microbatches M (a schedule knob) each minibatch is fed as M microbatches, one per
+    clock: the executor counts microbatches, this class minibatches.
     """
 
     def __init__(self, model: nn.Module, executor: Executor, check_finite: bool = True):
@@ -33,6 +37,7 @@ class PipelineMethod:
         self.executor = executor
         self.stages = executor.stages  # this process's
         self.check_finite = check_finite
+        self.microbatches = int(getattr(executor.schedule, "microbatches", 1))
         # A pipeline dropped without drain() or close() must not leave its stage threads
         # waiting for minibatches that will never come: they stop when it is collected.
         weakref.finalize(self, executor.request_stop)
@@ -65,7 +70,7 @@ class PipelineMethod:
     @property
     def fed(self) -> int:
         """Minibatches fed so far."""
-        return self.executor.fed
+        return self.executor.fed // self.microbatches
 
     @property
     def lr(self) -> float:
@@ -81,7 +86,11 @@ class PipelineMethod:
         (the others may pass None), and only the last rank gets the loss back.
         """
         try:
-            return self._checked(self.executor.step(x, y, loss_fn), self.executor.fed - 1)
+            if self.microbatches == 1:
+                return self._checked(self.executor.step(x, y, loss_fn), self.executor.fed - 1)
+            fed = self._feed(x, y, loss_fn)
+            return self._checked(mean_loss([self.executor.loss(m) for m in fed]),
+                                 self.fed - 1)
         except BaseException:
             self.close()
             raise
@@ -97,23 +106,31 @@ class PipelineMethod:
         loop early still collects the losses of what was fed.
         """
         window = (ahead or self.num_stages) if self.executor.runs_ahead else 0
-        pending: deque[int] = deque()
+        pending: deque[tuple[int, list[int]]] = deque()
         try:
             for x, y in batches:
-                pending.append(self.executor.feed(x, y, loss_fn))
+                fed = self._feed(x, y, loss_fn)
+                pending.append((self.fed - 1, fed))
                 while len(pending) > window:
-                    m = pending.popleft()
-                    yield self._checked(self.executor.loss(m), m)
+                    yield self._loss_of(*pending.popleft())
             while pending:
-                m = pending.popleft()
-                yield self._checked(self.executor.loss(m), m)
+                yield self._loss_of(*pending.popleft())
         except GeneratorExit:  # the caller stopped early: its fed minibatches still ran
-            for m in pending:
-                self.executor.loss(m)
+            for _, fed in pending:
+                for m in fed:
+                    self.executor.loss(m)
             raise
         except BaseException:
             self.close()
             raise
+
+    def _feed(self, x: Tensor | None, y: Tensor | None, loss_fn: LossFn | None) -> list[int]:
+        """Feed one minibatch as its microbatches; the executor's numbers of them."""
+        return [self.executor.feed(xm, ym, loss_fn)
+                for xm, ym in split_minibatch(x, y, self.microbatches)]
+
+    def _loss_of(self, minibatch: int, fed: list[int]) -> Tensor | None:
+        return self._checked(mean_loss([self.executor.loss(m) for m in fed]), minibatch)
 
     def _checked(self, loss: Tensor | None, minibatch: int) -> Tensor | None:
         if loss is not None and self.check_finite and not math.isfinite(loss.item()):

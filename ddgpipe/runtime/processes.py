@@ -192,7 +192,7 @@ class ProcessExecutor(Executor):
         actions = self.schedule.actions(self.stage.index, self.clock, total)
         on_loss = self._start_loss_mean if self._data_group is not None else None
         loss = run_stage_clock(self.stage, actions, self.links, timeline=self.timeline,
-                               on_loss=on_loss)
+                               on_loss=on_loss, ends_step=self.schedule.ends_step(self.clock))
         if loss is not None and on_loss is not None:
             loss = self._loss_mean(loss)
         self.channel.reap_sends()

@@ -109,7 +109,8 @@ class ReferenceExecutor(InProcessExecutor):
         for stage in self.stages:
             actions = self.schedule.actions(stage.index, self.clock, total)
             with self.rng.use(stage.index), on_stream(stage.device, stage.stream):
-                out = run_stage_clock(stage, actions, self.links, timeline=self.timeline)
+                out = run_stage_clock(stage, actions, self.links, timeline=self.timeline,
+                                      ends_step=self.schedule.ends_step(self.clock))
             loss = out if out is not None else loss
         self.clock += 1
         return loss

@@ -215,7 +215,7 @@ class StageThreads:
                 m, handoff, overflow = item
                 self._input[k] = (receive(handoff, stage.device), overflow)
             run_stage_clock(stage, actions, self, guard=self._guard, timeline=self.timeline,
-                            on_loss=self._hand_loss)
+                            on_loss=self._hand_loss, ends_step=self.schedule.ends_step(clock))
             if self.random[k] is None:  # its first clock ran under the lock: did it draw?
                 self.random[k] = draws = draws_random_numbers(stage.module)
                 stage.replays_restore_rng(draws)

@@ -49,6 +49,7 @@ def build_method(config: TrainConfig, model: nn.Module, steps_per_epoch: int,
     stash = "none" if config.method == "fr" else config.stash
     return DDG(model, config.stages, optimizer, lr_scheduler=scheduler, stash=stash,
                sample_input=sample_input, grad_shrink=config.grad_shrink,
+               microbatches=config.microbatches,
                clip_grad=config.clip_grad, compensation=config.compensation.names,
                compensation_options=compensation_options(config, steps_per_epoch),
                timeline=timeline, precision=config.precision, compile=config.compile,

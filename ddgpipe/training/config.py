@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from ddgpipe.core.compensation import CompensationSpec
+from ddgpipe.core.compensation.options import check_microbatches
 from ddgpipe.core.precision import check_precision
 from ddgpipe.core.stage import check_clip
 from ddgpipe.data.text import CORPORA
@@ -37,7 +38,8 @@ COMPENSATION_KEYS = ("compensation", "compensation_options")
 # listed follow, in the tree's order
 FLAT_ORDER = (
     "model", "data", "data_dir", "method", "stages", "replicas", "stash", "split", "balance",
-    "grad_shrink", "clip_grad", "compensation", "compensation_options", "epochs", "iterations",
+    "grad_shrink", "microbatches", "clip_grad", "compensation", "compensation_options",
+    "epochs", "iterations",
     "batch_size", "eval_batch_size", "eval_every", "optimizer", "lr", "momentum", "nesterov",
     "beta1", "beta2", "weight_decay", "lr_schedule", "milestones", "lr_gamma", "warmup_epochs",
     "warmup_factor", "warmup_iters", "context", "width", "heads", "dropout", "tie_embeddings",
@@ -69,6 +71,7 @@ class TrainConfig:
     stages: int = 1
     stash: str = "graph"
     grad_shrink: float = 1.0
+    microbatches: int = 1  # each minibatch fed as M microbatches, one step per M clocks
     clip_grad: float | None = None  # per stage: each stage clips its own gradient's norm
     epochs: int = 15
     iterations: int | None = None  # the run's length in minibatches, instead of epochs
@@ -187,6 +190,8 @@ class TrainConfig:
         label = f"{self.method.upper()} K={self.stages}"
         if self.placement.replicas > 1:
             label += f" x R={self.placement.replicas}"
+        if self.microbatches > 1:
+            label += f" M={self.microbatches}"
         text = self.compensation.text
         return f"{label} {text}" if text else label
 
@@ -254,6 +259,32 @@ class TrainConfig:
                 "none" if self.method == "fr" else self.stash,
                 probe([nn.Parameter(torch.zeros(1))]))
         check_clip(self.clip_grad)
+        self._validate_microbatches()
+
+    def _validate_microbatches(self) -> None:
+        m = self.microbatches
+        if m < 1:
+            raise UsageError(f"--microbatches must be >= 1 (got {m}); 1 feeds each minibatch "
+                             "whole")
+        if m == 1:
+            return
+        if self.method not in ("ddg", "fr"):
+            raise UsageError(f"--microbatches {m} feeds the minibatches of --method ddg or fr "
+                             f"as microbatches, one per clock; --method {self.method} "
+                             + ("computes the whole minibatch at once" if self.method == "bp"
+                                else "steps every clock") + ": drop --microbatches")
+        if self.batch_size % m:
+            raise UsageError(f"--batch-size {self.batch_size} does not split into "
+                             f"--microbatches {m} equal microbatches; choose a batch size that "
+                             f"is a multiple of {m}")
+        if self.placement.replicas > 1:
+            raise UsageError(f"--microbatches {m} with --replicas {self.placement.replicas} "
+                             "is not supported (replicas average each backward's gradients, "
+                             "not a step's sum): drop one of them")
+        if self.precision == "fp16":
+            raise UsageError(f"--microbatches {m} with --precision fp16 is not supported (a "
+                             "step's microbatches may carry different loss scales): use bf16")
+        check_microbatches(self.compensation.names, m)
 
     def _validate_length(self) -> None:
         if self.iterations is not None and self.iterations < 1:

@@ -139,14 +139,32 @@ def test_config_names_follow_batch_and_stages():
     ddg = ("ddg-graph-threads", "ddg-recompute-threads", "ddg-none-threads",
            "ddg-graph-processes", "ddg-recompute-processes", "ddg-none-processes")
     assert CONFIG_NAMES == ("bp-1t", "bp-2t", "ddp", "gpipe-m2", "gpipe-m4", "gpipe-m8",
-                            "1f1b-m2", "1f1b-m4", "1f1b-m8", *ddg)
+                            "1f1b-m2", "1f1b-m4", "1f1b-m8", "ddg-m2", "ddg-m4", "ddg-m8", *ddg)
     names = config_names(BenchConfig(batch_size=12, stages=3, microbatches=(2, 3, 8)))
-    assert names == ("bp-1t", "bp-3t", "ddp", "gpipe-m2", "gpipe-m3", "1f1b-m3", *ddg)
+    assert names == ("bp-1t", "bp-3t", "ddp", "gpipe-m2", "gpipe-m3", "1f1b-m3", "ddg-m2",
+                     "ddg-m3", *ddg)
     names = config_names(BenchConfig(replicas=4))
     assert names[-3:] == ("ddg-graph-k2r1", "ddg-graph-k1r4", "ddg-graph-k2r4")
     names = config_names(BenchConfig(compile=True))
     assert names[-5:] == ("bp-1t-compile", "bp-2t-compile", "ddg-graph-threads-compile",
                           "ddg-recompute-threads-compile", "ddg-graph-processes-compile")
+
+
+def test_microbatched_ddg_rows_are_ddg_on_the_process_runtime_at_the_same_batch():
+    spec = resolve(BenchConfig(configs=("ddg-m4",)))[1]
+    assert (spec.kind, spec.microbatches, spec.stash, spec.processes) == ("ddg", 4, "graph", 2)
+    with pytest.raises(UsageError, match="3 microbatches do not divide the batch of 128"):
+        resolve(BenchConfig(configs=("ddg-m3",)))
+
+
+@pytest.mark.slow
+def test_tiny_bench_runs_microbatched_ddg_beside_gpipe(tmp_path):
+    result = run_bench(BenchConfig(**TINY, configs=("gpipe-m2", "ddg-m2")), progress=False)
+    rows = {row["name"]: row for row in result["rows"]}
+    assert list(rows) == ["bp-1t", "gpipe-m2", "ddg-m2"]
+    assert "error" not in rows["ddg-m2"], rows["ddg-m2"].get("error")
+    assert rows["ddg-m2"]["microbatches"] == 2 and rows["ddg-m2"]["images_per_s"] > 0
+    assert rows["ddg-m2"]["split"] == rows["gpipe-m2"]["split"]  # the same cut
 
 
 def test_a_compile_twin_is_its_plain_row_through_torch_compile():

@@ -62,7 +62,7 @@ class RecordingStage:
     def learn(self, m, grad):
         self.log.append(("learn", m, grad))
 
-    def end_clock(self):
+    def end_clock(self, ends_step=True):
         self.log.append(("end_clock",))
 
 

@@ -15,8 +15,9 @@ import torch.nn.functional as F
 
 import ddgpipe
 from ddgpipe.methods.dni import DNI
+from ddgpipe.methods.microbatches import split_minibatch
 from ddgpipe.runtime.launch import WorkerError, run_workers
-from tests.helpers import dropout_convnet, ragged_batches, sgd, step_lr
+from tests.helpers import batches, dropout_convnet, ragged_batches, sgd, step_lr
 from tests.runtime_helpers import (
     assert_runtime_matches_reference,
     local_stage_arrays,
@@ -53,6 +54,61 @@ def test_runtime_matches_reference_bitwise(method, stages, stash):
                           threads=1)
     assert_runtime_matches_reference(results, lambda: build(method, stages, stash, "reference"),
                                      ragged_batches(clocks))
+
+
+def microbatched(stages, stash, executor=None):
+    return ddgpipe.DDG(dropout_convnet(), stages, sgd(), lr_scheduler=step_lr(), stash=stash,
+                       peer_timeout_s=30, executor=executor, microbatches=2)
+
+
+def microbatched_worker(rank, world, stash, minibatches):
+    pipe = microbatched(world, stash)
+    losses = run_clocks(pipe, rank, world, batches(minibatches, sizes=(8, 6, 4)))
+    return {"state": local_stage_arrays(pipe), "losses": losses}
+
+
+@pytest.mark.parametrize("stages,stash", [(2, "graph"), (3, "recompute")])
+def test_runtime_matches_reference_bitwise_with_microbatches(stages, stash):
+    """Microbatched DDG (M = 2): every rank's weights and the losses agree with the reference."""
+    minibatches = 5
+    results = run_workers(microbatched_worker, stages, (stash, minibatches), timeout_s=120,
+                          threads=1)
+    assert_runtime_matches_reference(results, lambda: microbatched(stages, stash, "reference"),
+                                     batches(minibatches, sizes=(8, 6, 4)))
+
+
+def mid_step_worker(rank, world, microbatches_fed):
+    pipe = microbatched(world, "graph")
+    micro = [part for x, y in batches(3, sizes=8) for part in split_minibatch(x, y, 2)]
+    first, last = rank == 0, rank == world - 1
+    for x, y in micro[:microbatches_fed]:
+        pipe.executor.step(x if first else None, y if last else None,
+                           F.cross_entropy if last else None)
+    summed = pipe.checkpoint_state()["shared"].get("gradient_sum")
+    pipe.close()
+    return {k: v.numpy() if hasattr(v, "numpy") else v for k, v in summed["sums"].items()} \
+        | {"count": summed["count"]}
+
+
+def test_a_mid_step_checkpoint_holds_the_references_gradient_sums():
+    """Between two clocks of a step each rank's checkpoint holds the gradients its stage
+    summed so far, bitwise the reference's (loading them is the stage's own code)."""
+    results = run_workers(mid_step_worker, 2, (3,), timeout_s=120, threads=1)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each worker computed
+    try:
+        reference = microbatched(2, "graph", "reference")
+        micro = [part for x, y in batches(3, sizes=8) for part in split_minibatch(x, y, 2)]
+        for x, y in micro[:3]:
+            reference.executor.step(x, y, F.cross_entropy)
+        stages = reference.checkpoint_state()["stages"]
+    finally:
+        torch.set_num_threads(threads)
+    for result, stage in zip(results, stages, strict=True):
+        expected = stage["gradient_sum"]
+        assert result["count"] == expected["count"] == 1
+        for name, value in expected["sums"].items():
+            assert torch.equal(torch.from_numpy(result[name]), value), name
 
 
 def failing_worker(rank, world, how):

@@ -14,6 +14,7 @@ from ddgpipe.errors import StageError
 from ddgpipe.methods.dni import DNI
 from tests.helpers import (
     assert_same,
+    batches,
     conv_block,
     dropout_convnet,
     pool_head,
@@ -89,6 +90,19 @@ def test_threads_match_the_reference_bitwise(method, stages, stash, model):
     assert_same(threaded, reference)
 
 
+@pytest.mark.parametrize("stages", [2, 3])
+@pytest.mark.parametrize("stash", ["graph", "recompute"])
+def test_threads_match_the_reference_with_microbatches(stages, stash):
+    """Microbatched DDG (M = 2): a dropout network's losses, weights and buffers agree."""
+    data = batches(7, sizes=(8, 6, 4))
+    reference = train(build("reference", "ddg", stages, stash, microbatches=2), data, SEED)
+    threaded = train(build("threads", "ddg", stages, stash, microbatches=2), data, SEED)
+    assert_same(threaded, reference)
+    fed_by_run = train(build("threads", "ddg", stages, stash, microbatches=2), data, SEED,
+                       use_run=True)
+    assert_same(fed_by_run, reference)
+
+
 @pytest.mark.parametrize("stash,free_backward", [("graph", True), ("recompute", False),
                                                   ("none", False)])
 def test_only_the_forwards_of_a_dropout_network_hold_the_generator_lock(stash, free_backward):
@@ -102,11 +116,14 @@ def test_only_the_forwards_of_a_dropout_network_hold_the_generator_lock(stash, f
     assert all(("B" in ops) == free_backward for ops in free[:-1])
 
 
-@pytest.mark.parametrize("compensation", ["sc,lwp", "dc"])
-def test_threads_match_the_reference_with_a_compensation(compensation):
-    data = ragged_batches(7)
-    reference = train(build("reference", stages=3, compensation=compensation), data, SEED)
-    threaded = train(build("threads", stages=3, compensation=compensation), data, SEED)
+@pytest.mark.parametrize("compensation, microbatches", [("sc,lwp", 1), ("dc", 1),
+                                                        ("sc,lwp", 2)])
+def test_threads_match_the_reference_with_a_compensation(compensation, microbatches):
+    data = batches(7, sizes=(8, 6, 4)) if microbatches > 1 else ragged_batches(7)
+    reference = train(build("reference", stages=3, compensation=compensation,
+                            microbatches=microbatches), data, SEED)
+    threaded = train(build("threads", stages=3, compensation=compensation,
+                           microbatches=microbatches), data, SEED)
     assert_same(threaded, reference)
 
 

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 import ddgpipe
 from ddgpipe.cli import main
+from ddgpipe.methods.microbatches import split_minibatch
 from tests.helpers import batches, dropout_mlp
 
 BASE = ["train", "--model", "resnet20", "--data", "digits", "--epochs", "2", "--batch-size",
@@ -49,6 +50,8 @@ METHODS = {
                       "--executor", "reference"],
     "ddg-graph-threads": ["--method", "ddg", "--stages", "3", "--stash", "graph",
                           "--executor", "threads"],
+    "ddg-microbatches": ["--method", "ddg", "--stages", "3", "--microbatches", "4",
+                         "--executor", "reference"],
 }
 
 
@@ -251,5 +254,42 @@ def test_reference_resume_continues_every_stage_random_stream(stash):
     for x, y in data[4:]:
         resumed.step(x, y, F.cross_entropy)
     resumed.drain()
+    for name, value in uninterrupted.model.state_dict().items():
+        assert torch.equal(value, resumed.model.state_dict()[name]), name
+
+
+def _microbatched_pipe(stash: str, executor: str) -> ddgpipe.DDG:
+    return ddgpipe.DDG(dropout_mlp(), 3, lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9),
+                       split=[1, 2], stash=stash, microbatches=2, executor=executor)
+
+
+@pytest.mark.parametrize("stash, executors", [("graph", ("reference", "threads")),
+                                              ("recompute", ("threads", "reference"))])
+def test_a_checkpoint_between_the_clocks_of_a_microbatched_step_resumes_bitwise(stash,
+                                                                                 executors):
+    """Taken through the executor after an odd number of microbatches, mid-step, the state
+    holds each stage's gradients summed so far and their count; resumed (under the other
+    executor) the run ends where the uninterrupted one does."""
+    data = batches(6, (6,), sizes=4, classes=3)
+    micro = [part for x, y in data for part in split_minibatch(x, y, 2)]
+    uninterrupted = _microbatched_pipe(stash, "reference")
+    for x, y in data:
+        uninterrupted.step(x, y, F.cross_entropy)
+    uninterrupted.drain()
+
+    first = _microbatched_pipe(stash, executors[0])
+    for x, y in micro[:7]:  # stage 1 and 2 have summed one gradient of their next step
+        first.executor.step(x, y, F.cross_entropy)
+    state = first.checkpoint_state()
+    first.close()
+    assert [s.get("gradient_sum", {}).get("count", 0) for s in state["stages"]] == [1, 1, 1]
+    saved = io.BytesIO()
+    torch.save(state, saved)
+    resumed = _microbatched_pipe(stash, executors[1])
+    resumed.load_checkpoint_state(torch.load(io.BytesIO(saved.getvalue()), weights_only=True))
+    for x, y in micro[7:]:
+        resumed.executor.step(x, y, F.cross_entropy)
+    resumed.drain()
+    assert resumed.fed == uninterrupted.fed == 6
     for name, value in uninterrupted.model.state_dict().items():
         assert torch.equal(value, resumed.model.state_dict()[name]), name

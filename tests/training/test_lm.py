@@ -81,3 +81,34 @@ def test_bad_input_ends_in_one_line_with_exit_code_2(tmp_path, capsys, flags, sa
 def test_text_data_needs_a_language_model(tmp_path, capsys):
     assert main(["train", "--data", "shakespeare", "--out", str(tmp_path / "r")]) == 2
     assert "--data shakespeare holds windows of byte tokens" in capsys.readouterr().err
+
+
+def test_microbatched_ddg_trains_a_language_model(tmp_path, capsys):
+    """`--microbatches 2`: a short run under one executor, its setting recorded."""
+    short = ["--iterations", "4", "--eval-every", "2", "--balance", "params"]
+    run = train(tmp_path, "m2", "--method", "ddg", "--stages", "2", "--microbatches", "2",
+                "--executor", "reference", *short)
+    assert json.loads((run / "config.json").read_text())["microbatches"] == 2
+    assert "DDG K=2 M=2" in capsys.readouterr().out
+    evals = [r["val_loss"] for r in records(run, "eval")]
+    assert len(evals) == 2 and evals[1] < evals[0]
+
+
+@pytest.mark.slow
+def test_microbatched_ddg_threads_match_the_reference(tmp_path):
+    flags = ["--method", "ddg", "--stages", "2", "--microbatches", "2"]
+    reference = train(tmp_path, "reference", *flags, "--executor", "reference")
+    threads = train(tmp_path, "threads", *flags, "--executor", "threads")
+    assert numbers(threads) == numbers(reference)
+
+
+@pytest.mark.parametrize("flags, says", [
+    (["--method", "bp", "--microbatches", "2"], "--method bp computes the whole minibatch"),
+    (["--method", "ddg", "--stages", "2", "--microbatches", "3"],
+     "--batch-size 4 does not split into --microbatches 3"),
+    (["--method", "ddg", "--stages", "2", "--microbatches", "2", "--compensation",
+      "accumulate"], "accumulate duplicates microbatching"),
+])
+def test_microbatches_refuse_what_they_do_not_apply_to(flags, says, tmp_path, capsys):
+    assert main(["train", *TINY, *flags, "--out", str(tmp_path / "run")]) == 2
+    assert says in capsys.readouterr().err

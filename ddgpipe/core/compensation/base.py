@@ -115,8 +115,9 @@ class Rule:
     @property
     def stale_steps(self) -> int:
         """Optimizer steps between a forward and the step that applies its gradient: the one
-        place a rule reads staleness in steps from (d_k while every clock is a step)."""
-        return self.stage.delay
+        place a rule reads staleness in steps from: d_k while every clock is a step,
+        ceil(d_k / M) under M microbatches per step."""
+        return int(getattr(self.stage, "stale_steps", self.stage.delay))
 
     @property
     def params(self) -> dict[str, torch.nn.Parameter]:

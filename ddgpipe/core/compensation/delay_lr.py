@@ -26,4 +26,4 @@ class DelayAdaptiveLR(Rule):
         self.c = delay_lr_c
 
     def lr_factor(self) -> float:
-        return delay_lr_factor(self.delay, self.c)
+        return delay_lr_factor(self.stale_steps, self.c)

@@ -11,7 +11,7 @@ from typing import Any
 from ddgpipe.errors import UsageError
 
 __all__ = ["COMPENSATIONS", "Option", "OPTION_TABLE", "OPTIONS", "parse_compensation",
-           "check_options"]
+           "check_options", "MICROBATCH_REFUSALS", "check_microbatches"]
 
 #: every name, with the one line ``ddgpipe train --help`` shows
 COMPENSATIONS: dict[str, str] = {
@@ -124,6 +124,27 @@ def check_options(names: tuple[str, ...], given: Mapping[str, Any]) -> dict[str,
                          "late gradient (sc replaces momentum SGD's update for the delay); "
                          "choose one of them")
     return opts
+
+
+#: the rules that do not compose with microbatched DDG (M > 1), each with why; every other
+#: rule composes, its delay counted in optimizer steps (ceil(d_k / M), ``Rule.stale_steps``)
+MICROBATCH_REFUSALS: dict[str, str] = {
+    "dc": "dc corrects a gradient with the weights its own forward used, but a microbatched "
+          "step sums gradients whose forwards ran at two weight versions",
+    "dc-c": "dc-c corrects a gradient with the weights its own forward used, but a "
+            "microbatched step sums gradients whose forwards ran at two weight versions",
+    "accumulate": "accumulate duplicates microbatching (both step once per several "
+                  "gradients with their mean; microbatches do it on every stage alike)",
+}
+
+
+def check_microbatches(names: tuple[str, ...], microbatches: int) -> None:
+    """Refuse a rule that does not compose with ``microbatches`` > 1, saying why."""
+    refused = [n for n in names if n in MICROBATCH_REFUSALS]
+    if microbatches > 1 and refused:
+        raise UsageError(f"compensation {refused[0]} does not compose with microbatches "
+                         f"({microbatches}): {MICROBATCH_REFUSALS[refused[0]]}; drop one of "
+                         "them")
 
 
 def _check_values(opts: Mapping[str, Any]) -> None:

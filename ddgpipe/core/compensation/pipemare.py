@@ -31,7 +31,9 @@ class PipeMareLR(Rule):
 
     def lr_factor(self) -> float:
         # S of clock t applies minibatch t - d_k after t - d_k earlier steps: k = steps + d_k
-        return pipemare_lr_factor(self.delay, self.stage.steps + self.delay, self.anneal)
+        # (under microbatches d_k in steps, ceil(d_k / M))
+        delay = self.stale_steps
+        return pipemare_lr_factor(delay, self.stage.steps + delay, self.anneal)
 
 
 class PipeMareReplay(Rule):
@@ -50,7 +52,7 @@ class PipeMareReplay(Rule):
         out = {}
         for name, p in self.params.items():
             delta = self.delta.get(name)
-            out[name] = p.detach().clone() if delta is None else p - delta * self.delay
+            out[name] = p.detach().clone() if delta is None else p - delta * self.stale_steps
         return out
 
     @torch.no_grad()

@@ -33,7 +33,7 @@ class SpikeCompensation(Rule):
     def update(self) -> None:
         optimizer = self.optimizer
         for group in optimizer.param_groups:
-            a, b = spike_coefficients(group["momentum"], self.delay)
+            a, b = spike_coefficients(group["momentum"], self.stale_steps)
             lr, decay = group["lr"], group["weight_decay"]
             for p in group["params"]:
                 if p.grad is None:

@@ -73,7 +73,7 @@ class StageMomentum(Rule):
 
     def bind(self, stage) -> None:
         super().bind(stage)
-        if self.delay == 0:  # the stage without delay keeps b0: its optimizer as built
+        if self.stale_steps == 0:  # the stage without delay keeps b0: its optimizer as built
             return
         by_group = {id(group): self._set(part, group)
                     for part in parts_of(self.optimizer) for group in part.param_groups}
@@ -85,15 +85,15 @@ class StageMomentum(Rule):
         k_stages = self.stage.num_stages
         if isinstance(part, torch.optim.SGD):
             base = group["momentum"]
-            group["momentum"] = stage_momentum(base, self.delay, k_stages, self.top)
+            group["momentum"] = stage_momentum(base, self.stale_steps, k_stages, self.top)
             group["nesterov"] = True
             return (1.0 - group["momentum"]) / (1.0 - base)
         if isinstance(part, torch.optim.Muon):
-            group["momentum"] = stage_momentum(group["momentum"], self.delay, k_stages,
+            group["momentum"] = stage_momentum(group["momentum"], self.stale_steps, k_stages,
                                                self.top)
             return 1.0
         beta1, beta2 = group["betas"]
-        group["betas"] = (stage_momentum(float(beta1), self.delay, k_stages, self.top), beta2)
+        group["betas"] = (stage_momentum(float(beta1), self.stale_steps, k_stages, self.top), beta2)
         return 1.0
 
     def lr_scales(self) -> list[float] | None:
