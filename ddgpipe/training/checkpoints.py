@@ -48,11 +48,11 @@ COMPAT_FIELDS = (
     "momentum", "nesterov", "weight_decay", "lr_schedule", "milestones", "lr_gamma",
     "warmup_epochs", "warmup_factor", "epochs", "grad_shrink", "compensation",
     "compensation_options", "precision", "replicas", "compile", "warmup_share", "lr_floor",
-    "nadam_horizon",
+    "nadam_horizon", "tokenizer",
 )
 # what a set written before a setting existed had
 DEFAULTS = {"replicas": 1, "compile": False, "warmup_share": 0.0, "lr_floor": 0.0,
-            "nadam_horizon": None}
+            "nadam_horizon": None, "tokenizer": None}
 
 
 def _fsync_dir(path: Path) -> None:
