@@ -159,6 +159,9 @@ class TrainingRun:
             while self.batch < self.last_batch:
                 self.interrupts.check()
                 self.train_segment()
+                every = self.config.eval_every  # first, so a checkpoint here holds it
+                if every and self.iteration % every == 0 and self.iteration < self.total:
+                    self.evaluate_within_epoch()
                 stop = self.config.stop_after is not None and \
                     self.iteration >= self.config.stop_after
                 every = self.config.checkpoint_every
@@ -167,9 +170,6 @@ class TrainingRun:
                                     time.perf_counter() - self.epoch_start)
                 if stop:
                     return self.stop()
-                every = self.config.eval_every
-                if every and self.iteration % every == 0 and self.iteration < self.total:
-                    self.evaluate_within_epoch()
             self.end_epoch()
         return self.finish()
 
@@ -201,6 +201,7 @@ class TrainingRun:
         self.stats.reset()
         if resumed:
             self.stats.load_state(self.resumed.stats)
+            self.recent.load_state(self.resumed.recent)
         self.method.train()
         self.epoch_start = time.perf_counter() - (self.resumed.epoch_elapsed if resumed
                                                   else 0.0)
@@ -247,6 +248,7 @@ class TrainingRun:
         self.checkpoints.save(self.method, LoopState(
             iteration=self.iteration, epoch=epoch, batch=batch, seen=self.seen,
             train_time=self.train_time, epoch_elapsed=elapsed, stats=self.stats.state(),
+            recent=self.recent.state(),
             metrics_lines=self.metrics.lines if self.metrics else 0))
 
     def evaluate_within_epoch(self) -> None:
