@@ -74,7 +74,7 @@ def load_text_file(path: Path, context: int, tokenizer: str | None = None) -> Da
                          "out); give a longer file or a smaller --context")
     block = min(BLOCK, max(context + 1, math.ceil(len(tokens) / MIN_BLOCKS)))
     info = {"file": str(path), "bytes": len(raw), "tokens": len(tokens),
-            "sha256": hashlib.sha256(raw).hexdigest(), "tokenizer": tokenizer}
+            "sha256": hashlib.sha256(raw).hexdigest(), "tokenizer": tokenizer, "vocabulary": vocab}
     return token_dataset(f"text:{path}", tokens, context, vocab, info, block=block)
 
 

@@ -35,7 +35,8 @@ def load_hf_model(folder: str) -> nn.Module:
             model = transformers.AutoModelForCausalLM.from_config(config)
     except Exception as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise UsageError(f"cannot build a causal language model from {folder} ({first}); pass "
-                         "the folder of a HuggingFace causal LM (GPT-2, Llama, Qwen2, ...)") from None
+        raise UsageError(f"cannot build a causal language model from {folder} ({first}); "
+                         "pass the folder of a HuggingFace causal LM (GPT-2, Llama, Qwen2, ...)"
+                         ) from None
     model.config.use_cache = False
     return model.float()

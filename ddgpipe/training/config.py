@@ -37,14 +37,14 @@ COMPENSATION_KEYS = ("compensation", "compensation_options")
 # the order of config.json's keys (written flat since before the parts existed); keys not
 # listed follow, in the tree's order
 FLAT_ORDER = (
-    "model", "data", "data_dir", "tokenizer", "method", "stages", "replicas", "stash", "split", "balance",
-    "grad_shrink", "clip_grad", "compensation", "compensation_options", "epochs", "iterations",
-    "batch_size", "eval_batch_size", "eval_every", "optimizer", "lr", "momentum", "nesterov",
-    "beta1", "beta2", "weight_decay", "lr_schedule", "milestones", "lr_gamma", "warmup_epochs",
-    "warmup_factor", "warmup_iters", "context", "width", "heads", "dropout", "tie_embeddings",
-    "seed", "executor", "device", "devices", "precision", "compile", "comm", "threads",
-    "log_every", "timeline", "label", "out", "progress", "timeout_s", "checkpoint_every",
-    "checkpoint_every_epochs", "stop_after", "resume",
+    "model", "data", "data_dir", "tokenizer", "method", "stages", "replicas", "stash", "split",
+    "balance", "grad_shrink", "clip_grad", "compensation", "compensation_options", "epochs",
+    "iterations", "batch_size", "eval_batch_size", "eval_every", "optimizer", "lr", "momentum",
+    "nesterov", "beta1", "beta2", "weight_decay", "lr_schedule", "milestones", "lr_gamma",
+    "warmup_epochs", "warmup_factor", "warmup_iters", "context", "width", "heads", "dropout",
+    "tie_embeddings", "seed", "executor", "device", "devices", "precision", "compile", "comm",
+    "threads", "log_every", "timeline", "label", "out", "progress", "timeout_s",
+    "checkpoint_every", "checkpoint_every_epochs", "stop_after", "resume",
 )
 
 

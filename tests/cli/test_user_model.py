@@ -94,6 +94,7 @@ def numbers(run_dir: Path) -> list[dict]:
             for kind in ("eval", "epoch") for r in records(run_dir, kind)]
 
 
+@pytest.mark.slow
 def test_a_factory_file_trains_with_bp_and_ddg(tmp_path, files, capsys):
     model = f"{files / 'nets.py'}:classifier"
     digits = ["--model", model, "--epochs", "1", "--batch-size", "32"]
