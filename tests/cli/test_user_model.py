@@ -268,3 +268,17 @@ def test_user_data_errors_in_python_are_usage_errors(tmp_path):
     with pytest.raises(UsageError, match="is empty"):
         (tmp_path / "e.txt").write_text("")
         load_text_file(tmp_path / "e.txt", context=8)
+
+
+def test_the_bench_builds_a_factory_for_its_images(files):
+    from ddgpipe.bench import BenchConfig
+    from ddgpipe.bench.workload import bench_batch, bench_model
+
+    config = BenchConfig(model=f"{files / 'nets.py'}:classifier", in_channels=1, image_size=8,
+                         batch_size=4)
+    model = bench_model(config)
+    x, y = bench_batch(config)
+    assert model(x).shape == (4, 10) and len(model) == 4
+    with pytest.raises(UsageError, match="returned a Residual; return the layers as an"):
+        bench_model(BenchConfig(model=f"{files / 'nets.py'}:Residual", in_channels=1,
+                                image_size=8))
