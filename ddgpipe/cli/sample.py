@@ -65,8 +65,9 @@ def cmd_sample(args: argparse.Namespace) -> int:
     prompt = torch.tensor([encode(args.prompt)], dtype=torch.long, device=args.device)
     generator = torch.Generator(device=args.device).manual_seed(args.seed)
     context = None if is_language_model(str(saved.get("model"))) else int(saved["context"])
+    vocab = saved.get("data_info", {}).get("vocabulary", BYTE_VOCAB)  # the ids it decodes
     ids = generate(model, prompt, args.tokens, temperature=args.temperature,
-                   top_k=args.top_k, generator=generator, context=context)
+                   top_k=args.top_k, generator=generator, context=context, vocab=vocab)
     text = decode(ids[0].tolist())
     sys.stdout.write(text + ("" if text.endswith("\n") else "\n"))
     return 0

@@ -163,12 +163,13 @@ def parameter_count(config: GPTConfig) -> int:
 @torch.no_grad()
 def generate(model: nn.Module, ids: Tensor, new_tokens: int, *, temperature: float = 1.0,
              top_k: int | None = None, generator: torch.Generator | None = None,
-             context: int | None = None) -> Tensor:
+             context: int | None = None, vocab: int | None = None) -> Tensor:
     """``ids`` ``[B, T]`` followed by ``new_tokens`` tokens sampled one at a time, as nanoGPT
     does: the model sees the last ``context`` tokens (a ddgpipe GPT's own, unless given), its
     logits (a HuggingFace output's ``logits``) are divided by ``temperature`` and cut to the
-    ``top_k`` likeliest. Put the model in ``eval()`` first (dropout off); the same
-    ``generator`` state gives the same tokens."""
+    ``top_k`` likeliest, and to the first ``vocab`` ids when given (a model may have more
+    outputs than its tokenizer has tokens). Put the model in ``eval()`` first (dropout off);
+    the same ``generator`` state gives the same tokens."""
     if new_tokens < 0:
         raise UsageError(f"the number of tokens to generate must be >= 0 (got {new_tokens})")
     if not temperature > 0:
@@ -186,7 +187,7 @@ def generate(model: nn.Module, ids: Tensor, new_tokens: int, *, temperature: flo
                          "or any model with its context= given: the model has no token "
                          "Embedding block")
     for _ in range(new_tokens):
-        logits = logits_of(model(ids[:, -context:]))[:, -1, :].float() / temperature
+        logits = logits_of(model(ids[:, -context:]))[:, -1, :vocab].float() / temperature
         if top_k is not None:
             kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
             logits = logits.masked_fill(logits < kth, float("-inf"))

@@ -86,7 +86,7 @@ def test_a_run_can_be_sampled(tmp_path, folder, capsys):
     assert capsys.readouterr().out == first
 
 
-def test_a_local_tokenizer_replaces_bytes(tmp_path, folder):
+def test_a_local_tokenizer_replaces_bytes(tmp_path, folder, capsys):
     tokenizers = pytest.importorskip("tokenizers")
     words = sorted(set((folder / "words.txt").read_text().split()))
     vocab = {"[UNK]": 0, **{w: i + 1 for i, w in enumerate(words)}}
@@ -98,6 +98,10 @@ def test_a_local_tokenizer_replaces_bytes(tmp_path, folder):
                 "--context", "8")
     info = json.loads((out / "config.json").read_text())["data_info"]
     assert info["vocabulary"] == len(vocab) and info["tokens"] == 600
+    capsys.readouterr()
+    assert main(["sample", str(out), "--prompt", "the lazy", "--tokens", "5"]) == 0
+    words = capsys.readouterr().out.split()  # the tokenizer's words, decoded back
+    assert words[:2] == ["the", "lazy"] and len(words) == 7 and set(words) <= set(vocab)
 
 
 def test_two_stages(tmp_path, folder, capsys):
