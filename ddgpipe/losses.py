@@ -2,10 +2,21 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["token_cross_entropy"]
+__all__ = ["token_cross_entropy", "logits_of"]
+
+
+def logits_of(output: Any) -> Any:
+    """A model's logits: the output itself, or its ``logits`` when it is a mapping that has
+    them (a HuggingFace ``ModelOutput``); anything else is returned as it is."""
+    if isinstance(output, Mapping) and isinstance(output.get("logits"), Tensor):
+        return output["logits"]
+    return output
 
 
 def token_cross_entropy(logits: Tensor, targets: Tensor, ignore_index: int = -100) -> Tensor:

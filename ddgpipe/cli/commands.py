@@ -15,6 +15,7 @@ BENCH_FILES = ("bench.json", "bench.png")  # what `ddgpipe bench --overwrite` re
 
 def config_from_args(args: argparse.Namespace):
     from ddgpipe.cli.options import compensation_options, model_defaults
+    from ddgpipe.models import model_label
     from ddgpipe.training import TrainConfig
     from ddgpipe.training.run_dir import default_run_dir
 
@@ -22,12 +23,12 @@ def config_from_args(args: argparse.Namespace):
     if args.resume and args.out and Path(args.out).resolve() != Path(args.resume).resolve():
         raise UsageError(f"--resume {args.resume} continues in that directory; drop --out or "
                          "make it the same")
-    out = args.resume or args.out or str(default_run_dir(args.model, args.method, stages,
-                                                         args.seed))
+    out = args.resume or args.out or str(default_run_dir(model_label(args.model), args.method,
+                                                         stages, args.seed))
     executor = args.executor
     if args.replicas > 1 and executor is None:  # replicas live in processes of their own
         executor = "processes"
-    defaults = model_defaults(args.model)
+    defaults = model_defaults(args.model, args.data)
 
     def given(name: str):  # the flag, else this model's default
         value = getattr(args, name)
@@ -41,7 +42,8 @@ def config_from_args(args: argparse.Namespace):
     if args.warmup_iters is None and iterations:  # the default warm-up: at most a tenth
         warmup = min(warmup, iterations // 10)
     return TrainConfig.from_flat(
-        model=args.model, data=given("data"), data_dir=args.data_dir, method=args.method,
+        model=args.model, data=given("data"), data_dir=args.data_dir, tokenizer=args.tokenizer,
+        method=args.method,
         stages=stages, replicas=args.replicas, stash=args.stash, split=args.split,
         balance=args.balance,
         grad_shrink=args.grad_shrink, microbatches=args.microbatches, clip_grad=given("clip_grad"),

@@ -61,7 +61,13 @@ def _model_and_data(p: argparse.ArgumentParser) -> None:
                    help=f"network: {', '.join(MODEL_NAMES)} (CIFAR ResNets of He et al. 2016 "
                         "with option-A shortcuts; resnet1d-N: the same with 1-D convolutions, "
                         "for mnist1d; an MLP; gpt-L: a decoder-only transformer of L blocks, "
-                        "e.g. gpt-8) (default: %(default)s)")
+                        "e.g. gpt-8); or your own: FILE.py:FACTORY or package.module:FACTORY, "
+                        "a callable returning an nn.Module, called under the run's seed with "
+                        "no arguments or the keywords num_classes (classes; for text, the "
+                        "vocabulary) and input_shape (one sample's shape) it names; hf:DIR, a "
+                        "local HuggingFace causal LM folder (config.json, with weights if "
+                        "saved, else freshly initialised; needs `pip install 'ddgpipe[hf]'`). "
+                        "With --stages > 1 DDG cuts an nn.Sequential (default: %(default)s)")
     g.add_argument("--data", metavar="NAME",
                    help=f"data set: {', '.join(DATASET_NAMES)}; digits is scikit-learn's 1797 "
                         "handwritten 8x8 digits, embedded; mnist1d is MNIST-1D (Greydanus "
@@ -69,7 +75,14 @@ def _model_and_data(p: argparse.ArgumentParser) -> None:
                         "$DDGPIPE_CACHE (default ~/.cache/ddgpipe); cifar10/cifar100 need "
                         "--data-dir; shakespeare is 5.3 MB of Shakespeare's plays as byte "
                         "tokens, for language models (shipped in a pinned package); synthetic "
-                        f"is random data for throughput only {_both('data')}")
+                        "is random data for throughput only; or your own: text:PATH, any file "
+                        "as byte tokens (or --tokenizer's) in windows of --context, 5%% of its "
+                        "blocks held out; tensors:PATH, a .pt dict or .npz with train_x, "
+                        "train_y, test_x, test_y (integer labels; optional num_classes, else "
+                        f"the largest label + 1) {_both('data')}")
+    g.add_argument("--tokenizer", metavar="DIR",
+                   help="--data text:PATH: tokenize with the HuggingFace tokenizer saved in "
+                        "DIR (its vocabulary replaces the 256 bytes)")
     g.add_argument("--data-dir", metavar="DIR",
                    help="folder holding cifar-10-batches-py/ or cifar-100-python/ (the "
                         "extracted official python archives)")
@@ -155,16 +168,22 @@ LANGUAGE_MODEL_DEFAULTS = {"data": "shakespeare", "optimizer": "adamw", "lr": 1e
                            "warmup_iters": 100, "eval_every": 100}
 
 
-def model_defaults(model: str) -> dict:
+def model_defaults(model: str, data: str | None = None) -> dict:
+    """A language model's defaults for gpt-L, hf:DIR, or any model on text; else a
+    network's."""
+    from ddgpipe.data.user import is_text_data
     from ddgpipe.models import is_language_model
 
-    return LANGUAGE_MODEL_DEFAULTS if is_language_model(model) else NETWORK_DEFAULTS
+    text = data == "shakespeare" or is_text_data(data)
+    language = is_language_model(model) or model.startswith("hf:") or text
+    return LANGUAGE_MODEL_DEFAULTS if language else NETWORK_DEFAULTS
 
 
 def _both(flag: str) -> str:
     """The two defaults of ``flag``, for its help line."""
     a, b = NETWORK_DEFAULTS[flag], LANGUAGE_MODEL_DEFAULTS[flag]
-    return f"(default: {'none' if a is None else a}; for gpt-L {'none' if b is None else b})"
+    return (f"(default: {'none' if a is None else a}; for gpt-L, hf:DIR or text "
+            f"{'none' if b is None else b})")
 
 
 def _optimisation(p: argparse.ArgumentParser) -> None:

@@ -1,16 +1,20 @@
-"""``ddgpipe sample RUN``: text written by a trained ``gpt-L`` run, deterministic for a seed."""
+"""``ddgpipe sample RUN``: text written by a trained language model run (``gpt-L``, or a
+user's model on text), deterministic for a seed."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from ddgpipe.data.user import is_text_data
 from ddgpipe.errors import UsageError
+from ddgpipe.models import build_model, is_language_model, is_user_model, load_user_model
 
 __all__ = ["add_sample_command", "cmd_sample", "load_language_model"]
 
@@ -53,32 +57,56 @@ def cmd_sample(args: argparse.Namespace) -> int:
         raise UsageError(f"--top-k must be >= 1 (got {args.top_k})")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda, but torch sees no CUDA device; use --device cpu")
-    model = load_language_model(Path(args.run)).to(args.device).eval()
-    prompt = torch.tensor([list(args.prompt.encode("utf-8"))], dtype=torch.long,
-                          device=args.device)
+    run = Path(args.run)
+    model = load_language_model(run).to(args.device).eval()
+    saved = read_run_config(run)
+    tokenizer = saved.get("tokenizer")
+    encode, decode = _codec(tokenizer)
+    prompt = torch.tensor([encode(args.prompt)], dtype=torch.long, device=args.device)
     generator = torch.Generator(device=args.device).manual_seed(args.seed)
+    context = None if is_language_model(str(saved.get("model"))) else int(saved["context"])
+    vocab = saved.get("data_info", {}).get("vocabulary", BYTE_VOCAB)  # the ids it decodes
     ids = generate(model, prompt, args.tokens, temperature=args.temperature,
-                   top_k=args.top_k, generator=generator)
-    text = bytes(ids[0].tolist()).decode("utf-8", errors="replace")
+                   top_k=args.top_k, generator=generator, context=context, vocab=vocab)
+    text = decode(ids[0].tolist())
     sys.stdout.write(text + ("" if text.endswith("\n") else "\n"))
     return 0
 
 
-def load_language_model(run: Path) -> nn.Sequential:
-    """The trained GPT of ``run``, rebuilt from its ``config.json`` and ``model.pt``."""
-    from ddgpipe.models import build_model, is_language_model
+def _codec(tokenizer: str | None) -> tuple[Callable[[str], list[int]],
+                                           Callable[[list[int]], str]]:
+    """Text to token ids and back: UTF-8 bytes, or the run's HuggingFace tokenizer."""
+    if tokenizer is None:
+        return (lambda text: list(text.encode("utf-8")),
+                lambda ids: bytes(ids).decode("utf-8", errors="replace"))
+    from ddgpipe.data.user import load_tokenizer
 
+    tok = load_tokenizer(tokenizer)
+    return (lambda text: tok(text, add_special_tokens=False)["input_ids"],
+            lambda ids: tok.decode(ids))
+
+
+def read_run_config(run: Path) -> dict:
+    """``run``'s config.json, or one line saying why it cannot be read."""
     try:
-        saved = json.loads((run / "config.json").read_text())
+        return json.loads((run / "config.json").read_text())
     except OSError:
         raise UsageError(f"{run} has no readable config.json; pass the folder of a run "
                          "written by `ddgpipe train --model gpt-L`") from None
     except ValueError:
         raise UsageError(f"{run}/config.json is not valid JSON; pass an intact run") from None
+
+
+def load_language_model(run: Path) -> nn.Module:
+    """The trained language model of ``run``, rebuilt from its ``config.json`` (a gpt-L, or a
+    user's model on text: its factory is called again, or its hf:DIR read) and
+    ``model.pt``."""
+    saved = read_run_config(run)
     model_name = str(saved.get("model"))
-    if not is_language_model(model_name):
+    text = saved.get("data") == "shakespeare" or is_text_data(saved.get("data"))
+    if not (is_language_model(model_name) or (is_user_model(model_name) and text)):
         raise UsageError(f"{run} is a {model_name} run, not a language model; sample from a "
-                         "run trained with --model gpt-L")
+                         "run trained with --model gpt-L, or a model of yours on text")
     if not (run / "model.pt").exists():
         raise UsageError(f"{run} has no model.pt (written when a run ends); finish it with "
                          f"`ddgpipe train --resume {run}` first")
@@ -87,13 +115,7 @@ def load_language_model(run: Path) -> nn.Sequential:
     except Exception as e:
         raise UsageError(f"cannot load {run}/model.pt ({type(e).__name__}); it is damaged or "
                          "not a ddgpipe model") from None
-    vocab = next((v.shape[0] for k, v in state.items() if k.endswith("tokens.weight")), None)
-    if vocab != BYTE_VOCAB:
-        raise UsageError(f"{run}/model.pt has a vocabulary of {vocab} tokens, not the 256 bytes "
-                         "`ddgpipe sample` decodes")
-    options = {k: saved.get(k) for k in ("width", "heads", "context", "tie_embeddings")}
-    model = build_model(model_name, num_classes=vocab, dropout=0.0,
-                        **{k: v for k, v in options.items() if v is not None})
+    model = _user_model(saved) if is_user_model(model_name) else _gpt(run, saved, state)
     try:
         model.load_state_dict(state)
     except RuntimeError as e:
@@ -101,3 +123,20 @@ def load_language_model(run: Path) -> nn.Sequential:
         raise UsageError(f"{run}/model.pt does not fit the model its config.json describes "
                          f"({first})") from None
     return model
+
+
+def _gpt(run: Path, saved: dict, state: dict) -> nn.Module:
+    vocab = next((v.shape[0] for k, v in state.items() if k.endswith("tokens.weight")), None)
+    if vocab != BYTE_VOCAB:
+        raise UsageError(f"{run}/model.pt has a vocabulary of {vocab} tokens, not the 256 bytes "
+                         "`ddgpipe sample` decodes")
+    options = {k: saved.get(k) for k in ("width", "heads", "context", "tie_embeddings")}
+    return build_model(str(saved["model"]), num_classes=vocab, dropout=0.0,
+                       **{k: v for k, v in options.items() if v is not None})
+
+
+def _user_model(saved: dict) -> nn.Module:
+    """A user's model rebuilt as the run built it (its weights are loaded after)."""
+    vocab = saved.get("data_info", {}).get("vocabulary", BYTE_VOCAB)
+    return load_user_model(str(saved["model"]), num_classes=vocab,
+                           input_shape=(int(saved["context"]),))

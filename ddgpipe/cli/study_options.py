@@ -14,7 +14,9 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     from ddgpipe.models import MODEL_NAMES
 
     p.add_argument("--model", default="resnet20", metavar="NAME",
-                   help=f"network: {', '.join(MODEL_NAMES)} (default: %(default)s)")
+                   help=f"network: {', '.join(MODEL_NAMES)}, or FILE.py:FACTORY / "
+                        "package.module:FACTORY returning an nn.Sequential for images of "
+                        "--in-channels x --image-size^2 (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=128, help="global minibatch size, the "
                    "same for every configuration (default: %(default)s)")
     p.add_argument("--stages", type=int, default=2, metavar="K",

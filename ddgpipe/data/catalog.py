@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from ddgpipe.data.dataset import Dataset
+from ddgpipe.data.user import is_user_data, load_user_data
 from ddgpipe.errors import UsageError
 
 __all__ = ["DATASET_NAMES", "load_dataset", "digits", "synthetic"]
@@ -20,12 +21,16 @@ __all__ = ["DATASET_NAMES", "load_dataset", "digits", "synthetic"]
 DATASET_NAMES = ("digits", "mnist1d", "cifar10", "cifar100", "shakespeare", "synthetic")
 
 
-def load_dataset(name: str, data_dir: str | None = None, context: int = 128) -> Dataset:
+def load_dataset(name: str, data_dir: str | None = None, context: int = 128,
+                 tokenizer: str | None = None) -> Dataset:
     """Load a data set by name; CIFAR needs ``data_dir`` (the extracted official archive).
 
     mnist1d is generated on first use and then read from the cache (``mnist1d.py``);
-    shakespeare is a byte corpus in windows of ``context`` tokens (``text.py``).
+    shakespeare is a byte corpus in windows of ``context`` tokens (``text.py``); a user's
+    ``text:PATH`` (bytes, or ``tokenizer``'s ids) or ``tensors:PATH`` is read by ``user.py``.
     """
+    if is_user_data(name):
+        return load_user_data(name, context, tokenizer)
     if name == "shakespeare":
         from ddgpipe.data.text import load_text
 
@@ -42,7 +47,8 @@ def load_dataset(name: str, data_dir: str | None = None, context: int = 128) -> 
         from ddgpipe.data.cifar import load_cifar
 
         return load_cifar(name, data_dir)
-    raise UsageError(f"unknown data set {name!r}; choose one of {', '.join(DATASET_NAMES)}")
+    raise UsageError(f"unknown data set {name!r}; choose one of {', '.join(DATASET_NAMES)}, "
+                     "or text:PATH or tensors:PATH for your own")
 
 
 def digits(train_size: int = 1437) -> Dataset:

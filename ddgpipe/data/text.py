@@ -28,8 +28,8 @@ from ddgpipe.cache import cache_dir
 from ddgpipe.data.dataset import Dataset
 from ddgpipe.errors import UsageError
 
-__all__ = ["CORPORA", "load_text", "corpus_bytes", "windows", "BLOCK", "VAL_FRACTION",
-           "unigram_bits_per_byte"]
+__all__ = ["CORPORA", "load_text", "token_dataset", "corpus_bytes", "windows", "BLOCK",
+           "VAL_FRACTION", "unigram_bits_per_byte"]
 
 BLOCK = 16384
 VAL_FRACTION = 0.05
@@ -96,9 +96,11 @@ def windows(tokens: Tensor, context: int) -> tuple[Tensor, Tensor]:
     return x, y
 
 
-def split_blocks(size: int, seed: int = SPLIT_SEED) -> tuple[list[int], list[int]]:
-    """Indices of the training and the held-out blocks of a corpus of ``size`` bytes."""
-    blocks = math.ceil(size / BLOCK)
+def split_blocks(size: int, seed: int = SPLIT_SEED,
+                 block: int = BLOCK) -> tuple[list[int], list[int]]:
+    """Indices of the training and the held-out blocks of a corpus of ``size`` tokens (one
+    block held out at least, and one kept for training when there are two)."""
+    blocks = math.ceil(size / block)
     order = np.random.default_rng(seed).permutation(blocks)
     held = max(1, round(blocks * VAL_FRACTION))
     return sorted(order[held:].tolist()), sorted(order[:held].tolist())
@@ -117,19 +119,30 @@ def load_text(name: str = "shakespeare", context: int = 128,
     """The corpus as windows of token ids: ``train_x``/``train_y`` from the training blocks,
     ``test_x``/``test_y`` a fixed seeded choice of ``val_windows`` held-out windows (all of
     them when 0)."""
+    data = torch.frombuffer(bytearray(corpus_bytes(name)), dtype=torch.uint8).long()
+    spec = CORPORA[name]
+    info = {"corpus": name, "source": f"{spec['package']}=={spec['version']}",
+            "about": spec["about"], "bytes": len(data), "sha256": spec["sha256"]}
+    return token_dataset(name, data, context, 256, info, val_windows)
+
+
+def token_dataset(name: str, tokens: Tensor, context: int, vocab: int, info: dict,
+                  val_windows: int = VAL_WINDOWS, block: int = BLOCK) -> Dataset:
+    """``tokens`` as a data set of windows: blocks of ``block`` tokens, a seeded share held
+    out (:func:`split_blocks`), then :func:`windows` of each block; ``vocab`` is the number
+    of token ids (the classes)."""
     if context < 1:
         raise UsageError(f"--context must be >= 1 (got {context})")
-    data = torch.frombuffer(bytearray(corpus_bytes(name)), dtype=torch.uint8).long()
-    train_blocks, held_blocks = split_blocks(len(data))
+    train_blocks, held_blocks = split_blocks(len(tokens), block=block)
     parts: dict[str, list[tuple[Tensor, Tensor]]] = {"train": [], "val": []}
     for part, blocks in (("train", train_blocks), ("val", held_blocks)):
         for b in blocks:
-            block = data[b * BLOCK: (b + 1) * BLOCK + 1]  # + 1: the last window's target
-            if len(block) > context:
-                parts[part].append(windows(block, context))
-    if not parts["val"]:
-        raise UsageError(f"--context {context} is longer than a held-out block ({BLOCK} bytes); "
-                         f"pass a context below {BLOCK}")
+            piece = tokens[b * block: (b + 1) * block + 1]  # + 1: the last window's target
+            if len(piece) > context:
+                parts[part].append(windows(piece, context))
+    if not parts["val"] or not parts["train"]:
+        raise UsageError(f"--context {context} is longer than a held-out block of {name} "
+                         f"({min(block, len(tokens) - 1)} tokens); pass a smaller --context")
     train_x = torch.cat([x for x, _ in parts["train"]])
     train_y = torch.cat([y for _, y in parts["train"]])
     val_x = torch.cat([x for x, _ in parts["val"]])
@@ -138,12 +151,11 @@ def load_text(name: str = "shakespeare", context: int = 128,
         keep = torch.randperm(len(val_x), generator=torch.Generator().manual_seed(SPLIT_SEED))
         keep = keep[:val_windows].sort().values
         val_x, val_y = val_x[keep], val_y[keep]
-    spec = CORPORA[name]
-    info = {"corpus": name, "source": f"{spec['package']}=={spec['version']}",
-            "about": spec["about"], "bytes": len(data), "sha256": spec["sha256"],
-            "block_bytes": BLOCK, "val_fraction": VAL_FRACTION, "split_seed": SPLIT_SEED,
-            "train_windows": len(train_x), "val_windows": len(val_x), "context": context,
-            "unigram_bits_per_byte": unigram_bits_per_byte(train_x, val_y)}
+    info = info | {"block_bytes" if vocab == 256 else "block_tokens": block,
+                   "val_fraction": VAL_FRACTION, "split_seed": SPLIT_SEED,
+                   "train_windows": len(train_x), "val_windows": len(val_x), "context": context}
+    if vocab == 256:
+        info["unigram_bits_per_byte"] = unigram_bits_per_byte(train_x, val_y)
     return Dataset(name, train_x.contiguous(), train_y.contiguous(), val_x.contiguous(),
-                   val_y.contiguous(), num_classes=256, in_channels=1, image_size=None,
+                   val_y.contiguous(), num_classes=vocab, in_channels=1, image_size=None,
                    tokens=True, info=info)

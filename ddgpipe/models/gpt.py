@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ddgpipe.errors import UsageError
+from ddgpipe.losses import logits_of
 
 __all__ = ["GPTConfig", "gpt", "generate", "parameter_count", "Embedding", "Block",
            "Head"]
@@ -161,11 +162,14 @@ def parameter_count(config: GPTConfig) -> int:
 
 @torch.no_grad()
 def generate(model: nn.Module, ids: Tensor, new_tokens: int, *, temperature: float = 1.0,
-             top_k: int | None = None, generator: torch.Generator | None = None) -> Tensor:
+             top_k: int | None = None, generator: torch.Generator | None = None,
+             context: int | None = None, vocab: int | None = None) -> Tensor:
     """``ids`` ``[B, T]`` followed by ``new_tokens`` tokens sampled one at a time, as nanoGPT
-    does: the model sees the last ``context`` tokens, its logits are divided by
-    ``temperature`` and cut to the ``top_k`` likeliest. Put the model in ``eval()`` first
-    (dropout off); the same ``generator`` state gives the same tokens."""
+    does: the model sees the last ``context`` tokens (a ddgpipe GPT's own, unless given), its
+    logits (a HuggingFace output's ``logits``) are divided by ``temperature`` and cut to the
+    ``top_k`` likeliest, and to the first ``vocab`` ids when given (a model may have more
+    outputs than its tokenizer has tokens). Put the model in ``eval()`` first (dropout off);
+    the same ``generator`` state gives the same tokens."""
     if new_tokens < 0:
         raise UsageError(f"the number of tokens to generate must be >= 0 (got {new_tokens})")
     if not temperature > 0:
@@ -176,12 +180,14 @@ def generate(model: nn.Module, ids: Tensor, new_tokens: int, *, temperature: flo
     if ids.dim() != 2 or ids.shape[1] < 1:
         raise UsageError(f"generate takes token ids of shape [batch, length >= 1], got "
                          f"{tuple(ids.shape)}")
-    context = next((m.context for m in model.modules() if isinstance(m, Embedding)), None)
     if context is None:
-        raise UsageError("generate takes a GPT built by ddgpipe (gpt() or build_model('gpt-L')): "
-                         "the model has no token Embedding block")
+        context = next((m.context for m in model.modules() if isinstance(m, Embedding)), None)
+    if context is None:
+        raise UsageError("generate takes a GPT built by ddgpipe (gpt() or build_model('gpt-L')), "
+                         "or any model with its context= given: the model has no token "
+                         "Embedding block")
     for _ in range(new_tokens):
-        logits = model(ids[:, -context:])[:, -1, :].float() / temperature
+        logits = logits_of(model(ids[:, -context:]))[:, -1, :vocab].float() / temperature
         if top_k is not None:
             kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
             logits = logits.masked_fill(logits < kth, float("-inf"))

@@ -48,11 +48,11 @@ COMPAT_FIELDS = (
     "momentum", "nesterov", "weight_decay", "lr_schedule", "milestones", "lr_gamma",
     "warmup_epochs", "warmup_factor", "epochs", "grad_shrink", "compensation",
     "compensation_options", "precision", "replicas", "compile", "warmup_share", "lr_floor",
-    "nadam_horizon", "microbatches",
+    "nadam_horizon", "microbatches", "tokenizer",
 )
 # what a set written before a setting existed had
 DEFAULTS = {"replicas": 1, "microbatches": 1, "compile": False, "warmup_share": 0.0,
-            "lr_floor": 0.0, "nadam_horizon": None}
+            "lr_floor": 0.0, "nadam_horizon": None, "tokenizer": None}
 
 
 def _fsync_dir(path: Path) -> None:
@@ -271,6 +271,7 @@ class LoopState:
     train_time: float = 0.0
     epoch_elapsed: float = 0.0
     stats: list = field(default_factory=lambda: [0.0, 0, 0])
+    recent: list = field(default_factory=lambda: [0.0, 0, 0])  # since the last evaluation
     metrics_lines: int = 0
 
 

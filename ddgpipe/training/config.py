@@ -16,8 +16,9 @@ from ddgpipe.core.compensation.options import check_microbatches
 from ddgpipe.core.precision import check_precision
 from ddgpipe.core.stage import check_clip
 from ddgpipe.data.text import CORPORA
+from ddgpipe.data.user import is_text_data, is_user_data
 from ddgpipe.errors import UsageError
-from ddgpipe.models import GPTConfig, is_language_model
+from ddgpipe.models import GPTConfig, is_language_model, is_user_model
 from ddgpipe.runtime.devices import cores_per_stage
 from ddgpipe.runtime.placement import Placement
 from ddgpipe.training.optim import make_optimizer
@@ -37,15 +38,15 @@ COMPENSATION_KEYS = ("compensation", "compensation_options")
 # the order of config.json's keys (written flat since before the parts existed); keys not
 # listed follow, in the tree's order
 FLAT_ORDER = (
-    "model", "data", "data_dir", "method", "stages", "replicas", "stash", "split", "balance",
-    "grad_shrink", "microbatches", "clip_grad", "compensation", "compensation_options",
-    "epochs", "iterations",
-    "batch_size", "eval_batch_size", "eval_every", "optimizer", "lr", "momentum", "nesterov",
-    "beta1", "beta2", "weight_decay", "lr_schedule", "milestones", "lr_gamma", "warmup_epochs",
-    "warmup_factor", "warmup_iters", "context", "width", "heads", "dropout", "tie_embeddings",
-    "seed", "executor", "device", "devices", "precision", "compile", "comm", "threads",
-    "log_every", "timeline", "label", "out", "progress", "timeout_s", "checkpoint_every",
-    "checkpoint_every_epochs", "stop_after", "resume",
+    "model", "data", "data_dir", "tokenizer", "method", "stages", "replicas", "stash", "split",
+    "balance", "grad_shrink", "microbatches", "clip_grad", "compensation",
+    "compensation_options", "epochs", "iterations", "batch_size", "eval_batch_size",
+    "eval_every", "optimizer", "lr", "momentum", "nesterov", "beta1", "beta2", "weight_decay",
+    "lr_schedule", "milestones", "lr_gamma", "warmup_epochs", "warmup_factor", "warmup_iters",
+    "context", "width", "heads", "dropout", "tie_embeddings", "seed", "executor", "device",
+    "devices", "precision", "compile", "comm", "threads", "log_every", "timeline", "label",
+    "out", "progress", "timeout_s", "checkpoint_every", "checkpoint_every_epochs",
+    "stop_after", "resume",
 )
 
 
@@ -67,6 +68,7 @@ class TrainConfig:
     model: str = "resnet20"
     data: str = "digits"
     data_dir: str | None = None
+    tokenizer: str | None = None  # --data text:PATH: a local HuggingFace tokenizer's folder
     method: str = "bp"
     stages: int = 1
     stash: str = "graph"
@@ -161,7 +163,13 @@ class TrainConfig:
 
     @property
     def is_language_model(self) -> bool:
+        """Whether the model is the registry's GPT (``gpt-L``, shaped by --width, ...)."""
         return is_language_model(self.model)
+
+    @property
+    def text_data(self) -> bool:
+        """Whether the data are windows of token ids (a corpus, or ``text:PATH``)."""
+        return self.data in TEXT_DATA or is_text_data(self.data)
 
     def model_options(self) -> dict:
         """What ``build_model`` takes beyond the data's shape: a GPT's width, heads, ..."""
@@ -308,13 +316,16 @@ class TrainConfig:
             raise UsageError(f"--log-every must be >= 0 (got {self.log_every})")
 
     def _validate_model_and_data(self) -> None:
-        text = self.data in TEXT_DATA
+        self._validate_user_model_and_data()
+        text = self.text_data
         if self.is_language_model and not text:
             raise UsageError(f"--model {self.model} is a language model of token windows: use it "
-                             f"with --data {' or '.join(TEXT_DATA)}")
-        if text and not self.is_language_model:
-            raise UsageError(f"--data {self.data} holds windows of byte tokens for a language "
-                             "model: use it with --model gpt-L, e.g. --model gpt-8")
+                             f"with --data {' or '.join(TEXT_DATA)} or text:PATH")
+        if text and not (self.is_language_model or is_user_model(self.model)):
+            kind = "byte tokens" if self.tokenizer is None else "tokens"
+            raise UsageError(f"--data {self.data} holds windows of {kind} for a language "
+                             "model: use it with --model gpt-L (e.g. --model gpt-8), hf:DIR "
+                             "or FILE.py:FACTORY")
         lm_only = {"--width": self.width, "--heads": self.heads, "--dropout": self.dropout,
                    "--tie-embeddings": self.tie_embeddings or None}
         given = [flag for flag, value in lm_only.items() if value is not None]
@@ -332,6 +343,17 @@ class TrainConfig:
             GPTConfig(width=width, heads=self.heads or GPTConfig.heads, context=self.context,
                       dropout=GPTConfig.dropout if self.dropout is None else self.dropout
                       ).check()
+
+    def _validate_user_model_and_data(self) -> None:
+        """The checks a user's model or data get before any file is read."""
+        if self.tokenizer is not None and not is_text_data(self.data):
+            raise UsageError(f"--tokenizer turns a text file into tokens; --data {self.data} is "
+                             "not one: pass --data text:PATH, or drop --tokenizer")
+        if self.model.startswith("hf:") and not self.text_data:
+            raise UsageError(f"--model {self.model} is a causal language model of token ids: "
+                             f"train it on --data text:PATH (or {' or '.join(TEXT_DATA)})")
+        if is_user_data(self.data) and self.data_dir is not None:
+            raise UsageError(f"--data {self.data} names its own file; drop --data-dir")
 
     def _validate_replicas(self) -> None:
         r, executor, devices = (self.placement.replicas, self.placement.executor,

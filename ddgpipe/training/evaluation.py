@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ddgpipe.errors import UsageError
+from ddgpipe.losses import logits_of
 from ddgpipe.methods import Method
 
 __all__ = ["evaluate", "bits_per_byte"]
@@ -31,7 +32,7 @@ def evaluate(method: Method, x: Tensor, y: Tensor, batch_size: int) -> tuple[flo
     loss_sum, correct, count, answered = 0.0, 0, 0, False
     with torch.no_grad():
         for i in range(0, len(x), batch_size):
-            out = method.predict(x[i: i + batch_size])
+            out = logits_of(method.predict(x[i: i + batch_size]))
             if out is None:
                 continue
             if not isinstance(out, Tensor):

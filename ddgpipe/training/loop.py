@@ -7,13 +7,14 @@ iteration, same evaluation.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import math
 import os
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,14 +26,15 @@ from tqdm import tqdm
 
 from ddgpipe.core.timeline import Timeline
 from ddgpipe.data import BatchLoader, Dataset, load_dataset
-from ddgpipe.losses import token_cross_entropy
+from ddgpipe.errors import UsageError
+from ddgpipe.losses import logits_of, token_cross_entropy
 from ddgpipe.machine import machine_info
 from ddgpipe.methods import Method
-from ddgpipe.models import build_model
+from ddgpipe.models import is_user_model
 from ddgpipe.runtime.allocator import tune_allocator
 from ddgpipe.runtime.devices import cores_per_stage, rank_device
 from ddgpipe.runtime.placement import world_size
-from ddgpipe.training.assemble import build_method, check_model_accepts
+from ddgpipe.training.assemble import build_method, build_network, check_model_accepts
 from ddgpipe.training.checkpoints import Checkpoints, LoopState
 from ddgpipe.training.config import TrainConfig, TrainResult, stage_threads
 from ddgpipe.training.evaluation import bits_per_byte, evaluate
@@ -51,8 +53,15 @@ def train_worker(rank: int, world: int, config: TrainConfig) -> TrainResult | No
 
 
 def train(config: TrainConfig, dataset: Dataset | None = None, *,
+          model: nn.Module | Callable[[], nn.Module] | None = None,
           tune_malloc: bool = True) -> TrainResult | None:
     """Train one run as ``config`` says; metrics go to ``config.out`` when given.
+
+    The model and data are those ``config`` names (the registry's, or a user's:
+    ``config.model="FILE.py:FACTORY"`` or ``"hf:DIR"``, ``config.data="text:PATH"`` or
+    ``"tensors:PATH"``), or given here: ``dataset`` a :class:`Dataset`, ``model`` a module or
+    a factory (called under the run's seed). A module given here is recorded as
+    ``object:CLASS``; to resume, pass it (or its factory) again.
 
     Under torch.distributed (one process per stage and replica) every rank calls this; the
     last rank writes the metrics and returns the result, the others return None.
@@ -62,6 +71,9 @@ def train(config: TrainConfig, dataset: Dataset | None = None, *,
     ``tune_malloc``, makes glibc's malloc keep the memory it frees, so steps stop
     page-faulting (:func:`ddgpipe.runtime.allocator.tune_allocator` says why).
     """
+    if model is not None and not is_user_model(config.model):
+        name = getattr(model, "__name__", type(model).__name__)
+        config = dataclasses.replace(config, model=f"object:{name}")
     config.validate()
     if tune_malloc:
         tune_allocator()
@@ -77,13 +89,13 @@ def train(config: TrainConfig, dataset: Dataset | None = None, *,
     # The last stage has the loss: it writes the metrics and shows progress.
     reporter = rank == world - 1
     checkpoints = Checkpoints(config, rank, world)  # a run to resume from is checked first
-    data = dataset or load_dataset(config.data, config.data_dir, context=config.context)
+    data = dataset or load_dataset(config.data, config.data_dir, context=config.context,
+                                   tokenizer=config.tokenizer)
     run_dir = prepare_out_dir(config.out, keep=checkpoints.resuming,
                               overwrite=config.overwrite) if reporter else None
 
-    torch.manual_seed(config.seed)
-    model = build_model(config.model, num_classes=data.num_classes, input_shape=data.input_shape,
-                        **config.model_options())
+    model = given_network(model, config.seed) if model is not None else \
+        build_network(config, data)
     check_model_accepts(model, data, config)
     loader = BatchLoader(data.train_x, data.train_y, config.batch_size, shuffle=True,
                          seed=config.seed, augment=data.augment, name=data.name)
@@ -109,7 +121,7 @@ class TrainingRun:
     metrics record passes through :meth:`record`, where sinks and callbacks hook in.
     """
 
-    def __init__(self, config: TrainConfig, data: Dataset, model: nn.Sequential,
+    def __init__(self, config: TrainConfig, data: Dataset, model: nn.Module,
                  loader: BatchLoader, method: Method, *, timeline: Timeline | None,
                  checkpoints: Checkpoints, run_dir: Path | None, world: int, reporter: bool,
                  interrupts: InterruptGuard):
@@ -147,6 +159,9 @@ class TrainingRun:
             while self.batch < self.last_batch:
                 self.interrupts.check()
                 self.train_segment()
+                every = self.config.eval_every  # first, so a checkpoint here holds it
+                if every and self.iteration % every == 0 and self.iteration < self.total:
+                    self.evaluate_within_epoch()
                 stop = self.config.stop_after is not None and \
                     self.iteration >= self.config.stop_after
                 every = self.config.checkpoint_every
@@ -155,9 +170,6 @@ class TrainingRun:
                                     time.perf_counter() - self.epoch_start)
                 if stop:
                     return self.stop()
-                every = self.config.eval_every
-                if every and self.iteration % every == 0 and self.iteration < self.total:
-                    self.evaluate_within_epoch()
             self.end_epoch()
         return self.finish()
 
@@ -189,6 +201,7 @@ class TrainingRun:
         self.stats.reset()
         if resumed:
             self.stats.load_state(self.resumed.stats)
+            self.recent.load_state(self.resumed.recent)
         self.method.train()
         self.epoch_start = time.perf_counter() - (self.resumed.epoch_elapsed if resumed
                                                   else 0.0)
@@ -208,7 +221,8 @@ class TrainingRun:
             self.interrupts.check()
             self.iteration_done(loss)
 
-    def loss_fn(self, logits: Tensor, target: Tensor) -> Tensor:
+    def loss_fn(self, output: Tensor, target: Tensor) -> Tensor:
+        logits = logits_of(output)  # a HuggingFace model's output holds its logits
         loss = self.criterion(logits, target)
         for s in (self.stats, self.recent):  # no host sync: it may run on a GPU
             s.add(loss.detach(), logits.detach(), target)
@@ -234,6 +248,7 @@ class TrainingRun:
         self.checkpoints.save(self.method, LoopState(
             iteration=self.iteration, epoch=epoch, batch=batch, seen=self.seen,
             train_time=self.train_time, epoch_elapsed=elapsed, stats=self.stats.state(),
+            recent=self.recent.state(),
             metrics_lines=self.metrics.lines if self.metrics else 0))
 
     def evaluate_within_epoch(self) -> None:
@@ -326,11 +341,12 @@ class TrainingRun:
         )
 
 
-def write_run_config(run_dir: Path, config: TrainConfig, data: Dataset, model: nn.Sequential,
+def write_run_config(run_dir: Path, config: TrainConfig, data: Dataset, model: nn.Module,
                      method: Method) -> None:
     """``config.json``: the settings, and what the run derived from them (label, cut,
     executor, devices, threads, machine)."""
-    saved = config.to_dict() | {"label": config.display_label(), "num_blocks": len(model),
+    blocks = len(model) if isinstance(model, nn.Sequential) else None
+    saved = config.to_dict() | {"label": config.display_label(), "num_blocks": blocks,
                                 "split": method.split, "split_tuning": method.split_tuning,
                                 "executor": method.executor_kind,
                                 "stage_devices": [str(d) for d in method.devices],
@@ -338,9 +354,21 @@ def write_run_config(run_dir: Path, config: TrainConfig, data: Dataset, model: n
                                 "machine": machine_info()}
     if data.info:
         saved["data_info"] = data.info
-    if config.is_language_model:
+    if config.is_language_model or is_user_model(config.model):
         saved["parameters"] = sum(p.numel() for p in model.parameters())
     (run_dir / "config.json").write_text(json.dumps(saved, indent=2) + "\n")
+
+
+def given_network(model: nn.Module | Callable[[], nn.Module], seed: int) -> nn.Module:
+    """The module handed to :func:`train`, or what its factory builds under ``seed``."""
+    if isinstance(model, nn.Module):
+        return model
+    torch.manual_seed(seed)
+    built = model()
+    if not isinstance(built, nn.Module):
+        raise UsageError(f"train(model=...) got a factory that returned a "
+                         f"{type(built).__name__}, not a torch.nn.Module; return the network")
+    return built
 
 
 def total_iterations(config: TrainConfig, steps_per_epoch: int) -> int:
