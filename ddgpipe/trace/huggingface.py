@@ -31,7 +31,7 @@ def example_token_ids(model: nn.Module) -> Tensor | None:
     its own: the caller's random state is untouched); None for any other model."""
     if not is_causal_lm(model):
         return None
-    config = model.config  # type: ignore[union-attr]
+    config: Any = model.config
     length = min(EXAMPLE_LENGTH, getattr(config, "max_position_embeddings", None)
                  or getattr(config, "n_positions", None) or EXAMPLE_LENGTH)
     device = next((p.device for p in model.parameters()), torch.device("cpu"))

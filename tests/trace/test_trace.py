@@ -12,6 +12,7 @@ from torch import nn
 import ddgpipe
 from ddgpipe.balance.shared import shared_tensors
 from ddgpipe.errors import UsageError
+from ddgpipe.methods import DNI
 from ddgpipe.trace import as_pipeline_blocks, repeated_blocks
 
 
@@ -144,6 +145,38 @@ def test_ddg_trains_the_traced_blocks_and_one_stage_is_backprop():
     staged = skipnet()
     run(ddgpipe.DDG(as_pipeline_blocks(staged, inputs()), 3, sgd))
     assert not torch.equal(staged.stem.weight, skipnet().stem.weight)  # trained in place
+
+
+def test_ddg_takes_the_module_itself_as_it_takes_its_traced_blocks():
+    """DDG traces a module that is not a Sequential on its sample_input: the same steps as on
+    the blocks traced by hand, bitwise, the trained weights in the user's model."""
+    data = [(inputs(8, seed=s), torch.arange(8) % 4) for s in range(4)]
+    sgd = lambda ps: torch.optim.SGD(ps, lr=0.1)  # noqa: E731
+    runs = []
+    for direct in (True, False):
+        model = skipnet()
+        given = model if direct else as_pipeline_blocks(model, inputs())
+        pipe = ddgpipe.DDG(given, 3, sgd, sample_input=inputs() if direct else None,
+                           split=[2, 4], executor="reference")
+        assert pipe.model is given
+        torch.manual_seed(4)
+        losses = [pipe.step(x, y, F.cross_entropy).item() for x, y in data]
+        pipe.drain()
+        runs.append((losses, model.state_dict()))
+    assert runs[0][0] == runs[1][0]
+    assert all(torch.equal(a, b) for a, b in zip(runs[0][1].values(), runs[1][1].values()))
+    assert not torch.equal(runs[0][1]["stem.weight"], skipnet().stem.weight)
+
+
+def test_split_points_name_where_the_stages_of_ddg_and_dni_begin():
+    for method in (ddgpipe.DDG, DNI):
+        model = skipnet()
+        pipe = method(model, 2, lambda ps: torch.optim.SGD(ps, lr=0.1), sample_input=inputs(),
+                      split_points=["layers.2"], executor="reference")
+        assert pipe.split == [1]
+        held = {id(p) for p in pipe.stages[1].module.parameters()}
+        assert {id(p) for p in model.layers[2].parameters()} <= held
+        assert {id(p) for p in model.layers[1].parameters()}.isdisjoint(held)
 
 
 class Branchy(nn.Module):
