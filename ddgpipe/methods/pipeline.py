@@ -133,10 +133,11 @@ class PipelineMethod:
         copy every stage's trained weights into every rank's ``model`` (collective: every
         rank calls it; :meth:`drain` does). Nothing to do in one process."""
         if self.executor.kind != "processes":
-            return
-        self.sync()
-        parts = self.executor.gather(stage_weights(self.model, self.stages[0].module))
-        load_weights(self.model, parts)
+            return  # (no sync: under replicas it averages the statistics, which eval() does)
+        # a replica's own statistics (BatchNorm's) stay its own until eval() averages them
+        load_weights(self.model,
+                     self.executor.gather_pipeline(stage_weights(self.model,
+                                                                 self.stages[0].module)))
 
     def close(self) -> None:
         """Stop the executor's stage threads, if it has any (idempotent)."""
