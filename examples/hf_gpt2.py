@@ -1,12 +1,12 @@
-"""Train a HuggingFace GPT-2 with DDG: wrap it as an ``nn.Sequential`` of blocks, cut it into K
-stages, feed it byte windows of the Shakespeare corpus. Nothing is downloaded: the model is
-built from a config (random initialisation).
+"""Train a HuggingFace GPT-2 with DDG as it is: no wrapper, DDG traces it and cuts it into K
+stages between its transformer blocks, and the trained weights are in the model you built
+(``save_pretrained`` works). Nothing is downloaded: the model is built from a config (random
+initialisation) and fed byte windows of the Shakespeare corpus.
 
-    python examples/hf_gpt2.py --stages 4 --steps 200
+    python examples/hf_gpt2.py --stages 4 --steps 200 --save runs/hf-gpt2
 
-The wrapping is the part to copy: DDG cuts between the entries of a flat ``nn.Sequential``,
-and each entry takes the previous one's output (a tensor, or a tuple passed as positional
-arguments) and returns a tensor or a tuple of tensors.
+A stage boundary can also be named: ``split_points=["transformer.h.2", ...]`` (the blocks at
+which stages 1..K-1 begin).
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ import argparse
 import itertools
 
 import torch
-from torch import nn
 from transformers import GPT2Config, GPT2LMHeadModel
 
 import ddgpipe
@@ -24,38 +23,12 @@ from ddgpipe.losses import token_cross_entropy
 from ddgpipe.training import evaluate
 
 
-class Embeddings(nn.Module):
-    """Token ids ``[B, T]`` -> hidden states: GPT-2's token and position embeddings, dropout."""
-
-    def __init__(self, transformer: nn.Module):
-        super().__init__()
-        self.wte, self.wpe, self.drop = transformer.wte, transformer.wpe, transformer.drop
-
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        positions = torch.arange(ids.shape[1], device=ids.device)
-        return self.drop(self.wte(ids) + self.wpe(positions))
-
-
-class Head(nn.Module):
-    """The final LayerNorm and the projection to the vocabulary: logits ``[B, T, V]``."""
-
-    def __init__(self, norm: nn.Module, projection: nn.Module):
-        super().__init__()
-        self.norm, self.projection = norm, projection
-
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.projection(self.norm(hidden))
-
-
-def gpt2_as_blocks(layers: int, width: int, heads: int, context: int) -> nn.Sequential:
-    """A random-init GPT-2 as ``[embeddings, block_1 .. block_L, head]``. Its embeddings are
-    untied from the output projection: a tensor in the first and the last stage would get two
-    updates at two delays, which DDG refuses."""
+def gpt2(layers: int, width: int, heads: int, context: int) -> GPT2LMHeadModel:
+    """A random-init GPT-2 over bytes. Its embeddings are untied from the output projection:
+    DDG refuses one tensor in the first and the last stage (two updates at two delays)."""
     config = GPT2Config(vocab_size=256, n_positions=context, n_embd=width, n_layer=layers,
                         n_head=heads, tie_word_embeddings=False, bos_token_id=0, eos_token_id=0)
-    lm = GPT2LMHeadModel(config)
-    gpt = lm.transformer
-    return nn.Sequential(Embeddings(gpt), *gpt.h, Head(gpt.ln_f, lm.lm_head))
+    return GPT2LMHeadModel(config)
 
 
 def main() -> None:
@@ -67,18 +40,20 @@ def main() -> None:
     p.add_argument("--context", type=int, default=128)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--save", help="a folder to save_pretrained the trained model to")
     args = p.parse_args()
 
     torch.manual_seed(args.seed)
-    model = gpt2_as_blocks(args.layers, args.width, heads=4, context=args.context)
+    model = gpt2(args.layers, args.width, heads=4, context=args.context)
     data = load_dataset("shakespeare", context=args.context)
     loader = BatchLoader(data.train_x, data.train_y, args.batch_size, seed=args.seed)
     pipe = ddgpipe.DDG(model, args.stages,
                        lambda ps: torch.optim.AdamW(ps, lr=1e-3, betas=(0.9, 0.95),
                                                     weight_decay=0.1),
                        clip_grad=1.0, balance="params")
-    print(f"GPT-2, {sum(p.numel() for p in model.parameters()):,} parameters, cut at blocks "
-          f"{pipe.split} into {args.stages} stages ({pipe.executor_kind} executor)")
+    print(f"GPT-2, {sum(p.numel() for p in model.parameters()):,} parameters, traced into "
+          f"{sum(len(s.module) for s in pipe.stages)} blocks, cut at {pipe.split} into "
+          f"{args.stages} stages ({pipe.executor_kind} executor)")
     batches = itertools.islice(itertools.chain.from_iterable(
         loader.epoch(e) for e in itertools.count()), args.steps)
     with pipe:
@@ -88,6 +63,9 @@ def main() -> None:
         pipe.drain()
     val_loss, _ = evaluate(pipe, data.test_x, data.test_y, batch_size=64)
     print(f"held-out loss {val_loss:.3f} nats per byte ({val_loss / 0.6931:.3f} bits)")
+    if args.save:
+        pipe.model.save_pretrained(args.save)  # pipe.model is model, trained
+        print(f"saved to {args.save}")
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ from ddgpipe.core.precision import autocast, check_precision
 from ddgpipe.core.stage import LossFn, OptimizerFactory, SchedulerFactory, check_clip
 from ddgpipe.core.values import Blocks, Value, as_args, map_tensors
 from ddgpipe.errors import NonFiniteLossError
+from ddgpipe.methods.traced import backprop_forward
 from ddgpipe.runtime.devices import resolve_device
 from ddgpipe.runtime.executor import check_input
 
@@ -27,6 +28,8 @@ class Backprop:
     or ``fp16`` runs the forward under autocast, fp16 with ``torch.amp.GradScaler``;
     ``clip_grad`` clips the gradients' global norm before every step; ``compile`` runs the
     training forward through ``torch.compile`` as DDG's stages do (inference stays eager).
+    Any ``nn.Module`` runs as it is (one stage: nothing to trace); a HuggingFace causal LM
+    runs without its cache and gives ``loss_fn`` its logits, as DDG's traced blocks do.
     """
 
     num_stages = 1
@@ -52,7 +55,7 @@ class Backprop:
         self.precision = check_precision(precision)
         self.model = model.to(self.device)
         self._blocks: nn.Module = Blocks(OrderedDict(model._modules)) \
-            if isinstance(model, nn.Sequential) else model
+            if isinstance(model, nn.Sequential) else backprop_forward(model)
         self._params = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = optimizer(self._params)
         self.clip_grad = check_clip(clip_grad)

@@ -41,6 +41,7 @@ from ddgpipe.core.stash import STASH_MODES
 from ddgpipe.core.timeline import Timeline
 from ddgpipe.errors import UsageError
 from ddgpipe.methods.pipeline import PipelineMethod
+from ddgpipe.methods.traced import pipeline_blocks
 from ddgpipe.runtime.build import build_stages
 from ddgpipe.runtime.placement import Placement
 
@@ -48,18 +49,26 @@ __all__ = ["DDG"]
 
 
 class DDG(PipelineMethod):
-    """Train an ``nn.Sequential`` cut into ``stages`` modules with delayed gradients.
+    """Train a network cut into ``stages`` modules with delayed gradients.
 
     Args:
-        model: the network, an ``nn.Sequential`` of blocks; it is cut at block boundaries
-            and keeps the trained weights (the stages share its modules).
+        model: the network: an ``nn.Sequential`` of blocks, cut at block boundaries, or any
+            ``nn.Module`` torch can trace (a HuggingFace causal LM, say), split into blocks
+            by :mod:`ddgpipe.trace` (see ``split_points``). It keeps the trained weights (the
+            stages hold its own parameters) and is ``pipe.model``.
         stages: K, the number of modules/workers. K = 1 is plain backpropagation.
         optimizer: ``params -> torch.optim.Optimizer``; one optimizer per stage.
         lr_scheduler: ``optimizer -> scheduler``, stepped once per *clock* on every stage so
             all stages share lr_t (count clocks, i.e. minibatches, not epochs).
         stash: ``graph`` (default, exact), ``recompute`` (exact, less memory, one more
             forward) or ``none`` (replay with current weights: approximate).
-        sample_input: a batch like the training ones, to profile and time cuts on.
+        sample_input: a batch like the training ones, to profile and time cuts on, and to
+            trace a model that is not an ``nn.Sequential`` on (a HuggingFace causal LM needs
+            none: it is traced on token ids drawn from its vocabulary).
+        split_points: for a traced model, the submodules at which stages 1..K-1 begin, as
+            ``model.named_modules()`` spells them (``["model.layers.2"]``); default: a block
+            begins at each entry of the model's largest ``nn.ModuleList`` and the balance
+            chooses the cut among them.
         grad_shrink: beta; delayed gradients of stage k are scaled by beta**d_k (FDG).
         clip_grad: clip each stage's gradient to this global norm before its step. The
             stages learn from different minibatches, so the norm is per stage; with K = 1
@@ -115,6 +124,7 @@ class DDG(PipelineMethod):
         lr_scheduler: SchedulerFactory | None = None,
         stash: str = "graph",
         sample_input: Tensor | None = None,
+        split_points: Sequence[str] | None = None,
         grad_shrink: float = 1.0,
         clip_grad: float | None = None,
         compensation: str | Sequence[str] | None = None,
@@ -146,7 +156,9 @@ class DDG(PipelineMethod):
                          clip_grad=clip_grad, compensation=new_compensation(), device=device,
                          precision=precision, compile=compile, microbatches=microbatches)
 
-        executor = build_stages(model, schedule, make_stage, placed,
+        blocks = pipeline_blocks(model, stages, sample_input=sample_input,
+                                 split_points=split_points)
+        executor = build_stages(blocks, schedule, make_stage, placed,
                                 sample_input=sample_input, timeline=timeline,
                                 stash_precision=(stash, precision))
         self.replicas = placed.replicas

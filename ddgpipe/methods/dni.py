@@ -5,6 +5,7 @@ Why and how: ``docs/design.md``, "DNI, the synthetic-gradient baseline".
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -18,6 +19,7 @@ from ddgpipe.core.timeline import Timeline
 from ddgpipe.core.values import Value, describe
 from ddgpipe.errors import UsageError
 from ddgpipe.methods.pipeline import PipelineMethod
+from ddgpipe.methods.traced import pipeline_blocks
 from ddgpipe.runtime.build import build_stages
 from ddgpipe.runtime.placement import Placement
 
@@ -91,11 +93,11 @@ class DNIStage(Stage):
 
 
 class DNI(PipelineMethod):
-    """Train an ``nn.Sequential`` cut into ``stages`` modules with synthetic gradients.
+    """Train a network cut into ``stages`` modules with synthetic gradients.
 
     Takes the arguments of :class:`~ddgpipe.methods.ddg.DDG` that apply (no stash, no
-    compensation), the placement keywords included, and ``sg_lr``, the learning rate of the
-    gradient models' Adam.
+    compensation), the model (any traceable module), ``split_points`` and the placement
+    keywords included, and ``sg_lr``, the learning rate of the gradient models' Adam.
     """
 
     def __init__(
@@ -106,6 +108,7 @@ class DNI(PipelineMethod):
         *,
         lr_scheduler: SchedulerFactory | None = None,
         sample_input: Tensor | None = None,
+        split_points: Sequence[str] | None = None,
         sg_lr: float = 1e-3,
         timeline: Timeline | None = None,
         check_finite: bool = True,
@@ -125,6 +128,8 @@ class DNI(PipelineMethod):
         schedule = DNISchedule(stages)
         placed = Placement.of(placement, **where).check()
         # a remembered cut is kept under the schedule's name in place of a stash mode
-        executor = build_stages(model, schedule, make_stage, placed, sample_input=sample_input,
+        blocks = pipeline_blocks(model, stages, sample_input=sample_input,
+                                 split_points=split_points)
+        executor = build_stages(blocks, schedule, make_stage, placed, sample_input=sample_input,
                                 timeline=timeline, stash_precision=(schedule.name, precision))
         super().__init__(model, executor, check_finite)

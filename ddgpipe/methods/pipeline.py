@@ -14,6 +14,7 @@ from ddgpipe.core.stage import LossFn
 from ddgpipe.core.values import Value
 from ddgpipe.errors import NonFiniteLossError, UsageError
 from ddgpipe.methods.microbatches import mean_loss, split_minibatch
+from ddgpipe.methods.traced import load_weights, stage_weights
 from ddgpipe.runtime.executor import Executor
 
 __all__ = ["PipelineMethod"]
@@ -138,8 +139,22 @@ class PipelineMethod:
         return loss
 
     def drain(self) -> None:
-        """Run the pending work so every minibatch is learned from exactly once."""
+        """Run the pending work so every minibatch is learned from exactly once. Under the
+        process runtime every rank's ``model`` then holds the whole trained model
+        (:meth:`gather_model`)."""
         self.executor.drain()
+        self.gather_model()
+
+    def gather_model(self) -> None:
+        """Under the process runtime each rank trains only its stage's part of ``model``:
+        copy every stage's trained weights into every rank's ``model`` (collective: every
+        rank calls it; :meth:`drain` does). Nothing to do in one process."""
+        if self.executor.kind != "processes":
+            return  # (no sync: under replicas it averages the statistics, which eval() does)
+        # a replica's own statistics (BatchNorm's) stay its own until eval() averages them
+        load_weights(self.model,
+                     self.executor.gather_pipeline(stage_weights(self.model,
+                                                                 self.stages[0].module)))
 
     def close(self) -> None:
         """Stop the executor's stage threads, if it has any (idempotent)."""

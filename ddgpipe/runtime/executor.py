@@ -123,6 +123,11 @@ class Executor:
         processes; ``[value]`` in one process)."""
         return [value]
 
+    def gather_pipeline(self, value: object) -> list:
+        """``value`` from every stage of this process's pipeline (its replica), in stage
+        order (collective under processes; ``[value]`` in one process)."""
+        return [value]
+
     # --- inference and checkpoints -----------------------------------------------------------
 
     def forward_only(self, x: Value | None) -> Value | None:

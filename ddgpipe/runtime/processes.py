@@ -184,6 +184,12 @@ class ProcessExecutor(Executor):
         dist.all_gather_object(everyone, value)
         return everyone
 
+    def gather_pipeline(self, value: object) -> list:
+        here = self.layout
+        everyone = self.gather((here.replica, here.stage, value))
+        mine = [(k, v) for r, k, v in everyone if r == here.replica]
+        return [v for _, v in sorted(mine, key=lambda pair: pair[0])]
+
     def _run_clock(self, total: int | None) -> Tensor | None:
         if not self._rng_derived:  # as the in-process executors derive stage k's rng
             self._rng_derived = True

@@ -122,12 +122,15 @@ def test_tied_embeddings_across_stages_are_refused():
 
 
 @pytest.mark.slow
-def test_the_example_trains_a_huggingface_gpt2_offline():
-    """examples/hf_gpt2.py as a user runs it, for a few steps (no network)."""
+def test_the_example_trains_a_huggingface_gpt2_offline(tmp_path):
+    """examples/hf_gpt2.py as a user runs it, for a few steps (no network): the model it
+    built, traced and trained, saved with save_pretrained."""
     script = Path(__file__).parents[2] / "examples" / "hf_gpt2.py"
     proc = subprocess.run([sys.executable, str(script), "--steps", "3", "--layers", "2",
-                           "--width", "32", "--context", "32", "--stages", "2"],
+                           "--width", "32", "--context", "32", "--stages", "2",
+                           "--save", str(tmp_path / "saved")],
                           capture_output=True, text=True, timeout=300,
                           env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "cut at blocks" in proc.stdout and "held-out loss" in proc.stdout
+    assert "traced into 4 blocks, cut at" in proc.stdout and "held-out loss" in proc.stdout
+    assert (tmp_path / "saved" / "config.json").exists()

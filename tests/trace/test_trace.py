@@ -3,6 +3,7 @@ gradient, BatchNorm follows train()/eval(), the user's module is left as it was,
 that cannot be traced, bad split points and bad examples are refused with the fix."""
 
 import copy
+import io
 
 import pytest
 import torch
@@ -12,6 +13,7 @@ from torch import nn
 import ddgpipe
 from ddgpipe.balance.shared import shared_tensors
 from ddgpipe.errors import UsageError
+from ddgpipe.methods import DNI
 from ddgpipe.trace import as_pipeline_blocks, repeated_blocks
 
 
@@ -144,6 +146,71 @@ def test_ddg_trains_the_traced_blocks_and_one_stage_is_backprop():
     staged = skipnet()
     run(ddgpipe.DDG(as_pipeline_blocks(staged, inputs()), 3, sgd))
     assert not torch.equal(staged.stem.weight, skipnet().stem.weight)  # trained in place
+
+
+def test_ddg_takes_the_module_itself_as_it_takes_its_traced_blocks():
+    """DDG traces a module that is not a Sequential on its sample_input: the same steps as on
+    the blocks traced by hand, bitwise, the trained weights in the user's model."""
+    data = [(inputs(8, seed=s), torch.arange(8) % 4) for s in range(4)]
+    sgd = lambda ps: torch.optim.SGD(ps, lr=0.1)  # noqa: E731
+    runs = []
+    for direct in (True, False):
+        model = skipnet()
+        given = model if direct else as_pipeline_blocks(model, inputs())
+        pipe = ddgpipe.DDG(given, 3, sgd, sample_input=inputs() if direct else None,
+                           split=[2, 4], executor="reference")
+        assert pipe.model is given
+        torch.manual_seed(4)
+        losses = [pipe.step(x, y, F.cross_entropy).item() for x, y in data]
+        pipe.drain()
+        runs.append((losses, model.state_dict()))
+    assert runs[0][0] == runs[1][0]
+    assert all(torch.equal(a, b) for a, b in zip(runs[0][1].values(), runs[1][1].values()))
+    assert not torch.equal(runs[0][1]["stem.weight"], skipnet().stem.weight)
+
+
+def test_split_points_name_where_the_stages_of_ddg_and_dni_begin():
+    for method in (ddgpipe.DDG, DNI):
+        model = skipnet()
+        pipe = method(model, 2, lambda ps: torch.optim.SGD(ps, lr=0.1), sample_input=inputs(),
+                      split_points=["layers.2"], executor="reference")
+        assert pipe.split == [1]
+        held = {id(p) for p in pipe.stages[1].module.parameters()}
+        assert {id(p) for p in model.layers[2].parameters()} <= held
+        assert {id(p) for p in model.layers[1].parameters()}.isdisjoint(held)
+
+
+@pytest.mark.parametrize("stash", ["recompute"])  # a replay through the traced graph
+def test_a_traced_model_resumes_from_a_checkpoint_bitwise(stash):
+    """Stash modes, compensation and checkpoints work on the traced blocks: a run stopped
+    after four clocks and resumed from its checkpoint (in-flight work, random streams and
+    all) ends with the uninterrupted run's weights and buffers."""
+    data = [(inputs(8, seed=s), torch.arange(8) % 4) for s in range(7)]
+
+    def pipe():
+        return ddgpipe.DDG(skipnet(), 3, lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9),
+                           sample_input=inputs(), split=[2, 4], stash=stash,
+                           compensation="lwp", executor="reference")
+
+    uninterrupted, first = pipe(), pipe()
+    torch.manual_seed(4)  # stage 0 draws from the caller's stream
+    for x, y in data:
+        uninterrupted.step(x, y, F.cross_entropy)
+    uninterrupted.drain()
+    torch.manual_seed(4)
+    for x, y in data[:4]:
+        first.step(x, y, F.cross_entropy)
+    saved = io.BytesIO()
+    torch.save(first.checkpoint_state(), saved)
+    resumed = pipe()
+    resumed.load_checkpoint_state(torch.load(io.BytesIO(saved.getvalue()), weights_only=True))
+    for x, y in data[4:]:
+        resumed.step(x, y, F.cross_entropy)
+    resumed.drain()
+    expected = uninterrupted.model.state_dict()
+    for name, value in resumed.model.state_dict().items():
+        assert torch.equal(value, expected[name]), name
+    assert not torch.equal(expected["stem.weight"], skipnet().stem.weight)
 
 
 class Branchy(nn.Module):
