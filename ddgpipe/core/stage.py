@@ -22,6 +22,7 @@ from ddgpipe.core.compensation import Compensation
 from ddgpipe.core.precision import LossScaler, autocast, check_precision, unscale_
 from ddgpipe.core.stash import Pending, Stash, updates_unseen
 from ddgpipe.core.streams import new_stream
+from ddgpipe.core.ties import StageTies, TieExchange, TieGroup
 from ddgpipe.core.values import Value, describe, handed_on, tensors
 from ddgpipe.errors import UsageError
 
@@ -86,10 +87,8 @@ class Stage:
         self.module = module.to(self.device)
         self.stream = new_stream(self.device)
         params = [p for p in module.parameters() if p.requires_grad]
-        # A stage without trainable parameters (a pooling head, say) only passes gradients on.
-        self.optimizer = optimizer(params) if params else None
-        self.lr_scheduler = lr_scheduler(self.optimizer) \
-            if lr_scheduler and self.optimizer is not None else None
+        self._factories = (optimizer, lr_scheduler)  # the tied copies' get their own too
+        self._build_optimizer(params)
         self.stash = Stash(module, stash, self.delay, needs_input_grad=index > 0,
                            device=self.device, compute_context=self.autocast,
                            compile=compile)
@@ -111,6 +110,53 @@ class Stage:
         # Set by an executor running R > 1 replicas of this stage (see ddgpipe.runtime.replicas): it
         # averages the gradients over the replicas between B and S.
         self.averager: GradientAverager | None = None
+        # Its copies of parameters tied to other stages (set by the executor's build, see
+        # ddgpipe.core.ties): stepped apart from the stage's optimizer, every clock.
+        self.ties: StageTies | None = None
+
+    def _build_optimizer(self, params: list[nn.Parameter]) -> None:
+        # A stage without trainable parameters (a pooling head, say) only passes gradients on.
+        optimizer, lr_scheduler = self._factories
+        self.optimizer = optimizer(params) if params else None
+        self.lr_scheduler = lr_scheduler(self.optimizer) \
+            if lr_scheduler and self.optimizer is not None else None
+
+    def bind_ties(self, groups: list[TieGroup], exchange: TieExchange) -> None:
+        """Hold this stage's copies of the tied ``groups`` apart: the stage's optimizer
+        keeps the other parameters, each copy gets an optimizer and LR schedule of its own
+        (the same factories), stepped through ``exchange`` at the end of every clock."""
+        mine = [g for g in groups if self.index in g.stages]
+        if not mine:
+            return
+        self._refuse_uneven_ties(mine[0])
+        ties = StageTies(self.index, mine, self.stash.params, *self._factories,
+                         clip_grad=self.clip_grad, exchange=exchange)
+        tied = {id(p) for p in ties.params}
+        self._build_optimizer([p for p in self.stash.params.values() if id(p) not in tied])
+        self.stash.shares_snapshots = not any(updates_unseen(o) for o in
+                                              [self.optimizer, *ties.optimizers])
+        self.compensation.bind(self)
+        self.ties = ties
+
+    def _refuse_uneven_ties(self, group: TieGroup) -> None:
+        """What would give the copies of a tie different updates is refused, naming it."""
+        uneven = [what for what, holds in [
+            (f"compensation {self.compensation.name} (it depends on the stage's delay)",
+             self.compensation.name != "none"),
+            (f"grad_shrink (beta ** {self.delay} here)", self.grad_scale != 1.0),
+            ("fp16 (each minibatch's gradient carries its own loss scale)",
+             self.precision == "fp16")] if holds]
+        if uneven:
+            raise UsageError(
+                f"tied parameter {group} (one parameter in stages "
+                f"{', '.join(map(str, group.stages))}): its copies must take the same update "
+                f"at every clock, which {uneven[0]} would break; drop it, or untie the "
+                "parameter (give each use its own nn.Parameter)")
+
+    def offer_ties(self) -> None:
+        """After a clock's actions: hand the tied copies' gradients of this clock on."""
+        if self.ties is not None:
+            self.ties.offer()
 
     def autocast(self):
         """The context every computation of this stage runs in (autocast at its precision)."""
@@ -239,7 +285,10 @@ class Stage:
                     p.grad.mul_(self.grad_scale)
 
     def step(self, minibatch: int) -> None:
-        """S: apply the gradient of minibatch ``minibatch`` (through the compensation)."""
+        """S: apply the gradient of minibatch ``minibatch`` (through the compensation); the
+        tied copies' gradients wait for the clock's end."""
+        if self.ties is not None:
+            self.ties.take()
         self._finish_gradients()
         if self._skip_step:  # fp16 overflow: skip, as GradScaler does
             self._skip_step = False
@@ -263,8 +312,12 @@ class Stage:
     def end_clock(self) -> None:
         """Advance the LR schedule: every stage advances every clock, so all share lr_t.
 
-        The last stage also updates the fp16 loss scale from this clock's overflow reports.
+        The last stage also updates the fp16 loss scale from this clock's overflow reports;
+        first, the tied copies step with the sum of their uses' gradients of the clock.
         """
+        if self.ties is not None:
+            self.ties.settle()
+            self.ties.advance_lr()
         if self.loss_scaler is not None:
             self.loss_scaler.update(self.take_overflow())
         if self.lr_scheduler is None:
@@ -276,23 +329,27 @@ class Stage:
 
     @property
     def has_parameters(self) -> bool:
-        return self.optimizer is not None
+        return self.optimizer is not None or self.ties is not None
 
     @property
     def lr(self) -> float:
         """The learning rate of the next clock (NaN for a stage without parameters)."""
-        if self.optimizer is None:
+        optimizer = self.optimizer or (self.ties.optimizers[0] if self.ties else None)
+        if optimizer is None:
             return float("nan")
-        return float(self.optimizer.param_groups[0]["lr"])
+        return float(optimizer.param_groups[0]["lr"])
 
     def state_dict(self) -> dict:
         state = {
-            "module": self.module.state_dict(),
+            "module": self._module_state(),
             "optimizer": self.optimizer.state_dict() if self.optimizer else None,
             "lr_scheduler": self.lr_scheduler.state_dict() if self.lr_scheduler else None,
             "steps": self.steps,
             "compensation": self.compensation.state_dict(),
         }
+        if self.ties is not None:  # a tie is checkpointed once, by its owner
+            state["ties"] = {i: t for i, t in self.ties.state_dict().items()
+                             if self._owns_tie(i)}
         if self.precision == "fp16":
             state["fp16"] = {"overflow": self._overflow, "skips": self.overflow_skips,
                              "scaler": self.loss_scaler.state_dict() if self.loss_scaler
@@ -326,8 +383,30 @@ class Stage:
     def load_inflight_state(self, records: list[dict]) -> None:
         self.inflight = deque(self.stash.restore(r) for r in records)
 
+    def _owns_tie(self, index: int) -> bool:
+        return self.ties is not None and any(
+            g.index == index and g.owner == self.index for g in self.ties.groups)
+
+    def _copied_names(self) -> set[str]:
+        """The names of the tied copies this stage holds for an earlier stage (the owner)."""
+        if self.ties is None:
+            return set()
+        return {n for g in self.ties.groups if g.owner != self.index
+                for n in g.names_in(self.index)}
+
+    def _module_state(self) -> dict:
+        copied = self._copied_names()
+        return {n: t for n, t in self.module.state_dict().items() if n not in copied}
+
     def load_state_dict(self, state: dict) -> None:
-        self.module.load_state_dict(state["module"])
+        copied = self._copied_names()  # restored from the owner's (the executor's part)
+        missing, unexpected = self.module.load_state_dict(state["module"], strict=not copied)
+        if copied and (set(missing) - copied or unexpected):
+            raise RuntimeError(f"stage {self.index}: the state's weights do not fit the "
+                               f"stage's (missing {sorted(set(missing) - copied)}, "
+                               f"unexpected {sorted(unexpected)})")
+        if self.ties is not None:
+            self.ties.load_state_dict(state.get("ties", {}))
         if self.optimizer is not None:
             self.optimizer.load_state_dict(state["optimizer"])
         if self.lr_scheduler is not None and state.get("lr_scheduler") is not None:

@@ -109,7 +109,11 @@ class ReferenceExecutor(InProcessExecutor):
         for stage in self.stages:
             actions = self.schedule.actions(stage.index, self.clock, total)
             with self.rng.use(stage.index), on_stream(stage.device, stage.stream):
-                out = run_stage_clock(stage, actions, self.links, timeline=self.timeline)
+                out = run_stage_clock(stage, actions, self.links, timeline=self.timeline,
+                                      end_clock=False)
             loss = out if out is not None else loss
+        for stage in self.stages:  # every tied copy has offered this clock's gradients
+            with on_stream(stage.device, stage.stream):
+                stage.end_clock()
         self.clock += 1
         return loss
