@@ -12,8 +12,8 @@ from typing import cast
 from torch import nn
 
 from ddgpipe.balance.profile import profile_blocks
-from ddgpipe.core.values import Blocks, Value, as_args, check_value, grad_probe, handed_on, leaves
 from ddgpipe.core.ties import refuse_shared_buffers
+from ddgpipe.core.values import Blocks, Value, as_args, check_value, grad_probe, handed_on, leaves
 from ddgpipe.errors import UsageError
 
 __all__ = [

@@ -21,8 +21,8 @@ from torch import Tensor, nn
 
 from ddgpipe.errors import UsageError
 
-__all__ = ["TieGroup", "TieExchange", "TieWaitStopped", "StageTies", "find_ties", "refuse_shared_buffers",
-           "sum_in_stage_order"]
+__all__ = ["TieGroup", "TieExchange", "TieWaitStopped", "StageTies", "find_ties",
+           "refuse_shared_buffers", "sum_in_stage_order"]
 
 
 @dataclass(frozen=True)
@@ -79,7 +79,7 @@ def find_ties(stages: Sequence[nn.Module]) -> list[TieGroup]:
     where every stage learns which of its parameters are tied. A frozen parameter shared by
     stages never changes and needs no tie; a shared buffer is refused."""
     refuse_shared_buffers(stages)
-    groups = []
+    groups: list[TieGroup] = []
     for tensor, found in _shared(stages, "parameter"):
         if not tensor.requires_grad:
             continue

@@ -130,8 +130,8 @@ class SharedTies:
             self._collected[key] = self._collected.get(key, 0) + 1
             if self._collected[key] == len(group.stages):  # every copy has its sum
                 del self._offered[key], self._collected[key]
-        return [None if offered[k] is None else
-                _as_tensor(receive(offered[k], like.device)) for k in group.stages]
+        return [None if (handoff := offered[k]) is None else
+                _as_tensor(receive(handoff, like.device)) for k in group.stages]
 
 
 def _as_tensor(value: object) -> Tensor:
