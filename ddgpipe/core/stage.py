@@ -22,7 +22,7 @@ from ddgpipe.core.compensation import Compensation
 from ddgpipe.core.precision import LossScaler, autocast, check_precision, unscale_
 from ddgpipe.core.stash import Pending, Stash, updates_unseen
 from ddgpipe.core.streams import new_stream
-from ddgpipe.core.ties import StageTies, TieExchange, TieGroup
+from ddgpipe.core.ties import StageTies, TieExchange, TieGroup, refuse_uneven
 from ddgpipe.core.values import Value, describe, handed_on, tensors
 from ddgpipe.errors import UsageError
 
@@ -128,7 +128,12 @@ class Stage:
         mine = [g for g in groups if self.index in g.stages]
         if not mine:
             return
-        self._refuse_uneven_ties(mine[0])
+        refuse_uneven(mine[0], [
+            (f"compensation {self.compensation.name} (it depends on the stage's delay)",
+             self.compensation.name != "none"),
+            (f"grad_shrink (beta ** {self.delay} here)", self.grad_scale != 1.0),
+            ("fp16 (each minibatch's gradient carries its own loss scale)",
+             self.precision == "fp16")])
         ties = StageTies(self.index, mine, self.stash.params, *self._factories,
                          clip_grad=self.clip_grad, exchange=exchange)
         tied = {id(p) for p in ties.params}
@@ -137,21 +142,6 @@ class Stage:
                                               [self.optimizer, *ties.optimizers])
         self.compensation.bind(self)
         self.ties = ties
-
-    def _refuse_uneven_ties(self, group: TieGroup) -> None:
-        """What would give the copies of a tie different updates is refused, naming it."""
-        uneven = [what for what, holds in [
-            (f"compensation {self.compensation.name} (it depends on the stage's delay)",
-             self.compensation.name != "none"),
-            (f"grad_shrink (beta ** {self.delay} here)", self.grad_scale != 1.0),
-            ("fp16 (each minibatch's gradient carries its own loss scale)",
-             self.precision == "fp16")] if holds]
-        if uneven:
-            raise UsageError(
-                f"tied parameter {group} (one parameter in stages "
-                f"{', '.join(map(str, group.stages))}): its copies must take the same update "
-                f"at every clock, which {uneven[0]} would break; drop it, or untie the "
-                "parameter (give each use its own nn.Parameter)")
 
     def offer_ties(self) -> None:
         """After a clock's actions: hand the tied copies' gradients of this clock on."""
@@ -348,8 +338,7 @@ class Stage:
             "compensation": self.compensation.state_dict(),
         }
         if self.ties is not None:  # a tie is checkpointed once, by its owner
-            state["ties"] = {i: t for i, t in self.ties.state_dict().items()
-                             if self._owns_tie(i)}
+            state["ties"] = self.ties.owned_state()
         if self.precision == "fp16":
             state["fp16"] = {"overflow": self._overflow, "skips": self.overflow_skips,
                              "scaler": self.loss_scaler.state_dict() if self.loss_scaler
@@ -383,30 +372,19 @@ class Stage:
     def load_inflight_state(self, records: list[dict]) -> None:
         self.inflight = deque(self.stash.restore(r) for r in records)
 
-    def _owns_tie(self, index: int) -> bool:
-        return self.ties is not None and any(
-            g.index == index and g.owner == self.index for g in self.ties.groups)
-
-    def _copied_names(self) -> set[str]:
-        """The names of the tied copies this stage holds for an earlier stage (the owner)."""
-        if self.ties is None:
-            return set()
-        return {n for g in self.ties.groups if g.owner != self.index
-                for n in g.names_in(self.index)}
-
     def _module_state(self) -> dict:
-        copied = self._copied_names()
+        copied = self.ties.copied_names() if self.ties is not None else set()
         return {n: t for n, t in self.module.state_dict().items() if n not in copied}
 
     def load_state_dict(self, state: dict) -> None:
-        copied = self._copied_names()  # restored from the owner's (the executor's part)
+        copied = self.ties.copied_names() if self.ties is not None else set()
         missing, unexpected = self.module.load_state_dict(state["module"], strict=not copied)
-        if copied and (set(missing) - copied or unexpected):
-            raise RuntimeError(f"stage {self.index}: the state's weights do not fit the "
-                               f"stage's (missing {sorted(set(missing) - copied)}, "
-                               f"unexpected {sorted(unexpected)})")
-        if self.ties is not None:
-            self.ties.load_state_dict(state.get("ties", {}))
+        if set(missing) - copied or unexpected:
+            raise RuntimeError(f"stage {self.index}: the saved weights do not fit the stage "
+                               f"(missing {sorted(set(missing) - copied)}, unexpected "
+                               f"{sorted(unexpected)})")
+        if self.ties is not None:  # the copies take the owner's weights and states
+            self.ties.restore(state.get("ties", {}))
         if self.optimizer is not None:
             self.optimizer.load_state_dict(state["optimizer"])
         if self.lr_scheduler is not None and state.get("lr_scheduler") is not None:

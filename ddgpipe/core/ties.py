@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from ddgpipe.errors import UsageError
 
 __all__ = ["TieGroup", "TieExchange", "TieWaitStopped", "StageTies", "find_ties",
-           "refuse_shared_buffers", "sum_in_stage_order"]
+           "refuse_shared_buffers", "refuse_uneven", "sum_in_stage_order"]
 
 
 @dataclass(frozen=True)
@@ -119,6 +119,15 @@ class TieExchange(Protocol):
         """Give up a wait, raising :class:`TieWaitStopped`, once ``stopped()`` holds."""
         ...
 
+    def publish(self, group: TieGroup, payload: dict) -> None:
+        """The owner's restored copy and its optimizer and LR state, for the other copies
+        (a checkpoint holds them once); called in stage order, the owner first."""
+        ...
+
+    def fetch(self, group: TieGroup, stage: int) -> dict:
+        """What the owner of ``group`` published, for ``stage``'s copy (its own objects)."""
+        ...
+
 
 class TieWaitStopped(Exception):
     """Raised in a stage waiting for a tied copy's gradients when its executor stops."""
@@ -182,21 +191,54 @@ class StageTies:
             for scheduler in self.lr_schedulers:
                 scheduler.step()
 
-    def state_dict(self) -> dict:
-        """The ties' optimizer and LR states, by tie index (what the owner checkpoints)."""
+    def copied_names(self) -> set[str]:
+        """The names of the copies this stage holds for an earlier stage (the owner), which
+        its checkpoint leaves out."""
+        return {n for g in self.groups if g.owner != self.stage for n in g.names_in(self.stage)}
+
+    def owned_state(self) -> dict:
+        """The optimizer and LR states of the ties this stage owns, by tie index: a
+        checkpoint holds each tie once, in its owner's state."""
         return {g.index: {"optimizer": o.state_dict(),
                           "lr_scheduler": s.state_dict() if s is not None else None}
-                for g, o, s in zip(self.groups, self.optimizers, self._schedulers(), strict=True)}
+                for g, o, s in zip(self.groups, self.optimizers, self._schedulers(), strict=True)
+                if g.owner == self.stage}
 
-    def load_state_dict(self, state: dict) -> None:
-        """Restore the ties found in ``state`` (the owner's); the others stay as they are."""
-        for g, o, s in zip(self.groups, self.optimizers, self._schedulers(), strict=True):
-            saved = state.get(g.index)
-            if saved is None:
+    def restore(self, owned: dict) -> None:
+        """After the stage's weights are loaded: an owner restores its ties from ``owned``
+        and publishes them; every other copy takes the owner's weights and states."""
+        for g, p, o, s in zip(self.groups, self.params, self.optimizers, self._schedulers(),
+                              strict=True):
+            if g.owner == self.stage:
+                saved = owned.get(g.index)
+                if saved is not None:
+                    _load(o, s, saved)
+                self.exchange.publish(g, {"weight": p.detach().clone(),
+                                          "optimizer": o.state_dict(),
+                                          "lr_scheduler": s.state_dict() if s else None})
                 continue
-            o.load_state_dict(saved["optimizer"])
-            if s is not None and saved["lr_scheduler"] is not None:
-                s.load_state_dict(saved["lr_scheduler"])
+            got = self.exchange.fetch(g, self.stage)
+            with torch.no_grad():
+                p.copy_(got["weight"])
+            _load(o, s, got)
 
     def _schedulers(self) -> list:
         return self.lr_schedulers or [None] * len(self.optimizers)
+
+
+def _load(optimizer: torch.optim.Optimizer, scheduler: Any, saved: dict) -> None:
+    optimizer.load_state_dict(saved["optimizer"])
+    if scheduler is not None and saved["lr_scheduler"] is not None:
+        scheduler.load_state_dict(saved["lr_scheduler"])
+
+
+def refuse_uneven(group: TieGroup, uneven: Sequence[tuple[str, bool]]) -> None:
+    """Refuse, naming it, the first setting ``(what, holds)`` that holds: each would give
+    the copies of ``group`` different updates."""
+    named = [what for what, holds in uneven if holds]
+    if named:
+        raise UsageError(
+            f"tied parameter {group} (one parameter in stages "
+            f"{', '.join(map(str, group.stages))}): its copies must take the same update at "
+            f"every clock, which {named[0]} would break; drop it, or untie the parameter "
+            "(give each use its own nn.Parameter)")

@@ -14,7 +14,6 @@ from ddgpipe.core.stage import LossFn
 from ddgpipe.core.values import Value
 from ddgpipe.errors import NonFiniteLossError, UsageError
 from ddgpipe.runtime.executor import Executor
-from ddgpipe.runtime.ties import restore_copies
 
 __all__ = ["PipelineMethod"]
 
@@ -182,4 +181,3 @@ class PipelineMethod:
         self.sync()
         for stage, s in zip(self.stages, state["stages"]):
             stage.load_state_dict(s)
-        restore_copies(self.stages)

@@ -17,7 +17,6 @@ from ddgpipe.core.stage import Stage
 from ddgpipe.core.streams import on_stream, receive, send
 from ddgpipe.core.values import Value, as_args, tensors
 from ddgpipe.runtime.executor import Executor, check_input
-from ddgpipe.runtime.ties import restore_copies
 
 __all__ = ["InProcessExecutor"]
 
@@ -44,7 +43,6 @@ class InProcessExecutor(Executor):
             stage.load_pipeline_state(s)
         self.clock, self.fed = state["clock"], state["fed"]
         self.rng.states = state["stage_rng"]
-        restore_copies(self.stages)  # a tie is saved once, by its owner
         # format 4 and before sent one gradient tensor; now a list of them
         return [(k, m, tuple(t.to(self.stages[k].device) for t in
                              (g if isinstance(g, list | tuple) else [g])), float(scale))

@@ -4,12 +4,13 @@ in it; the stage threads meet there), point-to-point messages between ranks (glo
 
 In one process the later uses get copies of the user's Parameter (the first use keeps it),
 so no stage thread reads a tensor another one writes; a checkpoint holds the tie once, in its
-owner's state, and :func:`restore_copies` gives the copies its weights and optimizer state.
+owner's state, which the owner publishes to the copies when it is restored.
 """
 
 from __future__ import annotations
 
 import copy
+import io
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -20,14 +21,14 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from ddgpipe.core.schedule import Schedule
-from ddgpipe.core.stage import Stage
 from ddgpipe.core.streams import Handoff, receive, send
 from ddgpipe.core.ties import TieGroup, TieWaitStopped, find_ties
 from ddgpipe.errors import PeerError, StageError, UsageError
 
-__all__ = ["SharedTies", "RankTies", "tie_groups", "copy_tied", "restore_copies"]
+__all__ = ["SharedTies", "RankTies", "tie_groups", "copy_tied"]
 
 _POLL_S = 0.05
+_RESTORE_TAG = 1 << 20  # above the clocks' tags (two per tie)
 
 
 def tie_groups(modules: Sequence[nn.Module], schedule: Schedule,
@@ -72,27 +73,6 @@ def copy_tied(modules: Sequence[nn.Module], groups: Sequence[TieGroup]) -> None:
                 "(head.weight = emb.weight)")
 
 
-def restore_copies(stages: Sequence[Stage]) -> None:
-    """After a checkpoint is loaded: every copy of a tie takes its owner's weights and
-    optimizer and LR state (the checkpoint holds them once, in the owner's)."""
-    by_index = {s.index: s for s in stages}
-    for stage in stages:
-        if stage.ties is None:
-            continue
-        for group, p, opt, i in zip(stage.ties.groups, stage.ties.params, stage.ties.optimizers,
-                                    range(len(stage.ties.groups)), strict=True):
-            owner = by_index.get(group.owner)  # under processes, another rank's
-            if owner is None or owner is stage or owner.ties is None:
-                continue
-            j = owner.ties.groups.index(group)
-            with torch.no_grad():
-                p.copy_(owner.ties.params[j])
-            opt.load_state_dict(copy.deepcopy(owner.ties.optimizers[j].state_dict()))
-            if stage.ties.lr_schedulers:
-                stage.ties.lr_schedulers[i].load_state_dict(
-                    owner.ties.lr_schedulers[j].state_dict())
-
-
 class SharedTies:
     """The tied copies of stages in one process meet here once per clock: each offers its
     gradient (or None), and each collects all of them once all have offered."""
@@ -103,9 +83,19 @@ class SharedTies:
         self._offered: dict[tuple[int, int], dict[int, Handoff | None]] = {}
         self._collected: dict[tuple[int, int], int] = {}
         self._stopped: Callable[[], bool] = lambda: False
+        self._published: dict[int, dict] = {}
 
     def interrupt_when(self, stopped: Callable[[], bool]) -> None:
         self._stopped = stopped
+
+    def publish(self, group: TieGroup, payload: dict) -> None:
+        self._published[group.index] = payload
+
+    def fetch(self, group: TieGroup, stage: int) -> dict:
+        if group.index not in self._published:
+            raise RuntimeError(f"stage {stage}: tied parameter {group} restored before its "
+                               f"owner, stage {group.owner}")
+        return copy.deepcopy(self._published[group.index])  # no tensor shared between copies
 
     def offer(self, group: TieGroup, stage: int, seq: int, grad: Tensor | None) -> None:
         with self._changed:
@@ -154,6 +144,27 @@ class RankTies:
 
     def interrupt_when(self, stopped: Callable[[], bool]) -> None:
         """A rank's waits end by the timeout (its peers' failures reach it as errors)."""
+
+    def publish(self, group: TieGroup, payload: dict) -> None:
+        """Send the owner's restored tie to every other copy: its length, then its bytes."""
+        buffer = io.BytesIO()
+        torch.save(payload, buffer)
+        data = torch.frombuffer(bytearray(buffer.getvalue()), dtype=torch.uint8)
+        size = torch.tensor([data.numel()], dtype=torch.int64)
+        works = [dist.isend(t, self.rank_of(k), group=self.group, tag=_RESTORE_TAG + i)
+                 for k in group.stages[1:] for i, t in enumerate((size, data))]
+        for work in works:
+            self._wait(work, group, None)
+
+    def fetch(self, group: TieGroup, stage: int) -> dict:
+        owner = self.rank_of(group.owner)
+        size = torch.zeros(1, dtype=torch.int64)
+        self._wait(dist.irecv(size, owner, group=self.group, tag=_RESTORE_TAG), group,
+                   group.owner)
+        data = torch.empty(int(size.item()), dtype=torch.uint8)
+        self._wait(dist.irecv(data, owner, group=self.group, tag=_RESTORE_TAG + 1), group,
+                   group.owner)
+        return torch.load(io.BytesIO(data.numpy().tobytes()), weights_only=True)
 
     def offer(self, group: TieGroup, stage: int, seq: int, grad: Tensor | None) -> None:
         self._mine[group.index] = grad

@@ -182,6 +182,40 @@ def test_processes_equal_the_reference_bitwise(stages):
     assert np.array_equal(first, last), "the ranks' copies stay bitwise equal"
 
 
+def saving_worker(rank, world, batches):
+    """Train the first clocks and return this rank's checkpoint, as bytes."""
+    pipe = build_lm(world, None)
+    first, last = rank == 0, rank == world - 1
+    for x, y in batches:
+        pipe.step(x if first else None, y if last else None, F.cross_entropy if last else None)
+    buffer = io.BytesIO()
+    torch.save(pipe.checkpoint_state(), buffer)
+    return buffer.getvalue()
+
+
+def resuming_worker(rank, world, saved, batches):
+    pipe = build_lm(world, None)
+    pipe.load_checkpoint_state(torch.load(io.BytesIO(saved[rank]), weights_only=False))
+    run_clocks(pipe, rank, world, batches)
+    return local_stage_arrays(pipe)
+
+
+@pytest.mark.slow
+def test_processes_resume_a_tie_held_once_bitwise(one_thread):
+    """The last rank's checkpoint holds no copy of the tie: it gets the owner's at resume."""
+    batches = token_batches(8)
+    saved = run_workers(saving_worker, 3, (batches[:4],), timeout_s=120, threads=1)
+    shared = [torch.load(io.BytesIO(b), weights_only=False)["shared"] for b in saved]
+    assert "0.weight" in shared[0]["module"] and "3.weight" not in shared[-1]["module"]
+    assert list(shared[0]["ties"]) == [0] and shared[-1]["ties"] == {}
+    states = run_workers(resuming_worker, 3, (saved, batches[4:]), timeout_s=120, threads=1)
+    reference = build_lm(3, "reference")
+    run_clocks(reference, 0, 1, batches)
+    for stage, state in zip(reference.stages, states, strict=True):
+        for name, value in stage.module.state_dict().items():
+            assert torch.equal(value, torch.from_numpy(state[name])), name
+
+
 @pytest.mark.parametrize("executor", ["reference", "threads"])
 def test_a_checkpoint_holds_the_tie_once_and_resumes_bitwise(executor, one_thread):
     batches = token_batches(8)
