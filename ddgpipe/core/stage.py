@@ -22,7 +22,7 @@ from ddgpipe.core.compensation import Compensation
 from ddgpipe.core.precision import LossScaler, autocast, check_precision, unscale_
 from ddgpipe.core.stash import Pending, Stash, updates_unseen
 from ddgpipe.core.streams import new_stream
-from ddgpipe.core.ties import StageTies, TieExchange, TieGroup, refuse_uneven
+from ddgpipe.core.ties import StageTies, TieExchange, TieGroup, check_even
 from ddgpipe.core.values import Value, describe, handed_on, tensors
 from ddgpipe.errors import UsageError
 
@@ -128,12 +128,7 @@ class Stage:
         mine = [g for g in groups if self.index in g.stages]
         if not mine:
             return
-        refuse_uneven(mine[0], [
-            (f"compensation {self.compensation.name} (it depends on the stage's delay)",
-             self.compensation.name != "none"),
-            (f"grad_shrink (beta ** {self.delay} here)", self.grad_scale != 1.0),
-            ("fp16 (each minibatch's gradient carries its own loss scale)",
-             self.precision == "fp16")])
+        check_even(mine[0], self.compensation.name, self.grad_scale, self.delay, self.precision)
         ties = StageTies(self.index, mine, self.stash.params, *self._factories,
                          clip_grad=self.clip_grad, exchange=exchange)
         tied = {id(p) for p in ties.params}

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from ddgpipe.errors import UsageError
 
 __all__ = ["TieGroup", "TieExchange", "TieWaitStopped", "StageTies", "find_ties",
-           "refuse_shared_buffers", "refuse_uneven", "sum_in_stage_order"]
+           "refuse_shared_buffers", "check_even", "sum_in_stage_order"]
 
 
 @dataclass(frozen=True)
@@ -232,13 +232,19 @@ def _load(optimizer: torch.optim.Optimizer, scheduler: Any, saved: dict) -> None
         scheduler.load_state_dict(saved["lr_scheduler"])
 
 
-def refuse_uneven(group: TieGroup, uneven: Sequence[tuple[str, bool]]) -> None:
-    """Refuse, naming it, the first setting ``(what, holds)`` that holds: each would give
-    the copies of ``group`` different updates."""
-    named = [what for what, holds in uneven if holds]
-    if named:
+def check_even(group: TieGroup, compensation: str, grad_scale: float, delay: int,
+               precision: str) -> None:
+    """Refuse, naming it, a stage setting that would give the copies of ``group`` different
+    updates: a compensation (they depend on the stage's delay), FDG's shrinking, fp16."""
+    uneven = [what for what, holds in [
+        (f"compensation {compensation} (it depends on the stage's delay)",
+         compensation != "none"),
+        (f"grad_shrink (beta ** {delay} here)", grad_scale != 1.0),
+        ("fp16 (each minibatch's gradient carries its own loss scale)", precision == "fp16"),
+    ] if holds]
+    if uneven:
         raise UsageError(
             f"tied parameter {group} (one parameter in stages "
             f"{', '.join(map(str, group.stages))}): its copies must take the same update at "
-            f"every clock, which {named[0]} would break; drop it, or untie the parameter "
+            f"every clock, which {uneven[0]} would break; drop it, or untie the parameter "
             "(give each use its own nn.Parameter)")

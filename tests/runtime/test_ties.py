@@ -245,6 +245,7 @@ def test_a_checkpoint_holds_the_tie_once_and_resumes_bitwise(executor, one_threa
 @pytest.mark.parametrize("settings,named", [
     ({"compensation": "delay-lr"}, "compensation delay-lr"),
     ({"grad_shrink": 0.9}, "grad_shrink"),
+    ({"precision": "fp16"}, "fp16"),
 ])
 def test_what_would_make_the_copies_differ_is_refused(settings, named):
     with pytest.raises(UsageError, match=f"tied parameter stage 0 '0.weight' = stage 1 "
