@@ -119,6 +119,11 @@ class TieExchange(Protocol):
         """Give up a wait, raising :class:`TieWaitStopped`, once ``stopped()`` holds."""
         ...
 
+    def factory_parameter(self, group: TieGroup, copy: nn.Parameter) -> nn.Parameter:
+        """The Parameter the optimizer factory is given for ``copy``: the user's own, so
+        that every copy's optimizer is built alike."""
+        ...
+
     def publish(self, group: TieGroup, payload: dict) -> None:
         """The owner's restored copy and its optimizer and LR state, for the other copies
         (a checkpoint holds them once); called in stage order, the owner first."""
@@ -153,7 +158,8 @@ class StageTies:
         self.groups = [g for g in groups if stage in g.stages]
         self.names = [next(n for n in g.names_in(stage) if n in params) for g in self.groups]
         self.params = [params[n] for n in self.names]
-        self.optimizers = [optimizer([p]) for p in self.params]
+        self.optimizers = [_built_for(optimizer, exchange.factory_parameter(g, p), p)
+                           for g, p in zip(self.groups, self.params, strict=True)]
         self.lr_schedulers = [lr_scheduler(o) for o in self.optimizers] if lr_scheduler else []
         self.clip_grad = clip_grad
         self.exchange = exchange
@@ -224,6 +230,18 @@ class StageTies:
 
     def _schedulers(self) -> list:
         return self.lr_schedulers or [None] * len(self.optimizers)
+
+
+def _built_for(factory: OptimizerFactory, seen: nn.Parameter,
+               copy: nn.Parameter) -> torch.optim.Optimizer:
+    """The optimizer ``factory`` makes for the user's Parameter ``seen``, stepping ``copy``:
+    a factory that tells parameters apart by identity (Muon's exclusions) treats every copy
+    as it treats the user's."""
+    optimizer = factory([seen])
+    if seen is not copy:
+        for group in optimizer.param_groups:
+            group["params"] = [copy if q is seen else q for q in group["params"]]
+    return optimizer
 
 
 def _load(optimizer: torch.optim.Optimizer, scheduler: Any, saved: dict) -> None:

@@ -149,10 +149,10 @@ class _InProcess(_Side):
     def _stages(self, blocks: nn.Sequential, cut: list[int]):
         modules = partition(blocks, self.schedule.stages, split=cut)
         ties = tie_groups(modules, self.schedule)
-        copy_tied(modules, ties)  # stages in one process share no tensor
+        originals = copy_tied(modules, ties)  # stages in one process share no tensor
         stages = [self.make_stage(k, self.schedule.stages, m, self.devices[k])
                   for k, m in enumerate(modules)]
-        exchange = SharedTies(self.placement.peer_timeout_s)
+        exchange = SharedTies(originals, self.placement.peer_timeout_s)
         for stage in stages:
             stage.bind_ties(ties, exchange)
         return stages

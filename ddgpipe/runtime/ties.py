@@ -51,13 +51,17 @@ def _set_parameter(module: nn.Module, name: str, value: nn.Parameter) -> None:
     module.get_submodule(owner)._parameters[attr] = value
 
 
-def copy_tied(modules: Sequence[nn.Module], groups: Sequence[TieGroup]) -> None:
+def copy_tied(modules: Sequence[nn.Module],
+              groups: Sequence[TieGroup]) -> dict[int, nn.Parameter]:
     """Give every later use of each tie a copy of its Parameter (the first use keeps the
     user's), so that stages in one process never share a tensor; a module object held by two
-    stages cannot be given two parameters, and is refused."""
+    stages cannot be given two parameters, and is refused. Returns the user's Parameter of
+    each tie, by tie index."""
+    originals = {}
     for group in groups:
         k0 = group.owner
         original = modules[k0].get_parameter(group.names_in(k0)[0])
+        originals[group.index] = original
         held = {k0: original}
         for k, names in group.uses[1:]:
             held[k] = nn.Parameter(original.detach().clone(),
@@ -71,13 +75,15 @@ def copy_tied(modules: Sequence[nn.Module], groups: Sequence[TieGroup]) -> None:
                 f"{', '.join(map(str, group.stages))}, so their copies cannot be kept apart; "
                 "give each stage its own module and tie only the Parameter "
                 "(head.weight = emb.weight)")
+    return originals
 
 
 class SharedTies:
     """The tied copies of stages in one process meet here once per clock: each offers its
     gradient (or None), and each collects all of them once all have offered."""
 
-    def __init__(self, timeout_s: float = 300.0):
+    def __init__(self, originals: dict[int, nn.Parameter], timeout_s: float = 300.0):
+        self.originals = originals  # the user's Parameter of each tie (copy_tied's)
         self.timeout_s = timeout_s
         self._changed = threading.Condition()
         self._offered: dict[tuple[int, int], dict[int, Handoff | None]] = {}
@@ -87,6 +93,9 @@ class SharedTies:
 
     def interrupt_when(self, stopped: Callable[[], bool]) -> None:
         self._stopped = stopped
+
+    def factory_parameter(self, group: TieGroup, copy: nn.Parameter) -> nn.Parameter:
+        return self.originals[group.index]
 
     def publish(self, group: TieGroup, payload: dict) -> None:
         self._published[group.index] = payload
@@ -145,6 +154,10 @@ class RankTies:
     def interrupt_when(self, stopped: Callable[[], bool]) -> None:
         """A rank's waits end by the timeout (its peers' failures reach it as errors)."""
 
+    def factory_parameter(self, group: TieGroup, copy: nn.Parameter) -> nn.Parameter:
+        """Each rank holds the user's Parameter itself."""
+        return copy
+
     def publish(self, group: TieGroup, payload: dict) -> None:
         """Send the owner's restored tie to every other copy: its length, then its bytes."""
         buffer = io.BytesIO()
@@ -164,7 +177,8 @@ class RankTies:
         data = torch.empty(int(size.item()), dtype=torch.uint8)
         self._wait(dist.irecv(data, owner, group=self.group, tag=_RESTORE_TAG + 1), group,
                    group.owner)
-        return torch.load(io.BytesIO(data.numpy().tobytes()), weights_only=True)
+        return torch.load(io.BytesIO(data.numpy().tobytes()), map_location="cpu",
+                          weights_only=True)
 
     def offer(self, group: TieGroup, stage: int, seq: int, grad: Tensor | None) -> None:
         self._mine[group.index] = grad

@@ -17,7 +17,7 @@ from ddgpipe.errors import UsageError
 from ddgpipe.methods.dni import DNI
 from ddgpipe.runtime.launch import run_workers
 from ddgpipe.runtime.ties import tie_groups
-from ddgpipe.training.optim import decay_groups
+from ddgpipe.training.optim import decay_groups, make_optimizer
 from tests.oracles import (
     ADAM_LR,
     ADAM_WD,
@@ -238,6 +238,18 @@ def test_a_checkpoint_holds_the_tie_once_and_resumes_bitwise(executor, one_threa
     got = {n: p for n, p in resumed.model.named_parameters(remove_duplicate=False)}
     for name in whole:
         assert torch.equal(whole[name], got[name]), name
+
+
+def test_a_factory_that_tells_parameters_apart_by_identity_builds_every_copy_alike():
+    """Muon leaves the embedding (by its id) to AdamW: the last stage's copy, a new
+    Parameter, must get AdamW too, or the copies drift apart."""
+    model = tied_lm(2)
+    muon = make_optimizer("muon", 0.02, weight_decay=0.1,
+                          adamw_only=frozenset({id(model[0].weight)}))
+    pipe = ddgpipe.DDG(model, 2, muon, executor="reference")
+    trained(pipe, token_batches())
+    assert pipe.stages[1].ties.optimizers[0].muon is None
+    assert torch.equal(model[0].weight, model[2].weight)
 
 
 # --- the refusals ------------------------------------------------------------------------------
