@@ -3,6 +3,7 @@ every executor against the reference bitwise, checkpoints holding the tie once, 
 refusals of what would give the copies different updates."""
 
 import io
+import time
 
 import numpy as np
 import pytest
@@ -13,7 +14,7 @@ from torch import nn
 import ddgpipe
 from ddgpipe.core.schedule import DDGSchedule
 from ddgpipe.core.ties import find_ties
-from ddgpipe.errors import UsageError
+from ddgpipe.errors import StageError, UsageError
 from ddgpipe.methods.dni import DNI
 from ddgpipe.runtime.launch import run_workers
 from ddgpipe.runtime.ties import tie_groups
@@ -39,10 +40,14 @@ WIDTH = 5
 CLIP = 0.3
 
 
-def tied_tanh(stages: int, seed: int = 3) -> nn.Sequential:
-    """K square tanh layers (one per stage), the first layer's matrix tied to the last's."""
+def tied_tanh(stages: int, seed: int = 3, tie: tuple[int, ...] | None = None) -> nn.Sequential:
+    """K square tanh layers (one per stage), the matrices of layers ``tie`` (default: the
+    first and the last) one Parameter."""
     model = tanh_net((WIDTH,) * (stages + 1), seed)
-    model[-1].weight = model[0][0].weight
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    tie = tie or (0, stages - 1)
+    for k in tie[1:]:
+        linears[k].weight = linears[tie[0]].weight
     return model
 
 
@@ -61,9 +66,9 @@ OPTIMIZERS = {  # name -> (torch factory, numpy stage optimizer, numpy tie optim
 }
 
 
-def train_tied(stages, optimizer, clip=None, executor=None):
+def train_tied(stages, optimizer, clip=None, executor=None, tie=None):
     """ddgpipe's DDG on the tied tanh net: start weights, final weights, the model."""
-    model = tied_tanh(stages)
+    model = tied_tanh(stages, tie=tie)
     start = numpy_params(model)
     with float64_default():
         pipe = ddgpipe.DDG(model, stages, optimizer, clip_grad=clip, executor=executor,
@@ -91,6 +96,17 @@ def test_tied_layers_match_the_float64_oracle(stages, kind, clip):
     untied = DDGOracle([list(p) for p in start], tied_batches(), np_opt, lr=lr,
                        schedule=lr_factor, clip=clip).run()
     assert not np.allclose(untied[0][0], expected[0][0], atol=1e-6), "the tie must matter"
+
+
+@pytest.mark.parametrize("stages,tie", [(3, (1, 2)), (4, (1, 2)), (3, (0, 1, 2))])
+def test_a_tie_of_middle_stages_or_of_three_follows_the_same_rule(stages, tie):
+    start, final, model = train_tied(stages, torch_sgd(), tie=tie)
+    expected = TiedOracle([list(p) for p in start], tied_batches(), lambda k, d: NpSGD(),
+                          tie=tie, tie_optimizer=NpSGD, schedule=lr_factor).run()
+    for k, (w, b) in enumerate(final):
+        np.testing.assert_allclose(w, expected[k][0], rtol=0, atol=1e-10)
+        np.testing.assert_allclose(b, expected[k][1], rtol=0, atol=1e-10)
+    assert all(np.array_equal(final[tie[0]][0], final[k][0]) for k in tie)
 
 
 def test_the_copy_steps_at_clocks_where_only_the_other_use_learns():
@@ -214,6 +230,27 @@ def test_processes_resume_a_tie_held_once_bitwise(one_thread):
     for stage, state in zip(reference.stages, states, strict=True):
         for name, value in stage.module.state_dict().items():
             assert torch.equal(value, torch.from_numpy(state[name])), name
+
+
+def test_a_failing_stage_stops_the_copy_waiting_for_its_gradients():
+    """Stage 0 waits for the last stage's offer at the end of each clock; the last stage
+    fails instead: the wait ends with the executor's stop, not its timeout."""
+    calls = []
+
+    def failing_loss(out, y):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("boom")
+        return F.cross_entropy(out, y)
+
+    pipe = build_lm(3, "threads", threads=1)  # a peer timeout of 30 s
+    start = time.monotonic()
+    with pytest.raises(StageError, match="stage 2: RuntimeError: boom"):
+        for x, y in token_batches():
+            pipe.step(x, y, failing_loss)
+        pipe.drain()
+    assert not pipe.executor.workers.running
+    assert time.monotonic() - start < 10
 
 
 @pytest.mark.parametrize("executor", ["reference", "threads"])
