@@ -90,6 +90,7 @@ class SharedTies:
         self._collected: dict[tuple[int, int], int] = {}
         self._stopped: Callable[[], bool] = lambda: False
         self._published: dict[int, dict] = {}
+        self._fetched: dict[int, int] = {}
 
     def interrupt_when(self, stopped: Callable[[], bool]) -> None:
         self._stopped = stopped
@@ -104,7 +105,11 @@ class SharedTies:
         if group.index not in self._published:
             raise RuntimeError(f"stage {stage}: tied parameter {group} restored before its "
                                f"owner, stage {group.owner}")
-        return copy.deepcopy(self._published[group.index])  # no tensor shared between copies
+        payload = copy.deepcopy(self._published[group.index])  # no tensor shared by copies
+        self._fetched[group.index] = self._fetched.get(group.index, 0) + 1
+        if self._fetched[group.index] == len(group.stages) - 1:  # every copy has it
+            del self._published[group.index], self._fetched[group.index]
+        return payload
 
     def offer(self, group: TieGroup, stage: int, seq: int, grad: Tensor | None) -> None:
         with self._changed:

@@ -289,6 +289,20 @@ def test_a_factory_that_tells_parameters_apart_by_identity_builds_every_copy_ali
     assert torch.equal(model[0].weight, model[2].weight)
 
 
+def test_a_state_dict_holds_the_tie_once_and_loads_into_every_copy():
+    pipe = build_lm(3, "reference")
+    trained(pipe, token_batches(3))
+    state = pipe.state_dict()
+    assert "3.weight" not in state["stages"][-1]["module"]
+    fresh = build_lm(3, "reference")
+    fresh.load_state_dict(state)
+    assert torch.equal(fresh.model[3].weight, pipe.model[0].weight)
+    assert torch.equal(fresh.model[0].weight, pipe.model[0].weight)
+    moments = [s.ties.optimizers[0].state_dict()["state"][0]["exp_avg"]
+               for s in (fresh.stages[0], fresh.stages[-1])]
+    assert torch.equal(*moments) and moments[0].data_ptr() != moments[1].data_ptr()
+
+
 # --- the refusals ------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("settings,named", [
