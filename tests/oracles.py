@@ -389,3 +389,39 @@ def torch_ddg(stages, batches, optimizer, compensation=None, options=None, stash
             pipe.step(torch.from_numpy(x), torch.from_numpy(y), F.mse_loss)
         pipe.drain()
     return start, numpy_params(model)
+
+
+# --- a parameter tied across stages ------------------------------------------------------------
+
+class TiedOracle(DDGOracle):
+    """DDG with the matrices of stages ``tie`` tied (every layer square): each of those
+    stages holds a copy; at clock t the copies step, through an optimizer of their own
+    (``tie_optimizer()``, one object: the copies are equal), with the sum in stage order of
+    the matrix gradients that arrive at t, clipped as a group of their own; the rest of a
+    tied stage (its bias) learns as usual, clipped without the matrix."""
+
+    def __init__(self, params, batches, optimizer=plain_sgd, *, tie: Sequence[int],
+                 tie_optimizer: Callable[[], object], **settings):
+        super().__init__(params, batches, optimizer, **settings)
+        self.tie, self.tie_opt = tuple(tie), tie_optimizer()
+
+    def clock(self, t: int) -> None:
+        if t < len(self.batches):
+            self.forward(t)
+        tied = []
+        for arrival in self.arrivals(t):
+            k = arrival.stage
+            if k not in self.tie:
+                self.learn(arrival, t)
+                continue
+            tied.append(arrival.grad[0])
+            rest = self.clipped_grad(arrival.grad[1:])
+            self.w[k][1:] = self.optimizers[k].step(self.w[k][1:], rest, self.lr(k, t))
+        if tied:
+            total = tied[0]
+            for g in tied[1:]:
+                total = total + g
+            (shared,) = self.tie_opt.step([self.w[self.tie[0]][0]], self.clipped_grad([total]),
+                                          self.lr(self.tie[0], t))
+            for k in self.tie:
+                self.w[k][0] = shared.copy()

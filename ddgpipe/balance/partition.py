@@ -12,6 +12,7 @@ from typing import cast
 from torch import nn
 
 from ddgpipe.balance.profile import profile_blocks
+from ddgpipe.core.ties import refuse_shared_buffers
 from ddgpipe.core.values import Blocks, Value, as_args, check_value, grad_probe, handed_on, leaves
 from ddgpipe.errors import UsageError
 
@@ -58,7 +59,7 @@ def partition(
     bounds = [0, *cuts, blocks]
     items = list(model._modules.items())
     slices = [Blocks(OrderedDict(items[bounds[i]: bounds[i + 1]])) for i in range(stages)]
-    check_disjoint(slices, cuts)
+    refuse_shared_buffers(slices, cuts)  # a shared parameter is a tie (ddgpipe.core.ties)
     return slices
 
 

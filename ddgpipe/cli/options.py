@@ -268,9 +268,9 @@ def _language_model(p: argparse.ArgumentParser) -> None:
                    "residuals (default: 0.1)")
     g.add_argument("--tie-embeddings", action="store_true",
                    help="share the token embedding with the output projection (GPT-2's "
-                        "tying). They sit in the first and the last stage, where one tensor "
-                        "would get two updates at two delays, so it is refused with more than "
-                        "one stage; untied is the default")
+                        "tying). Under DDG the first and the last stage each hold a copy, "
+                        "both stepping every clock with the sum of the two uses' gradients "
+                        "(DNI refuses it); untied is the default")
     g.add_argument("--eval-every", type=int, metavar="N",
                    help="score the held-out set every N iterations (an eval record in "
                         f"metrics.jsonl) {_both('eval_every')}")

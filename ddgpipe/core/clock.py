@@ -61,8 +61,12 @@ def _no_guard(stage: Stage, op: str) -> AbstractContextManager:
 
 def run_stage_clock(stage: Stage, actions: list[Action], links: Links, *,
                     guard=_no_guard, timeline: Timeline | None = None,
-                    on_loss=None, ends_step: bool = True) -> Tensor | None:
-    """Run ``actions`` (one clock of ``stage``) in order, then end the stage's clock.
+                    on_loss=None, ends_step: bool = True,
+                    end_clock: bool = True) -> Tensor | None:
+    """Run ``actions`` (one clock of ``stage``) in order, offer its tied copies' gradients
+    to the other copies, then end the stage's clock (``end_clock=False``: the caller does,
+    as the reference executor does once every stage has offered). ``ends_step``: the clock
+    closes an optimizer step (the LR advances).
 
     ``guard(stage, op)`` is entered around each computation (not around waits for peers): the
     threaded executor uses it to give a stage that draws random numbers its own stream.
@@ -108,5 +112,7 @@ def run_stage_clock(stage: Stage, actions: list[Action], links: Links, *,
             raise RuntimeError(f"no executor for op {action.op!r} ({action})")
         if timeline is not None:
             timeline.record(action, start, time.perf_counter())
-    stage.end_clock(ends_step)
+    stage.offer_ties()
+    if end_clock:
+        stage.end_clock(ends_step)
     return loss

@@ -74,6 +74,9 @@ class Schedule:
     checkpoints: ClassVar[bool] = False
     #: whether replicas may average a stage's gradients between its B and S
     averages_replicas: ClassVar[bool] = False
+    #: whether a parameter tied across stages steps with the sum of its uses' gradients
+    #: at every clock (:mod:`ddgpipe.core.ties`)
+    sums_tied_gradients: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
         self.check()
@@ -153,6 +156,7 @@ class DDGSchedule(Schedule):
     name: ClassVar[str] = "ddg"
     checkpoints: ClassVar[bool] = True
     averages_replicas: ClassVar[bool] = True
+    sums_tied_gradients: ClassVar[bool] = True
 
     def check(self) -> None:
         super().check()

@@ -23,6 +23,7 @@ from ddgpipe.core.gradient_sum import GradientSum
 from ddgpipe.core.precision import LossScaler, autocast, check_precision, unscale_
 from ddgpipe.core.stash import Pending, Stash, updates_unseen
 from ddgpipe.core.streams import new_stream
+from ddgpipe.core.ties import StageTies, TieExchange, TieGroup, check_even
 from ddgpipe.core.values import Value, describe, handed_on, tensors
 from ddgpipe.errors import UsageError
 
@@ -93,10 +94,8 @@ class Stage:
         self.module = module.to(self.device)
         self.stream = new_stream(self.device)
         params = [p for p in module.parameters() if p.requires_grad]
-        # A stage without trainable parameters (a pooling head, say) only passes gradients on.
-        self.optimizer = optimizer(params) if params else None
-        self.lr_scheduler = lr_scheduler(self.optimizer) \
-            if lr_scheduler and self.optimizer is not None else None
+        self._factories = (optimizer, lr_scheduler)  # the tied copies' get their own too
+        self._build_optimizer(params)
         self.stash = Stash(module, stash, self.delay, needs_input_grad=index > 0,
                            device=self.device, compute_context=self.autocast,
                            compile=compile)
@@ -118,6 +117,38 @@ class Stage:
         # Set by an executor running R > 1 replicas of this stage (see ddgpipe.runtime.replicas): it
         # averages the gradients over the replicas between B and S.
         self.averager: GradientAverager | None = None
+        # Its copies of parameters tied to other stages (set by the executor's build, see
+        # ddgpipe.core.ties): stepped apart from the stage's optimizer, every clock.
+        self.ties: StageTies | None = None
+
+    def _build_optimizer(self, params: list[nn.Parameter]) -> None:
+        # A stage without trainable parameters (a pooling head, say) only passes gradients on.
+        optimizer, lr_scheduler = self._factories
+        self.optimizer = optimizer(params) if params else None
+        self.lr_scheduler = lr_scheduler(self.optimizer) \
+            if lr_scheduler and self.optimizer is not None else None
+
+    def bind_ties(self, groups: list[TieGroup], exchange: TieExchange) -> None:
+        """Hold this stage's copies of the tied ``groups`` apart: the stage's optimizer
+        keeps the other parameters, each copy gets an optimizer and LR schedule of its own
+        (the same factories), stepped through ``exchange`` at the end of every clock."""
+        mine = [g for g in groups if self.index in g.stages]
+        if not mine:
+            return
+        check_even(mine[0], self.compensation.name, self.grad_scale, self.delay, self.precision)
+        ties = StageTies(self.index, mine, self.stash.params, *self._factories,
+                         clip_grad=self.clip_grad, exchange=exchange)
+        tied = {id(p) for p in ties.params}
+        self._build_optimizer([p for p in self.stash.params.values() if id(p) not in tied])
+        self.stash.shares_snapshots = not any(updates_unseen(o) for o in
+                                              [self.optimizer, *ties.optimizers])
+        self.compensation.bind(self)
+        self.ties = ties
+
+    def offer_ties(self) -> None:
+        """After a clock's actions: hand the tied copies' gradients of this clock on."""
+        if self.ties is not None:
+            self.ties.offer()
 
     def autocast(self):
         """The context every computation of this stage runs in (autocast at its precision)."""
@@ -248,8 +279,11 @@ class Stage:
 
     def step(self, minibatch: int) -> None:
         """S: apply the gradient of minibatch ``minibatch`` (through the compensation); under
-        microbatches the mean of the gradients summed since the last step."""
+        microbatches the mean of the gradients summed since the last step. The tied copies'
+        gradients wait for the clock's end."""
         self.gradient_sum.apply(self.stash.params)
+        if self.ties is not None:
+            self.ties.take()
         self._finish_gradients()
         if self._skip_step:  # fp16 overflow: skip, as GradScaler does
             self._skip_step = False
@@ -274,8 +308,12 @@ class Stage:
         """Advance the LR schedule where the clock ``ends_step`` (every clock unless several
         feed one step): every stage advances alike, so all share lr_t.
 
-        The last stage also updates the fp16 loss scale from this clock's overflow reports.
+        The last stage also updates the fp16 loss scale from this clock's overflow reports;
+        first, the tied copies step with the sum of their uses' gradients of the clock.
         """
+        if self.ties is not None:
+            self.ties.settle()
+            self.ties.advance_lr()
         if self.loss_scaler is not None:
             self.loss_scaler.update(self.take_overflow())
         if self.lr_scheduler is None or not ends_step:
@@ -287,23 +325,26 @@ class Stage:
 
     @property
     def has_parameters(self) -> bool:
-        return self.optimizer is not None
+        return self.optimizer is not None or self.ties is not None
 
     @property
     def lr(self) -> float:
         """The learning rate of the next clock (NaN for a stage without parameters)."""
-        if self.optimizer is None:
+        optimizer = self.optimizer or (self.ties.optimizers[0] if self.ties else None)
+        if optimizer is None:
             return float("nan")
-        return float(self.optimizer.param_groups[0]["lr"])
+        return float(optimizer.param_groups[0]["lr"])
 
     def state_dict(self) -> dict:
         state = {
-            "module": self.module.state_dict(),
+            "module": self._module_state(),
             "optimizer": self.optimizer.state_dict() if self.optimizer else None,
             "lr_scheduler": self.lr_scheduler.state_dict() if self.lr_scheduler else None,
             "steps": self.steps,
             "compensation": self.compensation.state_dict(),
         }
+        if self.ties is not None:  # a tie is checkpointed once, by its owner
+            state["ties"] = self.ties.owned_state()
         if self.precision == "fp16":
             state["fp16"] = {"overflow": self._overflow, "skips": self.overflow_skips,
                              "scaler": self.loss_scaler.state_dict() if self.loss_scaler
@@ -339,8 +380,19 @@ class Stage:
     def load_inflight_state(self, records: list[dict]) -> None:
         self.inflight = deque(self.stash.restore(r) for r in records)
 
+    def _module_state(self) -> dict:
+        copied = self.ties.copied_names() if self.ties is not None else set()
+        return {n: t for n, t in self.module.state_dict().items() if n not in copied}
+
     def load_state_dict(self, state: dict) -> None:
-        self.module.load_state_dict(state["module"])
+        copied = self.ties.copied_names() if self.ties is not None else set()
+        missing, unexpected = self.module.load_state_dict(state["module"], strict=not copied)
+        if set(missing) - copied or unexpected:
+            raise RuntimeError(f"stage {self.index}: the saved weights do not fit the stage "
+                               f"(missing {sorted(set(missing) - copied)}, unexpected "
+                               f"{sorted(unexpected)})")
+        if self.ties is not None:  # the copies take the owner's weights and states
+            self.ties.restore(state.get("ties", {}))
         if self.optimizer is not None:
             self.optimizer.load_state_dict(state["optimizer"])
         if self.lr_scheduler is not None and state.get("lr_scheduler") is not None:

@@ -41,6 +41,7 @@ from ddgpipe.runtime.placement import Placement, choose_executor
 from ddgpipe.runtime.processes import ProcessExecutor
 from ddgpipe.runtime.reference import ReferenceExecutor
 from ddgpipe.runtime.threads import ThreadedExecutor
+from ddgpipe.runtime.ties import RankTies, SharedTies, copy_tied, tie_groups
 
 __all__ = ["build_stages", "choose_cut", "agreed_split", "clock_seconds"]
 
@@ -147,8 +148,14 @@ class _InProcess(_Side):
 
     def _stages(self, blocks: nn.Sequential, cut: list[int]):
         modules = partition(blocks, self.schedule.stages, split=cut)
-        return [self.make_stage(k, self.schedule.stages, m, self.devices[k])
-                for k, m in enumerate(modules)]
+        ties = tie_groups(modules, self.schedule)
+        originals = copy_tied(modules, ties)  # stages in one process share no tensor
+        stages = [self.make_stage(k, self.schedule.stages, m, self.devices[k])
+                  for k, m in enumerate(modules)]
+        exchange = SharedTies(originals, self.placement.peer_timeout_s)
+        for stage in stages:
+            stage.bind_ties(ties, exchange)
+        return stages
 
     def build_timed(self, blocks: nn.Sequential, cut: list[int],
                     record: Timeline) -> Executor:
@@ -206,9 +213,12 @@ class _Ranks(_Side):
     def build(self, blocks: nn.Sequential, cut: list[int], timeline: Timeline | None,
               tuning: dict | None) -> Executor:
         stages, placement = self.schedule.stages, self.placement
-        module = partition(blocks, stages, split=cut)[self.layout.stage]
-        return ProcessExecutor(self.make_stage(self.layout.stage, stages, module, self.here),
-                               self.schedule, timeline=timeline,
+        modules = partition(blocks, stages, split=cut)
+        ties = tie_groups(modules, self.schedule, placement.replicas)
+        stage = self.make_stage(self.layout.stage, stages, modules[self.layout.stage], self.here)
+        if ties:  # every rank finds the same ties, and makes the exchange's group with them
+            stage.bind_ties(ties, RankTies(self.layout.rank_of, placement.peer_timeout_s))
+        return ProcessExecutor(stage, self.schedule, timeline=timeline,
                                timeout_s=placement.peer_timeout_s, comm=placement.comm,
                                layout=self.layout, split=cut, split_tuning=tuning)
 

@@ -110,7 +110,11 @@ class ReferenceExecutor(InProcessExecutor):
             actions = self.schedule.actions(stage.index, self.clock, total)
             with self.rng.use(stage.index), on_stream(stage.device, stage.stream):
                 out = run_stage_clock(stage, actions, self.links, timeline=self.timeline,
-                                      ends_step=self.schedule.ends_step(self.clock))
+                                      end_clock=False)
             loss = out if out is not None else loss
+        ends_step = self.schedule.ends_step(self.clock)
+        for stage in self.stages:  # every tied copy has offered this clock's gradients
+            with on_stream(stage.device, stage.stream):
+                stage.end_clock(ends_step)
         self.clock += 1
         return loss

@@ -21,6 +21,7 @@ from ddgpipe.core.rng import StageRngs, draws_random_numbers
 from ddgpipe.core.schedule import Schedule
 from ddgpipe.core.stage import LossFn, Stage
 from ddgpipe.core.streams import Handoff, on_stream, receive, send
+from ddgpipe.core.ties import TieWaitStopped
 from ddgpipe.core.timeline import Timeline
 from ddgpipe.core.values import Value, tensors
 from ddgpipe.errors import StageError, UsageError
@@ -66,6 +67,9 @@ class StageThreads:
         self._threads: list[threading.Thread] = []
         self.fed = 0  # minibatches put in so far
         self.ended = False  # the caller said no more minibatches come
+        for stage in stages:  # a copy waiting for a tie's gradients stops with the rest
+            if stage.ties is not None:
+                stage.ties.exchange.interrupt_when(self._stop.is_set)
 
     # --- the caller's side ------------------------------------------------------------------
 
@@ -193,7 +197,7 @@ class StageThreads:
             torch.set_num_threads(self.threads)
             with on_stream(stage.device, stage.stream):
                 self._run_stage(stage, clock)
-        except _Stopped:
+        except (_Stopped, TieWaitStopped):
             pass
         except BaseException as error:
             if self._failure is None:

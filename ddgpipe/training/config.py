@@ -332,12 +332,12 @@ class TrainConfig:
         if given and not self.is_language_model:
             raise UsageError(f"{', '.join(given)} shape a language model (--model gpt-L); "
                              f"--model {self.model} has no such setting: drop them")
-        if self.tie_embeddings and self.method != "bp" and self.stages > 1:
+        if self.tie_embeddings and self.method == "dni" and self.stages > 1:
             raise UsageError(
                 "--tie-embeddings shares the token embedding (in the first stage) with the "
-                "output projection (in the last), and one tensor in two stages would get two "
-                f"updates at two different delays; with --stages {self.stages} drop "
-                "--tie-embeddings (untied is the default), or train it with --method bp")
+                "output projection (in the last), and DNI has no rule for a parameter used by "
+                f"two stages; with --stages {self.stages} drop --tie-embeddings (untied is the "
+                "default), or train it with --method ddg or bp")
         if self.is_language_model:
             width = self.width or GPTConfig.width
             GPTConfig(width=width, heads=self.heads or GPTConfig.heads, context=self.context,

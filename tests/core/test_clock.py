@@ -32,6 +32,7 @@ class RecordingStage:
         self.index, self.num_stages, self.log = index, num_stages, log
         self.gradient_op = gradient_op
         self.grad_loss_scale = 0.5  # what the backward says its input gradient carries
+        self.offered = 0  # clocks whose tied gradients were offered
 
     @property
     def is_first(self) -> bool:
@@ -61,6 +62,9 @@ class RecordingStage:
 
     def learn(self, m, grad):
         self.log.append(("learn", m, grad))
+
+    def offer_ties(self):
+        self.offered += 1  # counted apart from the log
 
     def end_clock(self, ends_step=True):
         self.log.append(("end_clock",))
@@ -106,6 +110,14 @@ def run(index, num_stages, actions, gradient_op="B", record_loss=False, **kwargs
     stage = RecordingStage(index, num_stages, log, gradient_op)
     result = run_stage_clock(stage, actions, RecordingLinks(log), guard=guard, **kwargs)
     return result, log
+
+
+def test_the_tied_gradients_are_offered_after_the_actions_and_the_clock_may_end_later():
+    """The reference executor ends the clocks itself once every stage has offered."""
+    log: list = []
+    stage = RecordingStage(0, 3, log)
+    run_stage_clock(stage, ddg_actions(0, 3, 2), RecordingLinks(log), end_clock=False)
+    assert stage.offered == 1 and ("end_clock",) not in log
 
 
 def test_the_first_stage_in_steady_state():

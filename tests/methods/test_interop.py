@@ -1,7 +1,7 @@
 """Models nobody here wrote: a HuggingFace GPT-2 built from a config (random init, dropout on,
 nothing downloaded) and torch.nn.TransformerEncoderLayer blocks, run through DDG as users
 would wrap them. K = 1 is backprop bitwise, the threads are the reference bitwise, K = 4
-trains, and GPT-2's tied embeddings are refused across stages."""
+trains, and GPT-2's tied embeddings are a tie across stages."""
 
 import os
 import subprocess
@@ -13,7 +13,6 @@ import torch
 from torch import nn
 
 import ddgpipe
-from ddgpipe.errors import UsageError
 from ddgpipe.losses import token_cross_entropy
 
 transformers = pytest.importorskip("transformers")
@@ -115,10 +114,16 @@ def test_four_stages_of_gpt2_learn_a_pattern():
     assert losses[0] > 4.0 and max(losses[-5:]) < 2.0, losses
 
 
-def test_tied_embeddings_across_stages_are_refused():
-    with pytest.raises(UsageError, match=r"parameter '0.wte.weight' of stage 0 is also "
-                                         r"'5.projection.weight' of stage 1"):
-        ddgpipe.DDG(gpt2(tied=True), 2, adamw, split=[3])
+def test_tied_embeddings_across_stages_stay_equal_and_threads_are_the_reference(one_thread):
+    """GPT-2's token embedding (stage 0) and LM head (stage 1) are one tie: each stage holds
+    a copy, both step with the sum of the two uses' gradients every clock."""
+    data = token_batches(6)
+    pipe = ddgpipe.DDG(gpt2(tied=True), 2, adamw, split=[3], executor="reference")
+    ref = losses_and_state(pipe, data)
+    assert torch.equal(pipe.model[0].wte.weight, pipe.model[5].projection.weight)
+    with ddgpipe.DDG(gpt2(tied=True), 2, adamw, split=[3], executor="threads",
+                     threads=1) as threads:
+        assert_same(losses_and_state(threads, data), ref)
 
 
 @pytest.mark.slow

@@ -5,6 +5,8 @@ input ends in one line with exit code 2."""
 import json
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
 from ddgpipe.cli import main
 
@@ -62,8 +64,8 @@ def test_threads_are_the_reference_bitwise_with_dropout(tmp_path, capsys, optimi
 
 
 @pytest.mark.parametrize("flags,says", [
-    (["--method", "ddg", "--stages", "2", "--tie-embeddings"],
-     "--tie-embeddings shares the token embedding"),
+    (["--method", "dni", "--stages", "2", "--tie-embeddings"],
+     "DNI has no rule for a parameter used by two stages"),
     (["--method", "ddg", "--stages", "5"], "cannot cut a model of 4 blocks into 5 stages; pass "
                                            "--stages 4 or fewer"),
     (["--data", "digits"], "--model gpt-2 is a language model of token windows: use it with "
@@ -112,3 +114,16 @@ def test_microbatched_ddg_threads_match_the_reference(tmp_path):
 def test_microbatches_refuse_what_they_do_not_apply_to(flags, says, tmp_path, capsys):
     assert main(["train", *TINY, *flags, "--out", str(tmp_path / "run")]) == 2
     assert says in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_tied_embeddings_train_across_stages_the_same_on_every_in_process_executor(tmp_path):
+    """The first and the last stage each hold a copy of the tied embedding; the copies
+    stay bitwise equal, and the threads are the reference bitwise."""
+    common = ["--method", "ddg", "--stages", "2", "--tie-embeddings"]
+    ref = train(tmp_path, "ref", *common, "--executor", "reference")
+    threads = train(tmp_path, "threads", *common, "--executor", "threads")
+    assert numbers(threads) == numbers(ref)
+    weights = load_file(str(threads / "model.safetensors"))
+    last = max(int(k.split(".")[0]) for k in weights)
+    assert torch.equal(weights["0.tokens.weight"], weights[f"{last}.proj.weight"])
