@@ -119,15 +119,17 @@ def _experiment_command(sub: Subcommands) -> None:
         "continues where it stopped when the same command is run again. --quick takes well "
         "under a minute."))
     add_lm_arguments(experiments.add_parser(
-        "lm", help="DDG on a GPT language model: backprop, plain DDG and the remedies, AdamW",
-        description="With AdamW and backprop's recipe unchanged for every method and K, train "
-        "a GPT (gpt-8, width 128) on the Shakespeare corpus: backprop (AdamW, NAdam b1=0.99, "
-        "Muon), plain DDG at three learning rates, DDG with dc, pipemare-lr, delay-lr, "
-        "accumulate and stage-momentum, and DDG with NAdam b1=0.99 (Ajanthan et al.) and "
-        "Muon, at K = 2, 4, 8, 3 seeds. Writes results.md (held-out loss, bits per byte, gaps "
-        "to backprop in %, the goals), summary.json and loss curves against tokens and time. "
-        "About 5 minutes of one core per run, 99 runs: about 4 hours with 2 workers on 2 "
-        "cores; resumable like the staleness grid. --quick takes well under a minute."))
+        "lm", help="DDG on a GPT language model against tuned backprop, over several horizons",
+        description="Train a GPT (gpt-8, width 128) on the Shakespeare corpus at several "
+        "horizons (800, 3200, 12800 iterations of 16 x 128 tokens, each with its own warm-up "
+        "and cosine): AdamW backprop at five learning rates (0.5x to 8x 1e-3; the best is "
+        "every gap's baseline and the rate the DDG variants train at), per-minibatch and "
+        "microbatched DDG (M = 2, 4, 8), Adam weight prediction (wp), AsyncPP's recipe, Muon "
+        "and accumulate, at K = 2, 4, 8. Writes results.md (held-out loss in nats per byte, "
+        "gaps in % of the best backprop, iso-loss step ratios, the goals), summary.json and "
+        "figures (gap against horizon, loss curves). About 7 minutes of one core per 800 "
+        "iterations; --plan-only prints what is left. Backprop runs first; an interrupted "
+        "grid continues where it stopped when the same command is run again."))
     p.set_defaults(func=cmd_experiment)
 
 
