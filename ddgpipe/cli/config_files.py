@@ -177,8 +177,7 @@ def check_resume_changes(config, args: argparse.Namespace,
     if not saved_table:
         return
     flags = setting_flags(train)
-    saved = saved_config(saved_table).to_dict()
-    now = config.to_dict()
+    saved, now = by_flag(saved_config(saved_table).to_dict()), by_flag(config.to_dict())
     changed = []
     for key, value in now.items():
         before = saved.get(key)
@@ -191,6 +190,12 @@ def check_resume_changes(config, args: argparse.Namespace,
         raise UsageError(f"--resume {args.resume} continues the run with its saved settings "
                          f"(RUN_DIR/config.json); {'; '.join(changed)}: drop the flag(s), or "
                          f"start a new run with another --out")
+
+
+def by_flag(flat: Mapping[str, Any]) -> dict[str, Any]:
+    """Flat settings with the compensation options as settings of their own (one flag each)."""
+    options = flat.get("compensation_options") or {}
+    return {k: v for k, v in flat.items() if k != "compensation_options"} | dict(options)
 
 
 def saved_config(saved: Mapping[str, Any]):

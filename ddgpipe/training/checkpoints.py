@@ -271,6 +271,7 @@ class LoopState:
     train_time: float = 0.0
     epoch_elapsed: float = 0.0
     stats: list = field(default_factory=lambda: [0.0, 0, 0])
+    recent: list = field(default_factory=lambda: [0.0, 0, 0])  # since the last evaluation
     metrics_lines: int = 0
 
 

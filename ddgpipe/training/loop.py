@@ -179,6 +179,7 @@ class TrainingRun:
             self.metrics = MetricsWriter(self.run_dir / "metrics.jsonl")
             self.sinks = open_sinks(self.config.log, self.run_dir)
         self.iteration, self.seen = self.resumed.iteration, self.resumed.seen
+        self.recent.load_state(self.resumed.recent)
         self.train_time = self.resumed.train_time
 
     @property
@@ -257,6 +258,7 @@ class TrainingRun:
         self.checkpoints.save(self.method, LoopState(
             iteration=self.iteration, epoch=epoch, batch=batch, seen=self.seen,
             train_time=self.train_time, epoch_elapsed=elapsed, stats=self.stats.state(),
+            recent=self.recent.state(),
             metrics_lines=self.metrics.lines if self.metrics else 0))
 
     def evaluate_within_epoch(self) -> None:
