@@ -32,9 +32,11 @@ RECORDED = ("num_blocks", "split_tuning", "stage_devices", "threads_per_stage", 
             "data_info", "parameters")
 # settings of the command that resumes, never inherited from the saved run
 OWN_TO_THE_RESUME = ("out", "resume", "overwrite", "stop_after", "progress")
-# what flags beside --resume may change: the numbers stay those of the saved run
+# what flags beside --resume may change: the numbers stay those of the saved run (the
+# executors agree bitwise; a timeline, a label and the peer timeout only watch or name it)
 SAFE_ON_RESUME = (*OWN_TO_THE_RESUME, "iterations", "epochs", "eval_every",
-                  "checkpoint_every", "checkpoint_every_epochs", "log_every", "log")
+                  "checkpoint_every", "checkpoint_every_epochs", "log_every", "log",
+                  "executor", "timeline", "label", "timeout_s")
 GROW_ONLY = ("iterations", "epochs")
 
 

@@ -302,8 +302,9 @@ def _checkpoints(p: argparse.ArgumentParser) -> None:
                         "the settings saved in RUN_DIR/config.json. Flags beside it may change "
                         "only what keeps the numbers: more --iterations or --epochs, "
                         "--eval-every, --checkpoint-every(-epochs), --stop-after, progress, "
-                        "--log-every and --log; any other that differs is refused. The resumed "
-                        "run ends with bitwise the weights of an uninterrupted one")
+                        "--log-every, --log, --timeline, --label, --timeout and --executor "
+                        "(the executors agree bitwise); any other that differs is refused. The "
+                        "resumed run ends with bitwise the weights of an uninterrupted one")
 
 
 def _executors(p: argparse.ArgumentParser) -> None:
