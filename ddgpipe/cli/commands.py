@@ -14,9 +14,24 @@ BENCH_FILES = ("bench.json", "bench.png")  # what `ddgpipe bench --overwrite` re
 
 
 def config_from_args(args: argparse.Namespace):
-    from ddgpipe.cli.options import compensation_options, model_defaults
-    from ddgpipe.models import model_label
+    """The run's config from the parsed flags: every destination that is a config key is
+    taken as it is (a new flag is a new setting, nothing to add here); the settings whose
+    default depends on others (the model's defaults, K, the length, the folder) are derived."""
+    from ddgpipe.cli.options import compensation_options
     from ddgpipe.training import TrainConfig
+    from ddgpipe.training.config import flat_keys
+
+    keys = set(flat_keys())
+    flat = {k: v for k, v in vars(args).items() if k in keys}
+    flat |= derived_settings(args)
+    return TrainConfig.from_flat(**flat | {"compensation_options": compensation_options(args)})
+
+
+def derived_settings(args: argparse.Namespace) -> dict:
+    """The settings whose default is not a constant: K by method, the model's defaults
+    (a language model trains for iterations with AdamW), the length, warm-up and folder."""
+    from ddgpipe.cli.options import model_defaults
+    from ddgpipe.models import model_label
     from ddgpipe.training.run_dir import default_run_dir
 
     stages = args.stages if args.stages is not None else (1 if args.method == "bp" else 2)
@@ -29,43 +44,17 @@ def config_from_args(args: argparse.Namespace):
     if args.replicas > 1 and executor is None:  # replicas live in processes of their own
         executor = "processes"
     defaults = model_defaults(args.model, args.data)
-
-    def given(name: str):  # the flag, else this model's default
-        value = getattr(args, name)
-        return defaults[name] if value is None else value
-
+    given = {name: default if getattr(args, name) is None else getattr(args, name)
+             for name, default in defaults.items()}  # the flag, else this model's default
     # an explicit --epochs sets the length, unless --iterations is given too
     iterations = args.iterations if args.iterations is not None or args.epochs is not None \
         else defaults["iterations"]
-    warmup = given("warmup_iters") if args.warmup_iters is not None or not args.warmup_share \
+    warmup = given["warmup_iters"] if args.warmup_iters is not None or not args.warmup_share \
         else 0  # a --warmup-share replaces the default warm-up
     if args.warmup_iters is None and iterations:  # the default warm-up: at most a tenth
         warmup = min(warmup, iterations // 10)
-    return TrainConfig.from_flat(
-        model=args.model, data=given("data"), data_dir=args.data_dir, tokenizer=args.tokenizer,
-        method=args.method,
-        stages=stages, replicas=args.replicas, stash=args.stash, split=args.split,
-        balance=args.balance,
-        grad_shrink=args.grad_shrink, microbatches=args.microbatches, clip_grad=given("clip_grad"),
-        compensation=args.compensation, compensation_options=compensation_options(args),
-        epochs=given("epochs"), iterations=iterations, batch_size=given("batch_size"),
-        eval_every=given("eval_every"),
-        optimizer=given("optimizer"), lr=given("lr"), momentum=args.momentum,
-        nesterov=args.nesterov, beta1=args.beta1, beta2=given("beta2"),
-        weight_decay=given("weight_decay"), lr_schedule=args.lr_schedule,
-        milestones=args.milestones, lr_gamma=args.lr_gamma, seed=args.seed,
-        warmup_epochs=args.warmup_epochs, warmup_factor=args.warmup_factor,
-        warmup_iters=warmup, warmup_share=args.warmup_share, lr_floor=args.lr_floor,
-        nadam_horizon=args.nadam_horizon, context=args.context, width=args.width,
-        heads=args.heads, dropout=args.dropout, tie_embeddings=args.tie_embeddings,
-        threads=args.threads, log_every=args.log_every, timeline=args.timeline,
-        label=args.label, out=out, progress=not args.no_progress, executor=executor,
-        device=args.device, devices=args.devices, precision=args.precision, comm=args.comm,
-        compile=args.compile,
-        timeout_s=args.timeout, checkpoint_every=args.checkpoint_every,
-        checkpoint_every_epochs=args.checkpoint_every_epochs, stop_after=args.stop_after,
-        resume=args.resume, overwrite=args.overwrite,
-    )
+    return given | dict(stages=stages, out=out, executor=executor, iterations=iterations,
+                        warmup_iters=warmup)
 
 
 def format_results(results) -> str:
@@ -90,6 +79,7 @@ def format_results(results) -> str:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from ddgpipe.cli.config_files import check_resume_changes, toml_text
     from ddgpipe.runtime.launch import init_from_env, process_backend, run_workers, under_torchrun
     from ddgpipe.training import train, train_worker
     from ddgpipe.training.lm_plots import plot_runs
@@ -97,6 +87,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     config = config_from_args(args)
     config.validate()
+    check_resume_changes(config, args, args.train_parser)
+    if args.print_config:
+        print(toml_text(config.to_dict()), end="")
+        return 0
     where = config.placement
     # every rank refuses another run's folder here, before any rendezvous
     check_out_dir(str(config.out), resuming=config.resume is not None,

@@ -11,8 +11,9 @@ import sys
 from collections.abc import Sequence
 
 from ddgpipe.cli.commands import cmd_bench, cmd_experiment, cmd_plot, cmd_train
+from ddgpipe.cli.config_files import with_file_settings
 from ddgpipe.cli.demo import DEMO_BATCH, DEMO_TARGET, cmd_demo
-from ddgpipe.cli.options import PRESETS, LineHelpFormatter, add_train_arguments, int_list
+from ddgpipe.cli.options import LineHelpFormatter, add_train_arguments, int_list
 from ddgpipe.cli.sample import add_sample_command
 from ddgpipe.cli.study_options import (
     add_bench_arguments,
@@ -22,7 +23,7 @@ from ddgpipe.cli.study_options import (
 )
 from ddgpipe.errors import Terminated, UsageError, WorkerError
 
-__all__ = ["main", "build_parser"]
+__all__ = ["main", "build_parser", "parse_args"]
 
 Subcommands = argparse._SubParsersAction
 
@@ -49,7 +50,7 @@ def _train_command(sub: Subcommands) -> None:
                        description="Train one model and write metrics to RUN_DIR.",
                        formatter_class=LineHelpFormatter)
     add_train_arguments(p)
-    p.set_defaults(func=cmd_train)
+    p.set_defaults(func=cmd_train, train_parser=p)
 
 
 def _demo_command(sub: Subcommands) -> None:
@@ -144,27 +145,18 @@ def _plot_command(sub: Subcommands) -> None:
     p.set_defaults(func=cmd_plot)
 
 
-def _apply_preset(parser, argv, args):
-    """Reparse with the preset as defaults, so flags the user typed still win."""
-    values = dict(PRESETS[args.preset])
-    model = args.model
-    if args.preset == "paper-cifar" and model == "resnet110":
-        values["warmup_epochs"] = 1
-    train_parser = next(a for a in parser._actions if a.dest == "command").choices["train"]
-    saved = {k: train_parser.get_default(k) for k in values}
-    train_parser.set_defaults(**values)
-    try:
-        return parser.parse_args(argv)
-    finally:
-        train_parser.set_defaults(**saved)
+def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
+    """The flags, over ``train``'s settings from a file, a resumed run and a preset."""
+    args = parser.parse_args(argv)
+    if args.command == "train":
+        args = with_file_settings(parser, args.train_parser, argv, args)
+    return args
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
-    if getattr(args, "preset", None):
-        args = _apply_preset(parser, argv, args)
     try:
+        args = parse_args(parser, argv)
         return args.func(args)
     except UsageError as e:
         print(f"ddgpipe: error: {e}", file=sys.stderr)

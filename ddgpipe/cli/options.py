@@ -196,6 +196,9 @@ def _optimisation(p: argparse.ArgumentParser) -> None:
                         f"spans them) {_both('iterations')}")
     g.add_argument("--batch-size", type=int, help="minibatch size; with --replicas R the "
                    f"global one, split into R equal shards {_both('batch_size')}")
+    g.add_argument("--eval-batch-size", type=int, default=512, metavar="N",
+                   help="minibatch size when scoring the held-out set; the scores do not "
+                        "depend on it beyond rounding (default: %(default)s)")
     g.add_argument("--optimizer", choices=OPTIMIZERS,
                    help="sgd (with --momentum, --nesterov; L2 weight decay); adam (L2 weight "
                         "decay on every parameter); adamw and nadam (decoupled weight decay on "
@@ -292,8 +295,20 @@ def _run(p: argparse.ArgumentParser) -> None:
     g.add_argument("--timeline", action="store_true",
                    help="record every op's start/end to RUN_DIR/timeline.jsonl for "
                         "`ddgpipe plot --timeline`")
+    g.add_argument("--config", metavar="FILE", dest="config_file",
+                   help="read settings from a TOML or JSON file (keys: the flags' names with "
+                        "_ for -, e.g. batch_size = 64, or a run's own config.json); flags "
+                        "given as well override it")
+    g.add_argument("--print-config", action="store_true",
+                   help="print the effective settings as TOML (a valid --config file) and "
+                        "exit")
     g.add_argument("--label", help="name shown in tables and plots (default: e.g. 'DDG K=4')")
-    g.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    g.add_argument("--no-progress", dest="progress", action="store_false",
+                   help="hide the progress bar")
+    g.add_argument("--log", type=str_list, default=[], metavar="SINK[,SINK]",
+                   help="also write every metrics record to: tensorboard (RUN_DIR/tensorboard, "
+                        "needs pip install ddgpipe[tensorboard]), csv (RUN_DIR/metrics-KIND.csv, "
+                        "one file per record kind); metrics.jsonl is always written")
 
 
 def _checkpoints(p: argparse.ArgumentParser) -> None:
@@ -308,9 +323,13 @@ def _checkpoints(p: argparse.ArgumentParser) -> None:
                    help="save a checkpoint and stop cleanly after N iterations in all (for "
                         "time-limited jobs); continue with --resume")
     g.add_argument("--resume", metavar="RUN_DIR",
-                   help="continue the run in RUN_DIR from its newest complete checkpoint; give "
-                        "the same settings as the run that wrote it (checked). The resumed run "
-                        "ends with bitwise the weights of an uninterrupted one")
+                   help="continue the run in RUN_DIR from its newest complete checkpoint with "
+                        "the settings saved in RUN_DIR/config.json. Flags beside it may change "
+                        "only what keeps the numbers: more --iterations or --epochs, "
+                        "--eval-every, --checkpoint-every(-epochs), --stop-after, progress, "
+                        "--log-every, --log, --timeline, --label, --timeout and --executor "
+                        "(the executors agree bitwise); any other that differs is refused. The "
+                        "resumed run ends with bitwise the weights of an uninterrupted one")
 
 
 def _executors(p: argparse.ArgumentParser) -> None:
@@ -353,6 +372,6 @@ def _executors(p: argparse.ArgumentParser) -> None:
                         "nccl; host stages them through host memory over gloo (needed when "
                         "several ranks share one GPU, which nccl refuses) (default: "
                         "%(default)s)")
-    g.add_argument("--timeout", type=float, default=300.0, metavar="SECONDS",
+    g.add_argument("--timeout", dest="timeout_s", type=float, default=300.0, metavar="SECONDS",
                    help="how long a stage waits for a peer before the run stops with an "
                         "error (default: %(default)s)")

@@ -46,7 +46,7 @@ KEEP = 2  # complete sets kept on disk
 COMPAT_FIELDS = (
     "model", "data", "method", "stages", "stash", "batch_size", "seed", "optimizer", "lr",
     "momentum", "nesterov", "weight_decay", "lr_schedule", "milestones", "lr_gamma",
-    "warmup_epochs", "warmup_factor", "epochs", "grad_shrink", "compensation",
+    "warmup_epochs", "warmup_factor", "grad_shrink", "compensation",
     "compensation_options", "precision", "replicas", "compile", "warmup_share", "lr_floor",
     "nadam_horizon", "microbatches", "tokenizer",
 )

@@ -23,6 +23,7 @@ from ddgpipe.runtime.devices import cores_per_stage
 from ddgpipe.runtime.placement import Placement
 from ddgpipe.training.optim import make_optimizer
 from ddgpipe.training.recipes import check_scaled_settings
+from ddgpipe.training.sinks import check_sinks
 
 __all__ = ["TrainConfig", "TrainResult", "METHODS", "TEXT_DATA", "compensation_options",
            "stage_threads", "flatten", "flat_keys"]
@@ -44,7 +45,7 @@ FLAT_ORDER = (
     "eval_every", "optimizer", "lr", "momentum", "nesterov", "beta1", "beta2", "weight_decay",
     "lr_schedule", "milestones", "lr_gamma", "warmup_epochs", "warmup_factor", "warmup_iters",
     "context", "width", "heads", "dropout", "tie_embeddings", "seed", "executor", "device",
-    "devices", "precision", "compile", "comm", "threads", "log_every", "timeline", "label",
+    "devices", "precision", "compile", "comm", "threads", "log_every", "log", "timeline", "label",
     "out", "progress", "timeout_s", "checkpoint_every", "checkpoint_every_epochs",
     "stop_after", "resume",
 )
@@ -105,6 +106,7 @@ class TrainConfig:
     precision: str = "fp32"
     compile: bool = False  # torch.compile every stage (backprop: the model)
     log_every: int = 0
+    log: list[str] = field(default_factory=list)  # sinks beside metrics.jsonl (training.sinks)
     timeline: bool = False
     label: str | None = None
     out: str | None = None
@@ -314,6 +316,7 @@ class TrainConfig:
             raise UsageError("checkpoints need an output directory; pass --out")
         if self.log_every < 0:
             raise UsageError(f"--log-every must be >= 0 (got {self.log_every})")
+        check_sinks(self.log)
 
     def _validate_model_and_data(self) -> None:
         self._validate_user_model_and_data()

@@ -39,10 +39,14 @@ from ddgpipe.training.checkpoints import Checkpoints, LoopState
 from ddgpipe.training.config import TrainConfig, TrainResult, stage_threads
 from ddgpipe.training.evaluation import bits_per_byte, evaluate
 from ddgpipe.training.interrupts import InterruptGuard
-from ddgpipe.training.metrics import MetricsWriter, RunningStats
+from ddgpipe.training.metrics import MetricsWriter, RunningStats, plain_record
 from ddgpipe.training.optim import schedule_factor
 from ddgpipe.training.recipes import warmup_for
 from ddgpipe.training.run_dir import gather_to_last, prepare_out_dir, save_final_model
+from ddgpipe.training.sinks import Sink, open_sinks
+
+# what ``train(config, callback=...)`` calls with every metrics record: kind, values
+RecordCallback = Callable[[str, dict[str, Any]], None]
 
 __all__ = ["train", "train_worker"]
 
@@ -54,8 +58,10 @@ def train_worker(rank: int, world: int, config: TrainConfig) -> TrainResult | No
 
 def train(config: TrainConfig, dataset: Dataset | None = None, *,
           model: nn.Module | Callable[[], nn.Module] | None = None,
-          tune_malloc: bool = True) -> TrainResult | None:
-    """Train one run as ``config`` says; metrics go to ``config.out`` when given.
+          tune_malloc: bool = True, callback: RecordCallback | None = None
+          ) -> TrainResult | None:
+    """Train one run as ``config`` says; metrics go to ``config.out`` when given, to the
+    sinks ``config.log`` names, and to ``callback(kind, values)``, record by record.
 
     The model and data are those ``config`` names (the registry's, or a user's:
     ``config.model="FILE.py:FACTORY"`` or ``"hf:DIR"``, ``config.data="text:PATH"`` or
@@ -107,7 +113,7 @@ def train(config: TrainConfig, dataset: Dataset | None = None, *,
         with InterruptGuard() as interrupts:
             run = TrainingRun(config, data, model, loader, method, timeline=timeline,
                               checkpoints=checkpoints, run_dir=run_dir, world=world,
-                              reporter=reporter, interrupts=interrupts)
+                              reporter=reporter, interrupts=interrupts, callback=callback)
             return run.run()
     finally:
         method.close()  # never leave a stage thread behind, whatever happened
@@ -124,7 +130,7 @@ class TrainingRun:
     def __init__(self, config: TrainConfig, data: Dataset, model: nn.Module,
                  loader: BatchLoader, method: Method, *, timeline: Timeline | None,
                  checkpoints: Checkpoints, run_dir: Path | None, world: int, reporter: bool,
-                 interrupts: InterruptGuard):
+                 interrupts: InterruptGuard, callback: RecordCallback | None = None):
         self.config, self.data, self.model, self.loader, self.method = (
             config, data, model, loader, method)
         self.timeline, self.checkpoints, self.run_dir = timeline, checkpoints, run_dir
@@ -140,6 +146,8 @@ class TrainingRun:
         self.tokens_per_sample = data.train_x.shape[1] if data.tokens else 1
         self.stats, self.recent = RunningStats(), RunningStats()  # the epoch's; since the eval
         self.metrics: MetricsWriter | None = None
+        self.sinks: list[Sink] = []
+        self.callback = callback if reporter else None
         self.show = (reporter and config.progress and sys.stderr.isatty()
                      and not os.environ.get("CI"))
         self.resumed = LoopState()
@@ -181,18 +189,34 @@ class TrainingRun:
             write_run_config(self.run_dir, self.config, self.data, self.model, self.method)
         if self.run_dir is not None:
             self.metrics = MetricsWriter(self.run_dir / "metrics.jsonl")
+            self.sinks = open_sinks(self.config.log, self.run_dir)
         self.iteration, self.seen = self.resumed.iteration, self.resumed.seen
+        self.recent.load_state(self.resumed.recent)
         self.train_time = self.resumed.train_time
 
     @property
     def recording(self) -> bool:
-        """Whether records are kept (the reporting rank, with an output directory)."""
-        return self.metrics is not None
+        """Whether records are kept (the reporting rank, with an output directory or a
+        callback)."""
+        return self.metrics is not None or self.callback is not None
 
     def record(self, kind: str, **values: Any) -> None:
-        """Every metrics record of the run passes here, in order."""
+        """Every metrics record of the run passes here, in order: to metrics.jsonl, the
+        sinks and the callback."""
+        record = plain_record(kind, **values)
         if self.metrics is not None:
-            self.metrics.write(kind, **values)
+            self.metrics.write_record(record)
+        for sink in self.sinks:
+            sink.write(record)
+        if self.callback is not None:
+            self.callback(kind, {k: v for k, v in record.items() if k != "kind"})
+
+    def close_records(self) -> None:
+        """Close metrics.jsonl and the sinks (the run stops or ends)."""
+        if self.metrics:
+            self.metrics.close()
+        for sink in self.sinks:
+            sink.close()
 
     def begin_epoch(self, epoch: int) -> None:
         """Reset the epoch's statistics (a resumed epoch's from the checkpoint) and clocks."""
@@ -201,7 +225,6 @@ class TrainingRun:
         self.stats.reset()
         if resumed:
             self.stats.load_state(self.resumed.stats)
-            self.recent.load_state(self.resumed.recent)
         self.method.train()
         self.epoch_start = time.perf_counter() - (self.resumed.epoch_elapsed if resumed
                                                   else 0.0)
@@ -310,15 +333,13 @@ class TrainingRun:
     def stop(self) -> TrainResult | None:
         """--stop-after: the checkpoint is saved; end here."""
         self.bar.close()
-        if self.metrics:
-            self.metrics.close()
+        self.close_records()
         return stopped_result(self.config, self.iteration, self.run_dir) if self.reporter \
             else None
 
     def finish(self) -> TrainResult | None:
         """Close the metrics, gather the timeline, save the model; the reporter's result."""
-        if self.metrics:
-            self.metrics.close()
+        self.close_records()
         if self.timeline is not None:
             records = gather_to_last(self.timeline.records) if self.world > 1 \
                 else [self.timeline.records]

@@ -9,7 +9,7 @@ import json
 import math
 from pathlib import Path
 
-__all__ = ["MetricsWriter", "RunningStats"]
+__all__ = ["MetricsWriter", "RunningStats", "plain_record"]
 
 
 class MetricsWriter:
@@ -21,7 +21,10 @@ class MetricsWriter:
         self._file = self.path.open("a")
 
     def write(self, kind: str, **fields) -> dict:
-        record = {"kind": kind, **{k: _plain(v) for k, v in fields.items()}}
+        return self.write_record(plain_record(kind, **fields))
+
+    def write_record(self, record: dict) -> dict:
+        """Append a record made by :func:`plain_record`."""
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
         self.lines += 1
@@ -35,6 +38,11 @@ class MetricsWriter:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def plain_record(kind: str, **fields) -> dict:
+    """A record as metrics.jsonl holds it: its kind, then plain JSON values."""
+    return {"kind": kind, **{k: _plain(v) for k, v in fields.items()}}
 
 
 def _plain(value):

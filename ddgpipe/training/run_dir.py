@@ -14,13 +14,14 @@ from torch import Tensor, nn
 from ddgpipe.errors import UsageError
 from ddgpipe.methods import Method, PipelineMethod
 from ddgpipe.training.checkpoints import atomic_torch_save, atomic_write_bytes
+from ddgpipe.training.sinks import CSV_FILES, TENSORBOARD_DIR
 
 __all__ = ["prepare_out_dir", "check_out_dir", "free_out_dir", "default_run_dir",
            "save_final_model", "save_safetensors", "gather_to_last", "RUN_FILES"]
 
 # What a run writes in its folder: all that --overwrite removes (nothing else is touched).
 RUN_FILES = ("config.json", "metrics.jsonl", "timeline.jsonl", "model.pt", "model.safetensors",
-             "curves.png", "timeline.png", "checkpoints")
+             "curves.png", "timeline.png", "checkpoints", TENSORBOARD_DIR, *CSV_FILES)
 
 
 def check_out_dir(out: str | Path, *, resuming: bool = False, overwrite: bool = False,

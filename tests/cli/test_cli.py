@@ -204,13 +204,13 @@ def test_paper_cifar_preset_on_tiny_cifar_files(capsys, tmp_path):
 
 def test_paper_cifar_preset_warms_up_resnet110():
     parser = build_parser()
-    from ddgpipe.cli.main import _apply_preset
+    from ddgpipe.cli.main import parse_args
 
     argv = ["train", "--preset", "paper-cifar", "--model", "resnet110"]
-    args = _apply_preset(parser, argv, parser.parse_args(argv))
+    args = parse_args(parser, argv)
     assert (args.warmup_epochs, args.warmup_factor, args.epochs) == (1, 0.1, 300)
     argv = ["train", "--preset", "paper-cifar", "--model", "resnet56"]
-    assert _apply_preset(parser, argv, parser.parse_args(argv)).warmup_epochs == 0
+    assert parse_args(parser, argv).warmup_epochs == 0
     assert parser.parse_args(["train"]).batch_size is None  # the preset does not leak
 
 

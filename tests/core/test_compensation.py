@@ -235,7 +235,7 @@ def test_resume_refuses_another_compensation(tmp_path, capsys):
     capsys.readouterr()
     resume = args[:-4] + ["--compensation", "dc", "--resume", str(tmp_path / "run")]
     assert main(resume) == 2
-    assert "compensation: 'sc,lwp' in the checkpoint, 'dc' now" in capsys.readouterr().err
+    assert "--compensation: saved sc,lwp, given dc" in capsys.readouterr().err
 
 
 # --- 5. errors that name the problem and the fix ---------------------------------------------

@@ -201,9 +201,9 @@ def assert_checkpoint_intact(run: Path, capsys) -> None:
 
 
 @pytest.mark.parametrize("args, expected", [
-    (["--stages", "3"], "stages: 2 in the checkpoint, 3 now"),
-    (["--model", "resnet32"], "model: 'resnet20' in the checkpoint, 'resnet32' now"),
-    (["--lr", "0.2"], "lr: 0.1 in the checkpoint, 0.2 now"),
+    (["--stages", "3"], "--stages: saved 2, given 3"),
+    (["--model", "resnet32"], "--model: saved resnet20, given resnet32"),
+    (["--lr", "0.2"], "--lr: saved 0.1, given 0.2"),
 ], ids=["other-K", "other-model", "other-lr"])
 def test_a_checkpoint_from_another_run(stopped_run, args, expected, capsys):
     code, err = cli([*CKPT, *args, "--resume", str(stopped_run)], capsys)

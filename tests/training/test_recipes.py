@@ -17,7 +17,7 @@ from torch import nn
 
 from ddgpipe.cli import build_parser, main
 from ddgpipe.cli.commands import config_from_args
-from ddgpipe.cli.main import _apply_preset
+from ddgpipe.cli.main import parse_args
 from ddgpipe.errors import UsageError
 from ddgpipe.training import TrainConfig
 from ddgpipe.training.assemble import build_method
@@ -37,7 +37,7 @@ def preset_config(*flags: str) -> TrainConfig:
     parser = build_parser()
     argv = ["train", "--preset", "asyncpp", "--model", "gpt-2", "--method", "ddg",
             "--stages", "2", "--executor", "reference", *flags]
-    return config_from_args(_apply_preset(parser, argv, parser.parse_args(argv)))
+    return config_from_args(parse_args(parser, argv))
 
 
 # --- the preset's settings --------------------------------------------------------------------
