@@ -1,5 +1,5 @@
 """HuggingFace causal LMs handed to DDG as they are (no wrapper; traced by the method): a
-Llama and a Qwen2 from tiny configs with attention dropout. K = 1 is backprop bitwise, the
+Llama and a Qwen2 from tiny configs with tied embeddings and attention dropout. K = 1 is backprop bitwise, the
 threads and the processes equal the reference bitwise, K = 4 trains, the trained weights are
 in the user's own model object, and save_pretrained then from_pretrained gives its logits."""
 
@@ -18,7 +18,7 @@ VOCAB, T = 64, 8
 
 
 def causal_lm(family: str, layers: int = 2, seed: int = 0) -> nn.Module:
-    """A random-init ``family`` causal LM (hidden 32, untied embeddings, attention dropout
+    """A random-init ``family`` causal LM (hidden 32, tied embeddings, attention dropout
     0.1), in training mode."""
     make, config_class = {"llama": (transformers.LlamaForCausalLM, transformers.LlamaConfig),
                           "qwen2": (transformers.Qwen2ForCausalLM,
@@ -26,7 +26,7 @@ def causal_lm(family: str, layers: int = 2, seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
     config = config_class(vocab_size=VOCAB, hidden_size=32, intermediate_size=64,
                           num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-                          max_position_embeddings=4 * T, tie_word_embeddings=False,
+                          max_position_embeddings=4 * T, tie_word_embeddings=True,
                           attention_dropout=0.1, bos_token_id=0, eos_token_id=0, pad_token_id=0)
     return make(config).train()
 

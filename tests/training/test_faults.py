@@ -131,8 +131,9 @@ def test_bad_cifar_files(name, content, expected, capsys, tmp_path, monkeypatch)
 
 # --- the Python API ------------------------------------------------------------------------
 
-def test_a_model_that_is_not_sequential():
-    with pytest.raises(UsageError, match="cuts an nn.Sequential of blocks, but got Linear"):
+def test_a_model_that_is_not_sequential_needs_an_example_to_be_traced():
+    with pytest.raises(UsageError, match="Linear is not an nn.Sequential, so it is traced into "
+                                         "blocks on an example batch: pass sample_input="):
         ddgpipe.DDG(nn.Linear(4, 2), 2, lambda ps: torch.optim.SGD(ps, lr=0.1))
 
 
