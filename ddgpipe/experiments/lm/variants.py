@@ -75,6 +75,10 @@ VARIANTS = (
     _ddg("ddg-m2", "DDG M=2", 2, stages=(2,)),
     _ddg("ddg-m4", "DDG M=4", 4),
     _ddg("ddg-m8", "DDG M=8", 8, stages=(4, 8)),
+    # DDG at a rate of its own (2x the recipe's), below the best backprop's when that is
+    # higher: delayed gradients may not stand the rate backprop stands
+    Variant("ddg-m4-lr2", "DDG M=4 lr x2", changes={"microbatches": 4, "lr": 2 * RECIPE["lr"]}),
+    Variant("ddg-lr2", "DDG lr x2", changes={"lr": 2 * RECIPE["lr"]}),
     _ddg("ddg+wp", "DDG + wp", compensation="wp"),
     _ddg("ddg-m4+wp", "DDG M=4 + wp", 4, compensation="wp"),
     _ddg("ddg+accumulate", "DDG + accumulate 4", compensation="accumulate"),
