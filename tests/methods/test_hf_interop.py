@@ -1,7 +1,8 @@
 """HuggingFace causal LMs handed to DDG as they are (no wrapper; traced by the method): a
-Llama and a Qwen2 from tiny configs with tied embeddings and attention dropout. K = 1 is backprop bitwise, the
-threads and the processes equal the reference bitwise, K = 4 trains, the trained weights are
-in the user's own model object, and save_pretrained then from_pretrained gives its logits."""
+Llama and a Qwen2 from tiny configs with tied embeddings and attention dropout. K = 1 is
+backprop bitwise, the threads and the processes equal the reference bitwise, K = 4 trains,
+the trained weights are in the user's own model object, and save_pretrained then
+from_pretrained gives its logits."""
 
 import pytest
 import torch
