@@ -61,6 +61,16 @@ def _ddg(name: str, label: str, microbatches: int = 1, stages: tuple[int, ...] |
     return Variant(name, label, changes=changes, stages=stages, tuned=True, **kwargs)
 
 
+def _at_rate(name: str, label: str, multiple: float, microbatches: int = 1,
+             stages: tuple[int, ...] | None = None) -> Variant:
+    """DDG at ``multiple`` times the recipe's rate, fixed (not tuned): ``NAME-lrX``."""
+    changes: dict[str, Any] = {"lr": RECIPE["lr"] * multiple}
+    if microbatches > 1:
+        changes["microbatches"] = microbatches
+    return Variant(f"{name}-lr{multiple:g}", f"{label} lr x{multiple:g}", changes=changes,
+                   stages=stages)
+
+
 _ASYNCPP = dict(ASYNCPP)
 _BP_ASYNCPP = Variant("bp-asyncpp", "BP AsyncPP recipe", "bp", changes=_ASYNCPP,
                       baseline="bp-asyncpp")
@@ -77,8 +87,11 @@ VARIANTS = (
     _ddg("ddg-m8", "DDG M=8", 8, stages=(4, 8)),
     # DDG at a rate of its own (2x the recipe's), below the best backprop's when that is
     # higher: delayed gradients may not stand the rate backprop stands
-    Variant("ddg-m4-lr2", "DDG M=4 lr x2", changes={"microbatches": 4, "lr": 2 * RECIPE["lr"]}),
-    Variant("ddg-lr2", "DDG lr x2", changes={"lr": 2 * RECIPE["lr"]}),
+    # and DDG's own rate swept (0.5 to 4x): the grid of issue 29's second phase
+    *(_at_rate("ddg-m4", "DDG M=4", m, 4) for m in (0.5, 1, 2, 4)),
+    *(_at_rate("ddg", "DDG", m) for m in (2, 4)),
+    _at_rate("ddg-m2", "DDG M=2", 2, 2, stages=(2,)),
+    *(_at_rate("ddg-m8", "DDG M=8", m, 8, stages=(4, 8)) for m in (1, 2)),
     _ddg("ddg+wp", "DDG + wp", compensation="wp"),
     _ddg("ddg-m4+wp", "DDG M=4 + wp", 4, compensation="wp"),
     _ddg("ddg+accumulate", "DDG + accumulate 4", compensation="accumulate"),
