@@ -397,31 +397,46 @@ class TiedOracle(DDGOracle):
     """DDG with the matrices of stages ``tie`` tied (every layer square): each of those
     stages holds a copy; at clock t the copies step, through an optimizer of their own
     (``tie_optimizer()``, one object: the copies are equal), with the sum in stage order of
-    the matrix gradients that arrive at t, clipped as a group of their own; the rest of a
-    tied stage (its bias) learns as usual, clipped without the matrix."""
+    the matrix gradients its uses learn at t, clipped as a group of their own; the rest of a
+    tied stage (its bias) learns as usual, clipped without the matrix. Composed with
+    :class:`MicrobatchedOracle` (``tied_microbatched``) "learn" is a step: the sum is then
+    of the stepping uses' means, at the step's lr."""
 
     def __init__(self, params, batches, optimizer=plain_sgd, *, tie: Sequence[int],
                  tie_optimizer: Callable[[], object], **settings):
         super().__init__(params, batches, optimizer, **settings)
         self.tie, self.tie_opt = tuple(tie), tie_optimizer()
+        self._tied: list[np.ndarray] = []  # the matrix gradients learned this clock
+        self._tie_t = 0
 
     def clock(self, t: int) -> None:
-        if t < len(self.batches):
-            self.forward(t)
-        tied = []
-        for arrival in self.arrivals(t):
-            k = arrival.stage
-            if k not in self.tie:
-                self.learn(arrival, t)
-                continue
-            tied.append(arrival.grad[0])
-            rest = self.clipped_grad(arrival.grad[1:])
-            self.w[k][1:] = self.optimizers[k].step(self.w[k][1:], rest, self.lr(k, t))
-        if tied:
-            total = tied[0]
-            for g in tied[1:]:
+        self._tied = []
+        super().clock(t)
+        if self._tied:
+            total = self._tied[0]
+            for g in self._tied[1:]:
                 total = total + g
             (shared,) = self.tie_opt.step([self.w[self.tie[0]][0]], self.clipped_grad([total]),
-                                          self.lr(self.tie[0], t))
+                                          self.lr(self.tie[0], self._tie_t))
             for k in self.tie:
                 self.w[k][0] = shared.copy()
+
+    def learn(self, arrival: Arrival, t: int) -> None:
+        k = arrival.stage
+        if k not in self.tie:
+            super().learn(arrival, t)
+            return
+        self._tied.append(arrival.grad[0])
+        self._tie_t = t
+        rest = self.clipped_grad(arrival.grad[1:])
+        self.w[k][1:] = self.optimizers[k].step(self.w[k][1:], rest, self.lr(k, t))
+
+
+def tied_microbatched(params, batches, optimizer=plain_sgd, *, microbatches: int,
+                      tie: Sequence[int], tie_optimizer: Callable[[], object],
+                      **settings) -> DDGOracle:
+    """Microbatched DDG with a tie: at each clock where uses step, the copies step with the
+    sum in stage order of the stepping uses' means (in the drain the uses step apart)."""
+    cls = type("TiedMicrobatchedOracle", (TiedOracle, MicrobatchedOracle), {})
+    return cls(params, batches, optimizer, microbatches=microbatches, tie=tie,
+               tie_optimizer=tie_optimizer, **settings)

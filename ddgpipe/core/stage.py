@@ -313,7 +313,8 @@ class Stage:
         """
         if self.ties is not None:
             self.ties.settle()
-            self.ties.advance_lr()
+            if ends_step:  # the copies' schedules advance with the stage's own
+                self.ties.advance_lr()
         if self.loss_scaler is not None:
             self.loss_scaler.update(self.take_overflow())
         if self.lr_scheduler is None or not ends_step:

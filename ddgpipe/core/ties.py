@@ -191,7 +191,8 @@ class StageTies:
         self.seq += 1
 
     def advance_lr(self) -> None:
-        """Every clock, as the stage's own schedule advances."""
+        """Where the stage's own schedule advances: every clock, or at a step's last clock
+        under microbatches (the same clocks in every stage, so the copies' rates agree)."""
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)`")
             for scheduler in self.lr_schedulers:

@@ -40,9 +40,6 @@ def tie_groups(modules: Sequence[nn.Module], schedule: Schedule,
         raise UsageError(f"tied parameter {groups[0]}: {schedule.name} has no rule for a "
                          "parameter used by two stages (DDG sums the uses' gradients); untie "
                          "it (give each use its own nn.Parameter) or use DDG")
-    if groups and getattr(schedule, "microbatches", 1) > 1:
-        raise UsageError(f"tied parameter {groups[0]}: tied weights under microbatches are "
-                         "not built yet; drop --microbatches or untie the parameter")
     if groups and replicas > 1:
         raise UsageError(f"tied parameter {groups[0]}: replicas do not exchange tied "
                          "gradients yet; drop --replicas or untie the parameter")

@@ -25,6 +25,7 @@ from tests.oracles import (
     BETAS,
     EPS,
     DDGOracle,
+    MicrobatchedOracle,
     NpAdamW,
     NpSGD,
     TiedOracle,
@@ -32,6 +33,7 @@ from tests.oracles import (
     lr_factor,
     numpy_params,
     tanh_net,
+    tied_microbatched,
     torch_sgd,
 )
 from tests.runtime_helpers import assert_runtime_matches_reference, local_stage_arrays, run_clocks
@@ -51,9 +53,9 @@ def tied_tanh(stages: int, seed: int = 3, tie: tuple[int, ...] | None = None) ->
     return model
 
 
-def tied_batches(n: int = 7) -> list[tuple[np.ndarray, np.ndarray]]:
+def tied_batches(n: int = 7, rows: int = 4) -> list[tuple[np.ndarray, np.ndarray]]:
     rng = np.random.default_rng(0)
-    return [(rng.normal(size=(4, WIDTH)), rng.normal(size=(4, WIDTH))) for _ in range(n)]
+    return [(rng.normal(size=(rows, WIDTH)), rng.normal(size=(rows, WIDTH))) for _ in range(n)]
 
 
 def torch_adamw(ps):
@@ -66,14 +68,16 @@ OPTIMIZERS = {  # name -> (torch factory, numpy stage optimizer, numpy tie optim
 }
 
 
-def train_tied(stages, optimizer, clip=None, executor=None, tie=None):
+def train_tied(stages, optimizer, clip=None, executor=None, tie=None, microbatches=1,
+               batches=None):
     """ddgpipe's DDG on the tied tanh net: start weights, final weights, the model."""
     model = tied_tanh(stages, tie=tie)
     start = numpy_params(model)
     with float64_default():
         pipe = ddgpipe.DDG(model, stages, optimizer, clip_grad=clip, executor=executor,
-                           lr_scheduler=lambda o: torch.optim.lr_scheduler.LambdaLR(o, lr_factor))
-        for x, y in tied_batches():
+                           lr_scheduler=lambda o: torch.optim.lr_scheduler.LambdaLR(o, lr_factor),
+                           microbatches=microbatches)
+        for x, y in batches or tied_batches():
             pipe.step(torch.from_numpy(x), torch.from_numpy(y), F.mse_loss)
         pipe.drain()
     return start, numpy_params(model), model
@@ -96,6 +100,30 @@ def test_tied_layers_match_the_float64_oracle(stages, kind, clip):
     untied = DDGOracle([list(p) for p in start], tied_batches(), np_opt, lr=lr,
                        schedule=lr_factor, clip=clip).run()
     assert not np.allclose(untied[0][0], expected[0][0], atol=1e-6), "the tie must matter"
+
+
+@pytest.mark.parametrize("stages,microbatches", [(2, 2), (2, 3), (3, 2), (3, 3)])
+@pytest.mark.parametrize("kind,clip", [("sgd", CLIP), ("adamw", None)])
+def test_tied_layers_under_microbatches_match_the_float64_oracle(stages, microbatches, kind,
+                                                                 clip):
+    """At each clock where uses step, the copies step with the sum of the stepping uses'
+    means at the step's lr; in the drain (K = 3) the uses step at different clocks."""
+    factory, np_opt, np_tie, lr = OPTIMIZERS[kind]
+    batches = tied_batches(rows=6)
+    start, final, model = train_tied(stages, factory, clip, microbatches=microbatches,
+                                     batches=batches)
+    settings = dict(lr=lr, schedule=lr_factor, clip=clip, microbatches=microbatches)
+    expected = tied_microbatched([list(p) for p in start], batches, np_opt, tie=(0, stages - 1),
+                                 tie_optimizer=np_tie, **settings).run()
+    for k, (w, b) in enumerate(final):
+        np.testing.assert_allclose(w, expected[k][0], rtol=0, atol=1e-10)
+        np.testing.assert_allclose(b, expected[k][1], rtol=0, atol=1e-10)
+    assert torch.equal(model[0][0].weight, model[-1].weight), "the copies stay bitwise equal"
+    untied = MicrobatchedOracle([list(p) for p in start], batches, np_opt, **settings).run()
+    assert not np.allclose(untied[0][0], expected[0][0], atol=1e-6), "the tie must matter"
+    per_clock = TiedOracle([list(p) for p in start], batches, np_opt, tie=(0, stages - 1),
+                           tie_optimizer=np_tie, lr=lr, schedule=lr_factor, clip=clip).run()
+    assert not np.allclose(per_clock[0][0], expected[0][0], atol=1e-6), "microbatches matter"
 
 
 @pytest.mark.parametrize("stages,tie", [(3, (1, 2)), (4, (1, 2)), (3, (0, 1, 2))])
@@ -171,10 +199,11 @@ def trained(pipe, batches):
     return {n: p.detach().clone() for n, p in pipe.model.named_parameters(remove_duplicate=False)}
 
 
-@pytest.mark.parametrize("stages", [2, 3])
-def test_threads_equal_the_reference_bitwise(stages, one_thread):
-    ref = trained(build_lm(stages, "reference"), token_batches())
-    threads = trained(build_lm(stages, "threads", threads=1), token_batches())
+@pytest.mark.parametrize("stages,microbatches", [(2, 1), (3, 1), (3, 2)])
+def test_threads_equal_the_reference_bitwise(stages, microbatches, one_thread):
+    ref = trained(build_lm(stages, "reference", microbatches=microbatches), token_batches())
+    threads = trained(build_lm(stages, "threads", threads=1, microbatches=microbatches),
+                      token_batches())
     assert ref.keys() == threads.keys()
     for name in ref:
         assert torch.equal(ref[name], threads[name]), name
@@ -182,18 +211,19 @@ def test_threads_equal_the_reference_bitwise(stages, one_thread):
     assert torch.equal(ref["0.weight"], ref[last]), "the copies stay bitwise equal"
 
 
-def lm_worker(rank, world):
-    pipe = build_lm(world, None)
+def lm_worker(rank, world, microbatches=1):
+    pipe = build_lm(world, None, microbatches=microbatches)
     losses = run_clocks(pipe, rank, world, token_batches())
     return {"state": local_stage_arrays(pipe), "losses": losses}
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stages", [2, 3])
-def test_processes_equal_the_reference_bitwise(stages):
-    results = run_workers(lm_worker, stages, (), timeout_s=120, threads=1)
-    assert_runtime_matches_reference(results, lambda: build_lm(stages, "reference"),
-                                     token_batches())
+@pytest.mark.parametrize("stages,microbatches", [(2, 1), (3, 1), (3, 3)])
+def test_processes_equal_the_reference_bitwise(stages, microbatches):
+    results = run_workers(lm_worker, stages, (microbatches,), timeout_s=120, threads=1)
+    assert_runtime_matches_reference(
+        results, lambda: build_lm(stages, "reference", microbatches=microbatches),
+        token_batches())
     first, last = results[0]["state"]["0.weight"], results[-1]["state"][f"{stages}.weight"]
     assert np.array_equal(first, last), "the ranks' copies stay bitwise equal"
 
@@ -253,11 +283,13 @@ def test_a_failing_stage_stops_the_copy_waiting_for_its_gradients():
     assert time.monotonic() - start < 10
 
 
-@pytest.mark.parametrize("executor", ["reference", "threads"])
-def test_a_checkpoint_holds_the_tie_once_and_resumes_bitwise(executor, one_thread):
+@pytest.mark.parametrize("executor,microbatches", [("reference", 1), ("threads", 1),
+                                                   ("threads", 2)])
+def test_a_checkpoint_holds_the_tie_once_and_resumes_bitwise(executor, microbatches,
+                                                              one_thread):
     batches = token_batches(8)
-    whole = trained(build_lm(3, executor), batches)
-    pipe = build_lm(3, executor)
+    whole = trained(build_lm(3, executor, microbatches=microbatches), batches)
+    pipe = build_lm(3, executor, microbatches=microbatches)
     for x, y in batches[:4]:
         pipe.step(x, y, F.cross_entropy)
     buffer = io.BytesIO()
@@ -267,7 +299,7 @@ def test_a_checkpoint_holds_the_tie_once_and_resumes_bitwise(executor, one_threa
     first, last = state["stages"][0], state["stages"][-1]
     assert "0.weight" in first["module"] and "3.weight" not in last["module"]
     assert list(first["ties"]) == [0] and last["ties"] == {}
-    resumed = build_lm(3, executor)
+    resumed = build_lm(3, executor, microbatches=microbatches)
     resumed.load_checkpoint_state(state)
     for x, y in batches[4:]:
         resumed.step(x, y, F.cross_entropy)
