@@ -93,6 +93,8 @@ VARIANTS = (
     _at_rate("ddg-m2", "DDG M=2", 2, 2, stages=(2,)),
     *(_at_rate("ddg-m8", "DDG M=8", m, 8, stages=(4, 8)) for m in (1, 2)),
     _ddg("ddg+wp", "DDG + wp", compensation="wp"),
+    Variant("ddg-m4-lr2+wp", "DDG M=4 lr x2 + wp", compensation="wp",
+            changes={"microbatches": 4, "lr": 2 * RECIPE["lr"]}),
     _ddg("ddg-m4+wp", "DDG M=4 + wp", 4, compensation="wp"),
     _ddg("ddg+accumulate", "DDG + accumulate 4", compensation="accumulate"),
     # AsyncPP's own recipe (NAdam, its rate and schedule): not tuned, measured against
