@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench gpu-check clean
+.PHONY: demo test test-all lint bench gpu-check clean
 
 $(STAMP): requirements.txt requirements-dev.txt requirements-text.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -19,7 +19,15 @@ $(STAMP): requirements.txt requirements-dev.txt requirements-text.txt pyproject.
 demo: $(STAMP)
 	$(BIN)/ddgpipe demo --out runs/demo
 
+# the suite CI runs (about 10 minutes on 2 cores): every test but those marked slow
 test: $(STAMP)
+	$(BIN)/ruff check ddgpipe tests examples
+	$(BIN)/mypy
+	$(BIN)/python -m pytest -m "not slow"
+
+# everything, the slow cases too (about 25 minutes on 2 cores): before a release, or after
+# touching the runtime, the CLI or the experiments
+test-all: $(STAMP)
 	$(BIN)/ruff check ddgpipe tests examples
 	$(BIN)/mypy
 	$(BIN)/python -m pytest

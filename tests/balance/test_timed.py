@@ -99,8 +99,9 @@ def test_a_balanced_cut_that_is_clearly_slower_does_not_win():
     assert fastest_cut([6], 11, fake_timings(clock, busy))[0] == [6]
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("method,stages", [("ddg", 2), ("ddg", 3), ("dni", 2)])
+@pytest.mark.parametrize("method,stages", [
+    ("ddg", 2), pytest.param("ddg", 3, marks=pytest.mark.slow),
+    pytest.param("dni", 2, marks=pytest.mark.slow)])
 def test_tuned_cut_is_agreed_and_training_matches_the_reference_bitwise(method, stages):
     clocks = 6
     results = run_workers(tuned_worker, stages, (method, clocks), timeout_s=120, threads=1)

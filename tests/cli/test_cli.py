@@ -49,7 +49,6 @@ def test_every_flag_has_help():
         check(sub, f"ddgpipe {name}")
 
 
-@pytest.mark.slow
 def test_errors_reach_the_shell_without_a_traceback(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "ddgpipe", "train", "--model", "resnet21", "--out",
@@ -65,8 +64,8 @@ def test_errors_reach_the_shell_without_a_traceback(tmp_path):
     ]
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("method", [["--method", "bp"], ["--method", "ddg", "--stages", "3"]])
+@pytest.mark.parametrize("method", [pytest.param(["--method", "bp"], marks=pytest.mark.slow),
+                                    ["--method", "ddg", "--stages", "3"]])
 def test_same_seed_same_numbers(method, capsys, tmp_path):
     runs = []
     for name in ("a", "b"):
@@ -80,7 +79,6 @@ def test_same_seed_same_numbers(method, capsys, tmp_path):
     assert without_timing(epoch_records(tmp_path / "c")) != runs[0]
 
 
-@pytest.mark.slow
 def test_train_writes_metrics_plot_and_timeline(capsys, tmp_path):
     run = tmp_path / "ddg"
     code, out, _ = run_cli(["train", *FAST, "--epochs", "2", "--method", "ddg", "--stages", "2",
@@ -104,8 +102,7 @@ def test_train_writes_metrics_plot_and_timeline(capsys, tmp_path):
     assert code == 0 and (run / "timeline.png").exists()
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("method", ["ddg", "dni"])
+@pytest.mark.parametrize("method", ["ddg", pytest.param("dni", marks=pytest.mark.slow)])
 def test_every_executor_prints_the_reference_metrics(method, capsys, tmp_path):
     """A thread per stage, and a process per stage, give the numbers of all stages in turn on
     one thread (same cut, same threads per stage)."""
@@ -131,7 +128,6 @@ def test_the_removed_launcher_flag_is_refused(capsys):
     assert "--launcher" in capsys.readouterr().err
 
 
-@pytest.mark.slow
 def test_demo_reports_speed_and_time_to_accuracy_against_backprop(capsys, tmp_path):
     code, out, _ = run_cli(["demo", "--model", "mlp", "--epochs", "2", "--target", "0.5",
                             "--no-progress", "--out", str(tmp_path)], capsys)
@@ -166,7 +162,6 @@ def test_compile_with_dni_is_refused_in_one_line(capsys, tmp_path):
     assert "--compile" in err and "DNI" in err and "Traceback" not in err
 
 
-@pytest.mark.slow
 def test_bench_command_reports_ratios_and_the_cost_model(capsys, tmp_path):
     code, out, _ = run_cli(["bench", "--model", "resnet20", "--image-size", "8", "--batch-size",
                             "16", "--steps", "2", "--warmup", "1", "--rounds", "1", "--configs",

@@ -152,8 +152,7 @@ def runtime_results():
     return run_workers(every_case_worker, 2, timeout_s=120, threads=1)
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("case", list(RUNTIME_CASES))
+@pytest.mark.parametrize("case", list(RUNTIME_CASES))  # one process run, shared
 def test_runtime_matches_reference_bitwise(case, runtime_results):
     assert_runtime_matches_reference([r[case] for r in runtime_results],
                                      lambda: build_runtime_pipe(case, "reference"),

@@ -88,8 +88,7 @@ def stage_worker(rank, world, precision, clocks):
     return {"state": local_stage_arrays(pipe), "losses": losses}
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+@pytest.mark.parametrize("precision", [pytest.param("bf16", marks=pytest.mark.slow), "fp16"])
 def test_processes_match_the_reference_in_mixed_precision(precision):
     """Half-precision activations cross processes with their dtype, fp16 scales with the
     gradients."""

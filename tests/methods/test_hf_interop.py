@@ -66,8 +66,7 @@ def assert_same_state(a: dict, b: dict) -> None:
         assert torch.equal(a[name], b[name]), name
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("family", ["llama", "qwen2"])
+@pytest.mark.parametrize("family", ["llama", pytest.param("qwen2", marks=pytest.mark.slow)])
 def test_one_stage_is_backprop_bitwise(family):
     """DDG at K = 1 on the traced model takes the steps Backprop takes on the model itself."""
     data = pattern_batches(3)
@@ -81,8 +80,8 @@ def test_one_stage_is_backprop_bitwise(family):
     assert_same_state(runs[0][1], runs[1][1])
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("family,stages", [("llama", 4), ("qwen2", 2)])
+@pytest.mark.parametrize("family,stages", [("llama", 4),
+                                           pytest.param("qwen2", 2, marks=pytest.mark.slow)])
 def test_threads_equal_the_reference_and_the_users_model_trains(family, stages, tmp_path,
                                                                  one_thread):
     """The threaded executor equals the reference bitwise; the loss falls; the user's model
@@ -118,8 +117,8 @@ def process_worker(rank: int, world: int, family: str, clocks: int) -> dict:
     return {"losses": losses, "state": {k: v.numpy() for k, v in state(model).items()}}
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("family,stages", [("llama", 2), ("qwen2", 4)])  # K = 4: ~80 s
+@pytest.mark.parametrize("family,stages", [  # K = 4: ~40 s
+    ("llama", 2), pytest.param("qwen2", 4, marks=pytest.mark.slow)])
 def test_processes_equal_the_reference_and_gather_the_model(family, stages, one_thread):
     """Every rank's model holds the whole trained model after drain, bitwise the
     reference's; the last rank's losses are the reference's."""

@@ -227,7 +227,6 @@ def reporting_worker(rank, world, folder, tag):
             "at": time.monotonic()}
 
 
-@pytest.mark.slow
 def test_results_come_back_in_rank_order_and_every_worker_is_reaped(tmp_path):
     results = run_workers(reporting_worker, 2, (str(tmp_path), "tag"), timeout_s=60, threads=2)
     assert [r["rank"] for r in results] == [0, 1]
@@ -362,8 +361,7 @@ def _wait_gone(found: list[int], within_s: float) -> bool:
     return True
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("how", ["SIGTERM", "SIGKILL"])
+@pytest.mark.parametrize("how", [pytest.param("SIGTERM", marks=pytest.mark.slow), "SIGKILL"])
 def test_a_launcher_stopped_from_outside_leaves_no_worker(tmp_path, how):
     """SIGTERM: the launcher stops and reaps its workers before it exits. SIGKILL (no cleanup
     can run): each worker dies with it, by Linux's parent-death signal."""

@@ -24,7 +24,7 @@ from tests.runtime_helpers import (
     run_clocks,
 )
 
-pytestmark = pytest.mark.slow  # every test here spawns processes
+SLOW = pytest.mark.slow  # every test here spawns processes; one case of each guarantee is quick
 
 
 def build(method, stages, stash, executor=None):
@@ -45,8 +45,9 @@ def stage_worker(rank, world, method, stash, clocks):
 
 
 @pytest.mark.parametrize("method,stages,stash", [
-    ("ddg", 2, "graph"), ("ddg", 2, "recompute"), ("ddg", 3, "graph"), ("ddg", 3, "recompute"),
-    ("dni", 2, None), ("dni", 3, None),
+    pytest.param("ddg", 2, "graph", marks=SLOW), pytest.param("ddg", 2, "recompute", marks=SLOW),
+    ("ddg", 3, "graph"), pytest.param("ddg", 3, "recompute", marks=SLOW),
+    ("dni", 2, None), pytest.param("dni", 3, None, marks=SLOW),
 ])
 def test_runtime_matches_reference_bitwise(method, stages, stash):
     clocks = 7
@@ -67,7 +68,7 @@ def microbatched_worker(rank, world, stash, minibatches):
     return {"state": local_stage_arrays(pipe), "losses": losses}
 
 
-@pytest.mark.parametrize("stages,stash", [(2, "graph"), (3, "recompute")])
+@pytest.mark.parametrize("stages,stash", [pytest.param(2, "graph", marks=SLOW), (3, "recompute")])
 def test_runtime_matches_reference_bitwise_with_microbatches(stages, stash):
     """Microbatched DDG (M = 2): every rank's weights and the losses agree with the reference."""
     minibatches = 5
@@ -90,6 +91,7 @@ def mid_step_worker(rank, world, microbatches_fed):
         | {"count": summed["count"]}
 
 
+@SLOW
 def test_a_mid_step_checkpoint_holds_the_references_gradient_sums():
     """Between two clocks of a step each rank's checkpoint holds the gradients its stage
     summed so far, bitwise the reference's (loading them is the stage's own code)."""
@@ -124,7 +126,8 @@ def failing_worker(rank, world, how):
     return "finished"
 
 
-@pytest.mark.parametrize("how,expected", [("raise", "injected failure"), ("kill", "SIGKILL")])
+@pytest.mark.parametrize("how,expected", [
+    pytest.param("raise", "injected failure", marks=SLOW), ("kill", "SIGKILL")])
 def test_a_dead_stage_stops_every_worker(how, expected):
     start = time.monotonic()
     with pytest.raises(WorkerError) as info:
@@ -153,6 +156,7 @@ def wrong_world_worker(rank, world):
     build("ddg", 3, "graph")
 
 
+@SLOW
 def test_stage_count_must_match_processes():
     with pytest.raises(ddgpipe.UsageError, match="2 processes but 3 stages"):
         run_workers(wrong_world_worker, 2, timeout_s=60, threads=1)

@@ -201,8 +201,7 @@ def two_by_two():
     return run_workers(replica_worker, 4, (CASES,), timeout_s=150, threads=1)
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("stash", ["graph", "recompute"])
+@pytest.mark.parametrize("stash", ["graph", "recompute"])  # one 2 x 2 run, shared
 def test_two_replicas_equal_one_pipeline_on_the_whole_batch_in_float64(two_by_two, stash):
     reference = _build("mlp64", stash, replicas=1, executor="reference")
     losses = [reference.step(x, y, F.cross_entropy).item() for x, y in _batches("mlp64")]
@@ -218,7 +217,6 @@ def test_two_replicas_equal_one_pipeline_on_the_whole_batch_in_float64(two_by_tw
             assert result["losses"] == pytest.approx(losses, rel=0, abs=1e-12)
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("stash", ["graph", "recompute"])
 def test_replicas_with_batchnorm_stay_identical(two_by_two, stash):
     by_place = {}

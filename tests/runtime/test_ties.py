@@ -217,8 +217,9 @@ def lm_worker(rank, world, microbatches=1):
     return {"state": local_stage_arrays(pipe), "losses": losses}
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("stages,microbatches", [(2, 1), (3, 1), (3, 3)])
+@pytest.mark.parametrize("stages,microbatches", [
+    pytest.param(2, 1, marks=pytest.mark.slow), pytest.param(3, 1, marks=pytest.mark.slow),
+    (3, 3)])
 def test_processes_equal_the_reference_bitwise(stages, microbatches):
     results = run_workers(lm_worker, stages, (microbatches,), timeout_s=120, threads=1)
     assert_runtime_matches_reference(

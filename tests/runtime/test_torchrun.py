@@ -16,7 +16,7 @@ import pytest
 from ddgpipe.cli import main
 from ddgpipe.runtime.launch import free_port
 
-pytestmark = pytest.mark.slow  # every test here spawns processes
+# every test here spawns processes; the replicas case is slow
 
 ARGS = ["--model", "resnet20", "--data", "digits", "--epochs", "1", "--batch-size", "128",
         "--method", "ddg", "--stages", "2", "--no-progress", "--threads", "1",
@@ -62,6 +62,7 @@ def test_two_nodes_with_torchrun_match_the_reference(tmp_path):
     assert epochs(run) == epochs(tmp_path / "reference")
 
 
+@pytest.mark.slow
 def test_two_nodes_of_one_replica_each_match_the_spawned_runtime(tmp_path):
     """K = 2 x R = 2 under torchrun (nnodes 2 x nproc-per-node 2: rank r*K + k is stage k of
     replica r, so each node holds one replica) trains bitwise as the four processes

@@ -111,8 +111,9 @@ def tuple_worker(rank, world, stash, clocks):
     return {"losses": losses, "state": local_stage_arrays(pipe)}  # arrays cross processes
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("stages,stash", [(2, "graph"), (3, "recompute"), (2, "none")])
+@pytest.mark.parametrize("stages,stash", [
+    pytest.param(2, "graph", marks=pytest.mark.slow), (3, "recompute"),
+    pytest.param(2, "none", marks=pytest.mark.slow)])
 def test_processes_equal_the_reference_with_three_tensors_between_stages(stages, stash):
     results = run_workers(tuple_worker, stages, (stash, 6), timeout_s=120, threads=1)
     losses, state = reference_run(stages, stash)

@@ -55,8 +55,12 @@ METHODS = {
 }
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("name", list(METHODS))
+QUICK_METHODS = ("ddg-graph", "ddg-microbatches")  # the others: slow
+
+
+@pytest.mark.parametrize("name", [
+    name if name in QUICK_METHODS else pytest.param(name, marks=pytest.mark.slow)
+    for name in METHODS])
 def test_stop_and_resume_is_bitwise_the_uninterrupted_run(name, tmp_path, capsys):
     args = [*BASE, *METHODS[name], "--checkpoint-every", "4"]
     assert main([*args, "--out", str(tmp_path / "full")]) == 0
@@ -70,7 +74,6 @@ def test_stop_and_resume_is_bitwise_the_uninterrupted_run(name, tmp_path, capsys
     assert epoch_lines(tmp_path / "full") == epoch_lines(tmp_path / "cut")
 
 
-@pytest.mark.slow
 def test_a_checkpoint_of_the_threads_resumes_under_the_reference(tmp_path, capsys):
     """Both in-process executors write the same state: stop under one, resume under the
     other, and get the uninterrupted run's weights."""

@@ -174,7 +174,6 @@ def _dies_while_its_peer_waits(rank, world):
     torch.distributed.irecv(buf, 1).wait()
 
 
-@pytest.mark.slow
 def test_a_dead_peer_during_recv_is_named_not_a_hang():
     start = time.monotonic()
     with pytest.raises(WorkerError, match="rank 1: exited with code 3"):
@@ -289,7 +288,6 @@ def test_a_swallowed_ctrl_c_still_stops_training(tmp_path, capsys, monkeypatch, 
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
 
 
-@pytest.mark.slow
 def test_ctrl_c_during_training(tmp_path, capsys):
     run = tmp_path / "run"
     proc = subprocess.Popen(
