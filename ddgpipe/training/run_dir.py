@@ -107,14 +107,16 @@ def save_final_model(model: nn.Module, method: Method, run_dir: Path | None,
     """The trained network as one ``state_dict`` in ``RUN_DIR/model.pt`` and
     ``RUN_DIR/model.safetensors`` (both atomic).
 
-    Under the runtime each rank trained only its slice; the slices keep the whole model's
-    key names, so the last rank merges them.
+    Under the runtime each rank trained only its stage; each sends its tensors under the
+    names ``model`` gives them (a traced model's blocks name them otherwise), and the last
+    rank merges them.
     """
     method.sync()
     if world > 1:
         assert isinstance(method, PipelineMethod), "one process per stage runs a pipeline"
-        parts = gather_to_last(_on_cpu(method.stages[0].module.state_dict()))
+        parts = gather_to_last(_on_cpu(_named_by(model, method.stages[0].module)))
         merged = {k: v for part in parts for k, v in part.items()}
+        merged = {k: merged[k] for k in model.state_dict() if k in merged}  # the model's order
     else:
         merged = _on_cpu(model.state_dict())
     if run_dir is not None:
@@ -137,6 +139,14 @@ def save_safetensors(state: dict, path: Path) -> None:
         tensors[name] = value.detach().clone() if key in seen else value.detach().contiguous()
         seen.add(key)
     atomic_write_bytes(path, save(tensors, metadata={"format": "pt"}))
+
+
+def _named_by(model: nn.Module, held: nn.Module) -> dict:
+    """The entries of ``model``'s state dict whose tensors ``held`` (one stage) holds, under
+    every name ``model`` gives them: a Sequential's slice keeps the model's names, a traced
+    block does not."""
+    mine = {id(t) for t in [*held.parameters(), *held.buffers()]}
+    return {name: t for name, t in model.state_dict(keep_vars=True).items() if id(t) in mine}
 
 
 def _on_cpu(state: dict) -> dict:

@@ -104,17 +104,23 @@ def test_a_local_tokenizer_replaces_bytes(tmp_path, folder, capsys):
     assert words[:2] == ["the", "lazy"] and len(words) == 7 and set(words) <= set(vocab)
 
 
-def test_two_stages(tmp_path, folder, capsys):
-    """K = 2 runs once DDG takes any module through the tracer; until then it is refused in
-    one line (DDG cuts an nn.Sequential)."""
-    out = tmp_path / "k2"
-    code = main(["train", "--model", f"hf:{folder / 'gpt2'}", "--data",
-                 f"text:{folder / 'words.txt'}", *FAST, "--method", "ddg", "--stages", "2",
-                 "--out", str(out)])
-    err = capsys.readouterr().err.strip().splitlines()
-    if code == 2 and len(err) == 1 and "nn.Sequential" in err[0]:
-        pytest.skip("DDG does not trace non-Sequential models yet")
-    assert code == 0 and [r["iteration"] for r in records(out, "eval")] == [2, 4]
+def test_two_stages_save_the_models_own_names_on_every_executor(tmp_path, folder):
+    """K = 2 with a tied embedding and microbatches, in one process and in two: the same
+    numbers, and model.pt holds the HuggingFace names (a traced block names its tensors
+    otherwise), loadable back into the model."""
+    flags = ["--method", "ddg", "--stages", "2", "--split", "2", "--microbatches", "2"]
+    saved = {}
+    for executor in ("reference", "processes"):
+        out = train(tmp_path, executor, "llama", folder, *flags, "--executor", executor)
+        assert [r["iteration"] for r in records(out, "eval")] == [2, 4]
+        saved[executor] = torch.load(out / "model.pt", weights_only=True)
+    fresh = load_hf_model(str(folder / "llama"))
+    assert list(saved["processes"]) == list(saved["reference"]) == list(fresh.state_dict())
+    for name, value in saved["reference"].items():
+        assert torch.equal(saved["processes"][name], value), name
+    assert torch.equal(saved["processes"]["lm_head.weight"],
+                       saved["processes"]["model.embed_tokens.weight"])
+    fresh.load_state_dict(saved["processes"])
 
 
 @pytest.mark.parametrize("flags, says", [
