@@ -97,11 +97,13 @@ def adopt_user_tensors(stage: nn.Module, model: nn.Module) -> None:
 def _check_same_output(blocks: Blocks, model: nn.Module, args: tuple[Tensor, ...],
                        kwargs: Mapping[str, Any], outputs: list[int] | None) -> None:
     """Refuse blocks that do not give the model's own output on the example (evaluation
-    mode, so nothing random is drawn and no statistic moves)."""
+    mode, so nothing random is drawn and no statistic moves). Gradients stay on: without
+    them torch's own layers (nn.TransformerEncoder) take a fused inference path that the
+    traced training graph does not, and differ in the last bits."""
     flags = [(m, m.training) for m in model.modules()]
     model.eval()
     try:
-        with torch.no_grad():
+        with torch.enable_grad():
             expected = pytree.tree_leaves(model(*args, **kwargs))
             got = as_args(blocks(*args))
     finally:

@@ -285,3 +285,32 @@ def test_moving_the_blocks_moves_the_tensors_their_graphs_create():
     blocks = as_pipeline_blocks(Positional(), torch.randn(2, 4)).to("meta")
     out = blocks(torch.randn(3, 4, device="meta"))
     assert out.device.type == "meta" and out.shape == (3, 4)
+
+
+class TorchEncoder(nn.Module):
+    """torch's own nn.TransformerEncoder (its evaluation mode without gradients takes a fused
+    path), embedding and a head tied to it: a user's model nobody here wrote."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(32, 16)
+        layer = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.1, batch_first=True)
+        self.enc = nn.TransformerEncoder(layer, 4, enable_nested_tensor=False)
+        self.head = nn.Linear(16, 32, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, x):
+        return self.head(self.enc(self.emb(x)))
+
+
+def test_torchs_transformer_encoder_is_cut_and_trains_with_its_tie():
+    torch.manual_seed(0)
+    model = TorchEncoder()
+    tokens = torch.randint(0, 32, (4, 8), generator=torch.Generator().manual_seed(2))
+    loss = lambda out, y: F.cross_entropy(out.reshape(-1, 32), y.reshape(-1))  # noqa: E731
+    with ddgpipe.DDG(model, 2, lambda ps: torch.optim.AdamW(ps, lr=1e-2), sample_input=tokens,
+                     microbatches=2, executor="reference") as pipe:
+        losses = [pipe.step(tokens, tokens, loss).item() for _ in range(6)]
+        pipe.drain()
+    assert len(pipe.stages) == 2 and losses[-1] < losses[0], losses
+    assert model.head.weight is model.emb.weight
