@@ -263,3 +263,20 @@ def test_a_bench_timed_with_the_same_settings_is_reused(tmp_path):
     (tmp_path / "bench.json").write_text(json.dumps(result))
     assert saved_bench(tmp_path, settings) == result
     assert saved_bench(tmp_path, settings | {"steps": 30}) is None
+
+
+def test_ddgs_own_rates_are_tabled_with_the_best_per_k():
+    plan = _plan(variants=("bp", "ddg-m4-lr1", "ddg-m4-lr2", "ddg-m4-lr4"), horizons=(800,),
+                 stage_counts=(2, 4))
+    runs = [_outcome("bp", 800, 0, 2.0), _outcome("ddg-m4-lr1", 800, 0, 2.5, stages=2),
+            _outcome("ddg-m4-lr2", 800, 0, 2.25, stages=2),
+            _outcome("ddg-m4-lr4", 800, 0, 2.375, stages=2),
+            _outcome("ddg-m4-lr2", 800, 0, 3.0, stages=4),
+            _outcome("ddg-m4-lr4", 800, 0, 2.75, stages=4)]
+    for run in runs:  # the rate each run's config records
+        run["lr"] = VARIANTS_BY_NAME[run["variant"]].changes.get("lr", 1e-3)
+    summary = summarise(runs, plan, {}) | {"missing": [], "waiting_for_sweep": []}
+    text = render_report(summary, plan, [])
+    assert "| variant | K | 0.001 | 0.002 | 0.004 | best |" in text
+    assert "| DDG M=4 | 2 | 2.500 (+25.0%) | 2.250 (+12.5%) | 2.375 (+18.8%) | 0.002 |" in text
+    assert "| DDG M=4 | 4 | – | 3.000 (+50.0%) | 2.750 (+37.5%) | 0.004 |" in text

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +37,7 @@ def render_report(summary: dict, plan: Any, figures: list[Path],
     lines = _setup(summary, plan) + _sweep(summary, plan)
     for horizon in sorted(plan.horizons):
         lines += _horizon_table(summary, plan, horizon)
+        lines += _own_rates(summary, horizon)
     lines += _goal(summary, plan) + (_wallclock(wallclock) if wallclock else [])
     lines += _seeds(summary, plan)
     lines += ["", "## Figures", ""] + [f"![{f.stem}]({f.name})" for f in figures] + [""]
@@ -111,6 +113,42 @@ def _horizon_table(summary: dict, plan: Any, horizon: int) -> list[str]:
         lines += ["", "Against backprop with the same optimizer and recipe: " + "; ".join(
             f"{r['label']} K = {r['stages']}: {r['gap_pct']:+.1f}% to {r['baseline']}"
             for r in own) + "."]
+    return lines
+
+
+def _family(name: str) -> tuple:
+    """What a DDG variant is, its learning rate aside: runs that differ only in rate."""
+    v = VARIANTS_BY_NAME[name]
+    changes = tuple(sorted((k, str(x)) for k, x in v.changes.items() if k != "lr"))
+    return (v.method, v.compensation, changes)
+
+
+def _own_rates(summary: dict, horizon: int) -> list[str]:
+    """DDG swept over rates of its own: per variant and K the loss at each rate tried (gap to
+    the best backprop in brackets) and the best, where a variant has two rates or more."""
+    rows = [r for r in rows_at(summary["rows"], horizon)
+            if r["stages"] > 1 and r["lr"] is not None and r["val_loss_mean"] is not None]
+    families: dict[tuple, list[dict]] = {}
+    for r in rows:
+        families.setdefault(_family(r["variant"]), []).append(r)
+    swept = {f: rs for f, rs in families.items() if len({r["lr"] for r in rs}) > 1}
+    if not swept:
+        return []
+    rates = sorted({r["lr"] for rs in swept.values() for r in rs})
+    lines = ["", f"DDG's own learning rate at {horizon} iterations (the variants above that "
+             "differ only in rate; held-out loss and gap to the best backprop):", "",
+             "| variant | K | " + " | ".join(f"{lr:g}" for lr in rates) + " | best |",
+             "|---|---|" + "---|" * (len(rates) + 1)]
+    for rs in swept.values():
+        label = re.sub(r" lr x[\d.]+$", "", VARIANTS_BY_NAME[rs[0]["variant"]].label)
+        for k in sorted({r["stages"] for r in rs}):
+            at = {r["lr"]: r for r in rs if r["stages"] == k}
+            cells = [f"{at[lr]['val_loss_mean']:.3f} ({at[lr]['gap_to_best_bp_pct']:+.1f}%)"
+                     if lr in at and at[lr]["gap_to_best_bp_pct"] is not None
+                     else "–" for lr in rates]
+            best = min(at.values(), key=lambda r: r["val_loss_mean"])
+            lines.append(f"| {label} | {k} | " + " | ".join(cells)
+                         + f" | {best['lr']:g} |")
     return lines
 
 
