@@ -2,7 +2,8 @@
 Llama and a Qwen2 from tiny configs with tied embeddings and attention dropout. K = 1 is
 backprop bitwise, the threads and the processes equal the reference bitwise, K = 4 trains,
 the trained weights are in the user's own model object, and save_pretrained then
-from_pretrained gives its logits."""
+from_pretrained gives its logits. All of it runs in the quick suite (CI): both families at
+K = 2 and 4, on threads and on processes."""
 
 import pytest
 import torch
@@ -66,7 +67,7 @@ def assert_same_state(a: dict, b: dict) -> None:
         assert torch.equal(a[name], b[name]), name
 
 
-@pytest.mark.parametrize("family", ["llama", pytest.param("qwen2", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
 def test_one_stage_is_backprop_bitwise(family):
     """DDG at K = 1 on the traced model takes the steps Backprop takes on the model itself."""
     data = pattern_batches(3)
@@ -80,8 +81,7 @@ def test_one_stage_is_backprop_bitwise(family):
     assert_same_state(runs[0][1], runs[1][1])
 
 
-@pytest.mark.parametrize("family,stages", [("llama", 4),
-                                           pytest.param("qwen2", 2, marks=pytest.mark.slow)])
+@pytest.mark.parametrize("family,stages", [("llama", 4), ("qwen2", 2)])
 def test_threads_equal_the_reference_and_the_users_model_trains(family, stages, tmp_path,
                                                                  one_thread):
     """The threaded executor equals the reference bitwise; the loss falls; the user's model
@@ -117,8 +117,7 @@ def process_worker(rank: int, world: int, family: str, clocks: int) -> dict:
     return {"losses": losses, "state": {k: v.numpy() for k, v in state(model).items()}}
 
 
-@pytest.mark.parametrize("family,stages", [  # K = 4: ~40 s
-    ("llama", 2), pytest.param("qwen2", 4, marks=pytest.mark.slow)])
+@pytest.mark.parametrize("family,stages", [("llama", 2), ("qwen2", 4)])  # K = 4: ~40 s
 def test_processes_equal_the_reference_and_gather_the_model(family, stages, one_thread):
     """Every rank's model holds the whole trained model after drain, bitwise the
     reference's; the last rank's losses are the reference's."""
