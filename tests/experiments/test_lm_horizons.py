@@ -280,3 +280,17 @@ def test_ddgs_own_rates_are_tabled_with_the_best_per_k():
     assert "| variant | K | 0.001 | 0.002 | 0.004 | best |" in text
     assert "| DDG M=4 | 2 | 2.500 (+25.0%) | 2.250 (+12.5%) | 2.375 (+18.8%) | 0.002 |" in text
     assert "| DDG M=4 | 4 | – | 3.000 (+50.0%) | 2.750 (+37.5%) | 0.004 |" in text
+
+
+def test_weight_prediction_at_own_rates_is_a_family_of_its_own():
+    plan = _plan(variants=("bp", "ddg-m4-lr2", "ddg-m4-lr2+wp", "ddg-m4-lr4+wp"),
+                 horizons=(800,), stage_counts=(2,))
+    runs = [_outcome("bp", 800, 0, 2.0), _outcome("ddg-m4-lr2", 800, 0, 2.5, stages=2),
+            _outcome("ddg-m4-lr2+wp", 800, 0, 2.25, stages=2),
+            _outcome("ddg-m4-lr4+wp", 800, 0, 2.125, stages=2)]
+    for run in runs:
+        run["lr"] = VARIANTS_BY_NAME[run["variant"]].changes.get("lr", 1e-3)
+    summary = summarise(runs, plan, {}) | {"missing": [], "waiting_for_sweep": []}
+    text = render_report(summary, plan, [])
+    assert "| DDG M=4 + wp | 2 | 2.250 (+12.5%) | 2.125 (+6.2%) | 0.004 |" in text
+    assert "| DDG M=4 | 2 |" not in text  # one rate only: no row of its own

@@ -140,7 +140,7 @@ def _own_rates(summary: dict, horizon: int) -> list[str]:
              "| variant | K | " + " | ".join(f"{lr:g}" for lr in rates) + " | best |",
              "|---|---|" + "---|" * (len(rates) + 1)]
     for rs in swept.values():
-        label = re.sub(r" lr x[\d.]+$", "", VARIANTS_BY_NAME[rs[0]["variant"]].label)
+        label = re.sub(r" lr x[\d.]+", "", VARIANTS_BY_NAME[rs[0]["variant"]].label)
         for k in sorted({r["stages"] for r in rs}):
             at = {r["lr"]: r for r in rs if r["stages"] == k}
             cells = [f"{at[lr]['val_loss_mean']:.3f} ({at[lr]['gap_to_best_bp_pct']:+.1f}%)"

@@ -62,13 +62,16 @@ def _ddg(name: str, label: str, microbatches: int = 1, stages: tuple[int, ...] |
 
 
 def _at_rate(name: str, label: str, multiple: float, microbatches: int = 1,
-             stages: tuple[int, ...] | None = None) -> Variant:
-    """DDG at ``multiple`` times the recipe's rate, fixed (not tuned): ``NAME-lrX``."""
+             stages: tuple[int, ...] | None = None, compensation: str | None = None) -> Variant:
+    """DDG at ``multiple`` times the recipe's rate, fixed (not tuned): ``NAME-lrX``, with
+    ``+COMPENSATION`` when it has one."""
     changes: dict[str, Any] = {"lr": RECIPE["lr"] * multiple}
     if microbatches > 1:
         changes["microbatches"] = microbatches
-    return Variant(f"{name}-lr{multiple:g}", f"{label} lr x{multiple:g}", changes=changes,
-                   stages=stages)
+    plus = f"+{compensation}" if compensation else ""
+    return Variant(f"{name}-lr{multiple:g}{plus}",
+                   f"{label} lr x{multiple:g}" + (f" + {compensation}" if compensation else ""),
+                   compensation=compensation, changes=changes, stages=stages)
 
 
 _ASYNCPP = dict(ASYNCPP)
@@ -93,8 +96,9 @@ VARIANTS = (
     _at_rate("ddg-m2", "DDG M=2", 2, 2, stages=(2,)),
     *(_at_rate("ddg-m8", "DDG M=8", m, 8, stages=(4, 8)) for m in (1, 2)),
     _ddg("ddg+wp", "DDG + wp", compensation="wp"),
-    Variant("ddg-m4-lr2+wp", "DDG M=4 lr x2 + wp", compensation="wp",
-            changes={"microbatches": 4, "lr": 2 * RECIPE["lr"]}),
+    # Adam weight prediction at DDG's own rates, with the microbatches that lead at each K
+    *(_at_rate("ddg-m4", "DDG M=4", m, 4, compensation="wp") for m in (1, 2, 4)),
+    *(_at_rate("ddg-m8", "DDG M=8", m, 8, stages=(4, 8), compensation="wp") for m in (1, 2)),
     _ddg("ddg-m4+wp", "DDG M=4 + wp", 4, compensation="wp"),
     _ddg("ddg+accumulate", "DDG + accumulate 4", compensation="accumulate"),
     # AsyncPP's own recipe (NAdam, its rate and schedule): not tuned, measured against
