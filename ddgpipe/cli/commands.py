@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from ddgpipe.errors import UsageError
+from ddgpipe.training.validation import check_config
 
 __all__ = ["cmd_train", "cmd_bench", "cmd_experiment", "cmd_plot",
            "config_from_args", "format_results"]
@@ -86,7 +87,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from ddgpipe.training.run_dir import check_out_dir, prepare_out_dir
 
     config = config_from_args(args)
-    config.validate()
+    check_config(config)
     check_resume_changes(config, args, args.train_parser)
     if args.print_config:
         print(toml_text(config.to_dict()), end="")

@@ -1,4 +1,5 @@
-"""Everything that defines a training run, checked before any work starts."""
+"""Everything that defines a training run (checked by :mod:`ddgpipe.training.validation`
+before any work starts)."""
 
 from __future__ import annotations
 
@@ -8,22 +9,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
-from torch import nn
-
 from ddgpipe.core.compensation import CompensationSpec
-from ddgpipe.core.compensation.options import check_microbatches
-from ddgpipe.core.precision import check_precision
-from ddgpipe.core.stage import check_clip
 from ddgpipe.data.text import CORPORA
-from ddgpipe.data.user import is_text_data, is_user_data
-from ddgpipe.errors import UsageError
-from ddgpipe.models import GPTConfig, is_language_model, is_user_model
+from ddgpipe.data.user import is_text_data
+from ddgpipe.models import is_language_model
 from ddgpipe.runtime.devices import cores_per_stage
 from ddgpipe.runtime.placement import Placement
-from ddgpipe.training.optim import make_optimizer
-from ddgpipe.training.recipes import check_scaled_settings
-from ddgpipe.training.sinks import check_sinks
 
 __all__ = ["TrainConfig", "TrainResult", "METHODS", "TEXT_DATA", "compensation_options",
            "stage_threads", "flatten", "flat_keys"]
@@ -205,184 +196,6 @@ class TrainConfig:
         text = self.compensation.text
         return f"{label} {text}" if text else label
 
-    def validate(self) -> None:
-        """Refuse settings that cannot run, each naming its flag and the fix, before any
-        work starts."""
-        self._validate_shape()
-        self._validate_placement()
-        check_precision(self.precision)
-        if self.compile and self.method == "dni":
-            raise UsageError("--compile runs backprop, DDG and FR stages; DNI's synthetic-"
-                             "gradient modules run eager: drop --compile")
-        if self.placement.devices is not None and self.method == "bp" and \
-                len(self.placement.devices) != 1:
-            raise UsageError("--devices names one device per stage; bp has one stage: use "
-                             "--device")
-        self._validate_optimisation()
-        self._validate_length()
-        self._validate_model_and_data()
-        if self.warmup_epochs < 0 or not 0 < self.warmup_factor <= 1:
-            raise UsageError(f"--warmup-epochs must be >= 0 and --warmup-factor in (0, 1] "
-                             f"(got {self.warmup_epochs}, {self.warmup_factor})")
-        self._validate_checkpoints()
-
-    def _validate_shape(self) -> None:
-        if self.method not in METHODS:
-            raise UsageError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
-        for flag, value in (("--epochs", self.epochs), ("--batch-size", self.batch_size),
-                            ("--eval-batch-size", self.eval_batch_size),
-                            ("--stages", self.stages)):
-            if value < 1:
-                raise UsageError(f"{flag} must be >= 1 (got {value})")
-        if self.method == "bp" and self.stages != 1:
-            raise UsageError(
-                f"--method bp runs the whole network as one module (got --stages {self.stages}); "
-                "use --method ddg or dni to cut it into stages"
-            )
-
-    def _validate_placement(self) -> None:
-        try:
-            self.placement.check()
-        except UsageError as e:  # the same check as the API's, worded with the flags
-            raise UsageError(flag_worded(str(e))) from None
-        if self.placement.replicas > 1:
-            self._validate_replicas()
-        elif self.placement.executor == "processes" and (self.method == "bp" or self.stages < 2):
-            raise UsageError("--executor processes runs one process per stage: use it with "
-                             "--method ddg, fr or dni and --stages 2 or more (or with "
-                             "--replicas 2 or more)")
-
-    def _validate_optimisation(self) -> None:
-        if self.method == "fr" and self.stash != "graph":
-            raise UsageError("--method fr always replays with current weights (stash none); "
-                             "drop --stash, or use --method ddg --stash ...")
-        if self.compensation and self.method not in ("ddg", "fr"):
-            raise UsageError(
-                f"--compensation corrects the delayed gradients of --method ddg or fr; "
-                f"--method {self.method} has none to correct (bp has no delay, dni learns from "
-                "synthetic gradients): drop --compensation and its options, or use --method ddg"
-            )
-        probe = make_optimizer(self.optimizer, self.lr, self.momentum, self.nesterov,
-                               self.weight_decay, betas=self.betas)  # bad settings fail here
-        if self.compensation:  # stash mode and optimizer fail here, before workers
-            self.compensation.with_defaults(pipemare_anneal=1).check(
-                "none" if self.method == "fr" else self.stash,
-                probe([nn.Parameter(torch.zeros(1))]))
-        check_clip(self.clip_grad)
-        self._validate_microbatches()
-
-    def _validate_microbatches(self) -> None:
-        m = self.microbatches
-        if m < 1:
-            raise UsageError(f"--microbatches must be >= 1 (got {m}); 1 feeds each minibatch "
-                             "whole")
-        if m == 1:
-            return
-        if self.method not in ("ddg", "fr"):
-            raise UsageError(f"--microbatches {m} feeds the minibatches of --method ddg or fr "
-                             f"as microbatches, one per clock; --method {self.method} "
-                             + ("computes the whole minibatch at once" if self.method == "bp"
-                                else "steps every clock") + ": drop --microbatches")
-        if self.batch_size % m:
-            raise UsageError(f"--batch-size {self.batch_size} does not split into "
-                             f"--microbatches {m} equal microbatches; choose a batch size that "
-                             f"is a multiple of {m}")
-        if self.placement.replicas > 1:
-            raise UsageError(f"--microbatches {m} with --replicas {self.placement.replicas} "
-                             "is not supported (replicas average each backward's gradients, "
-                             "not a step's sum): drop one of them")
-        if self.precision == "fp16":
-            raise UsageError(f"--microbatches {m} with --precision fp16 is not supported (a "
-                             "step's microbatches may carry different loss scales): use bf16")
-        check_microbatches(self.compensation.names, m)
-
-    def _validate_length(self) -> None:
-        if self.iterations is not None and self.iterations < 1:
-            raise UsageError(f"--iterations must be >= 1 (got {self.iterations})")
-        if self.eval_every < 0 or self.warmup_iters < 0:
-            raise UsageError(f"--eval-every and --warmup-iters must be >= 0 (got "
-                             f"{self.eval_every}, {self.warmup_iters})")
-        check_scaled_settings(self)
-
-    def _validate_checkpoints(self) -> None:
-        if self.checkpoint_every < 0 or self.checkpoint_every_epochs < 0:
-            raise UsageError("--checkpoint-every and --checkpoint-every-epochs must be >= 0")
-        if self.stop_after is not None and self.stop_after < 1:
-            raise UsageError(f"--stop-after must be >= 1 (got {self.stop_after})")
-        checkpoints = self.checkpoint_every or self.checkpoint_every_epochs or self.stop_after
-        if (checkpoints or self.resume) and self.method == "dni":
-            raise UsageError("checkpoints support --method bp, ddg and fr; not dni yet")
-        if (checkpoints or self.resume) and not self.out:
-            raise UsageError("checkpoints need an output directory; pass --out")
-        if self.log_every < 0:
-            raise UsageError(f"--log-every must be >= 0 (got {self.log_every})")
-        check_sinks(self.log)
-
-    def _validate_model_and_data(self) -> None:
-        self._validate_user_model_and_data()
-        text = self.text_data
-        if self.is_language_model and not text:
-            raise UsageError(f"--model {self.model} is a language model of token windows: use it "
-                             f"with --data {' or '.join(TEXT_DATA)} or text:PATH")
-        if text and not (self.is_language_model or is_user_model(self.model)):
-            kind = "byte tokens" if self.tokenizer is None else "tokens"
-            raise UsageError(f"--data {self.data} holds windows of {kind} for a language "
-                             "model: use it with --model gpt-L (e.g. --model gpt-8), hf:DIR "
-                             "or FILE.py:FACTORY")
-        lm_only = {"--width": self.width, "--heads": self.heads, "--dropout": self.dropout,
-                   "--tie-embeddings": self.tie_embeddings or None}
-        given = [flag for flag, value in lm_only.items() if value is not None]
-        if given and not self.is_language_model:
-            raise UsageError(f"{', '.join(given)} shape a language model (--model gpt-L); "
-                             f"--model {self.model} has no such setting: drop them")
-        if self.tie_embeddings and self.method == "dni" and self.stages > 1:
-            raise UsageError(
-                "--tie-embeddings shares the token embedding (in the first stage) with the "
-                "output projection (in the last), and DNI has no rule for a parameter used by "
-                f"two stages; with --stages {self.stages} drop --tie-embeddings (untied is the "
-                "default), or train it with --method ddg or bp")
-        if self.is_language_model:
-            width = self.width or GPTConfig.width
-            GPTConfig(width=width, heads=self.heads or GPTConfig.heads, context=self.context,
-                      dropout=GPTConfig.dropout if self.dropout is None else self.dropout
-                      ).check()
-
-    def _validate_user_model_and_data(self) -> None:
-        """The checks a user's model or data get before any file is read."""
-        if self.tokenizer is not None and not is_text_data(self.data):
-            raise UsageError(f"--tokenizer turns a text file into tokens; --data {self.data} is "
-                             "not one: pass --data text:PATH, or drop --tokenizer")
-        if self.model.startswith("hf:") and not self.text_data:
-            raise UsageError(f"--model {self.model} is a causal language model of token ids: "
-                             f"train it on --data text:PATH (or {' or '.join(TEXT_DATA)})")
-        if is_user_data(self.data) and self.data_dir is not None:
-            raise UsageError(f"--data {self.data} names its own file; drop --data-dir")
-
-    def _validate_replicas(self) -> None:
-        r, executor, devices = (self.placement.replicas, self.placement.executor,
-                                self.placement.devices)
-        if self.method not in ("ddg", "fr"):
-            fix = ("--method ddg --stages 1 --replicas R is data-parallel backprop"
-                   if self.method == "bp" else "drop --replicas")
-            raise UsageError(f"--replicas averages the gradients of --method ddg or fr between "
-                             f"their backward and their step; --method {self.method} has no "
-                             f"replicas: {fix}")
-        if executor in ("reference", "threads"):
-            raise UsageError(f"--replicas {r} runs one process per stage and replica; "
-                             f"--executor {executor} runs one process: use --executor "
-                             "processes (or torchrun)")
-        if self.batch_size % r:
-            fit = self.batch_size - self.batch_size % r or r
-            raise UsageError(
-                f"--batch-size {self.batch_size} is the global minibatch, split into {r} equal "
-                f"shards (one per replica), but {self.batch_size} is not divisible by {r}; "
-                f"pass a multiple of {r}, e.g. --batch-size {fit}")
-        if devices is not None and len(devices) != self.stages * r:
-            raise UsageError(f"--devices names {len(devices)} device(s), but with replicas "
-                             f"it names one per process: {self.stages} x {r} = "
-                             f"{self.stages * r}")
-
-
 @dataclass
 class TrainResult:
     label: str
@@ -432,16 +245,3 @@ def flatten(saved: Mapping[str, Any]) -> dict[str, Any]:
         flat["compensation"] = ",".join(names) or None
         flat["compensation_options"] = dict(compensation.get("options") or {}) or None
     return flat
-
-
-# Placement.check's words for a field -> the flag that sets it on the command line
-FLAG_WORDS = (("threads must", "--threads must"), ("replicas must", "--replicas must"),
-              ("the peer timeout must", "--timeout must"), ("unknown comm", "unknown --comm"))
-
-
-def flag_worded(message: str) -> str:
-    """``Placement.check``'s message, naming the command line's flag for its field."""
-    for words, flag in FLAG_WORDS:
-        if message.startswith(words):
-            return flag + message[len(words):]
-    return message

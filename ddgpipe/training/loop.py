@@ -44,6 +44,7 @@ from ddgpipe.training.optim import schedule_factor
 from ddgpipe.training.recipes import warmup_for
 from ddgpipe.training.run_dir import gather_to_last, prepare_out_dir, save_final_model
 from ddgpipe.training.sinks import Sink, open_sinks
+from ddgpipe.training.validation import check_config
 
 # what ``train(config, callback=...)`` calls with every metrics record: kind, values
 RecordCallback = Callable[[str, dict[str, Any]], None]
@@ -80,7 +81,7 @@ def train(config: TrainConfig, dataset: Dataset | None = None, *,
     if model is not None and not is_user_model(config.model):
         name = getattr(model, "__name__", type(model).__name__)
         config = dataclasses.replace(config, model=f"object:{name}")
-    config.validate()
+    check_config(config)
     if tune_malloc:
         tune_allocator()
     rank, world = (dist.get_rank(), dist.get_world_size()) if world_size() > 1 else (0, 1)

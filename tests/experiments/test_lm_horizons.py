@@ -16,6 +16,7 @@ from ddgpipe.experiments.lm.report import render_report
 from ddgpipe.experiments.lm.summary import best_backprop, find, summarise
 from ddgpipe.experiments.lm.variants import VARIANTS_BY_NAME
 from ddgpipe.experiments.lm.wallclock import combine, ddg_bench_row
+from ddgpipe.training.validation import check_config
 
 DOCS_LM = Path(__file__).resolve().parents[2] / "docs" / "lm"
 needs_microbatches = pytest.mark.skipif(not microbatching_available(),
@@ -176,7 +177,7 @@ def test_microbatched_variants_build_their_configs():
     assert runs["asyncpp-m4/k4-s0"].config.lr == 3e-4
     assert "ddg-m8-lr2/k2-s0" not in runs and "ddg-m2-lr2/k4-s0" not in runs
     for run in runs.values():
-        run.config.validate()
+        check_config(run.config)
 
 
 @pytest.mark.slow

@@ -15,6 +15,7 @@ from ddgpipe.experiments.lm.figures import make_figures
 from ddgpipe.experiments.lm.plan import GridRun, LMPlan, plan_record
 from ddgpipe.experiments.lm.report import render_report
 from ddgpipe.experiments.lm.summary import best_backprop, summarise
+from ddgpipe.training.validation import check_config
 
 __all__ = ["run_lm", "resolve_rates", "plan_cost", "format_plan_cost"]
 
@@ -55,7 +56,7 @@ def run_lm(plan: LMPlan, out: str | Path, progress: bool = True,
     start = time.perf_counter()
     bp_runs = plan.runs(out, {}, bp_only=True)
     for run in bp_runs:  # a bad combination fails here, in one line, not in a worker
-        run.config.validate()
+        check_config(run.config)
     out.mkdir(parents=True, exist_ok=True)
     if not report_only:
         run_grid([r.config for r in bp_runs], out, plan.workers, progress)
@@ -63,7 +64,7 @@ def run_lm(plan: LMPlan, out: str | Path, progress: bool = True,
     _write_plan(plan, resolved, out)
     runs = plan.runs(out, _multiples(resolved))
     for run in runs:
-        run.config.validate()
+        check_config(run.config)
     if not report_only:
         if progress:
             _log_rates(resolved)

@@ -10,6 +10,7 @@ from ddgpipe.experiments.common import machines_line, read_outcome, run_grid
 from ddgpipe.experiments.staleness.plan import StalenessPlan, plan_record
 from ddgpipe.experiments.staleness.report import make_figures, render_report
 from ddgpipe.experiments.staleness.summary import summarise
+from ddgpipe.training.validation import check_config
 
 __all__ = ["run_staleness"]
 
@@ -25,7 +26,7 @@ def run_staleness(plan: StalenessPlan, out: str | Path, progress: bool = True,
     out = Path(out)
     runs = plan.runs(out)
     for run in runs:  # a bad combination fails here, in one line, not in a worker
-        run.config.validate()
+        check_config(run.config)
     out.mkdir(parents=True, exist_ok=True)
     (out / "plan.json").write_text(json.dumps(plan_record(plan), indent=2) + "\n")
     start = time.perf_counter()
