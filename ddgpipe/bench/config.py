@@ -8,12 +8,16 @@ from __future__ import annotations
 import dataclasses
 import re
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 from ddgpipe.errors import UsageError
 from ddgpipe.runtime.devices import cores_per_stage
 
-__all__ = ["BenchConfig", "ConfigSpec", "CONFIG_NAMES", "BASELINE", "config_names",
-           "replica_names", "resolve"]
+if TYPE_CHECKING:
+    from ddgpipe.core.compensation import CompensationSpec
+
+__all__ = ["BenchConfig", "ConfigSpec", "CONFIG_NAMES", "BASELINE", "OPTIMIZERS",
+           "compensation_spec", "config_names", "replica_names", "resolve"]
 
 BASELINE = "bp-1t"
 GPU_BASELINE = "bp-1gpu"
@@ -27,6 +31,16 @@ _BP_RE = re.compile(r"^bp-(\d+)t$")
 _REPLICAS_RE = re.compile(r"^ddg-(graph|recompute|none)-k(\d+)r(\d+)$")
 COMPILED = "-compile"  # a name's suffix: the same configuration through torch.compile
 COMPILABLE = ("bp", "ddg", "ddg-threads")
+#: ROW+COMP: a DDG row with that staleness compensation (ddg-m4+wp); COMP names one or more,
+#: by commas as --compensation takes them or by "+" (ddg-m4+sc+lwp; --configs splits at commas)
+COMPENSATED = "+"
+DDG_KINDS = ("ddg", "ddg-threads", "ddg-replicas")
+#: the optimizer every row of one bench steps with (``BenchConfig.optimizer``): momentum SGD,
+#: or the language-model study's AdamW recipe, so its wall clock times what the study trains
+OPTIMIZERS: dict[str, dict[str, Any]] = {
+    "sgd": {"name": "SGD", "lr": 0.05, "momentum": 0.9},
+    "adamw": {"name": "AdamW", "lr": 1e-3, "betas": (0.9, 0.95), "weight_decay": 0.1},
+}
 
 
 @dataclass
@@ -40,7 +54,9 @@ class BenchConfig:
     ``configs`` picks a subset of names (``bp-1t`` is always added: it is the baseline);
     ``timeout_s`` bounds each configuration run; ``replicas`` R > 1 adds the K x R rows;
     ``compile`` adds ``-compile`` twins of backprop and DDG (torch.compile, compiled in the
-    warm-up steps).
+    warm-up steps); ``optimizer`` (a key of :data:`OPTIMIZERS`) is what every row steps with,
+    so the rows stay comparable. A DDG row asked for as ``ROW+COMP`` (``ddg-m4+wp``) runs
+    with that compensation, so its own cost is timed.
     """
 
     model: str = "resnet20"
@@ -61,6 +77,7 @@ class BenchConfig:
     context: int = 128  # language models (gpt-L): tokens per sample
     width: int | None = None  # gpt-L: None is GPTConfig's
     compile: bool = False
+    optimizer: str = "sgd"  # or "adamw": see OPTIMIZERS
 
 
 def baseline(config: BenchConfig) -> str:
@@ -88,6 +105,7 @@ class ConfigSpec:
     stages: int | None = None  # ddg-replicas: K
     replicas: int = 1  # ddg-replicas: R
     compile: bool = False  # through torch.compile (a name ending in -compile)
+    compensation: str | None = None  # DDG rows named ROW+COMP: the names, as --compensation
 
     @property
     def uses_runtime_cut(self) -> bool:
@@ -174,6 +192,9 @@ def _validate(config: BenchConfig) -> None:
     if isinstance(config.configs, str):
         raise UsageError(f"configs must be a tuple of names, not the string {config.configs!r}; "
                          f"write configs=({config.configs!r},)")
+    if config.optimizer not in OPTIMIZERS:
+        raise UsageError(f"optimizer must be one of {', '.join(OPTIMIZERS)} (got "
+                         f"{config.optimizer!r}); every row of the bench steps with it")
     if config.device not in ("cpu", "cuda"):
         raise UsageError(f"bench device must be cpu or cuda (got {config.device!r})")
     if config.device == "cuda" and gpu_count(config) == 0:
@@ -203,6 +224,8 @@ def _spec(config: BenchConfig, name: object, base: str, available: tuple[str, ..
     k, share = config.stages, cores_per_stage(config.stages)
     if not isinstance(name, str):
         raise UsageError(f"config names are strings, got {name!r}")
+    if COMPENSATED in name:
+        return _compensated_spec(config, name, base, available)
     if name.endswith(COMPILED):
         return _compiled_spec(config, name)
     pipe, bp, ddg = _PIPE_RE.match(name), _BP_RE.match(name), _DDG_RE.match(name)
@@ -239,8 +262,54 @@ def _spec(config: BenchConfig, name: object, base: str, available: tuple[str, ..
         return _replica_spec(config, name, replicated)
     raise UsageError(
         f"unknown bench config {name!r}; choose from {', '.join(available)} "
-        f"(gpipe-m<M>/1f1b-m<M>/ddg-m<M> take any M that divides the batch)"
+        f"(gpipe-m<M>/1f1b-m<M>/ddg-m<M> take any M that divides the batch; a DDG row "
+        f"takes a compensation as ROW+COMP, e.g. ddg-m4+wp)"
     )
+
+
+def compensation_spec(config: BenchConfig, text: str | None) -> CompensationSpec:
+    """The :class:`CompensationSpec` of a ``ROW+COMP`` row: ``text``'s names with their
+    default options (PipeMare's required anneal spans the run's clocks)."""
+    from ddgpipe.core.compensation import CompensationSpec
+
+    return CompensationSpec.parse(text).with_defaults(
+        pipemare_anneal=max(1, config.warmup + config.steps))
+
+
+def _compensated_spec(config: BenchConfig, name: str, base: str,
+                      available: tuple[str, ...]) -> ConfigSpec:
+    """``ROW+COMP``: DDG row ROW with compensation COMP, refused here (before any process
+    starts) when the rule cannot run with the bench's optimizer, stash mode or microbatches,
+    by the engine's own checks."""
+    from ddgpipe.bench.workload import bench_optimizer
+    from ddgpipe.core.compensation.options import check_microbatches
+
+    row, _, text = name.partition(COMPENSATED)
+    if not text:
+        raise UsageError(f"bench config {name!r} names no compensation after '+'; write "
+                         f"{row}+wp, for instance, or {row} for plain DDG")
+    spec = _spec(config, row, base, available)
+    if spec.kind not in DDG_KINDS:
+        raise UsageError(
+            f"bench config {name!r}: only a DDG row takes a compensation, as ROW+COMP with "
+            f"COMP one or more names as --compensation takes them (ddg-m<M>+wp, "
+            f"ddg-STASH-threads+wp, ddg-STASH-processes+wp, ddg-STASH-k<K>r<R>+wp, or their "
+            f"{COMPILED} twins such as ddg-graph-threads{COMPILED}+wp)")
+    try:
+        compensation = compensation_spec(config, text.replace(COMPENSATED, ","))
+        probe = bench_optimizer(config)([_probe_parameter()])
+        compensation.check(spec.stash or "graph", probe)
+        check_microbatches(compensation.names, spec.microbatches or 1)
+    except UsageError as e:
+        raise UsageError(f"bench config {name!r} (optimizer {config.optimizer}): "
+                         f"{e}") from None
+    return dataclasses.replace(spec, name=name, compensation=compensation.text)
+
+
+def _probe_parameter() -> Any:
+    import torch
+
+    return torch.nn.Parameter(torch.zeros(1))
 
 
 def _compiled_spec(config: BenchConfig, name: str) -> ConfigSpec:

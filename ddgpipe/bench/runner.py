@@ -16,14 +16,8 @@ from pathlib import Path
 
 import torch
 
-from ddgpipe.bench.config import BenchConfig, ConfigSpec, baseline, resolve
-from ddgpipe.bench.workers import (
-    LR,
-    MOMENTUM,
-    profile_split_worker,
-    run_config_worker,
-    threaded_split_worker,
-)
+from ddgpipe.bench.config import OPTIMIZERS, BenchConfig, ConfigSpec, baseline, resolve
+from ddgpipe.bench.workers import profile_split_worker, run_config_worker, threaded_split_worker
 from ddgpipe.bench.workload import bench_model, tokens_per_sample
 from ddgpipe.errors import UsageError, WorkerError
 from ddgpipe.machine import machine_info
@@ -210,6 +204,7 @@ class Measurements:
         row = {"name": spec.name, "kind": spec.kind, "processes": spec.processes,
                "threads": spec.threads, "microbatches": spec.microbatches,
                "stash": spec.stash, "compile": spec.compile,
+               "compensation": spec.compensation,
                "split": cuts[key]["split"] if (key := cut_key(spec)) else None,
                **summary,
                "peak_mem_mb": self.peak.get(spec.name, [])}
@@ -234,7 +229,7 @@ def _result(config: BenchConfig, blocks: int, cuts: dict[str, dict], rows: list[
     return {
         "config": asdict(config),
         "machine": machine_info(),
-        "optimizer": {"name": "SGD", "lr": LR, "momentum": MOMENTUM},
+        "optimizer": dict(OPTIMIZERS[config.optimizer]),  # every row steps with it
         "blocks": blocks,
         "tokens_per_sample": tokens_per_sample(config),  # samples/s times this: tokens/s
         "split": cuts.get("processes/graph", {}).get("split"),

@@ -1,11 +1,12 @@
 """The worker functions: one per kind of configuration, each run in fresh spawned processes.
 
-Every worker builds the same model (same seed, so the same weights) and the same synthetic
-batch, runs ``warmup`` untimed steps, then times ``steps`` steps between two barriers and
-returns ``{"elapsed_s", "peak_mem_mb", ...}``. Peak memory is the process's maximum resident
-set size, which is why every configuration gets processes of its own; on GPUs it is also each
-device's peak allocated memory (``peak_gpu_mb``), and the window is timed with CUDA events
-recorded after every stage's stream has joined the default one.
+Every worker builds the same model (same seed, so the same weights), the same synthetic
+batch and the bench's optimizer (``BenchConfig.optimizer``; a DDG row named ``ROW+COMP`` adds
+its compensation), runs ``warmup`` untimed steps, then times ``steps`` steps between two
+barriers and returns ``{"elapsed_s", "peak_mem_mb", ...}``. Peak memory is the process's
+maximum resident set size, which is why every configuration gets processes of its own; on
+GPUs it is also each device's peak allocated memory (``peak_gpu_mb``), and the window is
+timed with CUDA events recorded after every stage's stream has joined the default one.
 """
 
 from __future__ import annotations
@@ -19,20 +20,11 @@ from typing import cast
 import torch
 import torch.distributed as dist
 
-from ddgpipe.bench.config import BenchConfig, ConfigSpec
-from ddgpipe.bench.workload import bench_batch, bench_loss, bench_model
+from ddgpipe.bench.config import BenchConfig, ConfigSpec, compensation_spec
+from ddgpipe.bench.workload import bench_batch, bench_loss, bench_model, bench_optimizer
 from ddgpipe.runtime.processes import ProcessExecutor
 
-__all__ = ["LR", "MOMENTUM", "profile_split_worker", "threaded_split_worker",
-           "run_config_worker"]
-
-LR = 0.05
-MOMENTUM = 0.9
-
-
-def _optimizer(params) -> torch.optim.Optimizer:
-    return torch.optim.SGD(params, lr=LR, momentum=MOMENTUM)
-
+__all__ = ["profile_split_worker", "threaded_split_worker", "run_config_worker"]
 
 _model = bench_model
 
@@ -111,7 +103,7 @@ def profile_split_worker(rank: int, world_size: int, cfg: BenchConfig,
     from ddgpipe.runtime.allocator import allocator_setting
 
     x, _ = _batch(cfg)
-    pipe = DDG(_model(cfg), stages=world_size, optimizer=_optimizer, stash=stash,
+    pipe = DDG(_model(cfg), stages=world_size, optimizer=bench_optimizer(cfg), stash=stash,
                balance="pipeline", sample_input=x, device=_device(cfg, rank),
                comm=_comm(cfg))
     return _cut_record(pipe.executor) | {"allocator": allocator_setting()}
@@ -124,7 +116,7 @@ def threaded_split_worker(rank: int, world_size: int, cfg: BenchConfig, threads:
     from ddgpipe.methods import DDG
 
     x, _ = _batch(cfg)
-    pipe = DDG(_model(cfg), stages=cfg.stages, optimizer=_optimizer, stash=stash,
+    pipe = DDG(_model(cfg), stages=cfg.stages, optimizer=bench_optimizer(cfg), stash=stash,
                balance="pipeline", sample_input=x, executor="threads", threads=threads,
                device=cfg.device)
     pipe.close()
@@ -162,11 +154,20 @@ def run_config_worker(rank: int, world_size: int, cfg: BenchConfig, spec: Config
     return out
 
 
+def _stepping(cfg: BenchConfig, spec: ConfigSpec) -> dict:
+    """A DDG row's optimizer and its compensation (a ``ROW+COMP`` row's, with the options
+    :func:`resolve` checked): what it steps with is part of what it times."""
+    compensation = compensation_spec(cfg, spec.compensation)
+    return {"optimizer": bench_optimizer(cfg), "compensation": compensation.names or None,
+            "compensation_options": dict(compensation.options) or None}
+
+
 def _run_bp(rank, world_size, cfg, spec, split) -> dict:
     from ddgpipe.methods import Backprop
 
     x, y = _batch(cfg, _device(cfg))
-    method = Backprop(_model(cfg), _optimizer, device=_device(cfg), compile=spec.compile)
+    method = Backprop(_model(cfg), bench_optimizer(cfg), device=_device(cfg),
+                      compile=spec.compile)
     t0, t1 = _timed(lambda: method.step(x, y, bench_loss(cfg)), cfg, world_size)
     return {"elapsed_s": t1 - t0}
 
@@ -179,7 +180,7 @@ def _run_ddp(rank, world_size, cfg, spec, split) -> dict:
     share = cfg.batch_size // world_size
     x, y = x[rank * share:(rank + 1) * share], y[rank * share:(rank + 1) * share]
     model = DistributedDataParallel(_model(cfg).to(device))
-    opt = _optimizer(model.parameters())
+    opt = bench_optimizer(cfg)(model.parameters())
 
     def step() -> None:
         opt.zero_grad(set_to_none=True)
@@ -204,7 +205,7 @@ def _run_sync_pipe(rank, world_size, cfg, spec, split) -> dict:
     # scale_grads (the default) divides each microbatch's mean loss gradient by M, so the
     # accumulated gradient is that of the whole batch's mean loss, as in the other configs.
     schedule = schedule_cls(stage, n_microbatches=spec.microbatches, loss_fn=bench_loss(cfg))
-    opt = _optimizer(module.parameters())
+    opt = bench_optimizer(cfg)(module.parameters())
     first, last = rank == 0, rank == world_size - 1
 
     def step() -> None:
@@ -228,9 +229,9 @@ def _run_ddg(rank, world_size, cfg, spec, split) -> dict:
     device = _device(cfg, rank)
     x, y = _batch(cfg, device)
     timeline = Timeline(max_minibatches=None)
-    pipe = DDG(_model(cfg), stages=world_size, optimizer=_optimizer, stash=spec.stash,
-               split=list(split), timeline=timeline, device=device, comm=_comm(cfg),
-               compile=spec.compile, microbatches=spec.microbatches or 1)
+    pipe = DDG(_model(cfg), stages=world_size, stash=spec.stash, split=list(split),
+               timeline=timeline, device=device, comm=_comm(cfg), compile=spec.compile,
+               microbatches=spec.microbatches or 1, **_stepping(cfg, spec))
     first, last = rank == 0, rank == world_size - 1
     xs, ys, loss_fn = (x if first else None), (y if last else None), bench_loss(cfg)
 
@@ -255,9 +256,9 @@ def _run_ddg_replicas(rank, world_size, cfg, spec, split) -> dict:
     timeline = Timeline(max_minibatches=None)
     gpus = torch.cuda.device_count() if cfg.device != "cpu" else 0
     comm = "auto" if cfg.device == "cpu" or gpus >= world_size else "host"
-    pipe = DDG(_model(cfg), stages=spec.stages, optimizer=_optimizer, stash=spec.stash,
-               split=list(split), timeline=timeline, device=device, comm=comm,
-               replicas=spec.replicas)
+    pipe = DDG(_model(cfg), stages=spec.stages, stash=spec.stash, split=list(split),
+               timeline=timeline, device=device, comm=comm, replicas=spec.replicas,
+               **_stepping(cfg, spec))
     layout = cast(ProcessExecutor, pipe.executor).layout
     t0, t1 = _timed(lambda: pipe.step(x, y, bench_loss(cfg)), cfg, world_size)
     pipe.drain()
@@ -275,9 +276,9 @@ def _run_ddg_threads(rank, world_size, cfg, spec, split) -> dict:
     x, _ = _batch(cfg, _device(cfg, 0))
     _, y = _batch(cfg, _device(cfg, cfg.stages - 1))
     timeline = Timeline(max_minibatches=None)
-    with DDG(_model(cfg), stages=cfg.stages, optimizer=_optimizer, stash=spec.stash,
-             split=list(split), timeline=timeline, executor="threads", threads=spec.threads,
-             device=cfg.device, compile=spec.compile) as pipe:
+    with DDG(_model(cfg), stages=cfg.stages, stash=spec.stash, split=list(split),
+             timeline=timeline, executor="threads", threads=spec.threads, device=cfg.device,
+             compile=spec.compile, **_stepping(cfg, spec)) as pipe:
         # As the training loop feeds it: minibatches queued ahead of the losses it awaits.
         losses = pipe.run(itertools.repeat((x, y)), bench_loss(cfg))
         t0, t1 = _timed(lambda: next(losses), cfg, world_size, settle=pipe.sync)

@@ -9,18 +9,22 @@ configuration trains the same weights on the same batch.
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable, Iterable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ddgpipe.bench.config import BenchConfig
+from ddgpipe.bench.config import OPTIMIZERS, BenchConfig
 from ddgpipe.core.stage import LossFn
 from ddgpipe.errors import UsageError
 from ddgpipe.losses import token_cross_entropy
 from ddgpipe.models import build_model, is_language_model, is_user_model, load_user_model
 from ddgpipe.models.registry import RESNET1D_DEPTHS
 
-__all__ = ["bench_model", "bench_batch", "bench_loss", "tokens_per_sample", "VOCAB"]
+__all__ = ["bench_model", "bench_batch", "bench_loss", "bench_optimizer", "tokens_per_sample",
+           "VOCAB"]
 
 VOCAB = 256
 
@@ -67,6 +71,13 @@ def bench_batch(cfg: BenchConfig, device: torch.device | None = None) -> tuple[T
 
 def bench_loss(cfg: BenchConfig) -> LossFn:
     return token_cross_entropy if is_language_model(cfg.model) else F.cross_entropy
+
+
+def bench_optimizer(cfg: BenchConfig) -> Callable[[Iterable], torch.optim.Optimizer]:
+    """``params -> optimizer`` for ``cfg.optimizer`` (:data:`OPTIMIZERS`): every row, and
+    every stage of a DDG row, builds its own from the same settings."""
+    settings = dict(OPTIMIZERS[cfg.optimizer])
+    return functools.partial(getattr(torch.optim, settings.pop("name")), **settings)
 
 
 def tokens_per_sample(cfg: BenchConfig) -> int:

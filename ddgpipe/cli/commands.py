@@ -137,7 +137,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
                          image_size=args.image_size, in_channels=args.in_channels,
                          device=args.device,
                          replicas=args.replicas, context=args.context, width=args.width,
-                         compile=args.compile)
+                         compile=args.compile, optimizer=args.optimizer)
     if args.link_gbps is not None and not args.link_gbps > 0:
         raise UsageError(f"--link-gbps must be > 0 (got {args.link_gbps})")
     bandwidth = math.inf if args.link_gbps is None else args.link_gbps * 1e9 / 8

@@ -11,6 +11,7 @@ __all__ = ["add_bench_arguments", "add_paper_arguments", "add_staleness_argument
 
 
 def add_bench_arguments(p: argparse.ArgumentParser) -> None:
+    from ddgpipe.bench.config import OPTIMIZERS
     from ddgpipe.models import MODEL_NAMES
 
     p.add_argument("--model", default="resnet20", metavar="NAME",
@@ -31,7 +32,13 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--microbatches", type=int_list, default=[2, 4, 8], metavar="M1,M2",
                    help="microbatch counts tried for GPipe and 1F1B (default: 2,4,8)")
     p.add_argument("--configs", type=lambda t: [c for c in t.split(",") if c], metavar="A,B",
-                   help="run only these configurations, e.g. bp-1t,ddg-graph (default: all)")
+                   help="run only these configurations, e.g. bp-1t,ddg-graph-threads; a DDG "
+                        "row ending in +COMP runs with that staleness compensation, e.g. "
+                        "ddg-m4+wp, or ddg-graph-threads+sc+lwp for sc,lwp (default: all)")
+    p.add_argument("--optimizer", default="sgd", choices=tuple(OPTIMIZERS),
+                   help="what every row steps with: sgd (lr 0.05, momentum 0.9) or adamw "
+                        "(lr 1e-3, betas 0.9, 0.95, weight decay 0.1: the lm study's recipe) "
+                        "(default: %(default)s)")
     p.add_argument("--image-size", type=int, default=32, help="synthetic input height and "
                    "width; for resnet1d-N the signal length, e.g. 40 as in mnist1d (default: "
                    "%(default)s)")

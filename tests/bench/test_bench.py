@@ -157,6 +157,94 @@ def test_microbatched_ddg_rows_are_ddg_on_the_process_runtime_at_the_same_batch(
         resolve(BenchConfig(configs=("ddg-m3",)))
 
 
+def test_a_compensated_row_is_its_ddg_row_with_the_compensation():
+    adamw = BenchConfig(optimizer="adamw",
+                        configs=("ddg-m4", "ddg-m4+wp", "ddg-graph-threads+wp"))
+    specs = {s.name: s for s in resolve(adamw)}
+    assert specs["ddg-m4+wp"] == dataclasses.replace(specs["ddg-m4"], name="ddg-m4+wp",
+                                                     compensation="wp")
+    assert (specs["ddg-m4+wp"].kind, specs["ddg-m4+wp"].microbatches) == ("ddg", 4)
+    assert (specs["ddg-graph-threads+wp"].kind, specs["ddg-graph-threads+wp"].compensation) \
+        == ("ddg-threads", "wp")
+    assert specs["ddg-m4"].compensation is None
+    # names joined by "+" (the command line's --configs splits at commas) or by commas
+    sgd = [resolve(BenchConfig(configs=(name,)))[1] for name in ("ddg-m4+sc+lwp",
+                                                                  "ddg-m4+sc,lwp")]
+    assert [s.compensation for s in sgd] == ["sc,lwp", "sc,lwp"]
+    # the engine's check: wp follows momentum SGD's velocity too, so sgd takes it
+    assert resolve(BenchConfig(configs=("ddg-m4+wp",)))[1].compensation == "wp"
+
+
+def test_a_refused_compensation_starts_no_process(monkeypatch):
+    import ddgpipe.bench.runner as runner
+
+    def no_workers(*args, **kwargs):
+        raise AssertionError("a worker started before the compensation was checked")
+
+    monkeypatch.setattr(runner, "run_workers", no_workers)
+    with pytest.raises(UsageError, match="lwp needs SGD with momentum, got AdamW"):
+        run_bench(BenchConfig(**TINY, optimizer="adamw", configs=("ddg-m2+lwp",)),
+                  progress=False)
+
+
+@pytest.mark.parametrize("name, settings", [
+    ("sgd", {"lr": 0.05, "momentum": 0.9}),
+    ("adamw", {"lr": 1e-3, "betas": (0.9, 0.95), "weight_decay": 0.1}),
+])
+def test_every_row_steps_with_the_benchs_optimizer(name, settings):
+    import torch
+
+    from ddgpipe.bench.workload import bench_optimizer
+
+    opt = bench_optimizer(BenchConfig(optimizer=name))([torch.nn.Parameter(torch.zeros(1))])
+    assert type(opt) is {"sgd": torch.optim.SGD, "adamw": torch.optim.AdamW}[name]
+    assert {k: opt.param_groups[0][k] for k in settings} == settings
+
+
+def test_a_threaded_compensated_row_builds_ddg_with_its_compensation(monkeypatch):
+    """The worker itself (in this process: the threaded executor) passes the row's
+    compensation and the bench's optimizer to DDG."""
+    import torch
+
+    import ddgpipe.methods
+    from ddgpipe.bench.workers import run_config_worker
+
+    built = []
+
+    class Recorded(ddgpipe.methods.DDG):
+        def __init__(self, *args, **kwargs):
+            built.append(kwargs)
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(ddgpipe.methods, "DDG", Recorded)
+    config = BenchConfig(**TINY, optimizer="adamw", configs=("ddg-graph-threads+wp",))
+    spec = resolve(config)[1]
+    out = run_config_worker(0, 1, config, spec, [2])
+    assert out["elapsed_s"] > 0 and len(built) == 1
+    assert built[0]["compensation"] == ("wp",)
+    probe = built[0]["optimizer"]([torch.nn.Parameter(torch.zeros(1))])
+    assert isinstance(probe, torch.optim.AdamW) and probe.param_groups[0]["betas"] == (0.9, 0.95)
+
+
+@pytest.mark.slow
+def test_tiny_adamw_bench_times_weight_prediction(tmp_path):
+    configs = ("bp-2t", "ddg-m2+wp", "ddg-graph-threads+wp")
+    result = run_bench(BenchConfig(**TINY, optimizer="adamw", configs=configs),
+                       out_dir=tmp_path, progress=False)
+    rows = {row["name"]: row for row in result["rows"]}
+    assert list(rows) == ["bp-1t", *configs]
+    for name in configs:
+        assert "error" not in rows[name], rows[name].get("error")
+        assert rows[name]["images_per_s"] > 0
+    assert rows["ddg-m2+wp"]["compensation"] == rows["ddg-graph-threads+wp"]["compensation"] \
+        == "wp"
+    assert rows["ddg-m2+wp"]["microbatches"] == 2 and rows["bp-2t"]["compensation"] is None
+    saved = json.loads((tmp_path / "bench.json").read_text())
+    assert saved["config"]["optimizer"] == "adamw"
+    assert saved["optimizer"] == {"name": "AdamW", "lr": 1e-3, "betas": [0.9, 0.95],
+                                  "weight_decay": 0.1}
+
+
 @pytest.mark.slow
 def test_tiny_bench_runs_microbatched_ddg_beside_gpipe(tmp_path):
     result = run_bench(BenchConfig(**TINY, configs=("gpipe-m2", "ddg-m2")), progress=False)
@@ -191,6 +279,14 @@ def test_a_compile_twin_is_its_plain_row_through_torch_compile():
     (dict(configs=("ddg-graph-k3r2",)), "a K x R row runs K = 1 or the bench's K = 2"),
     (dict(replicas=0), "replicas must be an integer >= 1"),
     (dict(configs=("ddp-compile",)), "only backprop .* and DDG rows"),
+    (dict(optimizer="adam"), "optimizer must be one of sgd, adamw"),
+    (dict(optimizer="adamw", configs=("ddg-m2+lwp",)),
+     r"'ddg-m2\+lwp' \(optimizer adamw\): compensation lwp needs SGD with momentum, got AdamW"),
+    (dict(configs=("gpipe-m2+wp",)), r"'gpipe-m2\+wp': only a DDG row takes a compensation"),
+    (dict(configs=("bp-2t+wp",)), "only a DDG row takes a compensation"),
+    (dict(configs=("ddg-m2+",)), "names no compensation"),
+    (dict(configs=("ddg-m2+nope",)), "unknown compensation 'nope'"),
+    (dict(configs=("ddg-m2+accumulate",)), "does not compose with microbatches"),
 ])
 def test_bad_input_raises_usage_error(changes, message):
     with pytest.raises(UsageError, match=message):
@@ -223,3 +319,20 @@ def test_one_dimensional_resnets_get_signals():
     x, y = bench_batch(cfg)
     assert x.shape == (4, 1, 40) and y.shape == (4,)
     assert bench_model(cfg)(x).shape == (4, 10)
+
+
+def test_the_command_line_passes_the_optimizer_and_compensated_rows(monkeypatch, tmp_path):
+    import ddgpipe.bench
+    from ddgpipe.cli import main
+
+    seen = []
+
+    def record(config, **kwargs):
+        seen.append(config)
+        raise UsageError("recorded; nothing is run")
+
+    monkeypatch.setattr(ddgpipe.bench, "run_bench", record)
+    main(["bench", "--model", "mlp", "--optimizer", "adamw", "--configs",
+          "bp-2t,ddg-m4+wp,ddg-graph-threads+sc+lwp", "--out", str(tmp_path / "b")])
+    assert seen[0].optimizer == "adamw"
+    assert seen[0].configs == ("bp-2t", "ddg-m4+wp", "ddg-graph-threads+sc+lwp")
