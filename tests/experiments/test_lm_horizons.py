@@ -59,7 +59,10 @@ def test_variant_stage_lists_and_bench_rows():
     assert plan.stages_of(VARIANTS_BY_NAME["ddg-m4"]) == [2, 4, 8]
     assert plan.stages_of(VARIANTS_BY_NAME["ddg-m8"]) == [4, 8]
     assert plan.stages_of(VARIANTS_BY_NAME["bp-lr4"]) == [1]
-    assert ddg_bench_row("ddg-m4+wp") == "ddg-m4" and ddg_bench_row("ddg") == "ddg-graph-threads"
+    assert ddg_bench_row("ddg-m4") == "ddg-m4" and ddg_bench_row("ddg") == "ddg-graph-threads"
+    # a variant's compensation is timed with it: its bench row carries it as ROW+COMP
+    assert ddg_bench_row("ddg-m4+wp") == ddg_bench_row("ddg-m4-lr4+wp") == "ddg-m4+wp"
+    assert ddg_bench_row("ddg+wp") == "ddg-graph-threads+wp"
 
 
 def test_committed_runs_are_recognised_as_finished():
@@ -165,8 +168,14 @@ def test_wallclock_combines_bench_speed_with_study_steps():
     assert (table["bp-2t"]["step_s"], table["bp-2t"]["time_s"]) == (0.5, 400.0)
     assert (table["gpipe-m4"]["time_s"], table["gpipe-m4"]["vs_bp_2t"]) == (320.0, 0.8)
     assert (table["ddg-m4"]["steps"], table["ddg-m4"]["time_s"]) == (1000.0, 250.0)
+    assert table["gpipe-m4"]["what"] == "GPipe (torch.distributed.pipelining), 4 microbatches"
     assert table["1f1b-m2"]["time_s"] is None and table["1f1b-m2"]["error"] == "boom"
     assert combine(rows, 800, "ddg-m4", None, 16)[2]["time_s"] is None  # not reached
+    wp = [{"name": "ddg-m4+wp", "images_per_s": 32.0},
+          {"name": "ddg-graph-threads+wp", "images_per_s": 32.0}]
+    assert [r["what"] for r in combine(wp, 800, "ddg-m4+wp", 1000.0, 16)] == [
+        "microbatched DDG, 4 microbatches, + wp",
+        "DDG, threaded executor, one thread per stage, + wp"]
 
 
 @needs_microbatches
@@ -264,6 +273,30 @@ def test_a_bench_timed_with_the_same_settings_is_reused(tmp_path):
     (tmp_path / "bench.json").write_text(json.dumps(result))
     assert saved_bench(tmp_path, settings) == result
     assert saved_bench(tmp_path, settings | {"steps": 30}) is None
+    # a bench timed before the optimizer setting (momentum SGD) is not reused for AdamW
+    sgd = {"config": {k: v for k, v in settings.items() if k != "optimizer"}, "rows": []}
+    (tmp_path / "bench.json").write_text(json.dumps(sgd))
+    assert saved_bench(tmp_path, settings) is None
+
+
+def test_the_wallclock_bench_times_the_studys_optimizer_and_compensation(tmp_path):
+    from ddgpipe.bench import BenchConfig
+    from ddgpipe.bench.config import resolve
+    from ddgpipe.experiments.lm.wallclock import bench_settings, write_wallclock
+
+    plan = lm_plan(quick=True)
+    settings = bench_settings(plan, ddg_bench_row("ddg-m4-lr4+wp"))
+    assert settings["optimizer"] == plan.recipe["optimizer"] == "adamw"
+    assert settings["configs"][-1] == "ddg-m4+wp"
+    config = BenchConfig(**(settings | {"microbatches": tuple(settings["microbatches"]),
+                                        "configs": tuple(settings["configs"])}))
+    ddg = resolve(config)[-1]  # as the command line builds it: wp with AdamW is accepted
+    assert (ddg.name, ddg.kind, ddg.microbatches, ddg.compensation) == (
+        "ddg-m4+wp", "ddg", 4, "wp")
+    record = write_wallclock("ddg-m4-lr4+wp", {"horizon": 12, "iso_steps": 10.0}, settings,
+                             {"rows": [{"name": "ddg-m4+wp", "images_per_s": 8.0}]}, tmp_path)
+    assert (record["ddg_row"], record["bench_optimizer"]) == ("ddg-m4+wp", "adamw")
+    assert record["rows"][0]["what"] == "microbatched DDG, 4 microbatches, + wp"
 
 
 def test_ddgs_own_rates_are_tabled_with_the_best_per_k():

@@ -5,7 +5,9 @@ Steps come from the study (GPipe, 1F1B and DDP compute backprop's exact gradient
 batch, so they need backprop's steps; DDG needs its iso-loss steps); time per step from
 ``ddgpipe bench`` rows of the study's model on this machine (threads or processes on its
 cores), which the command line runs (bench and experiments sit side by side: neither imports
-the other). Time to the loss = steps x seconds per step.
+the other). Every row steps with the study's optimizer (AdamW), and the DDG row with the
+variant's compensation (``ddg-m4+wp``), so the time is that of what the study recommends.
+Time to the loss = steps x seconds per step.
 """
 
 from __future__ import annotations
@@ -29,14 +31,16 @@ ROW_TEXT = {"bp-2t": "backprop, one process, two threads", "ddp": "DDP, 2 replic
 
 
 def ddg_bench_row(variant: str) -> str:
-    """The bench row that times a DDG variant: microbatched DDG's ``ddg-mM``, else plain DDG
-    on the threaded executor (a compensation's own cost is not in the bench)."""
-    m = VARIANTS_BY_NAME[variant].microbatches
-    return f"ddg-m{m}" if m > 1 else "ddg-graph-threads"
+    """The bench row that times a DDG variant: microbatched DDG's ``ddg-mM``, else DDG on the
+    threaded executor, with ``+COMP`` when it has a compensation (its own cost is timed)."""
+    chosen = VARIANTS_BY_NAME[variant]
+    row = f"ddg-m{chosen.microbatches}" if chosen.microbatches > 1 else "ddg-graph-threads"
+    return f"{row}+{chosen.compensation}" if chosen.compensation else row
 
 
 def bench_settings(plan: Any, ddg_row: str) -> dict:
-    """``BenchConfig``'s settings: the study's model, width, context and batch at K = 2."""
+    """``BenchConfig``'s settings: the study's model, width, context, batch and optimizer
+    at K = 2."""
     batch = plan.recipe["batch_size"]
     ms = [m for m in PIPELINE_MICROBATCHES if batch % m == 0]
     pipes = [f"{s}-m{m}" for s in ("gpipe", "1f1b") for m in ms
@@ -45,6 +49,7 @@ def bench_settings(plan: Any, ddg_row: str) -> dict:
     return {"model": plan.model, "batch_size": batch, "stages": WALLCLOCK_K,
             "context": plan.shape["context"], "width": plan.shape["width"],
             "microbatches": ms, "configs": ["bp-2t", "ddp", *pipes, ddg_row],
+            "optimizer": plan.recipe["optimizer"],  # adamw: a bench.json of SGD is not reused
             "steps": steps, "warmup": warmup, "rounds": rounds}
 
 
@@ -73,7 +78,7 @@ def combine(bench_rows: list[dict], horizon: int, ddg_row: str, ddg_steps: float
         per_s = row.get("images_per_s")
         step_s = batch_size / per_s if per_s else None
         steps = ddg_steps if name == ddg_row else float(horizon)
-        table.append({"name": name, "what": ROW_TEXT.get(name, _describe(name)),
+        table.append({"name": name, "what": _describe(name),
                       "samples_per_s": per_s, "step_s": step_s, "steps": steps,
                       "time_s": None if steps is None or step_s is None else steps * step_s,
                       "error": row.get("error")})
@@ -84,10 +89,13 @@ def combine(bench_rows: list[dict], horizon: int, ddg_row: str, ddg_steps: float
 
 
 def _describe(name: str) -> str:
-    kind, _, m = name.partition("-m")
+    """A row in the report's words: ``ddg-m4+wp`` is "microbatched DDG, 4 microbatches, + wp"."""
+    row, _, compensation = name.partition("+")
+    kind, _, m = row.partition("-m")
     words = {"gpipe": "GPipe (torch.distributed.pipelining)", "1f1b": "1F1B (torch)",
              "ddg": "microbatched DDG"}
-    return f"{words.get(kind, kind)}, {m} microbatches" if m else name
+    text = ROW_TEXT.get(row) or (f"{words.get(kind, kind)}, {m} microbatches" if m else row)
+    return f"{text}, + {compensation}" if compensation else text
 
 
 def choose_variant(summary: dict, recommended: str | None) -> tuple[str, dict]:
@@ -115,6 +123,7 @@ def write_wallclock(name: str, row: dict, settings: dict, bench: dict, out: Path
     record = {"variant": name, "horizon": row["horizon"], "ddg_row": ddg_row,
               "iso_steps": row["iso_steps"], "batch_size": settings["batch_size"],
               "bench_steps": settings["steps"], "bench_rounds": settings["rounds"],
+              "bench_optimizer": settings.get("optimizer", "sgd"),  # what every row stepped
               "machine": bench.get("machine"),
               "rows": combine(bench["rows"], row["horizon"], ddg_row, row["iso_steps"],
                               settings["batch_size"])}
