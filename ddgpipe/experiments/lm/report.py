@@ -196,6 +196,9 @@ def _num(value: float | None, fmt: str, missing: str = "–") -> str:
 
 def _wallclock(record: dict) -> list[str]:
     """Time to the best backprop's final loss at K = 2 on this machine."""
+    optimizer = record.get("bench_optimizer")  # absent: a bench of SGD steps, uncompensated
+    timed = (f"every row with {optimizer}, the DDG row with its compensation" if optimizer
+             else "SGD; a compensation's own cost is not timed")
     lines = ["", "## Wall clock at K = 2", "",
              f"Time to reach the best backprop's final loss at {record['horizon']} iterations. "
              f"Steps: GPipe, 1F1B and DDP compute backprop's exact gradient at the same batch "
@@ -203,7 +206,7 @@ def _wallclock(record: dict) -> list[str]:
              f"DDG ({record['variant']}, bench row {record['ddg_row']}) needs its iso-loss "
              f"steps from the table above. Seconds per step: `ddgpipe bench` rows of the same "
              f"model and batch on this machine (median of {record['bench_rounds']} rounds of "
-             f"{record['bench_steps']} steps, SGD; a compensation's own cost is not timed). "
+             f"{record['bench_steps']} steps, {timed}). "
              "Time = steps x seconds per step.", "",
              "| configuration | samples/s | s per step | steps | time (s) | vs two-thread BP |",
              "|---|---|---|---|---|---|"]
