@@ -81,7 +81,7 @@ _BP_MUON = Variant("bp-muon", "BP Muon", "bp", changes={"optimizer": "muon"},
                    baseline="bp-muon")
 
 VARIANTS = (
-    *(bp_rate(m) for m in (0.5, 1, 2, 4, 8)),
+    *(bp_rate(m) for m in (0.5, 1, 2, 4, 8, 16)),
     _BP_ASYNCPP,
     _BP_MUON,
     _ddg("ddg", "DDG"),
