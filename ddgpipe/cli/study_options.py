@@ -145,7 +145,7 @@ def add_lm_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--long-variants", type=str_list, metavar="V1,V2",
                    help="the ways of training at horizons from --long-from on: the methods "
                         "that lead at the shorter ones, with backprop rates (default: "
-                        "bp,bp-lr2,bp-lr4,ddg-m4,ddg-m8)")
+                        "bp-lr4,bp-lr8,bp-lr16,ddg-m4-lr4+wp,ddg-m8-lr2+wp)")
     p.add_argument("--long-from", type=int, metavar="H",
                    help="the first horizon that trains --long-variants only (default: 12800)")
     p.add_argument("--wallclock", action="store_true",

@@ -328,3 +328,13 @@ def test_weight_prediction_at_own_rates_is_a_family_of_its_own():
     text = render_report(summary, plan, [])
     assert "| DDG M=4 + wp | 2 | 2.250 (+12.5%) | 2.125 (+6.2%) | 0.004 |" in text
     assert "| DDG M=4 | 2 |" not in text  # one rate only: no row of its own
+
+
+def test_the_help_names_the_plans_own_long_variants(capsys):
+    from ddgpipe.cli.main import build_parser
+    from ddgpipe.experiments.lm.plan import DEFAULT_LONG_VARIANTS
+
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["experiment", "lm", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert ",".join(DEFAULT_LONG_VARIANTS) in help_text.replace(", ", ",").replace("- ", "-")

@@ -40,12 +40,15 @@ EVAL_EVERY = 100
 #: 7 minutes at 800, 28 at 3200); the plan's estimate scales it with the horizon
 CORE_MINUTES_PER_800 = 7.0
 
-DEFAULT_VARIANTS = ("bp-lr0.5", "bp", "bp-lr2", "bp-lr4", "ddg", "ddg-m2", "ddg-m4", "ddg-m8",
-                    "ddg+wp", "ddg-m4+wp", "ddg+accumulate", "bp-asyncpp", "asyncpp",
-                    "asyncpp-m4", "bp-muon", "ddg-muon")
-#: the longest horizon's methods: those that lead at 3200 (set from the 3200 results), with
-#: three backprop rates around the best at 3200
-DEFAULT_LONG_VARIANTS = ("bp", "bp-lr2", "bp-lr4", "ddg-m4", "ddg-m8")
+#: the measured grid: backprop's rates, DDG at rates of its own with and without microbatches
+#: and Adam weight prediction, AsyncPP's recipe, Muon
+DEFAULT_VARIANTS = ("bp-lr0.5", "bp", "bp-lr2", "bp-lr4", "bp-lr8", "ddg-lr2", "ddg-m2-lr2",
+                    "ddg-m4-lr1", "ddg-m4-lr2", "ddg-m4-lr4", "ddg-m8-lr1", "ddg-m8-lr2",
+                    "ddg-m4-lr2+wp", "ddg-m4-lr4+wp", "ddg-m8-lr1+wp", "ddg-m8-lr2+wp",
+                    "bp-asyncpp", "asyncpp", "asyncpp-m4", "bp-muon", "ddg-muon")
+#: the longest horizon's methods: those that lead at 3200 (microbatched DDG with wp at its
+#: own rate), with three backprop rates around the best at 3200 (8e-3)
+DEFAULT_LONG_VARIANTS = ("bp-lr4", "bp-lr8", "bp-lr16", "ddg-m4-lr4+wp", "ddg-m8-lr2+wp")
 
 
 @dataclass(frozen=True)
