@@ -338,3 +338,15 @@ def test_the_help_names_the_plans_own_long_variants(capsys):
         build_parser().parse_args(["experiment", "lm", "--help"])
     help_text = " ".join(capsys.readouterr().out.split())
     assert ",".join(DEFAULT_LONG_VARIANTS) in help_text.replace(", ", ",").replace("- ", "-")
+
+
+def test_the_goal_is_judged_on_each_ks_closest_variant_when_none_ran_at_every_k():
+    plan = _plan(variants=("bp", "ddg-m4-lr4+wp", "ddg-m8-lr2+wp"), horizons=(800,),
+                 stage_counts=(2, 4))
+    runs = [_outcome("bp", 800, 0, 2.0), _outcome("ddg-m4-lr4+wp", 800, 0, 2.01, stages=2),
+            _outcome("ddg-m8-lr2+wp", 800, 0, 2.1, stages=4)]
+    summary = summarise(runs, plan, {}) | {"missing": [], "waiting_for_sweep": []}
+    text = render_report(summary, plan, [])
+    assert "K = 2: ddg-m4-lr4+wp +0.50%; K = 4: ddg-m8-lr2+wp +5.00%" in text
+    assert ("with each K's closest variant the worst gap is +5.00%: the goal is missed by "
+            "4.00 percentage points (at K = 4)") in text
